@@ -1,0 +1,14 @@
+//! Types that cross a process or region boundary.
+//!
+//! Everything here is plain data: no sockets, files or databases, so that the
+//! device agent can depend on it without pulling in server crates. Anything
+//! ordered is a newtype (`Epoch`, `Offset`, `Mid`, `Version`) so that the
+//! compiler keeps the different counters apart; secrets print as `***`.
+
+pub mod ids;
+pub mod registry;
+
+pub use ids::{DeviceId, Epoch, IdError, Mid, Offset, PartitionId, Region};
+pub use registry::{
+    DeviceKey, DeviceRecord, DeviceStatus, KeyError, KeyHash, Tags, TagsError, UnixMillis, Version,
+};

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Makes sure the servers and tools the tests need are present and running on
+# 127.0.0.1. Idempotent: safe to run before every test run. Installs what is
+# missing with apt-get (needs root or sudo) and starts what is stopped.
+set -euo pipefail
+
+log() { printf 'services: %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {
+  log "installing $*"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get install -y -q "$@" >/dev/null 2>&1 || {
+    as_root apt-get update -q >/dev/null
+    as_root apt-get install -y -q "$@" >/dev/null
+  }
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done
+  log "nothing listens on 127.0.0.1:$1 after 10 s ($2)"; return 1
+}
+
+postgres() {
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then apt_install postgresql postgresql-client; fi
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    log "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    wait_port 5432 PostgreSQL
+  fi
+  # Tests connect as postgres over TCP without a password (trust on loopback only).
+  if ! psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; then
+    local hba version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    hba=/etc/postgresql/$version/main/pg_hba.conf
+    log "allowing trust for postgres on 127.0.0.1 in $hba"
+    as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    sleep 1
+  fi
+  psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null
+  log "PostgreSQL ok on 127.0.0.1:5432"
+}
+
+nats() {
+  if ! command -v nats-server >/dev/null 2>&1; then apt_install nats-server; fi
+  if ! port_open 4222; then
+    log "starting NATS with JetStream"
+    as_root mkdir -p /var/lib/nats-server
+    as_root start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+      -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+    wait_port 4222 NATS
+  fi
+  log "NATS ok on 127.0.0.1:4222"
+}
+
+mqtt_clients() {
+  if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1; then
+    apt_install mosquitto-clients
+  fi
+  log "mosquitto clients ok"
+}
+
+dig_tool() {
+  if ! command -v dig >/dev/null 2>&1; then apt_install dnsutils; fi
+  log "dig ok"
+}
+
+case "${1:-all}" in
+  postgres) postgres ;;
+  nats) nats ;;
+  all) postgres; nats; mqtt_clients; dig_tool ;;
+  *) echo "usage: $0 [all|postgres|nats]" >&2; exit 2 ;;
+esac
