@@ -5,9 +5,11 @@
 //! ordered is a newtype (`Epoch`, `Offset`, `Mid`, `Version`) so that the
 //! compiler keeps the different counters apart; secrets print as `***`.
 
+pub mod hub;
 pub mod ids;
 pub mod registry;
 
+pub use hub::{AckMessage, ErrorBody, ErrorCode, Role, partition_for};
 pub use ids::{DeviceId, Epoch, IdError, Mid, Offset, PartitionId, Region};
 pub use registry::{
     DeviceKey, DeviceRecord, DeviceStatus, KeyError, KeyHash, Tags, TagsError, UnixMillis, Version,

@@ -1,4 +1,5 @@
-//! A region's hub: device MQTT ingest into a durable, partitioned event log.
-//!
-//! This crate is being built up issue by issue; see the repository README for
-//! what works today.
+//! A region's hub: devices connect over MQTT, authenticate against the
+//! registry and publish telemetry, which is acknowledged only once it is
+//! durable in the partitioned event log.
+
+pub mod log;

@@ -1,0 +1,269 @@
+//! What hubs send and receive: device acks, the status and read APIs, device
+//! administration and error bodies.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DeviceId, Epoch, Mid, Offset, PartitionId, Region};
+use crate::registry::{DeviceRecord, DeviceStatus, Tags, UnixMillis};
+
+/// A hub's role in its pair of regions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Accepts device connections and writes.
+    Primary,
+    /// Replicates from the primary; refuses device connections.
+    Secondary,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "primary" => Ok(Role::Primary),
+            "secondary" => Ok(Role::Secondary),
+            other => Err(format!("role {other:?} is neither primary nor secondary")),
+        }
+    }
+}
+
+/// Published by the hub to `devices/{id}/acks` (JSON).
+///
+/// `committed`: the highest mid durably in this region's log; `replicated`:
+/// the highest mid durably in the other region's log too (equal to
+/// `committed` without a secondary). A device deletes a message from its
+/// outbox only once `replicated >= mid`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AckMessage {
+    pub committed: Mid,
+    pub replicated: Mid,
+    pub epoch: Epoch,
+    pub region: Region,
+}
+
+/// One partition in [`StatusResponse`].
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub id: PartitionId,
+    /// The next offset to be written: records `0..high_watermark` are durable.
+    pub high_watermark: Offset,
+    /// Records `0..replicated` are durable in the other region too.
+    pub replicated: Offset,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub region: Region,
+    pub role: Role,
+    pub epoch: Epoch,
+    pub partitions: Vec<PartitionStatus>,
+    pub replication_lag_ms: u64,
+    /// Devices connected right now.
+    #[serde(default)]
+    pub connected_devices: u64,
+    /// Where devices connect (`mqtt://host:port` or `mqtts://…`).
+    #[serde(default)]
+    pub mqtt_url: Option<String>,
+    /// Where standard MQTT clients watch the live stream.
+    #[serde(default)]
+    pub stream_url: Option<String>,
+}
+
+/// A record as served by the read API (payload in base64).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub partition: PartitionId,
+    pub offset: Offset,
+    pub device_id: DeviceId,
+    /// `None` when the device published without a `/{mid}` suffix.
+    pub mid: Option<Mid>,
+    pub enqueued_at: UnixMillis,
+    pub region: Region,
+    pub epoch: Epoch,
+    #[serde(with = "b64")]
+    pub payload: Vec<u8>,
+}
+
+/// `GET /v1/partitions/{p}/records`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RecordsResponse {
+    pub records: Vec<WireRecord>,
+    pub high_watermark: Offset,
+}
+
+/// `PUT /v1/devices/{id}`: creates the device when it does not exist.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePut {
+    #[serde(default)]
+    pub status: Option<DeviceStatus>,
+    #[serde(default)]
+    pub tags: Option<Tags>,
+    /// Issue a new key (returned once) for an existing device.
+    #[serde(default)]
+    pub rotate_key: bool,
+}
+
+/// The answer to a device PUT: the record, and the key when one was issued.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DeviceResponse {
+    pub device: DeviceRecord,
+    /// Present only when this call created the device or rotated its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Machine-readable error codes of every Fleet HTTP API.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    Conflict,
+    /// The hub is not the primary (or was fenced) and refuses writes.
+    NotPrimary,
+    /// The compare-and-set on the epoch failed.
+    EpochMismatch,
+    /// The requested offset is no longer retained.
+    OffsetGone,
+    Unavailable,
+    Internal,
+}
+
+/// The body of every error response: `{"error":{"code","message"}}`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// The partition of a device: FNV-1a (64 bit) of the id's bytes, mod `P`.
+/// Written out here, not taken from a library, because it must never change:
+/// both regions and every past log depend on it.
+pub fn partition_for(device: &DeviceId, partitions: u32) -> PartitionId {
+    debug_assert!(partitions > 0);
+    PartitionId((fnv1a64(device.as_str().as_bytes()) % u64::from(partitions.max(1))) as u32)
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable() {
+        // The published FNV-1a 64 test vectors: the hash may never change.
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        let id = DeviceId::new("foobar").unwrap();
+        assert_eq!(
+            partition_for(&id, 8).0,
+            (0x8594_4171_f739_67e8u64 % 8) as u32
+        );
+        let spread: std::collections::HashSet<u32> = (0..64)
+            .map(|i| partition_for(&DeviceId::new(format!("d{i}")).unwrap(), 8).0)
+            .collect();
+        assert_eq!(spread.len(), 8, "64 devices cover all 8 partitions");
+    }
+
+    #[test]
+    fn ack_json_shape() {
+        let ack = AckMessage {
+            committed: Mid(5),
+            replicated: Mid(3),
+            epoch: Epoch(2),
+            region: Region::new("eu").unwrap(),
+        };
+        let text = serde_json::to_string(&ack).unwrap();
+        assert_eq!(
+            text,
+            r#"{"committed":5,"replicated":3,"epoch":2,"region":"eu"}"#
+        );
+        assert_eq!(serde_json::from_str::<AckMessage>(&text).unwrap(), ack);
+    }
+
+    #[test]
+    fn wire_record_payload_is_base64_and_mid_nullable() {
+        let r = WireRecord {
+            partition: PartitionId(1),
+            offset: Offset(2),
+            device_id: DeviceId::new("d").unwrap(),
+            mid: None,
+            enqueued_at: UnixMillis(3),
+            region: Region::new("a").unwrap(),
+            epoch: Epoch(1),
+            payload: b"hi".to_vec(),
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["payload"], "aGk=");
+        assert!(v["mid"].is_null());
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let e = ErrorBody::new(ErrorCode::NotPrimary, "no");
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"error":{"code":"not_primary","message":"no"}}"#
+        );
+    }
+}
