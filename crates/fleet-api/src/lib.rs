@@ -8,9 +8,11 @@
 pub mod hub;
 pub mod ids;
 pub mod registry;
+pub mod secret;
 
 pub use hub::{AckMessage, ErrorBody, ErrorCode, Role, partition_for};
 pub use ids::{DeviceId, Epoch, IdError, Mid, Offset, PartitionId, Region};
 pub use registry::{
     DeviceKey, DeviceRecord, DeviceStatus, KeyError, KeyHash, Tags, TagsError, UnixMillis, Version,
 };
+pub use secret::Secret;

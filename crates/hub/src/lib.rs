@@ -1,5 +1,265 @@
 //! A region's hub: devices connect over MQTT, authenticate against the
 //! registry and publish telemetry, which is acknowledged only once it is
-//! durable in the partitioned event log.
+//! durable in the partitioned event log; committed records are streamed live
+//! through an embedded rumqttd and served by an HTTP read API.
+//!
+//! [`Hub::start`] takes already-bound listeners and reports its addresses, so
+//! tests bind port 0 and run many hubs side by side.
 
+pub mod auth;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod front;
+pub mod http;
+pub mod ingest;
 pub mod log;
+pub mod prom;
+pub mod sessions;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleet_api::{Offset, PartitionId};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::broker::{LivePublisher, LiveStream};
+use crate::config::HubConfig;
+use crate::front::Front;
+use crate::ingest::Ingest;
+use crate::log::file::FileLog;
+use crate::log::{EventLog, ReadLimits};
+use crate::sessions::{Kick, Sessions};
+use crate::state::HubState;
+
+/// The listeners a hub serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    pub mqtt: TcpListener,
+    pub http: TcpListener,
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct Hub {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub stream_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    ingest: Arc<Ingest>,
+    _stream: Option<LiveStream>,
+}
+
+impl Hub {
+    /// Opens the registry, state and log, and starts serving.
+    ///
+    /// # Errors
+    /// When any of them cannot be opened.
+    pub async fn start(config: HubConfig, listeners: Listeners) -> anyhow::Result<Hub> {
+        let prom = prom::handle();
+        let _ = prom;
+        let registry = registry_sync::open(&config.registry)
+            .await
+            .with_context(|| {
+                format!(
+                    "open registry {}",
+                    registry_sync::store::redact_url(&config.registry)
+                )
+            })?;
+        registry
+            .claim_region(&config.region)
+            .await
+            .context("claim the registry for this region")?;
+        let state = Arc::new(
+            HubState::open(&config.data, &config.region, config.role).context("open hub state")?,
+        );
+        let log: Arc<dyn EventLog> =
+            FileLog::open(config.log_config()).context("open event log")?;
+        let ingest = Ingest::open(
+            log.clone(),
+            state.clone(),
+            &config.data,
+            ingest::DEFAULT_BUDGET,
+        )
+        .await
+        .context("rebuild de-duplication state")?;
+        let auth = Auth::load(registry.clone())
+            .await
+            .context("load the registry")?;
+        let sessions = Arc::new(Sessions::default());
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let mqtt_addr = listeners.mqtt.local_addr()?;
+        let http_addr = listeners.http.local_addr()?;
+        let front = Front::new(
+            config.front.clone(),
+            ingest.clone(),
+            auth.clone(),
+            sessions.clone(),
+            state.clone(),
+        );
+        tasks.spawn(front.serve(listeners.mqtt, shutdown.clone()));
+        tasks.spawn(refresh_auth(
+            auth,
+            sessions.clone(),
+            config.auth_refresh,
+            shutdown.clone(),
+        ));
+        tasks.spawn(until(
+            shutdown.clone(),
+            ingest.clone().snapshot_loop(config.snapshot_every),
+        ));
+
+        let stream = match &config.stream {
+            Some(s) => {
+                let (listen, user, password) = (s.listen, s.user.clone(), s.password.clone());
+                let started = tokio::task::spawn_blocking(move || {
+                    LiveStream::start(listen, &user, password.expose())
+                })
+                .await
+                .context("start live stream")??;
+                for p in 0..log.partitions() {
+                    tasks.spawn(until(
+                        shutdown.clone(),
+                        feed_live_stream(
+                            log.clone(),
+                            PartitionId(p),
+                            config.region.to_string(),
+                            started.publisher(),
+                        ),
+                    ));
+                }
+                Some(started)
+            }
+            None => None,
+        };
+        let stream_addr = stream.as_ref().map(LiveStream::local_addr);
+        let scheme = if config.front.tls.is_some() {
+            "mqtts"
+        } else {
+            "mqtt"
+        };
+        let api = Arc::new(http::ApiState {
+            state: state.clone(),
+            ingest: ingest.clone(),
+            registry,
+            sessions: sessions.clone(),
+            admin_token: config.admin_token.clone(),
+            read_token: config.read_token.clone(),
+            mqtt_url: format!("{scheme}://{}", config.advertise.unwrap_or(mqtt_addr)),
+            stream_url: stream_addr.map(|a| format!("mqtt://{a}")),
+        });
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listeners.http, http::router(api))
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(region = %config.region, %mqtt_addr, %http_addr, stream = ?stream_addr, role = %state.get().role, epoch = %state.get().epoch, "hub started");
+        Ok(Hub {
+            mqtt_addr,
+            http_addr,
+            stream_addr,
+            shutdown,
+            tasks,
+            ingest,
+            _stream: stream,
+        })
+    }
+
+    /// Stops serving, closes device connections and writes a final
+    /// de-duplication snapshot.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.abort_all();
+        }
+        self.ingest.snapshot().await;
+    }
+}
+
+/// Runs `fut` until `token` is cancelled.
+async fn until(token: CancellationToken, fut: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = token.cancelled() => {}
+        () = fut => {}
+    }
+}
+
+async fn refresh_auth(
+    auth: Arc<Auth>,
+    sessions: Arc<Sessions>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match auth.refresh().await {
+            Ok(revoked) => {
+                for device in revoked {
+                    tracing::info!(device_id = %device, "device revoked, disconnecting");
+                    sessions.kick(&device, Kick::Revoked);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "registry refresh failed; keeping the last known devices")
+            }
+        }
+    }
+}
+
+/// Tails one partition into the live stream, from the records committed
+/// after the hub started.
+async fn feed_live_stream(
+    log: Arc<dyn EventLog>,
+    p: PartitionId,
+    region: String,
+    mut out: LivePublisher,
+) {
+    let mut watch = log.watch(p);
+    let mut from: Offset = *watch.borrow_and_update();
+    loop {
+        if watch.wait_for(|hw| *hw > from).await.is_err() {
+            return;
+        }
+        match log.read(p, from, ReadLimits::default()).await {
+            Ok(records) => {
+                for r in &records {
+                    out.publish(
+                        &region,
+                        r.record.device_id.as_str(),
+                        r.record.payload.clone(),
+                    );
+                }
+                if let Some(last) = records.last() {
+                    from = last.offset.next();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(partition = %p, error = %e, "live stream stops for this partition");
+                return;
+            }
+        }
+    }
+}

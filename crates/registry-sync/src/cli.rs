@@ -166,7 +166,16 @@ enum DeviceCommand {
 
 /// Runs the command line and returns the process exit code.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_from(std::env::args_os()).await
+}
+
+/// [`main`] with explicit arguments (the first is the program name).
+pub async fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     init_tracing();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,2 +1,362 @@
-//! End-to-end harness: starts hubs, concierges and agents as real processes on
-//! 127.0.0.1 with ephemeral ports. Grows with the components it drives.
+//! End-to-end harness: starts Fleet components as real processes on
+//! 127.0.0.1 with ephemeral ports (through the multi-call `fleet-node`
+//! binary), gives each a log file that outlives the test, and offers the
+//! clients the tests drive them with.
+//!
+//! Use [`harness!`] in an integration test of this crate to get a
+//! [`Harness`] bound to the built binary.
+
+pub mod mqtt;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_api::{DeviceId, DeviceKey, DeviceStatus, Region, Tags};
+use registry_sync::RegistryStore;
+use registry_sync::store::{NewDevice, Patch};
+
+/// The admin token every test hub uses.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A harness for one test: a temporary directory and the node binary.
+#[derive(Debug)]
+pub struct Harness {
+    exe: PathBuf,
+    logs: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// A [`Harness`] for the calling test, named after it.
+#[macro_export]
+macro_rules! harness {
+    ($name:expr) => {
+        $crate::Harness::new(
+            env!("CARGO_BIN_EXE_fleet-node"),
+            env!("CARGO_TARGET_TMPDIR"),
+            $name,
+        )
+    };
+}
+
+impl Harness {
+    pub fn new(exe: &str, tmp: &str, name: &str) -> Harness {
+        let logs = Path::new(tmp).join("logs").join(name);
+        let _ = std::fs::remove_dir_all(&logs);
+        std::fs::create_dir_all(&logs).expect("log directory");
+        Harness {
+            exe: PathBuf::from(exe),
+            logs,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// A scratch directory removed with the harness.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where process logs go (kept after the test, for post-mortems).
+    pub fn logs(&self) -> &Path {
+        &self.logs
+    }
+
+    /// Starts `fleet-node ARGS…` and waits for its JSON ready line on stdout.
+    ///
+    /// # Panics
+    /// When the process exits or prints no ready line within 30 s.
+    pub fn spawn(&self, label: &str, args: &[String]) -> Node {
+        let log = self.logs.join(format!("{label}.log"));
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut child = Command::new(&self.exe)
+            .args(args)
+            .env(
+                "FLEET_LOG",
+                std::env::var("FLEET_LOG")
+                    .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn fleet-node");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(Result::ok);
+            let _ = tx.send(first);
+            for _ in lines {} // keep draining so the child never blocks
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(line)) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("{label}: ready line is not JSON ({e}): {line}")),
+            _ => {
+                let _ = child.kill();
+                panic!("{label} did not start; log:\n{}", tail(&log));
+            }
+        };
+        Node {
+            child,
+            ready,
+            label: label.to_string(),
+            log,
+        }
+    }
+
+    /// Starts a hub process.
+    pub fn hub(&self, label: &str, region: &str, registry: &str, extra: &[&str]) -> HubNode {
+        let data = self.dir().join(label);
+        let mut args: Vec<String> = [
+            "hub",
+            "--json",
+            "run",
+            "--region",
+            region,
+            "--registry",
+            registry,
+            "--mqtt",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--admin-token",
+            ADMIN_TOKEN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--data".into());
+        args.push(data.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        HubNode::start(self, label, args)
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A running process.
+#[derive(Debug)]
+pub struct Node {
+    child: Child,
+    pub ready: serde_json::Value,
+    pub label: String,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// The address printed in the ready line under `key`.
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.ready[key]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no {key} address in {}", self.label, self.ready))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+
+    /// The end of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub process and its addresses.
+#[derive(Debug)]
+pub struct HubNode {
+    pub node: Node,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub stream: Option<SocketAddr>,
+    args: Vec<String>,
+    label: String,
+}
+
+impl HubNode {
+    fn start(h: &Harness, label: &str, args: Vec<String>) -> HubNode {
+        let node = h.spawn(label, &args);
+        let mqtt = node.addr("mqtt");
+        let http = node.addr("http");
+        let stream = node.ready["stream"].as_str().and_then(|s| s.parse().ok());
+        HubNode {
+            node,
+            mqtt,
+            http,
+            stream,
+            args,
+            label: label.to_string(),
+        }
+    }
+
+    /// Starts the same hub again (same data, registry and flags; new ports).
+    pub fn restart(&mut self, h: &Harness) {
+        self.node.kill9();
+        *self = HubNode::start(h, &self.label.clone(), self.args.clone());
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// An HTTP client of this hub with the admin token.
+    pub fn client(&self) -> hub::client::HubClient {
+        hub::client::HubClient::new(self.url(), Some(fleet_api::Secret::new(ADMIN_TOKEN)))
+    }
+
+    /// The current `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.url());
+        tokio::task::spawn_blocking(move || http_get(&url))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// The value of one metric sample (labels written as in the exposition,
+    /// e.g. `fleet_hub_connects_total{result="bad_credentials"}`); 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+/// A plain blocking HTTP GET (for metrics and health in tests).
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let Ok(mut s) = std::net::TcpStream::connect(host) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// A SQLite registry with devices and their keys.
+#[derive(Debug)]
+pub struct Registry {
+    pub url: String,
+    pub store: Arc<dyn RegistryStore>,
+    keys: HashMap<String, DeviceKey>,
+}
+
+impl Registry {
+    /// A new registry file in `dir` for `region`.
+    pub async fn sqlite(dir: &Path, region: &str) -> Registry {
+        let url = format!(
+            "sqlite://{}",
+            dir.join(format!("registry-{region}.db")).display()
+        );
+        let store = registry_sync::open(&url).await.expect("open registry");
+        store
+            .claim_region(&Region::new(region).expect("region"))
+            .await
+            .expect("claim region");
+        Registry {
+            url,
+            store,
+            keys: HashMap::new(),
+        }
+    }
+
+    /// Creates devices and remembers their keys.
+    pub async fn add(&mut self, ids: &[&str]) {
+        let new: Vec<(NewDevice, DeviceKey)> = ids
+            .iter()
+            .map(|id| {
+                let key = registry_sync::keys::generate();
+                let dev = NewDevice {
+                    device_id: DeviceId::new(*id).expect("device id"),
+                    key_sha256: key.hash(),
+                    status: DeviceStatus::Enabled,
+                    tags: Tags::default(),
+                };
+                (dev, key)
+            })
+            .collect();
+        self.store
+            .create(new.iter().map(|(d, _)| d.clone()).collect())
+            .await
+            .expect("create devices");
+        for (d, k) in new {
+            self.keys.insert(d.device_id.into_string(), k);
+        }
+    }
+
+    /// The key of a device created here.
+    pub fn key(&self, id: &str) -> String {
+        self.keys[id].expose()
+    }
+
+    pub async fn set_status(&self, id: &str, status: DeviceStatus) {
+        let patch = Patch {
+            status: Some(status),
+            ..Patch::default()
+        };
+        self.store
+            .update(&DeviceId::new(id).expect("id"), patch)
+            .await
+            .expect("update device");
+    }
+}
+
+/// Polls `check` until it holds or `secs` pass: a condition, not a sleep.
+///
+/// # Panics
+/// On timeout, naming `what`.
+pub async fn wait_for<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -215,13 +215,6 @@ impl FileLog {
             .ok_or(LogError::NoSuchPartition(p))
     }
 
-    /// Lets retention delete records below `offset` of partition `p`.
-    pub fn set_retention_floor(&self, p: PartitionId, offset: Offset) {
-        if let Ok(part) = self.part(p) {
-            part.retention_floor.store(offset.0, Ordering::Release);
-        }
-    }
-
     /// Runs one retention pass now (normally it runs on a timer).
     pub fn enforce_retention(&self, config: &FileLogConfig) {
         for part in &self.parts {
@@ -846,6 +839,12 @@ impl EventLog for FileLog {
         match self.part(p) {
             Ok(part) => part.hw.subscribe(),
             Err(_) => watch::Sender::new(Offset(0)).subscribe(),
+        }
+    }
+
+    fn set_retention_floor(&self, p: PartitionId, offset: Offset) {
+        if let Ok(part) = self.part(p) {
+            part.retention_floor.store(offset.0, Ordering::Release);
         }
     }
 

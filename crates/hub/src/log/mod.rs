@@ -117,7 +117,9 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
     /// resolves with the record's offset once it is durable.
     fn append(&self, p: PartitionId, rec: NewRecord) -> BoxFuture<'static, LogResult<Offset>>;
 
-    /// Resolves once every record enqueued before this call is durable.
+    /// Resolves once every record enqueued before this call is durable. `Ok`
+    /// only if every earlier append on the partition succeeded, so a caller
+    /// may acknowledge anything it enqueued before calling `flush`.
     fn flush(&self, p: PartitionId) -> BoxFuture<'static, LogResult<()>>;
 
     /// Durable records from `from` on, at most `limits`; empty at the end.
@@ -139,4 +141,10 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
 
     /// `Err` with the reasons when some partition refuses writes.
     fn health(&self) -> Result<(), Vec<String>>;
+
+    /// Allows retention to delete records below `offset` (they are covered
+    /// by a snapshot, replicated, ...). Backends without retention ignore it.
+    fn set_retention_floor(&self, p: PartitionId, offset: Offset) {
+        let _ = (p, offset);
+    }
 }

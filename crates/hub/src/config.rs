@@ -1,0 +1,294 @@
+//! `hub run` configuration: one set of fields read from a TOML file, the
+//! environment (`FLEET_*`) and flags (in rising precedence), then validated
+//! into [`HubConfig`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fleet_api::{Region, Role, Secret};
+use serde::Deserialize;
+
+use crate::front::FrontConfig;
+use crate::log::file::FileLogConfig;
+
+/// Every setting of `hub run`, as flags, `FLEET_*` variables or TOML keys.
+#[derive(Debug, Default, clap::Args, Deserialize)]
+#[serde(default)]
+pub struct RunArgs {
+    /// TOML file with any of these settings (keys as the long flags, with `_`).
+    #[arg(long, env = "FLEET_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This hub's region, e.g. `eu-west`.
+    #[arg(long, env = "FLEET_REGION")]
+    pub region: Option<String>,
+    /// Directory for the event log, state and snapshots.
+    #[arg(long, env = "FLEET_DATA")]
+    pub data: Option<PathBuf>,
+    /// Device registry: `sqlite://PATH` or `postgres://…`.
+    #[arg(long, env = "FLEET_REGISTRY")]
+    pub registry: Option<String>,
+    /// Device MQTT listener address (port 0: any free port).
+    #[arg(long, env = "FLEET_MQTT")]
+    pub mqtt: Option<SocketAddr>,
+    /// HTTP API listener address.
+    #[arg(long, env = "FLEET_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Bearer token of the admin API (at least 16 characters).
+    #[arg(long, env = "FLEET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+    /// Extra bearer token that may only read the log.
+    #[arg(long, env = "FLEET_READ_TOKEN", hide_env_values = true)]
+    pub read_token: Option<Secret>,
+    /// Role of a new data directory (a stored role always wins) [default: primary].
+    #[arg(long, env = "FLEET_ROLE")]
+    pub role: Option<Role>,
+    /// The other region's hub HTTP URL (replication).
+    #[arg(long, env = "FLEET_PEER")]
+    pub peer: Option<String>,
+    /// `sync` or `async` replication [default: async].
+    #[arg(long, env = "FLEET_REPLICATION")]
+    pub replication: Option<String>,
+    /// Async replication lag beyond which ingest is throttled.
+    #[arg(long, env = "FLEET_MAX_LAG_MS")]
+    pub max_lag_ms: Option<u64>,
+    /// Event log partitions, fixed when the log is created [default: 8].
+    #[arg(long, env = "FLEET_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// Live stream (embedded rumqttd) listener; needs --stream-password.
+    #[arg(long, env = "FLEET_STREAM")]
+    pub stream: Option<SocketAddr>,
+    /// Live stream username [default: stream].
+    #[arg(long, env = "FLEET_STREAM_USER")]
+    pub stream_user: Option<String>,
+    /// Live stream password; without it there is no live stream.
+    #[arg(long, env = "FLEET_STREAM_PASSWORD", hide_env_values = true)]
+    pub stream_password: Option<Secret>,
+    /// PEM certificate chain: serve MQTT over TLS.
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Largest accepted payload in bytes [default: 262144].
+    #[arg(long, env = "FLEET_PAYLOAD_LIMIT")]
+    pub payload_limit: Option<usize>,
+    /// Time a new connection has to send CONNECT, in ms [default: 10000].
+    #[arg(long, env = "FLEET_CONNECT_TIMEOUT_MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Accepted CONNECTs per second [default: 2000].
+    #[arg(long, env = "FLEET_CONNECT_RATE")]
+    pub connect_rate: Option<u32>,
+    /// Segment file size in bytes [default: 67108864].
+    #[arg(long, env = "FLEET_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
+    /// Retention: bytes kept per partition [default: unlimited].
+    #[arg(long, env = "FLEET_RETENTION_BYTES")]
+    pub retention_bytes: Option<u64>,
+    /// Retention: hours kept [default: unlimited].
+    #[arg(long, env = "FLEET_RETENTION_HOURS")]
+    pub retention_hours: Option<u64>,
+    /// MQTT address to advertise when listening on a wildcard address.
+    #[arg(long, env = "FLEET_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+    #[arg(skip)]
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, toml::Value>,
+}
+
+/// The live stream settings.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    pub listen: SocketAddr,
+    pub user: String,
+    pub password: Secret,
+}
+
+/// A validated hub configuration.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub region: Region,
+    pub data: PathBuf,
+    pub registry: String,
+    pub admin_token: Secret,
+    pub read_token: Option<Secret>,
+    pub role: Role,
+    pub partitions: u32,
+    pub front: FrontConfig,
+    pub stream: Option<StreamConfig>,
+    pub segment_bytes: u64,
+    pub retention_bytes: Option<u64>,
+    pub retention_age: Option<Duration>,
+    /// How often the registry mirror applies changes.
+    pub auth_refresh: Duration,
+    /// How often de-duplication state is snapshotted.
+    pub snapshot_every: Duration,
+    pub advertise: Option<SocketAddr>,
+}
+
+impl HubConfig {
+    /// A configuration with every default, for embedding and tests.
+    pub fn new(region: Region, data: PathBuf, registry: String, admin_token: Secret) -> Self {
+        Self {
+            region,
+            data,
+            registry,
+            admin_token,
+            read_token: None,
+            role: Role::Primary,
+            partitions: 8,
+            front: FrontConfig::default(),
+            stream: None,
+            segment_bytes: 64 << 20,
+            retention_bytes: None,
+            retention_age: None,
+            auth_refresh: Duration::from_secs(1),
+            snapshot_every: Duration::from_secs(60),
+            advertise: None,
+        }
+    }
+
+    pub fn log_config(&self) -> FileLogConfig {
+        let mut c = FileLogConfig::new(self.data.join("log"), self.partitions);
+        c.segment_bytes = self.segment_bytes;
+        c.retention_bytes = self.retention_bytes;
+        c.retention_age = self.retention_age;
+        c
+    }
+}
+
+macro_rules! merge {
+    ($hi:expr, $lo:expr, { $($field:ident),* $(,)? }) => {{
+        let RunArgs { $($field,)* config, unknown } = $hi;
+        let lo = $lo;
+        RunArgs { $($field: $field.or(lo.$field),)* config: config.or(lo.config), unknown: lo.unknown.into_iter().chain(unknown).collect() }
+    }};
+}
+
+impl RunArgs {
+    /// Flags and environment over the config file, when one is named.
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed.
+    pub fn with_file(self) -> anyhow::Result<RunArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read config {}", path.display()))?;
+        let file: RunArgs =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        for key in file.unknown.keys() {
+            tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
+        }
+        Ok(merge!(self, file, {
+            region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
+            max_lag_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
+            payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
+        }))
+    }
+
+    /// Validates into a [`HubConfig`] and the two listen addresses.
+    ///
+    /// # Errors
+    /// A missing or invalid setting, named.
+    pub fn validate(self) -> anyhow::Result<(HubConfig, SocketAddr, SocketAddr)> {
+        let RunArgs {
+            config: _,
+            region,
+            data,
+            registry,
+            mqtt,
+            http,
+            admin_token,
+            read_token,
+            role,
+            peer,
+            replication,
+            max_lag_ms,
+            partitions,
+            stream,
+            stream_user,
+            stream_password,
+            tls_cert,
+            tls_key,
+            payload_limit,
+            connect_timeout_ms,
+            connect_rate,
+            segment_bytes,
+            retention_bytes,
+            retention_hours,
+            advertise,
+            unknown: _,
+        } = self;
+        let region = region.context("--region is required")?;
+        let region =
+            Region::new(&region).with_context(|| format!("invalid --region {region:?}"))?;
+        let data = data.context("--data is required")?;
+        let registry = registry.context("--registry is required")?;
+        let mqtt = mqtt.context("--mqtt is required (e.g. 0.0.0.0:8883)")?;
+        let http = http.context("--http is required (e.g. 0.0.0.0:8080)")?;
+        let admin_token =
+            admin_token.context("--admin-token (or FLEET_ADMIN_TOKEN) is required")?;
+        if admin_token.expose().len() < 16 {
+            bail!("--admin-token must be at least 16 characters");
+        }
+        if peer.is_some() || replication.is_some() || max_lag_ms.is_some() {
+            bail!(
+                "replication (--peer, --replication, --max-lag-ms) is not available in this build yet"
+            );
+        }
+        let mut c = HubConfig::new(region, data, registry, admin_token);
+        c.read_token = read_token;
+        c.role = role.unwrap_or(Role::Primary);
+        c.partitions = partitions.unwrap_or(8);
+        if !(1..=1024).contains(&c.partitions) {
+            bail!("--partitions must be between 1 and 1024");
+        }
+        if let Some(limit) = payload_limit {
+            if !(1..=64 << 20).contains(&limit) {
+                bail!("--payload-limit must be between 1 byte and 64 MiB");
+            }
+            c.front.payload_limit = limit;
+        }
+        if let Some(ms) = connect_timeout_ms {
+            if ms == 0 {
+                bail!("--connect-timeout-ms must be at least 1");
+            }
+            c.front.connect_timeout = Duration::from_millis(ms);
+        }
+        if let Some(rate) = connect_rate {
+            if rate == 0 {
+                bail!("--connect-rate must be at least 1");
+            }
+            c.front.connect_rate = rate;
+        }
+        if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+            c.front.tls = Some(crate::front::load_tls(&cert, &key)?);
+        }
+        c.stream = match stream_password {
+            Some(password) => Some(StreamConfig {
+                listen: stream.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                user: stream_user.unwrap_or_else(|| "stream".into()),
+                password,
+            }),
+            None if stream.is_some() => {
+                bail!("--stream needs --stream-password (no anonymous watchers)")
+            }
+            None => None,
+        };
+        if let Some(b) = segment_bytes {
+            if b < 4096 {
+                bail!("--segment-bytes must be at least 4096");
+            }
+            c.segment_bytes = b;
+        }
+        c.retention_bytes = retention_bytes;
+        c.retention_age = retention_hours.map(|h| Duration::from_secs(h * 3600));
+        c.advertise = advertise;
+        Ok((c, mqtt, http))
+    }
+}

@@ -1,0 +1,451 @@
+//! One device connection: CONNECT, then publishes acknowledged in order as
+//! they become durable, subscriptions to the device's own topics, commit
+//! acks, keep-alive, and takeover or revocation from outside.
+//!
+//! Packets are handled synchronously in the order they were read, so a
+//! device's publishes reach the log in that order; their completions are
+//! awaited in the same order (`FuturesOrdered`), so PUBACKs go out in order
+//! as MQTT requires, and only after the ingest pipeline says "durable".
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fleet_api::hub::AckMessage;
+use fleet_api::{DeviceId, Mid};
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
+
+use super::{Front, topic};
+use crate::ingest::{IngestError, Stored};
+use crate::sessions::{Outbound, Session};
+
+/// A write that cannot complete in this long means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a connection ended: the `reason` label of `fleet_hub_disconnects_total`.
+type Reason = &'static str;
+
+fn count_disconnect(reason: Reason) {
+    metrics::counter!("fleet_hub_disconnects_total", "reason" => reason).increment(1);
+}
+
+fn codec_reason(e: &CodecError) -> Reason {
+    match e {
+        CodecError::PayloadSizeLimitExceeded(_) => "too_large",
+        _ => "malformed",
+    }
+}
+
+/// Reads until one whole packet is buffered. Before CONNECT (`first`), a
+/// first byte that is not CONNECT ends the connection at once instead of
+/// waiting for whatever length the garbage claims.
+async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+    first: bool,
+) -> Result<Packet, Reason> {
+    loop {
+        if first && buf.first().is_some_and(|b| b >> 4 != 1) {
+            return Err("protocol");
+        }
+        match Packet::read(buf, max) {
+            Ok(p) => return Ok(p),
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => return Err(codec_reason(&e)),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err("closed"),
+            Ok(_) => {}
+            Err(_) => return Err("io_error"),
+        }
+    }
+}
+
+async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> Result<(), Reason> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(out)).await {
+        Ok(Ok(())) => {
+            out.clear();
+            Ok(())
+        }
+        Ok(Err(_)) => Err("io_error"),
+        Err(_) => Err("write_timeout"),
+    }
+}
+
+type Completion = BoxFuture<'static, (u16, QoS, Result<Stored, IngestError>)>;
+
+/// Runs one connection to its end.
+pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    front: &Front,
+    peer: SocketAddr,
+) {
+    // Remaining length = topic (a device topic is < 200 bytes) + pkid + payload;
+    // anything larger is refused before its body is buffered.
+    let max_packet = front.config.payload_limit + 512;
+    let mut inbuf = BytesMut::with_capacity(8 * 1024);
+    let mut out = BytesMut::with_capacity(1024);
+
+    let connect = match tokio::time::timeout(
+        front.config.connect_timeout,
+        read_packet(&mut stream, &mut inbuf, max_packet, true),
+    )
+    .await
+    {
+        Err(_) => return count_disconnect("connect_timeout"),
+        Ok(Err(reason)) => return count_disconnect(reason),
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(_)) => return count_disconnect("protocol"),
+    };
+    let device = match front.admit(&connect).await {
+        Ok(d) => d,
+        Err(refusal) => {
+            metrics::counter!("fleet_hub_connects_total", "result" => refusal.1).increment(1);
+            tracing::debug!(%peer, client_id = %connect.client_id, reason = refusal.1, "connect refused");
+            let _ = ConnAck::new(refusal.0, false).write(&mut out);
+            let _ = flush(&mut stream, &mut out).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    metrics::counter!("fleet_hub_connects_total", "result" => "accepted").increment(1);
+    let span = tracing::info_span!("device", device_id = %device, %peer);
+    let mut session = front.sessions.register(&device);
+    let _ = ConnAck::new(ConnectReturnCode::Success, false).write(&mut out);
+    if let Err(reason) = flush(&mut stream, &mut out).await {
+        return count_disconnect(reason);
+    }
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut conn = Conn {
+        acks_topic: topic::acks_topic(&device),
+        device,
+        front,
+        max_packet,
+        keep_alive,
+        pending: FuturesOrdered::new(),
+        blocked: None,
+        filters: Vec::new(),
+        committed: Mid(0),
+        known: false,
+        replicated: None,
+        last_ack: None,
+    };
+    let reason = {
+        let _enter = span.enter();
+        tracing::debug!(keep_alive = connect.keep_alive, "connected");
+        let reason = conn
+            .serve(&mut stream, &mut inbuf, &mut out, &mut session)
+            .await;
+        let _ = flush(&mut stream, &mut out).await;
+        tracing::debug!(reason, unacknowledged = conn.pending.len(), "disconnected");
+        reason
+    };
+    count_disconnect(reason);
+    let _ = stream.shutdown().await;
+}
+
+struct Conn<'a> {
+    device: DeviceId,
+    acks_topic: String,
+    front: &'a Front,
+    max_packet: usize,
+    keep_alive: Option<Duration>,
+    /// Publishes submitted and not yet acknowledged, in read order.
+    pending: FuturesOrdered<Completion>,
+    /// A publish read while the hub-wide budget was exhausted.
+    blocked: Option<(Publish, Option<Mid>)>,
+    filters: Vec<String>,
+    /// The highest durable mid of this device known to this connection.
+    committed: Mid,
+    /// Whether `committed` has been learned (the device may have published
+    /// before, through another connection).
+    known: bool,
+    replicated: Option<Mid>,
+    last_ack: Option<(Mid, Mid)>,
+}
+
+fn cost(p: &Publish) -> u32 {
+    p.payload.len().clamp(1, 1 << 30) as u32
+}
+
+impl Conn<'_> {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        inbuf: &mut BytesMut,
+        out: &mut BytesMut,
+        session: &mut Session<'_>,
+    ) -> Reason {
+        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        loop {
+            // Handle what is buffered, as far as the inflight limit and the budget allow.
+            while self.blocked.is_none() && self.pending.len() < self.front.config.max_inflight {
+                match Packet::read(inbuf, self.max_packet) {
+                    Ok(packet) => {
+                        deadline = self.keep_alive.map(|k| Instant::now() + k);
+                        if let Err(reason) = self.handle(packet, out, &session.sender) {
+                            return reason;
+                        }
+                    }
+                    Err(CodecError::InsufficientBytes(_)) => break,
+                    Err(e) => {
+                        let reason = codec_reason(&e);
+                        metrics::counter!("fleet_hub_refused_total", "reason" => reason)
+                            .increment(1);
+                        tracing::info!(error = %e, "refusing a packet");
+                        return reason;
+                    }
+                }
+            }
+            self.ack(out);
+            if let Err(reason) = flush(stream, out).await {
+                return reason;
+            }
+            let reading =
+                self.blocked.is_none() && self.pending.len() < self.front.config.max_inflight;
+            let need = self.blocked.as_ref().map_or(0, |(p, _)| cost(p));
+            let budget = self.front.ingest.budget().clone();
+            tokio::select! {
+                biased;
+                changed = session.kicked.changed() => {
+                    let kick = *session.kicked.borrow();
+                    match (changed, kick) {
+                        (Ok(()), Some(k)) => return k.as_str(),
+                        (Ok(()), None) => {}
+                        (Err(_), _) => return "shutdown",
+                    }
+                }
+                Some((pkid, qos, result)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(reason) = self.completed(pkid, qos, result, out) {
+                        return reason;
+                    }
+                }
+                Some(msg) = session.outbound.recv() => self.outbound(msg),
+                permit = budget.acquire_many_owned(need), if self.blocked.is_some() => {
+                    if let Some((p, mid)) = self.blocked.take()
+                        && let Err(reason) = self.submit(p, mid, permit.ok())
+                    {
+                        return reason;
+                    }
+                }
+                read = stream.read_buf(inbuf), if reading => match read {
+                    Ok(0) => return "closed",
+                    Ok(_) => {}
+                    Err(_) => return "io_error",
+                },
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return "keepalive";
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        packet: Packet,
+        out: &mut BytesMut,
+        me: &mpsc::Sender<Outbound>,
+    ) -> Result<(), Reason> {
+        match packet {
+            Packet::Publish(p) => {
+                if p.qos == QoS::ExactlyOnce {
+                    metrics::counter!("fleet_hub_refused_total", "reason" => "qos2").increment(1);
+                    tracing::info!(topic = %p.topic, "refusing a QoS 2 publish");
+                    return Err("qos2");
+                }
+                if p.payload.len() > self.front.config.payload_limit {
+                    metrics::counter!("fleet_hub_refused_total", "reason" => "too_large")
+                        .increment(1);
+                    tracing::info!(bytes = p.payload.len(), "refusing an oversized publish");
+                    return Err("too_large");
+                }
+                let mid = match topic::parse_publish(&p.topic, &self.device) {
+                    Ok(mid) => mid,
+                    Err(e) => {
+                        metrics::counter!("fleet_hub_acl_violations_total", "kind" => "publish")
+                            .increment(1);
+                        tracing::warn!(error = %e, "topic violation, closing");
+                        return Err("acl_publish");
+                    }
+                };
+                let qos = if p.qos == QoS::AtLeastOnce { "1" } else { "0" };
+                metrics::counter!("fleet_hub_publishes_total", "qos" => qos).increment(1);
+                metrics::counter!("fleet_hub_publish_bytes_total")
+                    .increment(p.payload.len() as u64);
+                match self
+                    .front
+                    .ingest
+                    .budget()
+                    .clone()
+                    .try_acquire_many_owned(cost(&p))
+                {
+                    Ok(permit) => self.submit(p, mid, Some(permit)),
+                    Err(_) => {
+                        self.blocked = Some((p, mid));
+                        Ok(())
+                    }
+                }
+            }
+            Packet::Subscribe(s) => {
+                for f in &s.filters {
+                    if let Err(e) = topic::check_filter(&f.path, &self.device) {
+                        metrics::counter!("fleet_hub_acl_violations_total", "kind" => "subscribe")
+                            .increment(1);
+                        tracing::warn!(error = %e, "subscription violation, closing");
+                        return Err("acl_subscribe");
+                    }
+                }
+                // Everything the hub sends is QoS 0: acks are idempotent high-water marks.
+                let codes = vec![SubscribeReasonCode::Success(QoS::AtMostOnce); s.filters.len()];
+                let _ = SubAck::new(s.pkid, codes).write(out);
+                let mut wants_acks = false;
+                for f in s.filters {
+                    wants_acks |= topic::matches(&self.acks_topic, &f.path);
+                    if !self.filters.contains(&f.path) {
+                        self.filters.push(f.path);
+                    }
+                }
+                if wants_acks {
+                    // Tell the device at once what is already stored, so that
+                    // it does not resend what survived a reconnect.
+                    let ingest = self.front.ingest.clone();
+                    let device = self.device.clone();
+                    let me = me.clone();
+                    self.last_ack = None;
+                    tokio::spawn(async move {
+                        if let Ok(m) = ingest.committed(&device).await {
+                            let _ = me.send(Outbound::Committed(m)).await;
+                        }
+                    });
+                }
+                Ok(())
+            }
+            Packet::Unsubscribe(u) => {
+                self.filters.retain(|f| !u.topics.contains(f));
+                let _ = UnsubAck::new(u.pkid).write(out);
+                Ok(())
+            }
+            Packet::PingReq => {
+                let _ = PingResp.write(out);
+                Ok(())
+            }
+            Packet::Disconnect => Err("client_disconnect"),
+            // The hub publishes at QoS 0; a PUBACK from the device is harmless.
+            Packet::PubAck(_) => Ok(()),
+            _ => {
+                metrics::counter!("fleet_hub_refused_total", "reason" => "protocol").increment(1);
+                Err("protocol")
+            }
+        }
+    }
+
+    fn submit(
+        &mut self,
+        p: Publish,
+        mid: Option<Mid>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), Reason> {
+        let (pkid, qos) = (p.pkid, p.qos);
+        match self
+            .front
+            .ingest
+            .submit(&self.device, mid, p.payload, permit)
+        {
+            Ok(done) => {
+                self.pending
+                    .push_back(done.map(move |r| (pkid, qos, r)).boxed());
+                Ok(())
+            }
+            Err(IngestError::NotPrimary) => Err("not_primary"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store, closing without acknowledging");
+                Err("store_failed")
+            }
+        }
+    }
+
+    fn completed(
+        &mut self,
+        pkid: u16,
+        qos: QoS,
+        result: Result<Stored, IngestError>,
+        out: &mut BytesMut,
+    ) -> Result<(), Reason> {
+        match result {
+            Ok(stored) => {
+                if qos == QoS::AtLeastOnce {
+                    let _ = PubAck::new(pkid).write(out);
+                }
+                if let Some(m) = stored.mid() {
+                    self.committed = self.committed.max(m);
+                    self.known = true;
+                }
+                Ok(())
+            }
+            Err(IngestError::NotPrimary) => Err("not_primary"),
+            Err(e) => {
+                // No PUBACK: the device keeps the message and sends it again.
+                tracing::warn!(error = %e, "store failed, closing without acknowledging");
+                Err("store_failed")
+            }
+        }
+    }
+
+    fn outbound(&mut self, msg: Outbound) {
+        match msg {
+            Outbound::Committed(m) => {
+                if let Some(m) = m {
+                    self.committed = self.committed.max(m);
+                }
+                self.known = true;
+            }
+            Outbound::Replicated(m) => {
+                self.replicated = Some(self.replicated.map_or(m, |r| r.max(m)));
+            }
+        }
+    }
+
+    /// Publishes a commit ack when the device listens and something changed.
+    fn ack(&mut self, out: &mut BytesMut) {
+        if !self.known
+            || !self
+                .filters
+                .iter()
+                .any(|f| topic::matches(&self.acks_topic, f))
+        {
+            return;
+        }
+        // Without a secondary, durable here is all there is to wait for.
+        let replicated = self
+            .replicated
+            .map_or(self.committed, |r| r.min(self.committed));
+        if self.last_ack == Some((self.committed, replicated)) {
+            return;
+        }
+        let state = self.front.state.get();
+        let ack = AckMessage {
+            committed: self.committed,
+            replicated,
+            epoch: state.epoch,
+            region: self.front.state.region().clone(),
+        };
+        let payload = serde_json::to_vec(&ack).unwrap_or_default();
+        let _ = Publish::new(self.acks_topic.as_str(), QoS::AtMostOnce, payload).write(out);
+        self.last_ack = Some((self.committed, replicated));
+    }
+}

@@ -1,0 +1,189 @@
+//! The hub's role and epoch, persisted next to its data.
+//!
+//! Role and epoch live in the hubs (the concierge only reads them). They are
+//! written with fsync + rename before any behaviour depends on them, so a
+//! restarted hub comes back in the role it last had, never in the one its
+//! command line suggested at first start.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fleet_api::{Epoch, Region, Role};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Role and epoch, changed together.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RoleEpoch {
+    pub role: Role,
+    pub epoch: Epoch,
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    region: Region,
+    role: Role,
+    epoch: Epoch,
+}
+
+/// Errors of the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a hub state file: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("the data directory belongs to region {found}, not {expected}")]
+    WrongRegion { found: Region, expected: Region },
+}
+
+/// The current role and epoch, observable.
+#[derive(Debug)]
+pub struct HubState {
+    path: PathBuf,
+    region: Region,
+    current: watch::Sender<RoleEpoch>,
+}
+
+impl HubState {
+    /// Loads `DIR/state.json`, or creates it with `initial` role and epoch 1.
+    ///
+    /// # Errors
+    /// When the file is unreadable, invalid, or names another region.
+    pub fn open(dir: &Path, region: &Region, initial: Role) -> Result<HubState, StateError> {
+        let path = dir.join("state.json");
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let current = match fs::read(&path) {
+            Ok(bytes) => {
+                let f: File = serde_json::from_slice(&bytes).map_err(|e| StateError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                if &f.region != region {
+                    return Err(StateError::WrongRegion {
+                        found: f.region,
+                        expected: region.clone(),
+                    });
+                }
+                if f.role != initial {
+                    tracing::info!(
+                        stored = %f.role,
+                        flag = %initial,
+                        epoch = %f.epoch,
+                        "keeping the stored role; --role applies only to a new data directory"
+                    );
+                }
+                RoleEpoch {
+                    role: f.role,
+                    epoch: f.epoch,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let re = RoleEpoch {
+                    role: initial,
+                    epoch: Epoch(1),
+                };
+                write(&path, region, re).map_err(io)?;
+                re
+            }
+            Err(e) => return Err(io(e)),
+        };
+        Ok(HubState {
+            path,
+            region: region.clone(),
+            current: watch::Sender::new(current),
+        })
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    pub fn get(&self) -> RoleEpoch {
+        *self.current.borrow()
+    }
+
+    /// True when this hub may accept device connections and writes.
+    pub fn accepting(&self) -> bool {
+        self.get().role == Role::Primary
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<RoleEpoch> {
+        self.current.subscribe()
+    }
+
+    /// Persists and then publishes a new role and epoch.
+    ///
+    /// # Errors
+    /// When the state cannot be written durably (nothing changes then).
+    pub fn set(&self, next: RoleEpoch) -> Result<(), StateError> {
+        write(&self.path, &self.region, next).map_err(|source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.current.send_replace(next);
+        Ok(())
+    }
+}
+
+fn write(path: &Path, region: &Region, re: RoleEpoch) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(&File {
+        region: region.clone(),
+        role: re.role,
+        epoch: re.epoch,
+    })
+    .map_err(std::io::Error::other)?;
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_persists_and_the_stored_role_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let eu = Region::new("eu").unwrap();
+        let s = HubState::open(dir.path(), &eu, Role::Secondary).unwrap();
+        assert_eq!(
+            s.get(),
+            RoleEpoch {
+                role: Role::Secondary,
+                epoch: Epoch(1)
+            }
+        );
+        s.set(RoleEpoch {
+            role: Role::Primary,
+            epoch: Epoch(2),
+        })
+        .unwrap();
+        let again = HubState::open(dir.path(), &eu, Role::Secondary).unwrap();
+        assert_eq!(
+            again.get(),
+            RoleEpoch {
+                role: Role::Primary,
+                epoch: Epoch(2)
+            }
+        );
+        let err =
+            HubState::open(dir.path(), &Region::new("us").unwrap(), Role::Primary).unwrap_err();
+        assert!(err.to_string().contains("belongs to region eu"), "{err}");
+    }
+}
