@@ -70,13 +70,31 @@ impl Harness {
     /// # Panics
     /// When the process exits or prints no ready line within 30 s.
     pub fn spawn(&self, label: &str, args: &[String]) -> Node {
+        self.spawn_limited(label, args, None)
+    }
+
+    /// [`Harness::spawn`] with every file the process writes capped at
+    /// `max_file_kib` (RLIMIT_FSIZE, SIGXFSZ ignored): a write past the cap
+    /// fails with `EFBIG`, as a write to a full disk fails with `ENOSPC`.
+    pub fn spawn_limited(&self, label: &str, args: &[String], max_file_kib: Option<u64>) -> Node {
         let log = self.logs.join(format!("{label}.log"));
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut child = Command::new(&self.exe)
+        let mut command = match max_file_kib {
+            None => Command::new(&self.exe),
+            Some(kib) => {
+                // bash counts `ulimit -f` in KiB; an ignored signal stays ignored across exec.
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+                    .arg(&self.exe);
+                c
+            }
+        };
+        let mut child = command
             .args(args)
             .env(
                 "FLEET_LOG",
@@ -114,6 +132,18 @@ impl Harness {
 
     /// Starts a hub process.
     pub fn hub(&self, label: &str, region: &str, registry: &str, extra: &[&str]) -> HubNode {
+        self.hub_limited(label, region, registry, extra, None)
+    }
+
+    /// Starts a hub process whose files may not grow beyond `max_file_kib`.
+    pub fn hub_limited(
+        &self,
+        label: &str,
+        region: &str,
+        registry: &str,
+        extra: &[&str],
+        max_file_kib: Option<u64>,
+    ) -> HubNode {
         let data = self.dir().join(label);
         let mut args: Vec<String> = [
             "hub",
@@ -136,7 +166,7 @@ impl Harness {
         args.push("--data".into());
         args.push(data.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        HubNode::start(self, label, args)
+        HubNode::start(self, label, args, max_file_kib)
     }
 }
 
@@ -207,8 +237,8 @@ pub struct HubNode {
 }
 
 impl HubNode {
-    fn start(h: &Harness, label: &str, args: Vec<String>) -> HubNode {
-        let node = h.spawn(label, &args);
+    fn start(h: &Harness, label: &str, args: Vec<String>, max_file_kib: Option<u64>) -> HubNode {
+        let node = h.spawn_limited(label, &args, max_file_kib);
         let mqtt = node.addr("mqtt");
         let http = node.addr("http");
         let stream = node.ready["stream"].as_str().and_then(|s| s.parse().ok());
@@ -222,10 +252,47 @@ impl HubNode {
         }
     }
 
-    /// Starts the same hub again (same data, registry and flags; new ports).
+    /// Kills the hub (SIGKILL) and starts it again: same data, registry and
+    /// flags, new ports, no file size cap.
     pub fn restart(&mut self, h: &Harness) {
         self.node.kill9();
-        *self = HubNode::start(h, &self.label.clone(), self.args.clone());
+        *self = HubNode::start(h, &self.label.clone(), self.args.clone(), None);
+    }
+
+    /// Stops the hub cleanly (SIGTERM) and starts it again.
+    pub fn restart_clean(&mut self, h: &Harness) {
+        let status = self.node.terminate();
+        assert!(
+            status.success(),
+            "hub exited with {status}:\n{}",
+            self.node.log_tail()
+        );
+        *self = HubNode::start(h, &self.label.clone(), self.args.clone(), None);
+    }
+
+    /// Every record of `device` in this hub's log.
+    pub async fn records_of(
+        &self,
+        device: &str,
+        partitions: u32,
+    ) -> Vec<fleet_api::hub::WireRecord> {
+        let id = DeviceId::new(device).expect("device id");
+        let p = fleet_api::partition_for(&id, partitions);
+        let client = self.client();
+        let mut out = Vec::new();
+        let mut from = fleet_api::Offset(0);
+        loop {
+            let page = client
+                .records(p, from, 10_000, Duration::ZERO)
+                .await
+                .expect("read records");
+            let Some(last) = page.records.last() else {
+                break;
+            };
+            from = last.offset.next();
+            out.extend(page.records.into_iter().filter(|r| r.device_id == id));
+        }
+        out
     }
 
     pub fn url(&self) -> String {
