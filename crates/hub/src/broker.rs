@@ -201,3 +201,57 @@ impl LivePublisher {
         }
     }
 }
+
+/// A plain rumqttd (anonymous, memory only, PUBACK before anything is
+/// stored): the baseline that `fleet bench ingest` measures the hub against.
+/// Not for serving devices.
+pub struct BaselineBroker {
+    addr: SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for BaselineBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BaselineBroker")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl BaselineBroker {
+    /// Starts on a free port of `ip`. Blocks until it accepts connections.
+    ///
+    /// # Errors
+    /// When no listener comes up.
+    pub fn start(ip: std::net::IpAddr) -> anyhow::Result<BaselineBroker> {
+        let router_tx = Router::new(0, router_config()).spawn();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("baseline-rumqttd")
+            .enable_all()
+            .build()?;
+        for _ in 0..5 {
+            let addr = free_port(ip)?;
+            let mut s = settings(addr, "", "");
+            s.connections.external_auth = None;
+            let mut server = Server::new(s, router_tx.clone(), V4);
+            runtime.spawn(async move {
+                let _ = server.start(LinkType::Remote).await;
+            });
+            for _ in 0..200 {
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+                    return Ok(BaselineBroker {
+                        addr,
+                        _runtime: runtime,
+                    });
+                }
+                std::thread::park_timeout(Duration::from_millis(10));
+            }
+        }
+        anyhow::bail!("baseline rumqttd did not start")
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}

@@ -193,7 +193,12 @@ impl Ingest {
             .boxed());
         }
         if let Some(m) = mid {
-            part.accepted.insert(device.clone(), m);
+            match part.accepted.get_mut(device) {
+                Some(last) => *last = m,
+                None => {
+                    part.accepted.insert(device.clone(), m);
+                }
+            }
         }
         part.next = part.next.next();
         let durable = self.log.append(

@@ -39,9 +39,19 @@ impl RawClient {
         id: &str,
         login: Option<(&str, &str)>,
     ) -> (RawClient, Option<ConnectReturnCode>) {
+        Self::connect_with(addr, id, login, 30).await
+    }
+
+    /// [`RawClient::connect`] with a keep-alive in seconds.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        id: &str,
+        login: Option<(&str, &str)>,
+        keep_alive: u16,
+    ) -> (RawClient, Option<ConnectReturnCode>) {
         let mut c = RawClient::tcp(addr).await;
         let mut connect = Connect::new(id);
-        connect.keep_alive = 30;
+        connect.keep_alive = keep_alive;
         connect.login = login.map(|(u, p)| Login::new(u, p));
         c.send(Packet::Connect(connect)).await;
         let code = match c.recv(Duration::from_secs(10)).await {

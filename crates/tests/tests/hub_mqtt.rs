@@ -226,7 +226,8 @@ async fn refused_connects_get_their_codes_and_are_counted() {
     let hub = h.hub("hub-eu", "eu", &reg.url, &[]);
     let key = reg.key("ok");
     let off_key = reg.key("off");
-    let cases: Vec<(&str, Option<(&str, &str)>, ConnectReturnCode)> = vec![
+    type Login<'a> = Option<(&'a str, &'a str)>;
+    let cases: Vec<(&str, Login, ConnectReturnCode)> = vec![
         (
             "ok",
             Some(("ok", "not-a-key")),
@@ -528,5 +529,33 @@ async fn the_connect_rate_is_limited() {
         hub.metric("fleet_hub_connects_total{result=\"rate_limited\"}")
             .await
             >= f64::from(limited)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_is_enforced_and_pings_keep_a_connection_open() {
+    let h = harness!("keep_alive_is_enforced_and_pings_keep_a_connection_open");
+    let (reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let key = reg.key("d");
+    // Pinging every half second keeps a 1 s keep-alive connection open for 3 s.
+    let (mut c, code) = RawClient::connect_with(hub.mqtt, "d", Some(("d", &key)), 1).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.send(Packet::PingReq).await;
+        assert!(
+            matches!(c.recv(SECS).await, Ok(Packet::PingResp)),
+            "no PINGRESP"
+        );
+    }
+    // Silence beyond 1.5 × keep-alive closes it.
+    assert!(
+        c.closed_within(Duration::from_secs(4)).await,
+        "a silent connection stayed open"
+    );
+    assert!(
+        hub.metric("fleet_hub_disconnects_total{reason=\"keepalive\"}")
+            .await
+            >= 1.0
     );
 }

@@ -234,6 +234,12 @@ impl Conn<'_> {
                     if let Err(reason) = self.completed(pkid, qos, result, out) {
                         return reason;
                     }
+                    // A group commit completes many at once: answer them in one write.
+                    while let Some(Some((pkid, qos, result))) = self.pending.next().now_or_never() {
+                        if let Err(reason) = self.completed(pkid, qos, result, out) {
+                            return reason;
+                        }
+                    }
                 }
                 Some(msg) = session.outbound.recv() => self.outbound(msg),
                 permit = budget.acquire_many_owned(need), if self.blocked.is_some() => {
@@ -283,10 +289,14 @@ impl Conn<'_> {
                         return Err("acl_publish");
                     }
                 };
-                let qos = if p.qos == QoS::AtLeastOnce { "1" } else { "0" };
-                metrics::counter!("fleet_hub_publishes_total", "qos" => qos).increment(1);
-                metrics::counter!("fleet_hub_publish_bytes_total")
-                    .increment(p.payload.len() as u64);
+                let m = &self.front.metrics;
+                let count = if p.qos == QoS::AtLeastOnce {
+                    &m.publishes_qos1
+                } else {
+                    &m.publishes_qos0
+                };
+                count.increment(1);
+                m.publish_bytes.increment(p.payload.len() as u64);
                 match self
                     .front
                     .ingest

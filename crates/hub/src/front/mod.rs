@@ -116,8 +116,27 @@ impl TokenBucket {
     }
 }
 
+/// Handles of the per-publish counters (a labelled lookup per publish costs
+/// more than the counting).
+pub(crate) struct FrontMetrics {
+    pub publishes_qos0: metrics::Counter,
+    pub publishes_qos1: metrics::Counter,
+    pub publish_bytes: metrics::Counter,
+}
+
+impl FrontMetrics {
+    fn new() -> Self {
+        Self {
+            publishes_qos0: metrics::counter!("fleet_hub_publishes_total", "qos" => "0"),
+            publishes_qos1: metrics::counter!("fleet_hub_publishes_total", "qos" => "1"),
+            publish_bytes: metrics::counter!("fleet_hub_publish_bytes_total"),
+        }
+    }
+}
+
 /// The device front of one hub.
 pub struct Front {
+    pub(crate) metrics: FrontMetrics,
     config: FrontConfig,
     ingest: Arc<Ingest>,
     auth: Arc<Auth>,
@@ -148,6 +167,7 @@ impl Front {
     ) -> Arc<Front> {
         let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         Arc::new(Front {
+            metrics: FrontMetrics::new(),
             bucket: Mutex::new(TokenBucket::new(config.connect_rate)),
             config,
             ingest,

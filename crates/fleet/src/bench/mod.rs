@@ -1,0 +1,66 @@
+//! `fleet bench …`: every benchmark measures its baseline in the same run,
+//! alternating target by target over several rounds, and reports medians
+//! and ratios next to the machine it ran on (see guides/benchmarks.md).
+
+pub mod driver;
+pub mod ingest;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// QoS 1 ingest: the hub (durable) against rumqttd (memory only) and Mosquitto.
+    Ingest(ingest::IngestArgs),
+    /// Internal: serve a plain rumqttd baseline and print its address.
+    #[command(hide = true)]
+    ServeRumqttd,
+}
+
+/// Runs a benchmark command.
+///
+/// # Errors
+/// Setup failures and failed phases.
+pub async fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Ingest(args) => ingest::run(args, json).await,
+        BenchCommand::ServeRumqttd => {
+            let broker = tokio::task::spawn_blocking(|| {
+                hub::broker::BaselineBroker::start([127, 0, 0, 1].into())
+            })
+            .await??;
+            println!("{}", serde_json::json!({"mqtt": broker.local_addr()}));
+            registry_sync::cli::shutdown_signal().await;
+            Ok(())
+        }
+    }
+}
+
+/// A one-line description of this machine for benchmark reports.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    format!("{cores} vCPUs ({model}), {mem} GiB RAM")
+}
+
+/// The median of `v` (0 when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}

@@ -1,0 +1,5 @@
+//! `fleet`: see `fleet --help`.
+
+fn main() -> std::process::ExitCode {
+    fleet::cli::main()
+}
