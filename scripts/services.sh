@@ -67,9 +67,15 @@ dig_tool() {
   log "dig ok"
 }
 
+browser() {
+  # Headless Chromium renders the concierge's status page in a test.
+  if ! command -v chromium >/dev/null 2>&1; then apt_install chromium; fi
+  log "chromium ok"
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
   nats) nats ;;
-  all) postgres; nats; mqtt_clients; dig_tool ;;
+  all) postgres; nats; mqtt_clients; dig_tool; browser ;;
   *) echo "usage: $0 [all|postgres|nats]" >&2; exit 2 ;;
 esac

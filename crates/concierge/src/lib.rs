@@ -1,4 +1,129 @@
-//! The concierge: tells devices which hub is active, with its DNS front.
-//!
-//! This crate is being built up issue by issue; see the repository README for
-//! what works today.
+//! The concierge: devices ask it which hub is active (over HTTP, after
+//! finding it through its DNS front); operators watch the fleet and fail over
+//! through it. It holds no state of its own: role and epoch live in the hubs,
+//! so any number of replicas can run side by side.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod dns;
+pub mod failover;
+pub mod pacing;
+pub mod page;
+pub mod prom;
+pub mod replicas;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConciergeConfig;
+use crate::dns::{Backends, FrontHandler};
+use crate::view::Fleet;
+
+/// Sockets bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    pub http: TcpListener,
+    pub dns_udp: UdpSocket,
+    pub dns_tcp: TcpListener,
+}
+
+/// A running concierge replica.
+pub struct Concierge {
+    pub http_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
+    pub fleet: Arc<Fleet>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    dns: hickory_server::Server<FrontHandler>,
+}
+
+impl std::fmt::Debug for Concierge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Concierge")
+            .field("http_addr", &self.http_addr)
+            .field("dns_addr", &self.dns_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Concierge {
+    /// Starts polling the hubs and serving HTTP and DNS.
+    ///
+    /// # Errors
+    /// When a socket has no local address or the zone is invalid.
+    pub async fn start(config: ConciergeConfig, listeners: Listeners) -> anyhow::Result<Concierge> {
+        let _ = prom::handle();
+        let http_addr = listeners.http.local_addr()?;
+        let dns_addr = listeners.dns_udp.local_addr()?;
+        let config = Arc::new(config);
+        let fleet = Fleet::new(config.clone());
+        fleet.poll_once().await;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(fleet.clone().poll_loop(shutdown.clone()));
+        if let Some(after) = config.auto_failover_after {
+            tasks.spawn(failover::auto(fleet.clone(), after, shutdown.clone()));
+        }
+        let backends = Backends::default();
+        let replicas = if config.replicas.is_empty() {
+            let ip = if http_addr.ip().is_unspecified() {
+                [127, 0, 0, 1].into()
+            } else {
+                http_addr.ip()
+            };
+            vec![SocketAddr::new(ip, http_addr.port())]
+        } else {
+            config.replicas.clone()
+        };
+        backends.set(replicas.iter().map(SocketAddr::ip).collect());
+        tasks.spawn(replicas::watch(
+            replicas,
+            backends.clone(),
+            config.poll.max(Duration::from_millis(200)),
+            shutdown.clone(),
+        ));
+        let handler = FrontHandler::new(&config.zone, config.ttl_s, backends)?;
+        let dns = dns::serve(handler, listeners.dns_udp, listeners.dns_tcp);
+        let rate = f64::from(config.connect_rate) / config.replicas.len().max(1) as f64;
+        let api = Arc::new(api::ApiState {
+            fleet: fleet.clone(),
+            pacer: pacing::Pacer::new(rate),
+        });
+        let token = shutdown.clone();
+        let http = listeners.http;
+        tasks.spawn(async move {
+            let served = axum::serve(http, api::router(api))
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(%http_addr, %dns_addr, zone = %config.zone, "concierge started");
+        Ok(Concierge {
+            http_addr,
+            dns_addr,
+            fleet,
+            shutdown,
+            tasks,
+            dns,
+        })
+    }
+
+    /// Stops serving.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        let _ = self.dns.shutdown_gracefully().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}

@@ -12,6 +12,7 @@ use crate::registry::{DeviceRecord, DeviceStatus, Tags, UnixMillis};
 /// A hub's role in its pair of regions.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Accepts device connections and writes.
     Primary,
@@ -86,6 +87,10 @@ pub struct StatusResponse {
     /// Where standard MQTT clients watch the live stream.
     #[serde(default)]
     pub stream_url: Option<String>,
+    /// Whether this hub reaches its peer right now (a secondary that still
+    /// hears from its primary vetoes automatic failover).
+    #[serde(default)]
+    pub peer_reachable: bool,
 }
 
 /// A record as served by the read API (payload in base64).
@@ -135,6 +140,7 @@ pub struct DeviceResponse {
 /// Machine-readable error codes of every Fleet HTTP API.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorCode {
     BadRequest,
     Unauthorized,
@@ -152,11 +158,13 @@ pub enum ErrorCode {
 
 /// The body of every error response: `{"error":{"code","message"}}`.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,

@@ -5,6 +5,7 @@
 //! ordered is a newtype (`Epoch`, `Offset`, `Mid`, `Version`) so that the
 //! compiler keeps the different counters apart; secrets print as `***`.
 
+pub mod concierge;
 pub mod hub;
 pub mod ids;
 pub mod registry;

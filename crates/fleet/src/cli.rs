@@ -25,6 +25,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run a concierge replica: `fleet concierge run --help`.
+    #[command(disable_help_flag = true)]
+    Concierge {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Manage registries: `fleet registry-sync --help`.
     #[command(name = "registry-sync", disable_help_flag = true)]
     RegistrySync {
@@ -52,12 +58,17 @@ pub fn main() -> ExitCode {
         Some("registry-sync") => {
             return runtime().block_on(registry_sync::cli::main_from(args[1..].to_vec()));
         }
+        Some("concierge") => {
+            return runtime().block_on(concierge::cli::main_from(args[1..].to_vec()));
+        }
         _ => {}
     }
     let cli = Cli::parse_from(args);
     hub::cli::init_tracing();
     let result = match cli.command {
-        Command::Hub { .. } | Command::RegistrySync { .. } => unreachable!("dispatched above"),
+        Command::Hub { .. } | Command::Concierge { .. } | Command::RegistrySync { .. } => {
+            unreachable!("dispatched above")
+        }
         Command::Bench(cmd) => runtime().block_on(crate::bench::run(cmd, cli.json)),
     };
     match result {

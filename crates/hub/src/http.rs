@@ -211,6 +211,7 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
         connected_devices: api.sessions.count() as u64,
         mqtt_url: Some(api.mqtt_url.clone()),
         stream_url: api.stream_url.clone(),
+        peer_reachable: false,
     })
 }
 

@@ -237,11 +237,23 @@ pub struct HubNode {
 }
 
 impl HubNode {
-    fn start(h: &Harness, label: &str, args: Vec<String>, max_file_kib: Option<u64>) -> HubNode {
+    fn start(
+        h: &Harness,
+        label: &str,
+        mut args: Vec<String>,
+        max_file_kib: Option<u64>,
+    ) -> HubNode {
         let node = h.spawn_limited(label, &args, max_file_kib);
         let mqtt = node.addr("mqtt");
         let http = node.addr("http");
         let stream = node.ready["stream"].as_str().and_then(|s| s.parse().ok());
+        // Restarts come back on the same ports: others (concierges, peers)
+        // know this hub by its addresses.
+        pin(&mut args, "--mqtt", mqtt);
+        pin(&mut args, "--http", http);
+        if let Some(stream) = stream {
+            pin(&mut args, "--stream", stream);
+        }
         HubNode {
             node,
             mqtt,
@@ -252,8 +264,8 @@ impl HubNode {
         }
     }
 
-    /// Kills the hub (SIGKILL) and starts it again: same data, registry and
-    /// flags, new ports, no file size cap.
+    /// Kills the hub (SIGKILL) and starts it again: same data, registry,
+    /// flags and ports, no file size cap.
     pub fn restart(&mut self, h: &Harness) {
         self.node.kill9();
         *self = HubNode::start(h, &self.label.clone(), self.args.clone(), None);
@@ -320,6 +332,71 @@ impl HubNode {
             .lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0.0)
+    }
+}
+
+/// Sets `flag`'s value in `args` to `addr` (adding the flag when absent).
+fn pin(args: &mut Vec<String>, flag: &str, addr: SocketAddr) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) if i + 1 < args.len() => args[i + 1] = addr.to_string(),
+        _ => {
+            args.push(flag.to_string());
+            args.push(addr.to_string());
+        }
+    }
+}
+
+/// A running concierge replica.
+#[derive(Debug)]
+pub struct ConciergeNode {
+    pub node: Node,
+    pub http: SocketAddr,
+    pub dns: SocketAddr,
+}
+
+impl ConciergeNode {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+}
+
+impl Harness {
+    /// Starts a concierge replica for `hubs` (region, hub) on `http` (use
+    /// `127.0.0.1:0` for any port), zone `fleet.test`.
+    pub fn concierge(
+        &self,
+        label: &str,
+        http: &str,
+        hubs: &[(&str, &HubNode)],
+        extra: &[&str],
+    ) -> ConciergeNode {
+        let mut args: Vec<String> = [
+            "concierge",
+            "--json",
+            "run",
+            "--http",
+            http,
+            "--dns",
+            "127.0.0.1:0",
+            "--zone",
+            "fleet.test",
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--poll-ms",
+            "200",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (region, hub) in hubs {
+            args.push("--hub".into());
+            args.push(format!("{region}={},mqtt://{}", hub.url(), hub.mqtt));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let node = self.spawn(label, &args);
+        let http = node.addr("http");
+        let dns = node.addr("dns");
+        ConciergeNode { node, http, dns }
     }
 }
 

@@ -22,8 +22,11 @@ fn main() -> ExitCode {
         match component.as_str() {
             "hub" => hub::cli::main_from(rest).await,
             "registry-sync" => registry_sync::cli::main_from(rest).await,
+            "concierge" => concierge::cli::main_from(rest).await,
             other => {
-                eprintln!("fleet-node: unknown component {other:?} (hub, registry-sync)");
+                eprintln!(
+                    "fleet-node: unknown component {other:?} (hub, concierge, registry-sync)"
+                );
                 ExitCode::from(2)
             }
         }

@@ -1,0 +1,219 @@
+//! The concierge's HTTP API. Domain errors become HTTP responses here only;
+//! `/openapi.json` is generated from these handlers.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleet_api::concierge::{EndpointResponse, FailoverRequest, FailoverResponse, RegionsResponse};
+use fleet_api::{DeviceId, ErrorBody, ErrorCode};
+use utoipa::OpenApi;
+
+use crate::failover::{self, FailoverError};
+use crate::pacing::Pacer;
+use crate::view::Fleet;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    pub fleet: Arc<Fleet>,
+    pub pacer: Pacer,
+}
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Fleet concierge",
+        description = "Which hub is active, and failover."
+    ),
+    paths(endpoint, regions, failover_handler, healthz),
+    components(schemas(
+        EndpointResponse,
+        RegionsResponse,
+        FailoverRequest,
+        FailoverResponse,
+        ErrorBody
+    ))
+)]
+pub struct ApiDoc;
+
+fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    (status, Json(ErrorBody::new(code, message))).into_response()
+}
+
+fn unavailable(retry_after_s: u64, message: impl Into<String>) -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        message,
+    );
+    if let Ok(v) = HeaderValue::from_str(&retry_after_s.max(1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+pub fn router(api: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/devices/{device_id}/endpoint", get(endpoint))
+        .route("/v1/regions", get(regions))
+        .route("/v1/failover", post(failover_handler))
+        .with_state(api)
+}
+
+/// Where a device should connect.
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{device_id}/endpoint",
+    params(("device_id" = String, Path, description = "1–128 of [A-Za-z0-9._:-]")),
+    responses(
+        (status = 200, description = "The active hub", body = EndpointResponse),
+        (status = 400, description = "Invalid device id", body = ErrorBody),
+        (status = 503, description = "No hub is active, or reconnect pacing: see Retry-After", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "seconds to wait")))
+    )
+)]
+async fn endpoint(State(api): State<Arc<ApiState>>, Path(device_id): Path<String>) -> Response {
+    let Ok(device_id) = DeviceId::new(&device_id) else {
+        metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "bad_request")
+            .increment(1);
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            format!("invalid device id {device_id:?}"),
+        );
+    };
+    let Some(active) = api.fleet.active() else {
+        metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "no_active_hub")
+            .increment(1);
+        return unavailable(api.fleet.config.ttl_s.into(), "no hub is active right now");
+    };
+    if let Err(wait) = api.pacer.admit() {
+        metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "paced")
+            .increment(1);
+        let secs = wait.as_secs() + 1;
+        return unavailable(secs, format!("reconnect pacing: come back in {secs} s"));
+    }
+    metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "ok").increment(1);
+    Json(EndpointResponse {
+        device_id,
+        region: active.region,
+        mqtt_url: active.mqtt_url,
+        epoch: active.epoch,
+        ttl_s: api.fleet.config.ttl_s,
+    })
+    .into_response()
+}
+
+/// Every region's role, epoch, health and replication lag, and the failover timeline.
+#[utoipa::path(get, path = "/v1/regions", responses((status = 200, body = RegionsResponse)))]
+async fn regions(State(api): State<Arc<ApiState>>) -> Json<RegionsResponse> {
+    Json(RegionsResponse {
+        regions: api.fleet.views(),
+        failovers: api.fleet.timeline(),
+    })
+}
+
+/// Promotes a region's hub (admin bearer token).
+#[utoipa::path(
+    post,
+    path = "/v1/failover",
+    request_body = FailoverRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = FailoverResponse),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 409, description = "Another failover won the race", body = ErrorBody),
+        (status = 502, description = "The hub refused", body = ErrorBody),
+        (status = 503, description = "The hub is unreachable", body = ErrorBody)
+    )
+)]
+async fn failover_handler(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !token.is_some_and(|t| api.fleet.config.admin_token.matches(t)) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "this call needs the admin bearer token",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let req: FailoverRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("invalid failover request: {e}"),
+            );
+        }
+    };
+    match failover::run(&api.fleet, &req.to, req.mode, "manual").await {
+        Ok(done) => Json(done).into_response(),
+        Err(e @ FailoverError::UnknownRegion(_)) => error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        ),
+        Err(e @ FailoverError::Lost(_)) => error(
+            StatusCode::CONFLICT,
+            ErrorCode::EpochMismatch,
+            e.to_string(),
+        ),
+        Err(e @ FailoverError::Refused { .. }) => {
+            tracing::error!(error = %e, "failover refused");
+            error(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            )
+        }
+        Err(e @ FailoverError::Unreachable { .. }) => {
+            tracing::error!(error = %e, "failover failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            )
+        }
+    }
+}
+
+/// This replica is up (the DNS front hands out healthy replicas only).
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "up")))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::prom::handle().render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn page(State(api): State<Arc<ApiState>>) -> Html<String> {
+    Html(crate::page::render(&api.fleet))
+}

@@ -1,0 +1,265 @@
+//! What the concierge knows about the hubs: it polls every hub's status and
+//! health and derives the active one (healthy, primary, highest epoch). It
+//! keeps no state of its own beyond this cache, so any number of replicas can
+//! run side by side and agree.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fleet_api::concierge::{FailoverEvent, RegionView};
+use fleet_api::hub::StatusResponse;
+use fleet_api::{Epoch, Region, Role};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConciergeConfig, HubSpec};
+
+/// The last known state of one hub.
+#[derive(Clone, Debug)]
+pub struct HubState {
+    pub spec: HubSpec,
+    pub status: Option<StatusResponse>,
+    pub healthy: bool,
+    pub failures: u32,
+    pub last_ok: Option<Instant>,
+    /// Since when the hub has been down (unhealthy), if it is.
+    pub down_since: Option<Instant>,
+    pub problem: Option<String>,
+}
+
+/// Where devices go now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Active {
+    pub region: Region,
+    pub mqtt_url: String,
+    pub epoch: Epoch,
+}
+
+/// Failovers kept for the timeline.
+const TIMELINE: usize = 50;
+
+/// The hubs as this replica sees them.
+#[derive(Debug)]
+pub struct Fleet {
+    pub config: Arc<ConciergeConfig>,
+    hubs: RwLock<Vec<HubState>>,
+    timeline: Mutex<VecDeque<FailoverEvent>>,
+    http: reqwest::Client,
+}
+
+impl Fleet {
+    pub fn new(config: Arc<ConciergeConfig>) -> Arc<Fleet> {
+        let hubs = config
+            .hubs
+            .iter()
+            .map(|spec| HubState {
+                spec: spec.clone(),
+                status: None,
+                healthy: false,
+                failures: 0,
+                last_ok: None,
+                down_since: Some(Instant::now()),
+                problem: Some("not checked yet".into()),
+            })
+            .collect();
+        let timeout = config
+            .poll
+            .clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Arc::new(Fleet {
+            config,
+            hubs: RwLock::new(hubs),
+            timeline: Mutex::new(VecDeque::new()),
+            http,
+        })
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub fn hubs(&self) -> Vec<HubState> {
+        self.hubs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The active hub: healthy, primary, highest epoch.
+    pub fn active(&self) -> Option<Active> {
+        self.hubs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|h| h.healthy)
+            .filter_map(|h| {
+                let s = h.status.as_ref()?;
+                (s.role == Role::Primary).then(|| Active {
+                    region: h.spec.region.clone(),
+                    mqtt_url: h.spec.mqtt_url.clone(),
+                    epoch: s.epoch,
+                })
+            })
+            .max_by_key(|a| a.epoch)
+    }
+
+    /// The highest epoch any hub has reported.
+    pub fn max_epoch(&self) -> Epoch {
+        self.hubs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|h| h.status.as_ref().map(|s| s.epoch))
+            .max()
+            .unwrap_or(Epoch(0))
+    }
+
+    pub fn spec(&self, region: &Region) -> Option<HubSpec> {
+        self.config
+            .hubs
+            .iter()
+            .find(|h| &h.region == region)
+            .cloned()
+    }
+
+    /// The regions for `GET /v1/regions` and the status page.
+    pub fn views(&self) -> Vec<RegionView> {
+        let active = self.active();
+        let now = Instant::now();
+        self.hubs()
+            .into_iter()
+            .map(|h| RegionView {
+                active: active.as_ref().is_some_and(|a| a.region == h.spec.region),
+                role: h.status.as_ref().map(|s| s.role),
+                epoch: h.status.as_ref().map(|s| s.epoch),
+                healthy: h.healthy,
+                replication_lag_ms: h.status.as_ref().map(|s| s.replication_lag_ms),
+                connected_devices: h.status.as_ref().map(|s| s.connected_devices),
+                mqtt_url: h.spec.mqtt_url.clone(),
+                last_seen_ms_ago: h.last_ok.map(|t| now.duration_since(t).as_millis() as u64),
+                problem: h.problem.clone(),
+                region: h.spec.region,
+            })
+            .collect()
+    }
+
+    pub fn record_failover(&self, event: FailoverEvent) {
+        let mut t = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
+        t.push_front(event);
+        t.truncate(TIMELINE);
+    }
+
+    pub fn timeline(&self) -> Vec<FailoverEvent> {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Checks every hub once, concurrently.
+    pub async fn poll_once(&self) {
+        let specs = self.config.hubs.clone();
+        let results = futures::future::join_all(specs.iter().map(|s| self.check(s))).await;
+        self.apply(results);
+        if let Some(a) = self.active() {
+            metrics::gauge!("fleet_concierge_active_epoch").set(a.epoch.0 as f64);
+        }
+        self.fence_stale_primaries().await;
+    }
+
+    fn apply(&self, results: Vec<Result<StatusResponse, String>>) {
+        let mut hubs = self.hubs.write().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for (h, result) in hubs.iter_mut().zip(results) {
+            match result {
+                Ok(status) => {
+                    if !h.healthy {
+                        tracing::info!(region = %h.spec.region, role = %status.role, epoch = %status.epoch, "hub is up");
+                    }
+                    h.status = Some(status);
+                    h.healthy = true;
+                    h.failures = 0;
+                    h.last_ok = Some(now);
+                    h.down_since = None;
+                    h.problem = None;
+                }
+                Err(problem) => {
+                    h.failures += 1;
+                    // A hub that answers but reports itself unhealthy is down at once.
+                    let answered = problem.starts_with("unhealthy");
+                    if (answered || h.failures >= self.config.failures) && h.healthy {
+                        tracing::warn!(region = %h.spec.region, %problem, "hub is down");
+                        h.healthy = false;
+                        h.down_since = Some(now);
+                    }
+                    h.problem = Some(problem);
+                }
+            }
+            metrics::gauge!("fleet_concierge_region_healthy", "region" => h.spec.region.to_string())
+                .set(if h.healthy { 1.0 } else { 0.0 });
+        }
+    }
+
+    async fn check(&self, spec: &HubSpec) -> Result<StatusResponse, String> {
+        let status: StatusResponse = match self
+            .http
+            .get(format!("{}/v1/status", spec.http_url))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r
+                .json()
+                .await
+                .map_err(|e| format!("bad status body: {e}"))?,
+            Ok(r) => return Err(format!("status answered {}", r.status())),
+            Err(e) => return Err(format!("unreachable: {e}")),
+        };
+        match self
+            .http
+            .get(format!("{}/healthz", spec.http_url))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => Ok(status),
+            Ok(r) => Err(format!("unhealthy: {}", r.text().await.unwrap_or_default())),
+            Err(e) => Err(format!("unreachable: {e}")),
+        }
+    }
+
+    /// Two primaries (an old one came back after a forced failover): tell the
+    /// one with the lower epoch about the higher one, so it demotes itself.
+    async fn fence_stale_primaries(&self) {
+        let hubs = self.hubs();
+        let Some(top) = self.active() else { return };
+        for h in hubs {
+            let Some(s) = &h.status else { continue };
+            if h.healthy && s.role == Role::Primary && s.epoch < top.epoch {
+                tracing::warn!(region = %h.spec.region, stale = %s.epoch, current = %top.epoch, "telling a stale primary to demote");
+                let _ = self
+                    .http
+                    .post(format!("{}/v1/demote", h.spec.http_url))
+                    .bearer_auth(self.config.hub_token.expose())
+                    .json(&serde_json::json!({"epoch": top.epoch}))
+                    .send()
+                    .await;
+            }
+        }
+    }
+
+    /// Polls until `shutdown`.
+    pub async fn poll_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => self.poll_once().await,
+            }
+        }
+    }
+}

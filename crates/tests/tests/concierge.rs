@@ -1,0 +1,431 @@
+//! The concierge and its DNS front against real hub processes, `dig` and
+//! hickory's resolver.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use fleet_api::concierge::{EndpointResponse, RegionsResponse};
+use tests::{HubNode, Registry, harness, wait_for};
+
+async fn get(url: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .send()
+        .await
+        .expect("http get")
+}
+
+async fn one_hub(h: &tests::Harness) -> HubNode {
+    let reg = Registry::sqlite(h.dir(), "eu").await;
+    h.hub("hub-eu", "eu", &reg.url, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_follows_the_active_hub_and_says_when_there_is_none() {
+    let h = harness!("the_endpoint_follows_the_active_hub_and_says_when_there_is_none");
+    let mut hub = one_hub(&h).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    let url = format!("{}/v1/devices/sensor-1/endpoint", c.url());
+    wait_for(10, "the hub to be active", || async {
+        get(&url).await.status() == 200
+    })
+    .await;
+    let e: EndpointResponse = get(&url).await.json().await.unwrap();
+    assert_eq!(e.device_id.as_str(), "sensor-1");
+    assert_eq!(e.region.as_str(), "eu");
+    assert_eq!(e.mqtt_url, format!("mqtt://{}", hub.mqtt));
+    assert_eq!(e.epoch.0, 1);
+    assert_eq!(e.ttl_s, 5);
+    let bad = get(&format!("{}/v1/devices/a%2Fb/endpoint", c.url())).await;
+    assert_eq!(bad.status(), 400);
+
+    hub.node.kill9();
+    wait_for(10, "the concierge to notice", || async {
+        get(&url).await.status() == 503
+    })
+    .await;
+    let r = get(&url).await;
+    assert!(
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let regions: RegionsResponse = get(&format!("{}/v1/regions", c.url()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(!regions.regions[0].healthy);
+    assert!(
+        regions.regions[0]
+            .problem
+            .as_deref()
+            .unwrap_or("")
+            .contains("unreachable")
+    );
+
+    hub.restart(&h);
+    wait_for(10, "the hub to be back", || async {
+        get(&url).await.status() == 200
+    })
+    .await;
+    let regions: RegionsResponse = get(&format!("{}/v1/regions", c.url()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let eu = &regions.regions[0];
+    assert!(eu.healthy && eu.active);
+    assert_eq!(eu.role, Some(fleet_api::Role::Primary));
+}
+
+fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (scripts/services.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_front_is_authoritative_for_its_zone_only() {
+    let h = harness!("the_dns_front_is_authoritative_for_its_zone_only");
+    let hub = one_hub(&h).await;
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("eu", &hub)],
+        &["--ttl-s", "7"],
+    );
+    let answer = dig(c.dns, &["concierge.fleet.test", "A"]);
+    assert!(answer.contains("status: NOERROR"), "{answer}");
+    assert!(answer.contains(" aa"), "authoritative: {answer}");
+    assert!(!answer.contains(" ra"), "never recursive: {answer}");
+    assert!(
+        answer.contains("concierge.fleet.test.\t7\tIN\tA\t127.0.0.1"),
+        "{answer}"
+    );
+    let tcp = dig(c.dns, &["+tcp", "CONCIERGE.Fleet.Test", "A", "+short"]);
+    assert_eq!(tcp.trim(), "127.0.0.1", "over TCP, any case");
+    let nx = dig(c.dns, &["nope.fleet.test", "A"]);
+    assert!(
+        nx.contains("status: NXDOMAIN") && nx.contains("IN\tSOA\tns.fleet.test."),
+        "{nx}"
+    );
+    let refused = dig(c.dns, &["example.com", "A"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let soa = dig(c.dns, &["fleet.test", "SOA", "+short"]);
+    assert!(
+        soa.starts_with("ns.fleet.test. hostmaster.fleet.test. 1"),
+        "{soa}"
+    );
+    let ns = dig(c.dns, &["fleet.test", "NS", "+short"]);
+    assert_eq!(ns.trim(), "ns.fleet.test.");
+    let nodata = dig(c.dns, &["concierge.fleet.test", "AAAA"]);
+    assert!(
+        nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"),
+        "{nodata}"
+    );
+
+    // The same through hickory's resolver, pinned to the front.
+    use hickory_resolver::Resolver;
+    use hickory_resolver::config::{
+        ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+    };
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let mut udp = ConnectionConfig::udp();
+    udp.port = c.dns.port();
+    let ns = NameServerConfig::new(c.dns.ip(), true, vec![udp]);
+    let mut opts = ResolverOpts::default();
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.cache_size = 0;
+    let r = Resolver::builder_with_config(
+        ResolverConfig::from_parts(None, vec![], vec![ns]),
+        TokioRuntimeProvider::default(),
+    )
+    .with_options(opts)
+    .build()
+    .unwrap();
+    let ips: Vec<IpAddr> = r
+        .lookup_ip("concierge.fleet.test.")
+        .await
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(ips, vec![IpAddr::from([127, 0, 0, 1])]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_replica_leaves_the_answers() {
+    let h = harness!("an_unhealthy_replica_leaves_the_answers");
+    let hub = one_hub(&h).await;
+    // Two replicas on the same port of two loopback addresses.
+    let port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (a, b) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
+    let replicas = ["--replica", &a, "--replica", &b];
+    let first = h.concierge("concierge-1", &a, &[("eu", &hub)], &replicas);
+    let mut second = h.concierge("concierge-2", &b, &[("eu", &hub)], &replicas);
+    let both = || dig(first.dns, &["concierge.fleet.test", "A", "+short"]);
+    wait_for(10, "both replicas in the answer", || async {
+        both() == "127.0.0.1\n127.0.0.2\n"
+    })
+    .await;
+    // Either replica's front gives the same answer.
+    assert_eq!(
+        dig(second.dns, &["concierge.fleet.test", "A", "+short"]),
+        "127.0.0.1\n127.0.0.2\n"
+    );
+    second.node.kill9();
+    wait_for(5, "the dead replica to leave", || async {
+        both() == "127.0.0.1\n"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_and_floods_do_not_hurt_the_front_or_the_api() {
+    let h = harness!("malformed_packets_and_floods_do_not_hurt_the_front_or_the_api");
+    let hub = one_hub(&h).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..2000u32 {
+        let junk: Vec<u8> = (0..(i % 300))
+            .map(|j| (i.wrapping_mul(31).wrapping_add(j) % 251) as u8)
+            .collect();
+        sock.send_to(&junk, c.dns).await.unwrap();
+    }
+    // A flood of real queries while the HTTP side keeps answering.
+    let flood = tokio::spawn({
+        let dns = c.dns;
+        async move {
+            let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            // A well-formed query for concierge.fleet.test A.
+            let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+            for label in ["concierge", "fleet", "test"] {
+                q.push(label.len() as u8);
+                q.extend_from_slice(label.as_bytes());
+            }
+            q.extend_from_slice(&[0, 0, 1, 0, 1]);
+            for _ in 0..20_000 {
+                let _ = s.send_to(&q, dns).await;
+            }
+        }
+    });
+    let url = format!("{}/v1/devices/d/endpoint", c.url());
+    let mut ok = 0;
+    for _ in 0..50 {
+        if get(&url).await.status() == 200 {
+            ok += 1;
+        }
+    }
+    flood.await.unwrap();
+    assert_eq!(ok, 50, "the endpoint failed during the flood");
+    assert_eq!(
+        dig(c.dns, &["concierge.fleet.test", "A", "+short"]),
+        "127.0.0.1\n",
+        "the front stopped answering"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_pacing_spreads_a_storm() {
+    let h = harness!("reconnect_pacing_spreads_a_storm");
+    let hub = one_hub(&h).await;
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("eu", &hub)],
+        &["--connect-rate", "20"],
+    );
+    let url = format!("{}/v1/devices/d/endpoint", c.url());
+    wait_for(10, "an active hub", || async {
+        get(&url).await.status() == 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let the burst refill
+    let client = reqwest::Client::new();
+    let answers = futures::future::join_all((0..200).map(|i| {
+        let client = client.clone();
+        let url = format!("{}/v1/devices/storm-{i}/endpoint", c.url());
+        async move { client.get(url).send().await.unwrap() }
+    }))
+    .await;
+    let ok = answers.iter().filter(|r| r.status() == 200).count();
+    let mut waits: Vec<u64> = answers
+        .iter()
+        .filter(|r| r.status() == 503)
+        .map(|r| {
+            r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!((15..=30).contains(&ok), "{ok} answered at once");
+    assert_eq!(ok + waits.len(), 200);
+    waits.sort_unstable();
+    assert!(
+        waits[0] >= 1 && *waits.last().unwrap() >= 8,
+        "waits {waits:?}"
+    );
+    let distinct: std::collections::BTreeSet<u64> = waits.iter().copied().collect();
+    assert!(
+        distinct.len() >= 8,
+        "devices are spread over time, not sent back together: {distinct:?}"
+    );
+}
+
+/// Validates `value` against `#/components/schemas/NAME` of the OpenAPI document.
+fn validate(doc: &serde_json::Value, name: &str, value: &serde_json::Value) {
+    let schema = serde_json::json!({
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": doc["components"],
+    });
+    let validator =
+        jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("schema {name}: {e}"));
+    if let Err(e) = validator.validate(value) {
+        panic!("{name} does not match /openapi.json: {e}\n{value}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_describes_the_real_responses() {
+    let h = harness!("openapi_describes_the_real_responses");
+    let mut hub = one_hub(&h).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    let doc: serde_json::Value = get(&format!("{}/openapi.json", c.url()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/v1/devices/{device_id}/endpoint",
+        "/v1/regions",
+        "/v1/failover",
+        "/healthz",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
+    }
+    let url = format!("{}/v1/devices/d1/endpoint", c.url());
+    wait_for(10, "an active hub", || async {
+        get(&url).await.status() == 200
+    })
+    .await;
+    validate(
+        &doc,
+        "EndpointResponse",
+        &get(&url).await.json().await.unwrap(),
+    );
+    validate(
+        &doc,
+        "RegionsResponse",
+        &get(&format!("{}/v1/regions", c.url()))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    validate(
+        &doc,
+        "ErrorBody",
+        &get(&format!("{}/v1/devices/a%20b/endpoint", c.url()))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let unauthorized = reqwest::Client::new()
+        .post(format!("{}/v1/failover", c.url()))
+        .json(&serde_json::json!({"to": "eu", "mode": "forced"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    validate(&doc, "ErrorBody", &unauthorized.json().await.unwrap());
+    let unknown = reqwest::Client::new()
+        .post(format!("{}/v1/failover", c.url()))
+        .bearer_auth(tests::ADMIN_TOKEN)
+        .json(&serde_json::json!({"to": "mars", "mode": "forced"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 400);
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "unknown region mars");
+    validate(&doc, "ErrorBody", &body);
+    hub.node.kill9();
+    wait_for(10, "no active hub", || async {
+        get(&url).await.status() == 503
+    })
+    .await;
+    validate(&doc, "ErrorBody", &get(&url).await.json().await.unwrap());
+    validate(
+        &doc,
+        "RegionsResponse",
+        &get(&format!("{}/v1/regions", c.url()))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_in_a_browser() {
+    let h = harness!("the_status_page_renders_in_a_browser");
+    let hub = one_hub(&h).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    wait_for(10, "an active hub", || async {
+        get(&format!("{}/v1/devices/d/endpoint", c.url()))
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    let profile = h.dir().join("chromium-profile");
+    let out = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            &format!("{}/", c.url()),
+        ])
+        .output()
+        .await
+        .expect("chromium (scripts/services.sh installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("Fleet concierge · fleet.test"), "{dom}");
+    assert!(
+        dom.contains(r#"<strong id="active-region">eu</strong>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"class="card healthy active" data-region="eu""#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"<span class="badge primary">primary</span>"#),
+        "{dom}"
+    );
+    assert!(dom.contains("no failover yet"), "{dom}");
+}
