@@ -5,4 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/services.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The device agent stays lean: no broker, web server, SQL or DNS server inside.
+if cargo tree --locked -p device-agent -e normal | grep -E '^.*(rumqttd|axum|sqlx|hickory-server) v'; then
+  echo "device-agent depends on a server crate (above)" >&2
+  exit 1
+fi
 cargo test --workspace --locked

@@ -130,6 +130,56 @@ impl Harness {
         }
     }
 
+    /// A `fleet-node ARGS…` command with its stderr in this test's logs, for
+    /// processes without a ready line (agents, simulations).
+    pub fn command(&self, label: &str, args: &[String]) -> Command {
+        let log = self.logs.join(format!("{label}.log"));
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut c = Command::new(&self.exe);
+        c.args(args)
+            .env(
+                "FLEET_LOG",
+                std::env::var("FLEET_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(Stdio::from(err));
+        c
+    }
+
+    /// Arguments that run a device agent for `device` against concierge `c`.
+    pub fn agent_args(
+        &self,
+        c: &ConciergeNode,
+        device: &str,
+        key: &str,
+        outbox: &str,
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "device-agent",
+            "--json",
+            "run",
+            "--device-id",
+            device,
+            "--key",
+            key,
+            "--outbox",
+            outbox,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--concierge".into());
+        args.push(format!("http://concierge.fleet.test:{}", c.http.port()));
+        args.push("--dns".into());
+        args.push(c.dns.to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
     /// Starts a hub process.
     pub fn hub(&self, label: &str, region: &str, registry: &str, extra: &[&str]) -> HubNode {
         self.hub_limited(label, region, registry, extra, None)
@@ -222,6 +272,17 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Kills the child (SIGKILL) when dropped, so a failing test leaves no process behind.
+#[derive(Debug)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

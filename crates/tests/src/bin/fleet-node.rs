@@ -23,9 +23,10 @@ fn main() -> ExitCode {
             "hub" => hub::cli::main_from(rest).await,
             "registry-sync" => registry_sync::cli::main_from(rest).await,
             "concierge" => concierge::cli::main_from(rest).await,
+            "device-agent" => device_agent::cli::main_from(rest).await,
             other => {
                 eprintln!(
-                    "fleet-node: unknown component {other:?} (hub, concierge, registry-sync)"
+                    "fleet-node: unknown component {other:?} (hub, concierge, device-agent, registry-sync)"
                 );
                 ExitCode::from(2)
             }

@@ -1,0 +1,411 @@
+//! One device's delivery loop: discover the active hub, connect, publish the
+//! outbox in mid order with a window of QoS 1 publishes in flight, forget
+//! messages only when the hub reports them `replicated`, and move when the
+//! hub goes away, refuses the connection, reports a higher epoch, or the
+//! endpoint's TTL brings a different answer. Retries back off exponentially
+//! with full jitter; `Retry-After` from the concierge is honoured; when no
+//! concierge answers, the last good endpoint is kept.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_api::concierge::EndpointResponse;
+use fleet_api::hub::AckMessage;
+use fleet_api::{DeviceId, DeviceKey, Mid};
+use rumqttc::mqttbytes::v4::Packet;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::backoff::{Backoff, Jitter, random_jitter};
+use crate::discovery::{Discovery, Lookup};
+use crate::mqtt::{self, ConnectError, Connection};
+use crate::outbox::{Outbox, OutboxError};
+
+/// Settings of one agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub device: DeviceId,
+    pub key: DeviceKey,
+    pub keep_alive: Duration,
+    /// QoS 1 publishes in flight.
+    pub window: usize,
+    /// Resend what is not `replicated` after this long without progress.
+    pub ack_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// For `mqtts://` endpoints.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl AgentConfig {
+    pub fn new(device: DeviceId, key: DeviceKey) -> Self {
+        Self {
+            device,
+            key,
+            keep_alive: Duration::from_secs(30),
+            window: 32,
+            ack_timeout: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(30),
+            tls: None,
+        }
+    }
+}
+
+/// The outbox shared by the agent and whatever feeds it.
+#[derive(Debug)]
+pub struct SharedOutbox {
+    pub outbox: Mutex<Outbox>,
+    /// Signalled when records become durable (ready to send).
+    pub ready: Notify,
+}
+
+impl SharedOutbox {
+    pub fn new(outbox: Outbox) -> Arc<SharedOutbox> {
+        Arc::new(SharedOutbox {
+            outbox: Mutex::new(outbox),
+            ready: Notify::new(),
+        })
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends, and wakes the sender when the record is durable.
+    ///
+    /// # Errors
+    /// See [`Outbox::append`].
+    pub fn append(&self, payload: &[u8]) -> Result<Mid, OutboxError> {
+        let mid = self.lock().append(payload)?;
+        self.ready.notify_one();
+        Ok(mid)
+    }
+}
+
+/// What an agent has done, for stats and tests.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub connected: AtomicBool,
+    /// Successful CONNECTs.
+    pub sessions: AtomicU64,
+    /// PUBACKs received (durable in one region).
+    pub pubacks: AtomicU64,
+    /// The highest mid reported `committed`.
+    pub committed: AtomicU64,
+    /// The highest mid reported `replicated`.
+    pub replicated: AtomicU64,
+    /// Resends after an ack timeout.
+    pub resends: AtomicU64,
+    pub region: Mutex<String>,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Leave {
+    Stop,
+    /// Ask the concierge again before reconnecting.
+    Lost(String),
+    /// The concierge points elsewhere now: connect there at once.
+    Moved(EndpointResponse),
+}
+
+/// One device.
+pub struct Agent {
+    config: AgentConfig,
+    discovery: Discovery,
+    outbox: Arc<SharedOutbox>,
+    progress: Arc<Progress>,
+    jitter: Option<Jitter>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("device", &self.config.device)
+            .finish_non_exhaustive()
+    }
+}
+
+fn same_hub(a: &EndpointResponse, b: &EndpointResponse) -> bool {
+    a.mqtt_url == b.mqtt_url && a.region == b.region
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, discovery: Discovery, outbox: Arc<SharedOutbox>) -> Agent {
+        Agent {
+            config,
+            discovery,
+            outbox,
+            progress: Arc::default(),
+            jitter: None,
+        }
+    }
+
+    /// Replaces the jitter source (deterministic tests).
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = Some(jitter);
+        self
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Delivers until `stop` turns true.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let device = self.config.device.clone();
+        let span = tracing::info_span!("agent", device_id = %device);
+        let _enter = span.enter();
+        let jitter = self.jitter.take().unwrap_or_else(random_jitter);
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap, jitter);
+        let mut endpoint: Option<(EndpointResponse, Instant)> = None;
+        // Whether the current endpoint failed and must be asked for again.
+        let mut stale = true;
+        while !*stop.borrow() {
+            let expired = endpoint
+                .as_ref()
+                .is_none_or(|(e, at)| at.elapsed() >= Duration::from_secs(e.ttl_s.into()));
+            if stale || expired {
+                match self.discovery.lookup(&device).await {
+                    Ok(Lookup::Endpoint(e)) => {
+                        tracing::debug!(region = %e.region, url = %e.mqtt_url, epoch = %e.epoch, "endpoint");
+                        endpoint = Some((e, Instant::now()));
+                        stale = false;
+                    }
+                    Ok(Lookup::RetryAfter(wait, why)) => {
+                        // The concierge asks us to wait: do, plus jitter on top.
+                        let extra = backoff.next_delay().min(wait);
+                        tracing::info!(wait_ms = (wait + extra).as_millis() as u64, %why, "concierge asks to come back later");
+                        if sleep_or_stop(wait + extra, &mut stop).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(e) if endpoint.is_some() && !stale => {
+                        tracing::warn!(error = %e, "no concierge answer; keeping the last endpoint");
+                        if let Some((_, at)) = endpoint.as_mut() {
+                            *at = Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "no endpoint yet");
+                        if sleep_or_stop(wait, &mut stop).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some((ep, _)) = endpoint.clone() else {
+                continue;
+            };
+            let conn = match mqtt::connect(
+                &ep.mqtt_url,
+                &device,
+                &self.config.key,
+                self.config.keep_alive,
+                self.config.tls.as_ref(),
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    match &e {
+                        ConnectError::Refused(code) => {
+                            tracing::warn!(?code, url = %ep.mqtt_url, "connect refused")
+                        }
+                        other => {
+                            tracing::info!(error = %other, url = %ep.mqtt_url, "cannot connect")
+                        }
+                    }
+                    stale = true;
+                    if sleep_or_stop(wait, &mut stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            self.progress.sessions.fetch_add(1, Ordering::Relaxed);
+            self.progress.connected.store(true, Ordering::Relaxed);
+            *self
+                .progress
+                .region
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = ep.region.to_string();
+            tracing::info!(region = %ep.region, url = %ep.mqtt_url, "connected");
+            let mut current = ep;
+            let fetched = endpoint.as_ref().map_or_else(Instant::now, |(_, at)| *at);
+            let (leave, useful) = self.session(conn, &mut current, fetched, &mut stop).await;
+            self.progress.connected.store(false, Ordering::Relaxed);
+            if useful {
+                backoff.reset();
+            }
+            match leave {
+                Leave::Stop => break,
+                Leave::Moved(e) => {
+                    tracing::info!(region = %e.region, url = %e.mqtt_url, "moving to another hub");
+                    endpoint = Some((e, Instant::now()));
+                    stale = false;
+                }
+                Leave::Lost(why) => {
+                    let wait = backoff.next_delay();
+                    tracing::info!(%why, retry_ms = wait.as_millis() as u64, "disconnected");
+                    endpoint = Some((current, Instant::now()));
+                    stale = true;
+                    if sleep_or_stop(wait, &mut stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = self.outbox.lock().sync();
+    }
+
+    /// One connection. Returns why it ended and whether it made progress.
+    async fn session(
+        &mut self,
+        mut conn: Connection,
+        endpoint: &mut EndpointResponse,
+        fetched: Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> (Leave, bool) {
+        let device = self.config.device.clone();
+        let acks_topic = format!("devices/{device}/acks");
+        let topic_prefix = format!("devices/{device}/messages/events/");
+        conn.subscribe(1, &acks_topic);
+        let mut pkid: u16 = 1;
+        let mut inflight: VecDeque<(u16, Mid)> = VecDeque::new();
+        let (mut replicated, mut next_send) = {
+            let o = self.outbox.lock();
+            (o.acked(), o.acked().next())
+        };
+        let mut useful = false;
+        let mut last_progress = Instant::now();
+        let mut last_rx = Instant::now();
+        let mut last_tx = Instant::now();
+        let mut ttl_at = fetched + Duration::from_secs(endpoint.ttl_s.max(1).into());
+        let keep_alive = self.config.keep_alive;
+        loop {
+            // Fill the window from the outbox (durable records only).
+            if inflight.len() < self.config.window {
+                let records = match self
+                    .outbox
+                    .lock()
+                    .read_from(next_send, self.config.window - inflight.len())
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the outbox");
+                        Vec::new()
+                    }
+                };
+                for r in records {
+                    pkid = if pkid >= u16::MAX - 1 { 1 } else { pkid + 1 };
+                    conn.publish(format!("{topic_prefix}{}", r.mid), pkid, r.payload);
+                    inflight.push_back((pkid, r.mid));
+                    next_send = r.mid.next();
+                }
+            }
+            if !conn.out.is_empty() {
+                if let Err(e) = conn.flush().await {
+                    return (Leave::Lost(e.to_string()), useful);
+                }
+                last_tx = Instant::now();
+            }
+            let outstanding = next_send.0.saturating_sub(1) > replicated.0;
+            let resend_at = last_progress + self.config.ack_timeout;
+            tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    conn.send(Packet::Disconnect);
+                    let _ = conn.flush().await;
+                    return (Leave::Stop, useful);
+                }
+                filled = conn.fill() => {
+                    match filled {
+                        Ok(true) => last_rx = Instant::now(),
+                        Ok(false) => return (Leave::Lost("closed by the hub".into()), useful),
+                        Err(e) => return (Leave::Lost(e.to_string()), useful),
+                    }
+                    loop {
+                        let packet = match conn.buffered_packet() {
+                            Ok(Some(p)) => p,
+                            Ok(None) => break,
+                            Err(e) => return (Leave::Lost(e.to_string()), useful),
+                        };
+                        match packet {
+                            Packet::PubAck(a) => {
+                                if let Some(i) = inflight.iter().position(|(p, _)| *p == a.pkid) {
+                                    inflight.remove(i);
+                                }
+                                self.progress.pubacks.fetch_add(1, Ordering::Relaxed);
+                                useful = true;
+                            }
+                            Packet::Publish(p) if p.topic == acks_topic => {
+                                let Ok(ack) = serde_json::from_slice::<AckMessage>(&p.payload) else {
+                                    tracing::warn!("ignoring an ack that is not JSON");
+                                    continue;
+                                };
+                                self.progress.committed.fetch_max(ack.committed.0, Ordering::Relaxed);
+                                if ack.replicated > replicated {
+                                    replicated = ack.replicated;
+                                    last_progress = Instant::now();
+                                    useful = true;
+                                    self.progress.replicated.fetch_max(replicated.0, Ordering::Relaxed);
+                                    if let Err(e) = self.outbox.lock().ack(replicated) {
+                                        tracing::error!(error = %e, "cannot record an acknowledgement");
+                                    }
+                                }
+                                if ack.epoch > endpoint.epoch {
+                                    // The fleet changed under us: ask where to be.
+                                    match self.discovery.lookup(&device).await {
+                                        Ok(Lookup::Endpoint(e)) if !same_hub(&e, endpoint) => return (Leave::Moved(e), useful),
+                                        Ok(Lookup::Endpoint(e)) => *endpoint = e,
+                                        _ => endpoint.epoch = ack.epoch,
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                () = self.outbox.ready.notified() => {}
+                () = tokio::time::sleep_until(last_tx + keep_alive / 2) => {
+                    conn.send(Packet::PingReq);
+                }
+                () = tokio::time::sleep_until(last_rx + keep_alive * 3 / 2) => {
+                    return (Leave::Lost("the hub stopped answering (keep-alive)".into()), useful);
+                }
+                () = tokio::time::sleep_until(ttl_at) => {
+                    match self.discovery.lookup(&device).await {
+                        Ok(Lookup::Endpoint(e)) if !same_hub(&e, endpoint) => return (Leave::Moved(e), useful),
+                        Ok(Lookup::Endpoint(e)) => *endpoint = e,
+                        // Pacing or no concierge: the current hub still works.
+                        _ => {}
+                    }
+                    ttl_at = Instant::now() + Duration::from_secs(endpoint.ttl_s.max(1).into());
+                }
+                () = tokio::time::sleep_until(resend_at), if outstanding => {
+                    tracing::info!(from = %replicated.next(), "no acknowledgement progress; resending");
+                    self.progress.resends.fetch_add(1, Ordering::Relaxed);
+                    next_send = replicated.next();
+                    last_progress = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps; true when `stop` turned true meanwhile.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}

@@ -1,0 +1,153 @@
+//! Finding the hub: resolve the concierge's name through the configured DNS
+//! servers only (never /etc/resolv.conf or /etc/hosts), ask it for this
+//! device's endpoint, and honour its `Retry-After`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_api::concierge::EndpointResponse;
+use fleet_api::{DeviceId, ErrorBody};
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
+    ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{Resolver, TokioResolver};
+
+/// What asking the concierge gave.
+#[derive(Debug)]
+pub enum Lookup {
+    Endpoint(EndpointResponse),
+    /// No hub active now, or reconnect pacing: ask again after this long.
+    RetryAfter(Duration, String),
+}
+
+/// Errors of discovery: all of them mean "keep the last good endpoint".
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("invalid concierge URL {0:?}: expected http://HOST:PORT")]
+    BadUrl(String),
+    #[error("concierge: {0}")]
+    Http(String),
+    #[error("concierge answered {status}: {message}")]
+    Api { status: u16, message: String },
+}
+
+/// A resolver pinned to `servers` (UDP, falling back to TCP), honouring TTLs.
+pub fn resolver(servers: &[SocketAddr]) -> TokioResolver {
+    let name_servers = servers
+        .iter()
+        .map(|s| {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = s.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = s.port();
+            NameServerConfig::new(s.ip(), true, vec![udp, tcp])
+        })
+        .collect();
+    let mut opts = ResolverOpts::default();
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    opts.ndots = 0;
+    Resolver::builder_with_config(
+        ResolverConfig::from_parts(None, vec![], name_servers),
+        TokioRuntimeProvider::default(),
+    )
+    .with_options(opts)
+    .build()
+    .expect("resolver configuration")
+}
+
+/// Feeds reqwest's connector from the pinned resolver.
+struct PinnedDns(Arc<TokioResolver>);
+
+impl reqwest::dns::Resolve for PinnedDns {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let resolver = self.0.clone();
+        Box::pin(async move {
+            let ips = resolver.lookup_ip(name.as_str()).await?;
+            let addrs: Vec<SocketAddr> = ips
+                .iter()
+                .map(|ip: IpAddr| SocketAddr::new(ip, 0))
+                .collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Asks a concierge where devices should connect. One is shared by every
+/// device of a process.
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Discovery {
+    /// `concierge` like `http://concierge.fleet.test:7070`; its host is
+    /// resolved through `dns` only.
+    ///
+    /// # Errors
+    /// When the URL is not http(s)://HOST:PORT.
+    pub fn new(concierge: &str, dns: &[SocketAddr]) -> Result<Discovery, DiscoveryError> {
+        let ok = (concierge.starts_with("http://") || concierge.starts_with("https://"))
+            && reqwest::Url::parse(concierge).is_ok_and(|u| u.host_str().is_some());
+        if !ok {
+            return Err(DiscoveryError::BadUrl(concierge.to_string()));
+        }
+        let resolver = Arc::new(resolver(dns));
+        let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(PinnedDns(resolver)))
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
+            // Replicas come and go: do not keep talking to one the DNS
+            // front stopped handing out.
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| DiscoveryError::Http(e.to_string()))?;
+        Ok(Discovery {
+            base: concierge.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    /// `GET /v1/devices/{id}/endpoint`.
+    ///
+    /// # Errors
+    /// When no concierge answers or the answer is not understood.
+    pub async fn lookup(&self, device: &DeviceId) -> Result<Lookup, DiscoveryError> {
+        let url = format!("{}/v1/devices/{device}/endpoint", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| DiscoveryError::Http(format!("{e:#}")))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if status.is_success() {
+            return resp
+                .json::<EndpointResponse>()
+                .await
+                .map(Lookup::Endpoint)
+                .map_err(|e| DiscoveryError::Http(e.to_string()));
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error.message);
+        match (status.as_u16(), retry_after) {
+            (503, Some(wait)) => Ok(Lookup::RetryAfter(wait, message)),
+            (code, _) => Err(DiscoveryError::Api {
+                status: code,
+                message,
+            }),
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! The device's outbox: every message stays here, on disk, until the hub
+//! confirms it is stored in both regions (`replicated >= mid`).
+//!
+//! Append-only segment files of CRC-framed records survive kill -9 and power
+//! loss: a torn tail is detected and cut, never replayed as garbage. Mids
+//! come from here and never repeat, even after a reboot with an empty outbox
+//! (`state.json` keeps the highest mid ever used, written durably before any
+//! segment holding it is deleted). Only records that are durable here are
+//! handed to the sender, so a mid the hub has seen can never be reused for
+//! another message after a crash. The outbox is bounded by bytes: when full
+//! it drops its oldest segment and counts every record dropped.
+//!
+//! Frame: `magic u8 | len u32 | crc32 u32 | mid u64 | enqueued_ms u64 | payload`.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use fleet_api::Mid;
+use serde::{Deserialize, Serialize};
+
+const MAGIC: u8 = 0xA7;
+const HEADER: usize = 9;
+const FIXED: usize = 16;
+
+/// When appended records are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// Every append waits for its fsync: survives power loss.
+    Always,
+    /// The owner calls [`Outbox::sync`] on a timer; up to that long of
+    /// accepted messages can be lost to a power cut (not to a crash).
+    Periodic,
+    /// Never fsync: survives a crash of this process, not a power cut.
+    Never,
+}
+
+/// Errors of the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("payload of {0} bytes is larger than the outbox can hold")]
+    TooLarge(usize),
+}
+
+type Result<T> = std::result::Result<T, OutboxError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
+    move |source| OutboxError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// Everything up to here is confirmed replicated.
+    acked: Mid,
+    /// The highest mid ever handed out that is not in a segment any more.
+    floor: Mid,
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    /// Mid of the first record (valid once the segment has one).
+    first: Mid,
+    /// Mid of the last record; `first - 1` while empty.
+    last: Mid,
+    bytes: u64,
+    records: u64,
+}
+
+/// A record ready to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub mid: Mid,
+    pub payload: Bytes,
+}
+
+/// Counters of one outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxStats {
+    /// Records waiting for `replicated`.
+    pub in_outbox: u64,
+    pub bytes: u64,
+    /// Records dropped because the outbox was full, or lost to corruption.
+    pub dropped: u64,
+    /// The highest mid confirmed replicated.
+    pub acked: Mid,
+    /// The highest mid appended.
+    pub last_mid: Mid,
+}
+
+/// A durable outbox in one directory.
+#[derive(Debug)]
+pub struct Outbox {
+    dir: PathBuf,
+    max_bytes: u64,
+    segment_bytes: u64,
+    fsync: Fsync,
+    segments: VecDeque<Segment>,
+    active: File,
+    state: State,
+    next_mid: Mid,
+    /// The highest mid fsynced (or written, without fsync).
+    durable: Mid,
+    dirty: bool,
+    dropped: u64,
+    /// Read position: (segment first mid, byte offset, next mid there).
+    cursor: Option<(Mid, u64, Mid)>,
+    acks_since_save: u32,
+}
+
+fn segment_path(dir: &Path, first: Mid) -> PathBuf {
+    dir.join(format!("seg-{:020}.log", first.0))
+}
+
+fn encode(out: &mut Vec<u8>, mid: Mid, enqueued_ms: u64, payload: &[u8]) {
+    let start = out.len();
+    out.push(MAGIC);
+    out.extend_from_slice(&((FIXED + payload.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&mid.0.to_le_bytes());
+    out.extend_from_slice(&enqueued_ms.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 5..start + 9].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes the frame at the start of `buf`: `Some((mid, payload, len))`, or
+/// `None` when the bytes are not a whole valid frame.
+fn decode(buf: &[u8]) -> Option<(Mid, &[u8], usize)> {
+    if buf.len() < HEADER || buf[0] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[1..5].try_into().ok()?) as usize;
+    if len < FIXED || buf.len() < HEADER + len {
+        return None;
+    }
+    let body = &buf[HEADER..HEADER + len];
+    if crc32fast::hash(body).to_le_bytes() != buf[5..9] {
+        return None;
+    }
+    let mid = Mid(u64::from_le_bytes(body[..8].try_into().ok()?));
+    Some((mid, &body[FIXED..], HEADER + len))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Outbox {
+    /// Opens (recovering) or creates the outbox in `dir`, holding at most
+    /// `max_bytes` of records.
+    ///
+    /// # Errors
+    /// When the directory cannot be used.
+    pub fn open(dir: &Path, max_bytes: u64, fsync: Fsync) -> Result<Outbox> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let state_path = dir.join("state.json");
+        let state: State = fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut firsts: Vec<Mid> = fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix("seg-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+                    .map(Mid)
+            })
+            .collect();
+        firsts.sort();
+        let mut segments = VecDeque::new();
+        let mut dropped = 0;
+        for first in firsts {
+            let path = segment_path(dir, first);
+            let mut bytes = Vec::new();
+            File::open(&path)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(io(&path))?;
+            let (mut pos, mut last, mut records) = (0usize, Mid(first.0.saturating_sub(1)), 0u64);
+            while let Some((mid, _, len)) = decode(&bytes[pos..]) {
+                if mid.0 != last.0 + 1 {
+                    break;
+                }
+                pos += len;
+                last = mid;
+                records += 1;
+            }
+            if pos < bytes.len() {
+                // A torn tail (or corruption): cut it. Whatever it held was
+                // never durable, or is lost; count what is lost for sure.
+                tracing::warn!(segment = %path.display(), cut = bytes.len() - pos, "outbox: cutting an invalid tail");
+                if decode(&bytes[pos..]).is_some() || pos + HEADER < bytes.len() {
+                    dropped += 1;
+                }
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                f.set_len(pos as u64)
+                    .and_then(|()| f.sync_all())
+                    .map_err(io(&path))?;
+            }
+            segments.push_back(Segment {
+                path,
+                first,
+                last,
+                bytes: pos as u64,
+                records,
+            });
+        }
+        let last_used = segments
+            .iter()
+            .map(|s| s.last)
+            .max()
+            .unwrap_or(Mid(0))
+            .max(state.floor)
+            .max(state.acked);
+        let next_mid = last_used.next();
+        // Drop segments that are entirely acknowledged or empty-and-old.
+        let segment_bytes = (max_bytes / 8).clamp(4096, 1 << 20);
+        let mut outbox = Outbox {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            segment_bytes,
+            fsync,
+            active: File::open(dir).map_err(io(dir))?, // replaced below
+            segments,
+            state,
+            next_mid,
+            durable: last_used,
+            dirty: false,
+            dropped,
+            cursor: None,
+            acks_since_save: 0,
+        };
+        outbox.collect_acked()?;
+        outbox.start_segment_if_needed(true)?;
+        Ok(outbox)
+    }
+
+    fn start_segment_if_needed(&mut self, reopen: bool) -> Result<()> {
+        let need_new = self
+            .segments
+            .back()
+            .is_none_or(|s| s.bytes >= self.segment_bytes);
+        if need_new {
+            let path = segment_path(&self.dir, self.next_mid);
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+            self.segments.push_back(Segment {
+                path,
+                first: self.next_mid,
+                last: Mid(self.next_mid.0 - 1),
+                bytes: 0,
+                records: 0,
+            });
+            self.active = f;
+        } else if reopen {
+            let path = &self
+                .segments
+                .back()
+                .map(|s| s.path.clone())
+                .unwrap_or_default();
+            self.active = OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(io(path))?;
+        }
+        Ok(())
+    }
+
+    fn save_state(&mut self, durable: bool) -> Result<()> {
+        let path = self.dir.join("state.json");
+        let tmp = self.dir.join("state.json.tmp");
+        let body = serde_json::to_vec(&self.state).unwrap_or_default();
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&body).map_err(io(&tmp))?;
+        if durable {
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        if durable {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+        }
+        self.acks_since_save = 0;
+        Ok(())
+    }
+
+    /// Removes the oldest segment, remembering its mids in the state first.
+    fn remove_front(&mut self) -> Result<()> {
+        let Some(front) = self.segments.front() else {
+            return Ok(());
+        };
+        if front.last > self.state.floor {
+            self.state.floor = front.last;
+            self.save_state(true)?;
+        }
+        let front = self.segments.pop_front().expect("front exists");
+        fs::remove_file(&front.path).map_err(io(&front.path))?;
+        if self.cursor.is_some_and(|(seg, _, _)| seg == front.first) {
+            self.cursor = None;
+        }
+        Ok(())
+    }
+
+    /// Deletes sealed segments whose records are all acknowledged.
+    fn collect_acked(&mut self) -> Result<()> {
+        while self.segments.len() > 1
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.last <= self.state.acked)
+        {
+            self.remove_front()?;
+        }
+        Ok(())
+    }
+
+    /// Appends a message and returns its mid (durable when [`Fsync::Always`]).
+    ///
+    /// # Errors
+    /// When the payload cannot fit, or writing fails.
+    pub fn append(&mut self, payload: &[u8]) -> Result<Mid> {
+        let size = (HEADER + FIXED + payload.len()) as u64;
+        if size > self.max_bytes / 2 {
+            return Err(OutboxError::TooLarge(payload.len()));
+        }
+        // Full: drop the oldest records (whole segments), counting them.
+        while self.bytes() + size > self.max_bytes && self.segments.len() > 1 {
+            let front = self.segments.front().expect("two segments");
+            let unacked = front
+                .last
+                .0
+                .saturating_sub(self.state.acked.0.max(front.first.0 - 1));
+            let lost = unacked.min(front.records);
+            if lost > 0 {
+                tracing::warn!(dropped = lost, "outbox full: dropping the oldest messages");
+            }
+            self.dropped += lost;
+            let last = front.last;
+            self.remove_front()?;
+            // What was dropped counts as settled for the sender.
+            self.state.acked = self.state.acked.max(last);
+        }
+        self.start_segment_if_needed(false)?;
+        let mid = self.next_mid;
+        let mut frame = Vec::with_capacity(size as usize);
+        encode(&mut frame, mid, now_ms(), payload);
+        let seg = self.segments.back_mut().expect("active segment");
+        self.active.write_all(&frame).map_err(io(&seg.path))?;
+        seg.last = mid;
+        seg.bytes += size;
+        seg.records += 1;
+        self.next_mid = mid.next();
+        match self.fsync {
+            Fsync::Always => {
+                self.active.sync_data().map_err(io(&seg.path))?;
+                self.durable = mid;
+            }
+            Fsync::Never => self.durable = mid,
+            Fsync::Periodic => self.dirty = true,
+        }
+        Ok(mid)
+    }
+
+    /// Fsyncs what was appended since the last sync (the periodic policy).
+    ///
+    /// # Errors
+    /// When the fsync fails.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.dirty {
+            let path = self
+                .segments
+                .back()
+                .map(|s| s.path.clone())
+                .unwrap_or_default();
+            self.active.sync_data().map_err(io(&path))?;
+            self.durable = Mid(self.next_mid.0 - 1);
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The highest mid that is durable here (and may be sent).
+    pub fn durable(&self) -> Mid {
+        self.durable
+    }
+
+    /// The highest mid confirmed replicated.
+    pub fn acked(&self) -> Mid {
+        self.state.acked
+    }
+
+    fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Records `replicated >= mid`: they may be forgotten.
+    ///
+    /// # Errors
+    /// When deleting a segment or writing the state fails.
+    pub fn ack(&mut self, replicated: Mid) -> Result<()> {
+        let replicated = replicated.min(Mid(self.next_mid.0 - 1));
+        if replicated <= self.state.acked {
+            return Ok(());
+        }
+        self.state.acked = replicated;
+        self.collect_acked()?;
+        self.acks_since_save += 1;
+        // Losing ack progress only causes resends (which the hub
+        // de-duplicates), so it is saved lazily and without fsync.
+        if self.acks_since_save >= 64 {
+            self.save_state(false)?;
+        }
+        Ok(())
+    }
+
+    /// Up to `max` durable records with mid >= `from`, in mid order.
+    ///
+    /// # Errors
+    /// When a segment cannot be read.
+    pub fn read_from(&mut self, from: Mid, max: usize) -> Result<Vec<Pending>> {
+        let from = from.max(self.state.acked.next());
+        let mut out = Vec::new();
+        let Some(idx) = self.segments.iter().position(|s| s.last >= from) else {
+            return Ok(out);
+        };
+        for seg in self.segments.iter().skip(idx) {
+            if out.len() >= max || seg.first > self.durable {
+                break;
+            }
+            let (mut pos, mut next) = match self.cursor {
+                Some((first, pos, next)) if first == seg.first && next <= from.max(seg.first) => {
+                    (pos, next)
+                }
+                _ => (0, seg.first),
+            };
+            let mut f = File::open(&seg.path).map_err(io(&seg.path))?;
+            f.seek(SeekFrom::Start(pos)).map_err(io(&seg.path))?;
+            let mut buf = Vec::new();
+            f.take(seg.bytes - pos)
+                .read_to_end(&mut buf)
+                .map_err(io(&seg.path))?;
+            let mut at = 0;
+            while out.len() < max {
+                let Some((mid, payload, len)) = decode(&buf[at..]) else {
+                    break;
+                };
+                if mid > self.durable {
+                    break;
+                }
+                if mid >= from {
+                    out.push(Pending {
+                        mid,
+                        payload: Bytes::copy_from_slice(payload),
+                    });
+                } else {
+                    pos += len as u64;
+                    next = mid.next();
+                }
+                at += len;
+            }
+            self.cursor = Some((seg.first, pos, next));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        let last = Mid(self.next_mid.0 - 1);
+        OutboxStats {
+            in_outbox: last.0.saturating_sub(self.state.acked.0),
+            bytes: self.bytes(),
+            dropped: self.dropped,
+            acked: self.state.acked,
+            last_mid: last,
+        }
+    }
+
+    /// Saves the acknowledgement state (at shutdown).
+    ///
+    /// # Errors
+    /// When writing fails.
+    pub fn close(mut self) -> Result<()> {
+        self.sync()?;
+        self.save_state(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Outbox {
+        Outbox::open(dir, 1 << 20, Fsync::Always).unwrap()
+    }
+
+    #[test]
+    fn append_read_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = open(dir.path());
+        for i in 1..=5u64 {
+            assert_eq!(o.append(format!("m{i}").as_bytes()).unwrap(), Mid(i));
+        }
+        let got = o.read_from(Mid(1), 100).unwrap();
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[2].payload.as_ref(), b"m3");
+        o.ack(Mid(3)).unwrap();
+        let got = o.read_from(Mid(1), 100).unwrap();
+        assert_eq!(got.iter().map(|p| p.mid.0).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(o.stats().in_outbox, 2);
+    }
+
+    #[test]
+    fn mids_never_repeat_even_when_everything_was_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), 64 * 1024, Fsync::Always).unwrap();
+        for _ in 0..2000 {
+            o.append(&[1; 50]).unwrap();
+        }
+        o.ack(Mid(2000)).unwrap();
+        drop(o); // no clean close: acks were saved lazily at most
+        let mut o = Outbox::open(dir.path(), 64 * 1024, Fsync::Always).unwrap();
+        assert_eq!(o.append(b"after").unwrap(), Mid(2001));
+    }
+
+    #[test]
+    fn a_full_outbox_drops_the_oldest_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), 64 * 1024, Fsync::Never).unwrap();
+        for _ in 0..2000 {
+            o.append(&[7; 100]).unwrap();
+        }
+        let s = o.stats();
+        assert!(s.bytes <= 64 * 1024);
+        assert!(s.dropped > 0);
+        assert_eq!(
+            s.dropped + s.in_outbox,
+            2000,
+            "every message is either kept or counted"
+        );
+        let first = o.read_from(Mid(1), 1).unwrap();
+        assert_eq!(first[0].mid.0, s.dropped + 1, "the oldest went first");
+    }
+
+    #[test]
+    fn periodic_fsync_hides_undurable_records_from_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = Outbox::open(dir.path(), 1 << 20, Fsync::Periodic).unwrap();
+        o.append(b"a").unwrap();
+        assert!(o.read_from(Mid(1), 10).unwrap().is_empty());
+        o.sync().unwrap();
+        assert_eq!(o.read_from(Mid(1), 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = open(dir.path());
+        o.append(b"first").unwrap();
+        o.append(b"second record").unwrap();
+        drop(o);
+        let seg = segment_path(dir.path(), Mid(1));
+        let full = fs::read(&seg).unwrap();
+        let one = HEADER + FIXED + 5;
+        for cut in one..full.len() {
+            fs::write(&seg, &full[..cut]).unwrap();
+            let mut o = open(dir.path());
+            let got = o.read_from(Mid(1), 10).unwrap();
+            assert_eq!(got.len(), 1, "cut at {cut}");
+            assert_eq!(got[0].payload.as_ref(), b"first");
+            assert_eq!(
+                o.append(b"next").unwrap(),
+                Mid(2),
+                "the torn mid was never durable"
+            );
+            drop(o);
+            fs::write(&seg, &full).unwrap();
+            let _ = fs::remove_file(segment_path(dir.path(), Mid(3)));
+        }
+    }
+}

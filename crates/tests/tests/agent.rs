@@ -1,0 +1,351 @@
+//! The device agent as a process: discovery through the concierge's DNS
+//! front, delivery through hub restarts and its own kill -9, backoff and
+//! Retry-After, and `simulate`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fleet_api::partition_for;
+use tests::{ConciergeNode, HubNode, Registry, harness, wait_for};
+
+async fn fleet(h: &tests::Harness, devices: &[&str]) -> (Registry, HubNode, ConciergeNode) {
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(devices).await;
+    let hub = h.hub("hub-eu", "eu", &reg.url, &[]);
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    (reg, hub, c)
+}
+
+/// The mids of `device` stored in the hub, checking each appears once.
+async fn stored_once(hub: &HubNode, device: &str) -> Vec<u64> {
+    let mids: Vec<u64> = hub
+        .records_of(device, 8)
+        .await
+        .iter()
+        .filter_map(|r| r.mid.map(|m| m.0))
+        .collect();
+    let mut seen = HashMap::new();
+    for m in &mids {
+        *seen.entry(*m).or_insert(0) += 1;
+    }
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "{device}: a message was stored twice"
+    );
+    mids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_delivers_stdin_through_the_dns_front_and_the_concierge() {
+    let h = harness!("an_agent_delivers_stdin_through_the_dns_front_and_the_concierge");
+    let (reg, hub, c) = fleet(&h, &["d1"]).await;
+    let outbox = h.dir().join("outbox");
+    let args = h.agent_args(
+        &c,
+        "d1",
+        &reg.key("d1"),
+        outbox.to_str().unwrap(),
+        &["--exit-when-drained"],
+    );
+    let mut child = h
+        .command("agent", &args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for i in 1..=300 {
+            writeln!(stdin, "{{\"reading\":{i}}}").unwrap();
+        }
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "agent failed");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["accepted"], 300);
+    assert_eq!(summary["in_outbox"], 0);
+    assert_eq!(summary["acknowledged_up_to"], 300);
+    assert_eq!(stored_once(&hub, "d1").await, (1..=300).collect::<Vec<_>>());
+    let first = hub.records_of("d1", 8).await.remove(0);
+    assert_eq!(first.payload, b"{\"reading\":1}");
+}
+
+/// Feeds `n` messages through the agent's socket; returns the confirmed mids.
+fn feed(socket: &std::path::Path, n: usize, pace: Duration) -> Vec<u64> {
+    let mut s = UnixStream::connect(socket).expect("agent socket");
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut confirmed = Vec::new();
+    for i in 0..n {
+        if writeln!(s, "message {i}").is_err() {
+            break;
+        }
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(mid) = line.strip_prefix("ok ") {
+            confirmed.push(mid.trim().parse().unwrap());
+        }
+        std::thread::park_timeout(pace);
+    }
+    confirmed
+}
+
+async fn wait_socket(path: &std::path::Path) {
+    wait_for(10, "the agent's socket", || async {
+        UnixStream::connect(path).is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_mid_stream_loses_nothing() {
+    let h = harness!("a_hub_killed_mid_stream_loses_nothing");
+    let (reg, mut hub, c) = fleet(&h, &["d1"]).await;
+    let socket = h.dir().join("agent.sock");
+    let outbox = h.dir().join("outbox");
+    let args = h.agent_args(
+        &c,
+        "d1",
+        &reg.key("d1"),
+        outbox.to_str().unwrap(),
+        &["--no-stdin", "--socket", socket.to_str().unwrap()],
+    );
+    let _agent = tests::ChildGuard(
+        h.command("agent", &args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_socket(&socket).await;
+    let feeder = {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || feed(&socket, 600, Duration::from_millis(5)))
+    };
+    wait_for(20, "some messages stored", || async {
+        !hub.records_of("d1", 8).await.is_empty()
+    })
+    .await;
+    hub.restart(&h); // kill -9, same ports
+    let confirmed = feeder.await.unwrap();
+    assert_eq!(confirmed.len(), 600);
+    wait_for(60, "every message stored", || async {
+        hub.records_of("d1", 8).await.len() >= 600
+    })
+    .await;
+    assert_eq!(stored_once(&hub, "d1").await, (1..=600).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_loses_no_confirmed_message() {
+    let h = harness!("killing_the_agent_loses_no_confirmed_message");
+    let (reg, hub, c) = fleet(&h, &["d1"]).await;
+    let socket = h.dir().join("agent.sock");
+    let outbox = h.dir().join("outbox");
+    let args = h.agent_args(
+        &c,
+        "d1",
+        &reg.key("d1"),
+        outbox.to_str().unwrap(),
+        &["--no-stdin", "--socket", socket.to_str().unwrap()],
+    );
+    let mut confirmed = Vec::new();
+    for round in 0..3 {
+        let mut agent = h
+            .command(&format!("agent-{round}"), &args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_socket(&socket).await;
+        let feeder = {
+            let socket = socket.clone();
+            tokio::task::spawn_blocking(move || feed(&socket, 100_000, Duration::ZERO))
+        };
+        tokio::time::sleep(Duration::from_millis(300 + 200 * round)).await;
+        agent.kill().unwrap(); // SIGKILL in the middle of writes
+        agent.wait().unwrap();
+        confirmed.extend(feeder.await.unwrap());
+    }
+    assert!(confirmed.len() > 100, "only {} confirmed", confirmed.len());
+    assert!(
+        confirmed.windows(2).all(|w| w[0] < w[1]),
+        "mids repeated after a restart"
+    );
+    // A last run delivers whatever the killed agents still held.
+    let _agent = tests::ChildGuard(
+        h.command("agent-last", &args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let last = *confirmed.last().unwrap();
+    wait_for(60, "every confirmed message stored", || async {
+        stored_once(&hub, "d1").await.last().copied().unwrap_or(0) >= last
+    })
+    .await;
+    let stored = stored_once(&hub, "d1").await;
+    let missing: Vec<u64> = confirmed
+        .iter()
+        .filter(|m| stored.binary_search(m).is_err())
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "confirmed but never delivered: {missing:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering() {
+    let h = harness!("with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering");
+    let (reg, mut hub, c) = fleet(&h, &["d1"]).await;
+    hub.node.kill9();
+    wait_for(10, "no active hub", || async {
+        reqwest::get(format!("{}/v1/devices/d1/endpoint", c.url()))
+            .await
+            .unwrap()
+            .status()
+            == 503
+    })
+    .await;
+    let outbox = h.dir().join("outbox");
+    let args = h.agent_args(
+        &c,
+        "d1",
+        &reg.key("d1"),
+        outbox.to_str().unwrap(),
+        &["--exit-when-drained"],
+    );
+    let mut child = h
+        .command("agent", &args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for i in 1..=50 {
+            writeln!(stdin, "buffered {i}").unwrap();
+        }
+    }
+    // The concierge answers 503 with Retry-After (its TTL, 5 s): the agent
+    // must not hammer it meanwhile.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let metrics = tests::http_get(&format!("{}/metrics", c.url()));
+    let asked: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fleet_concierge_endpoint_requests_total{result=\"no_active_hub\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        (1.0..=4.0).contains(&asked),
+        "the agent asked {asked} times in 4 s"
+    );
+    hub.restart(&h);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(stored_once(&hub, "d1").await, (1..=50).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_agent_backs_off_instead_of_storming() {
+    let h = harness!("a_refused_agent_backs_off_instead_of_storming");
+    let (_reg, hub, c) = fleet(&h, &["d1"]).await;
+    let wrong = registry_sync::keys::generate().expose();
+    let outbox = h.dir().join("outbox");
+    let args = h.agent_args(&c, "d1", &wrong, outbox.to_str().unwrap(), &["--no-stdin"]);
+    let _agent = tests::ChildGuard(
+        h.command("agent", &args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let refused = hub
+        .metric("fleet_hub_connects_total{result=\"bad_credentials\"}")
+        .await;
+    // Exponential backoff from 100 ms: about 6 attempts in 5 s, never hundreds.
+    assert!(
+        (2.0..=12.0).contains(&refused),
+        "{refused} refused connects in 5 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_delivers_everything_and_reports_each_device() {
+    let h = harness!("simulate_delivers_everything_and_reports_each_device");
+    let ids: Vec<String> = (0..20).map(|i| format!("sim-{i:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (reg, hub, c) = fleet(&h, &refs).await;
+    let keys = h.dir().join("keys.ndjson");
+    let lines: String = ids
+        .iter()
+        .map(|id| format!("{{\"device_id\":\"{id}\",\"key\":\"{}\"}}\n", reg.key(id)))
+        .collect();
+    std::fs::write(&keys, lines).unwrap();
+    let report = h.dir().join("report.ndjson");
+    let args: Vec<String> = [
+        "device-agent",
+        "simulate",
+        "--keys",
+        keys.to_str().unwrap(),
+        "--rate",
+        "20",
+        "--duration-s",
+        "3",
+        "--concierge",
+        &format!("http://concierge.fleet.test:{}", c.http.port()),
+        "--dns",
+        &c.dns.to_string(),
+        "--outbox",
+        h.dir().join("sim").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = h.command("simulate", &args);
+        move || cmd.output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["devices"], 20);
+    let generated = summary["generated"].as_u64().unwrap();
+    assert!((800..=1300).contains(&generated), "{summary}");
+    assert_eq!(summary["acknowledged"], generated);
+    assert_eq!(summary["in_outbox"], 0);
+    assert_eq!(summary["dropped"], 0);
+    let reports: Vec<serde_json::Value> = std::fs::read_to_string(&report)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 20);
+    for r in &reports {
+        let id = r["device_id"].as_str().unwrap();
+        assert_eq!(r["acked"], r["last_mid"], "{r}");
+        let stored = stored_once(&hub, id).await;
+        assert_eq!(
+            stored,
+            (1..=r["last_mid"].as_u64().unwrap()).collect::<Vec<_>>(),
+            "{id}"
+        );
+        let _ = partition_for(&fleet_api::DeviceId::new(id).unwrap(), 8);
+    }
+}
