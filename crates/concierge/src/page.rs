@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn utc_dates() {
         assert_eq!(super::format_utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::format_utc(1_795_435_958), "2026-11-23 09:32:38");
+        assert_eq!(super::format_utc(1_795_435_958), "2026-11-23 12:12:38");
         assert_eq!(
             super::esc("<a href=\"x\">&"),
             "&lt;a href=&quot;x&quot;&gt;&amp;"

@@ -91,6 +91,11 @@ pub struct StatusResponse {
     /// hears from its primary vetoes automatic failover).
     #[serde(default)]
     pub peer_reachable: bool,
+    #[serde(default)]
+    pub replication: Option<ReplicationStatus>,
+    /// True while a primary is fenced (accepting no writes).
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 /// A record as served by the read API (payload in base64).
@@ -113,6 +118,69 @@ pub struct WireRecord {
 pub struct RecordsResponse {
     pub records: Vec<WireRecord>,
     pub high_watermark: Offset,
+    /// The serving hub's epoch (a secondary learns the primary's from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Epoch>,
+}
+
+/// Replication as a hub sees it, in `GET /v1/status`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// `off`, `async` or `sync`.
+    pub mode: String,
+    pub peer: Option<String>,
+    /// `streaming`, `catching_up`, `stalled` (sync: acknowledgements wait),
+    /// `throttled` (async: ingest paused), `reconciling` or `off`.
+    pub state: String,
+    pub lag_records: u64,
+    pub lag_ms: u64,
+}
+
+/// `POST /v1/fence`: the primary's final high watermarks.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct FenceResponse {
+    pub high_watermarks: Vec<Offset>,
+}
+
+/// `POST /v1/demote` and `/v1/fence` bodies.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct EpochBody {
+    #[serde(default)]
+    pub epoch: Option<Epoch>,
+}
+
+/// `GET /v1/partitions/{p}/epoch_end?epoch=E`: where epoch `E` ends in this
+/// hub's history (the first offset written in a later epoch).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EpochEnd {
+    pub offset: Offset,
+}
+
+/// A divergent tail set aside at failback.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ArchivedRange {
+    pub partition: PartitionId,
+    pub from: Offset,
+    pub to: Offset,
+    pub epoch: Epoch,
+    pub file: String,
+}
+
+/// `GET /v1/failback`: what was archived and whether the new history has it.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct FailbackReport {
+    pub archived: Vec<ArchivedRange>,
+    pub archived_records: u64,
+    /// Archived `(device, mid)` not found in this hub's (new) history.
+    pub missing_count: u64,
+    pub missing: Vec<MissingRecord>,
+}
+
+/// One archived record the new history lacks.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct MissingRecord {
+    pub device_id: DeviceId,
+    pub mid: Option<Mid>,
 }
 
 /// `PUT /v1/devices/{id}`: creates the device when it does not exist.

@@ -12,6 +12,7 @@ use fleet_api::{Region, Role, Secret};
 use serde::Deserialize;
 
 use crate::front::FrontConfig;
+use crate::ingest::Replication;
 use crate::log::file::FileLogConfig;
 
 /// Every setting of `hub run`, as flags, `FLEET_*` variables or TOML keys.
@@ -127,12 +128,23 @@ pub struct HubConfig {
     /// How often de-duplication state is snapshotted.
     pub snapshot_every: Duration,
     pub advertise: Option<SocketAddr>,
+    /// The other region's hub (HTTP URL), when there is one.
+    pub peer: Option<String>,
+    /// The bearer token for the peer's API (default: this hub's admin token).
+    pub peer_token: Secret,
+    pub replication: Replication,
+    /// Async replication: throttle ingest beyond this lag.
+    pub max_lag: Option<Duration>,
 }
 
 impl HubConfig {
     /// A configuration with every default, for embedding and tests.
     pub fn new(region: Region, data: PathBuf, registry: String, admin_token: Secret) -> Self {
         Self {
+            peer_token: admin_token.clone(),
+            peer: None,
+            replication: Replication::Off,
+            max_lag: None,
             region,
             data,
             registry,
@@ -236,12 +248,26 @@ impl RunArgs {
         if admin_token.expose().len() < 16 {
             bail!("--admin-token must be at least 16 characters");
         }
-        if peer.is_some() || replication.is_some() || max_lag_ms.is_some() {
-            bail!(
-                "replication (--peer, --replication, --max-lag-ms) is not available in this build yet"
-            );
-        }
         let mut c = HubConfig::new(region, data, registry, admin_token);
+        c.replication = match (peer.is_some(), replication.as_deref()) {
+            (false, None) => Replication::Off,
+            (false, Some(_)) => bail!("--replication needs --peer (the other region's hub)"),
+            (true, None | Some("async")) => Replication::Async,
+            (true, Some("sync")) => Replication::Sync,
+            (true, Some(other)) => bail!("--replication {other:?}: expected sync or async"),
+        };
+        if let Some(p) = &peer
+            && !(p.starts_with("http://") || p.starts_with("https://"))
+        {
+            bail!("--peer {p:?}: expected the other hub's HTTP URL (http://HOST:PORT)");
+        }
+        c.peer = peer.map(|p| p.trim_end_matches('/').to_string());
+        if let Some(ms) = max_lag_ms {
+            if c.replication != Replication::Async {
+                bail!("--max-lag-ms applies to async replication only");
+            }
+            c.max_lag = Some(Duration::from_millis(ms.max(1)));
+        }
         c.read_token = read_token;
         c.role = role.unwrap_or(Role::Primary);
         c.partitions = partitions.unwrap_or(8);

@@ -7,22 +7,28 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use fleet_api::concierge::{FailoverResponse, PromoteRequest};
 use fleet_api::hub::{DevicePut, DeviceResponse, PartitionStatus, RecordsResponse, StatusResponse};
-use fleet_api::{DeviceId, DeviceStatus, ErrorBody, ErrorCode, Offset, PartitionId, Secret};
+use fleet_api::hub::{EpochBody, EpochEnd, FailbackReport, FenceResponse};
+use fleet_api::{
+    DeviceId, DeviceStatus, Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Role, Secret,
+};
 use registry_sync::RegistryError;
 use registry_sync::store::{NewDevice, Patch, RegistryStore};
 use serde::Deserialize;
 
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, Replication};
 use crate::log::{EventLog, LogError, ReadLimits};
+use crate::replication::{Control, ControlError};
 use crate::sessions::Sessions;
 use crate::state::HubState;
 
 /// What the handlers need.
 #[derive(Debug)]
 pub struct ApiState {
+    pub control: Arc<Control>,
     pub state: Arc<HubState>,
     pub ingest: Arc<Ingest>,
     pub registry: Arc<dyn RegistryStore>,
@@ -100,6 +106,32 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::EpochMismatch { .. } => Self::new(
+                StatusCode::CONFLICT,
+                ErrorCode::EpochMismatch,
+                e.to_string(),
+            ),
+            ControlError::Conflict(_) => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, e.to_string())
+            }
+            ControlError::NotPrimary => Self::new(
+                StatusCode::CONFLICT,
+                ErrorCode::NotPrimary,
+                "this hub is not the primary",
+            ),
+            ControlError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            ),
+            ControlError::Log(l) => l.into(),
+        }
+    }
+}
+
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
         match &e {
@@ -166,6 +198,12 @@ pub fn router(api: Arc<ApiState>) -> Router {
             "/v1/devices/{id}",
             get(get_device).put(put_device).delete(delete_device),
         )
+        .route("/v1/promote", post(promote))
+        .route("/v1/demote", post(demote))
+        .route("/v1/fence", post(fence))
+        .route("/v1/unfence", post(unfence))
+        .route("/v1/partitions/{p}/epoch_end", get(epoch_end))
+        .route("/v1/failback", get(failback))
         .with_state(api)
 }
 
@@ -194,24 +232,30 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
     let partitions = (0..log.partitions())
         .map(|p| {
             let hw = log.high_watermark(PartitionId(p));
+            let replicated = match (api.ingest.mode(), re.role) {
+                (Replication::Off, _) | (_, Role::Secondary) => hw,
+                _ => api.ingest.replicated_offset(PartitionId(p)).min(hw),
+            };
             PartitionStatus {
                 id: PartitionId(p),
                 high_watermark: hw,
-                // Without a secondary nothing more is promised than "here".
-                replicated: hw,
+                replicated,
             }
         })
         .collect();
+    let (replication, peer_reachable, lag_ms) = api.control.status();
     Json(StatusResponse {
         region: api.state.region().clone(),
         role: re.role,
         epoch: re.epoch,
         partitions,
-        replication_lag_ms: 0,
+        replication_lag_ms: lag_ms,
         connected_devices: api.sessions.count() as u64,
         mqtt_url: Some(api.mqtt_url.clone()),
         stream_url: api.stream_url.clone(),
-        peer_reachable: false,
+        peer_reachable,
+        replication,
+        fenced: api.state.fenced(),
     })
 }
 
@@ -223,6 +267,12 @@ struct RecordsQuery {
     max: Option<usize>,
     #[serde(default)]
     wait_ms: u64,
+    /// Set by the secondary's replication pulls (region name).
+    #[serde(default)]
+    replica: Option<String>,
+    /// The puller's epoch.
+    #[serde(default)]
+    epoch: Option<u64>,
 }
 
 const MAX_RECORDS: usize = 10_000;
@@ -241,6 +291,11 @@ async fn records(
     }
     let p = PartitionId(p);
     let from = Offset(q.from);
+    let mut epoch = None;
+    if q.replica.is_some() {
+        // A replication pull: `from` acknowledges everything below it.
+        epoch = Some(api.control.on_pull(p, from, q.epoch.map(Epoch))?);
+    }
     let limits = ReadLimits {
         max_records: q.max.unwrap_or(1000).clamp(1, MAX_RECORDS),
         max_bytes: 8 << 20,
@@ -259,6 +314,7 @@ async fn records(
     Ok(Json(RecordsResponse {
         records: recs.iter().map(|r| r.to_wire()).collect(),
         high_watermark: log.high_watermark(p),
+        epoch,
     }))
 }
 
@@ -326,4 +382,84 @@ async fn delete_device(
     let device = api.registry.remove(&id).await?;
     api.sessions.kick(&id, crate::sessions::Kick::Revoked);
     Ok(Json(DeviceResponse { device, key: None }))
+}
+
+/// Parses a JSON body (an empty body is the default), with our error shape.
+fn body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> ApiResult<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+async fn promote(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Json<FailoverResponse>> {
+    require_admin(&api, &headers)?;
+    let req: PromoteRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid promotion: {e}")))?;
+    Ok(Json(api.control.promote(req).await?))
+}
+
+async fn demote(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    require_admin(&api, &headers)?;
+    api.control.demote(body::<EpochBody>(&bytes)?);
+    let re = api.state.get();
+    Ok(Json(
+        serde_json::json!({"role": re.role, "epoch": re.epoch}),
+    ))
+}
+
+async fn fence(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Json<FenceResponse>> {
+    require_admin(&api, &headers)?;
+    Ok(Json(api.control.fence(body::<EpochBody>(&bytes)?).await?))
+}
+
+async fn unfence(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    require_admin(&api, &headers)?;
+    api.control.unfence();
+    Ok(Json(serde_json::json!({"fenced": api.state.fenced()})))
+}
+
+#[derive(Debug, Deserialize)]
+struct EpochQuery {
+    epoch: u64,
+}
+
+async fn epoch_end(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(p): Path<u32>,
+    Query(q): Query<EpochQuery>,
+) -> ApiResult<Json<EpochEnd>> {
+    require_reader(&api, &headers)?;
+    if p >= api.log().partitions() {
+        return Err(LogError::NoSuchPartition(PartitionId(p)).into());
+    }
+    Ok(Json(
+        api.control
+            .epoch_end(PartitionId(p), Epoch(q.epoch))
+            .await?,
+    ))
+}
+
+async fn failback(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<FailbackReport>> {
+    require_reader(&api, &headers)?;
+    Ok(Json(api.control.failback_report().await?))
 }

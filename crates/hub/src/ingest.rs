@@ -1,11 +1,19 @@
 //! Between the device front and the event log: de-duplication by `mid`,
-//! ordering, backpressure, and what a device has durably stored.
+//! ordering, backpressure, what a device has durably stored here
+//! (`committed`), and what the other region holds too (`replicated`).
 //!
 //! Per partition, one short critical section decides "duplicate or new" and
 //! enqueues the append, so the log's offset order is exactly the order of
-//! decisions. A duplicate is acknowledged only after a `flush` barrier
-//! proves that the original (enqueued earlier) is durable. The same barrier
-//! answers "what has this device durably stored" without a second map.
+//! decisions and each record's offset is known when it is decided. A
+//! duplicate is acknowledged only after a `flush` barrier proves that the
+//! original (enqueued earlier) is durable, and, with sync replication, once
+//! the secondary holds the original's offset.
+//!
+//! The secondary's pulls tell the primary how far each partition is
+//! replicated (`R`); records below `R` are durable in both regions. A device's
+//! `replicated` mid is its accepted mid once `R` passes its last record, and
+//! otherwise the highest mid of its records that `R` has passed, tracked in a
+//! queue of records not yet replicated.
 //!
 //! The per-device state survives restarts: it is snapshotted periodically
 //! (with the log offset it covers) and the log tail after the snapshot is
@@ -13,7 +21,7 @@
 //! lost a torn tail) is discarded, never trusted: trusting it would
 //! acknowledge resends that are not stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,9 +32,10 @@ use bytes::Bytes;
 use fleet_api::{DeviceId, Mid, Offset, PartitionId, UnixMillis, partition_for};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
-use crate::log::{EventLog, LogError, NewRecord, ReadLimits};
+use crate::log::{EventLog, LogError, NewRecord, ReadLimits, Record};
 use crate::state::HubState;
 
 /// Why a publish was not taken.
@@ -34,9 +43,31 @@ use crate::state::HubState;
 pub enum IngestError {
     #[error("this hub is not the primary")]
     NotPrimary,
+    #[error(
+        "replication out of step on partition {partition}: expected offset {expected}, got {got}"
+    )]
+    OutOfStep {
+        partition: PartitionId,
+        expected: Offset,
+        got: Offset,
+    },
     #[error(transparent)]
     Log(#[from] LogError),
 }
+
+/// How writes are replicated to the other region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replication {
+    /// No secondary: durable here is all there is.
+    Off,
+    /// Acknowledge when durable here; the secondary catches up.
+    Async,
+    /// Acknowledge only when durable in both regions.
+    Sync,
+}
+
+/// Per device: the highest accepted mid and the offset of that record.
+type Accepted = HashMap<DeviceId, (Mid, Offset)>;
 
 /// What became of a publish once it is safe to acknowledge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +90,23 @@ impl Stored {
 /// Resolves once the publish may be acknowledged.
 pub type Pending = BoxFuture<'static, Result<Stored, IngestError>>;
 
+/// A record appended here and not yet known to be in the other region.
+#[derive(Debug)]
+struct Unreplicated {
+    offset: Offset,
+    device: Option<(DeviceId, Mid)>,
+    at: Instant,
+}
+
+#[derive(Debug)]
 struct Part {
-    accepted: HashMap<DeviceId, Mid>,
+    /// Per device: the highest mid accepted and the offset of that record.
+    accepted: Accepted,
     /// The offset the next append will get.
     next: Offset,
+    unreplicated: VecDeque<Unreplicated>,
+    /// Per device: the highest mid the other region holds (from the queue).
+    replicated_mid: HashMap<DeviceId, Mid>,
 }
 
 /// The ingest pipeline of one hub.
@@ -70,6 +114,9 @@ pub struct Ingest {
     log: Arc<dyn EventLog>,
     state: Arc<HubState>,
     parts: Vec<Mutex<Part>>,
+    /// Per partition: records below this offset are in both regions.
+    replicated: Vec<watch::Sender<Offset>>,
+    mode: Replication,
     snapshot_dir: PathBuf,
     budget: Arc<Semaphore>,
 }
@@ -78,12 +125,49 @@ impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingest")
             .field("partitions", &self.parts.len())
+            .field("mode", &self.mode)
             .finish()
     }
 }
 
 /// Bytes of payload that may wait for fsync at once, hub-wide.
 pub const DEFAULT_BUDGET: usize = 256 << 20;
+
+/// Rebuilds one partition's per-device state from `from` to the end of the log.
+async fn replay(
+    log: &dyn EventLog,
+    p: PartitionId,
+    mut from: Offset,
+    accepted: &mut Accepted,
+) -> Result<(), LogError> {
+    let hw = log.high_watermark(p);
+    from = from.max(log.log_start(p));
+    while from < hw {
+        let batch = log
+            .read(
+                p,
+                from,
+                ReadLimits {
+                    max_records: 10_000,
+                    max_bytes: 64 << 20,
+                },
+            )
+            .await?;
+        let Some(last) = batch.last() else { break };
+        from = last.offset.next();
+        for r in &batch {
+            if let Some(m) = r.record.mid {
+                let e = accepted
+                    .entry(r.record.device_id.clone())
+                    .or_insert((m, r.offset));
+                if m >= e.0 {
+                    *e = (m, r.offset);
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 impl Ingest {
     /// Rebuilds per-device state from the latest snapshot and the log.
@@ -95,11 +179,13 @@ impl Ingest {
         state: Arc<HubState>,
         data_dir: &Path,
         budget_bytes: usize,
+        mode: Replication,
     ) -> Result<Arc<Ingest>, LogError> {
         let snapshot_dir = data_dir.join("dedup");
         fs::create_dir_all(&snapshot_dir)
             .map_err(|e| LogError::Io(format!("{}: {e}", snapshot_dir.display())))?;
         let mut parts = Vec::new();
+        let mut replicated = Vec::new();
         for p in 0..log.partitions() {
             let p = PartitionId(p);
             let hw = log.high_watermark(p);
@@ -111,34 +197,29 @@ impl Ingest {
                 }
                 None => (HashMap::new(), Offset(0)),
             };
-            let mut from = covered.max(log.log_start(p));
-            while from < hw {
-                let batch = log
-                    .read(
-                        p,
-                        from,
-                        ReadLimits {
-                            max_records: 10_000,
-                            max_bytes: 64 << 20,
-                        },
-                    )
-                    .await?;
-                let Some(last) = batch.last() else { break };
-                from = last.offset.next();
-                for r in &batch {
-                    if let Some(m) = r.record.mid {
-                        let e = accepted.entry(r.record.device_id.clone()).or_insert(m);
-                        *e = (*e).max(m);
-                    }
-                }
-            }
+            replay(log.as_ref(), p, covered, &mut accepted).await?;
             log.set_retention_floor(p, covered);
-            parts.push(Mutex::new(Part { accepted, next: hw }));
+            parts.push(Mutex::new(Part {
+                accepted,
+                next: hw,
+                unreplicated: VecDeque::new(),
+                replicated_mid: HashMap::new(),
+            }));
+            // Until the secondary says otherwise, nothing written before a
+            // restart counts as replicated (unless there is no secondary).
+            let r = if mode == Replication::Off {
+                hw
+            } else {
+                Offset(0)
+            };
+            replicated.push(watch::Sender::new(r));
         }
         Ok(Arc::new(Ingest {
             log,
             state,
             parts,
+            replicated,
+            mode,
             snapshot_dir,
             budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),
         }))
@@ -146,6 +227,14 @@ impl Ingest {
 
     pub fn log(&self) -> &Arc<dyn EventLog> {
         &self.log
+    }
+
+    pub fn mode(&self) -> Replication {
+        self.mode
+    }
+
+    pub fn state(&self) -> &Arc<HubState> {
+        &self.state
     }
 
     /// Payload bytes in flight, hub-wide: acquire before [`Ingest::submit`].
@@ -157,6 +246,17 @@ impl Ingest {
         self.parts[p.0 as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_replicated(
+        &self,
+        p: PartitionId,
+        past: Offset,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.replicated[p.0 as usize].subscribe();
+        async move {
+            let _ = rx.wait_for(|r| *r > past).await;
+        }
     }
 
     /// Decides and enqueues one publish, synchronously, so that a device's
@@ -178,29 +278,43 @@ impl Ingest {
             return Err(IngestError::NotPrimary);
         }
         let p = partition_for(device, self.log.partitions());
+        let sync = self.mode == Replication::Sync;
         let mut part = self.part(p);
         if let Some(m) = mid
-            && part.accepted.get(device).is_some_and(|last| *last >= m)
+            && let Some(&(last, at)) = part.accepted.get(device)
+            && last >= m
         {
             drop(part);
             metrics::counter!("fleet_hub_duplicates_total").increment(1);
             let barrier = self.log.flush(p);
+            let replicated = sync.then(|| self.wait_replicated(p, at));
             return Ok(async move {
                 barrier.await?;
+                if let Some(r) = replicated {
+                    r.await;
+                }
                 drop(permit);
                 Ok(Stored::Duplicate { mid: m })
             }
             .boxed());
         }
+        let offset = part.next;
         if let Some(m) = mid {
             match part.accepted.get_mut(device) {
-                Some(last) => *last = m,
+                Some(e) => *e = (m, offset),
                 None => {
-                    part.accepted.insert(device.clone(), m);
+                    part.accepted.insert(device.clone(), (m, offset));
                 }
             }
         }
-        part.next = part.next.next();
+        if self.mode != Replication::Off {
+            part.unreplicated.push_back(Unreplicated {
+                offset,
+                device: mid.map(|m| (device.clone(), m)),
+                at: Instant::now(),
+            });
+        }
+        part.next = offset.next();
         let durable = self.log.append(
             p,
             NewRecord {
@@ -213,27 +327,189 @@ impl Ingest {
             },
         );
         drop(part);
+        let replicated = sync.then(|| self.wait_replicated(p, offset));
         Ok(async move {
             let offset = durable.await?;
+            if let Some(r) = replicated {
+                r.await;
+            }
             drop(permit);
             Ok(Stored::New { offset, mid })
         }
         .boxed())
     }
 
-    /// The highest mid of `device` that is durable: what the hub may report
-    /// as `committed`.
+    /// Appends a record pulled from the primary, at the primary's offset.
+    /// The future resolves when it is durable here.
+    ///
+    /// # Errors
+    /// [`IngestError::OutOfStep`] when the offset is not the next one here.
+    pub fn replicate(
+        &self,
+        record: Record,
+    ) -> Result<BoxFuture<'static, Result<(), IngestError>>, IngestError> {
+        let p = record.partition;
+        let mut part = self.part(p);
+        if record.offset != part.next {
+            return Err(IngestError::OutOfStep {
+                partition: p,
+                expected: part.next,
+                got: record.offset,
+            });
+        }
+        if let Some(m) = record.record.mid {
+            let e = part
+                .accepted
+                .entry(record.record.device_id.clone())
+                .or_insert((m, record.offset));
+            if m >= e.0 {
+                *e = (m, record.offset);
+            }
+        }
+        part.next = record.offset.next();
+        let durable = self.log.append(p, record.record);
+        drop(part);
+        let expected = record.offset;
+        Ok(async move {
+            let got = durable.await?;
+            if got != expected {
+                return Err(IngestError::OutOfStep {
+                    partition: p,
+                    expected,
+                    got,
+                });
+            }
+            Ok(())
+        }
+        .boxed())
+    }
+
+    /// The highest mids of `device` durable here and in both regions: what
+    /// the hub may report as `committed` and `replicated`.
     ///
     /// # Errors
     /// When the device's partition failed.
-    pub async fn committed(&self, device: &DeviceId) -> Result<Option<Mid>, IngestError> {
+    pub async fn acked(
+        &self,
+        device: &DeviceId,
+    ) -> Result<(Option<Mid>, Option<Mid>), IngestError> {
         let p = partition_for(device, self.log.partitions());
         let (mid, barrier) = {
             let part = self.part(p);
-            (part.accepted.get(device).copied(), self.log.flush(p))
+            (
+                part.accepted.get(device).map(|(m, _)| *m),
+                self.log.flush(p),
+            )
         };
         barrier.await?;
-        Ok(mid)
+        Ok((mid, self.replicated_mid(device)))
+    }
+
+    /// The highest mid of `device` the other region holds durably.
+    pub fn replicated_mid(&self, device: &DeviceId) -> Option<Mid> {
+        let p = partition_for(device, self.log.partitions());
+        let r = *self.replicated[p.0 as usize].borrow();
+        let part = self.part(p);
+        let whole = part
+            .accepted
+            .get(device)
+            .filter(|(_, at)| *at < r)
+            .map(|(m, _)| *m);
+        whole.max(part.replicated_mid.get(device).copied())
+    }
+
+    /// The secondary holds partition `p` below `upto`. Returns the devices
+    /// whose `replicated` mid advanced, with that mid.
+    pub fn advance_replicated(&self, p: PartitionId, upto: Offset) -> Vec<(DeviceId, Mid)> {
+        let Some(tx) = self.replicated.get(p.0 as usize) else {
+            return Vec::new();
+        };
+        let mut advanced: HashMap<DeviceId, Mid> = HashMap::new();
+        let moved = tx.send_if_modified(|r| {
+            if upto > *r {
+                *r = upto;
+                true
+            } else {
+                false
+            }
+        });
+        if !moved {
+            return Vec::new();
+        }
+        let mut part = self.part(p);
+        while part.unreplicated.front().is_some_and(|u| u.offset < upto) {
+            let Some(u) = part.unreplicated.pop_front() else {
+                break;
+            };
+            if let Some((d, m)) = u.device {
+                let e = advanced.entry(d).or_insert(m);
+                *e = (*e).max(m);
+            }
+        }
+        for (d, m) in &advanced {
+            let e = part.replicated_mid.entry(d.clone()).or_insert(*m);
+            *e = (*e).max(*m);
+        }
+        // The map only needs devices with records still unreplicated.
+        if part.replicated_mid.len() > 4 * part.unreplicated.len() + 1024 {
+            let pending: std::collections::HashSet<&DeviceId> = part
+                .unreplicated
+                .iter()
+                .filter_map(|u| u.device.as_ref().map(|(d, _)| d))
+                .collect();
+            let keep: HashMap<DeviceId, Mid> = part
+                .replicated_mid
+                .iter()
+                .filter(|(d, _)| pending.contains(d))
+                .map(|(d, m)| (d.clone(), *m))
+                .collect();
+            part.replicated_mid = keep;
+        }
+        advanced.into_iter().collect()
+    }
+
+    /// Records below this offset of `p` are in both regions.
+    pub fn replicated_offset(&self, p: PartitionId) -> Offset {
+        self.replicated
+            .get(p.0 as usize)
+            .map_or(Offset(0), |r| *r.borrow())
+    }
+
+    /// Records not yet in the other region, and the age of the oldest.
+    pub fn lag(&self, p: PartitionId) -> (u64, Duration) {
+        if self.mode == Replication::Off {
+            return (0, Duration::ZERO);
+        }
+        let records = self
+            .log
+            .high_watermark(p)
+            .0
+            .saturating_sub(self.replicated_offset(p).0);
+        let age = self
+            .part(p)
+            .unreplicated
+            .front()
+            .map_or(Duration::ZERO, |u| u.at.elapsed());
+        (records, if records == 0 { Duration::ZERO } else { age })
+    }
+
+    /// Forgets what was decided about partition `p` after its log was cut
+    /// back (failback) and rebuilds it from the log.
+    ///
+    /// # Errors
+    /// When the log cannot be read.
+    pub async fn rebuild(&self, p: PartitionId) -> Result<(), LogError> {
+        let mut accepted = HashMap::new();
+        replay(self.log.as_ref(), p, Offset(0), &mut accepted).await?;
+        let mut part = self.part(p);
+        part.accepted = accepted;
+        part.next = self.log.high_watermark(p);
+        part.unreplicated.clear();
+        part.replicated_mid.clear();
+        drop(part);
+        let _ = fs::remove_file(snapshot_path(&self.snapshot_dir, p));
+        self.log.set_retention_floor(p, Offset(0));
+        Ok(())
     }
 
     /// Writes a snapshot of every partition's per-device state and lets log
@@ -250,7 +526,14 @@ impl Ingest {
             }
             let path = snapshot_path(&self.snapshot_dir, p);
             match write_snapshot(&path, upto, &map) {
-                Ok(()) => self.log.set_retention_floor(p, upto),
+                Ok(()) => {
+                    // Retention must also keep what the secondary has not pulled.
+                    let floor = match self.mode {
+                        Replication::Off => upto,
+                        _ => upto.min(self.replicated_offset(p)),
+                    };
+                    self.log.set_retention_floor(p, floor);
+                }
                 Err(e) => tracing::warn!(partition = %p, error = %e, "cannot write dedup snapshot"),
             }
         }
@@ -271,18 +554,19 @@ fn snapshot_path(dir: &Path, p: PartitionId) -> PathBuf {
     dir.join(format!("p{}.snap", p.0))
 }
 
-const SNAP_MAGIC: &[u8; 4] = b"FDS1";
+const SNAP_MAGIC: &[u8; 4] = b"FDS2";
 
-fn write_snapshot(path: &Path, upto: Offset, map: &HashMap<DeviceId, Mid>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(16 + map.len() * 40);
+fn write_snapshot(path: &Path, upto: Offset, map: &Accepted) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(16 + map.len() * 48);
     buf.extend_from_slice(SNAP_MAGIC);
     buf.extend_from_slice(&upto.0.to_le_bytes());
     buf.extend_from_slice(&(map.len() as u32).to_le_bytes());
-    for (id, mid) in map {
+    for (id, (mid, at)) in map {
         let b = id.as_str().as_bytes();
         buf.push(b.len() as u8);
         buf.extend_from_slice(b);
         buf.extend_from_slice(&mid.0.to_le_bytes());
+        buf.extend_from_slice(&at.0.to_le_bytes());
     }
     let crc = crc32fast::hash(&buf);
     buf.extend_from_slice(&crc.to_le_bytes());
@@ -297,7 +581,7 @@ fn write_snapshot(path: &Path, upto: Offset, map: &HashMap<DeviceId, Mid>) -> st
     Ok(())
 }
 
-fn read_snapshot(path: &Path) -> Option<(Offset, HashMap<DeviceId, Mid>)> {
+fn read_snapshot(path: &Path) -> Option<(Offset, Accepted)> {
     let bytes = fs::read(path).ok()?;
     let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
     if crc32fast::hash(body).to_le_bytes() != crc || !body.starts_with(SNAP_MAGIC) {
@@ -305,22 +589,24 @@ fn read_snapshot(path: &Path) -> Option<(Offset, HashMap<DeviceId, Mid>)> {
         return None;
     }
     let mut b = &body[4..];
-    let take = |b: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+    let mut take = |n: usize| -> Option<Vec<u8>> {
         if b.len() < n {
             return None;
         }
         let (h, t) = b.split_at(n);
-        *b = t;
+        b = t;
         Some(h.to_vec())
     };
-    let upto = Offset(u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?));
-    let count = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+    let u64_of = |v: Vec<u8>| v.try_into().ok().map(u64::from_le_bytes);
+    let upto = Offset(u64_of(take(8)?)?);
+    let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
     let mut map = HashMap::with_capacity(count as usize);
     for _ in 0..count {
-        let n = usize::from(take(&mut b, 1)?[0]);
-        let id = DeviceId::new(String::from_utf8(take(&mut b, n)?).ok()?).ok()?;
-        let mid = Mid(u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?));
-        map.insert(id, mid);
+        let n = usize::from(take(1)?[0]);
+        let id = DeviceId::new(String::from_utf8(take(n)?).ok()?).ok()?;
+        let mid = Mid(u64_of(take(8)?)?);
+        let at = Offset(u64_of(take(8)?)?);
+        map.insert(id, (mid, at));
     }
     Some((upto, map))
 }
@@ -333,8 +619,13 @@ mod tests {
     fn snapshot_round_trip_and_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p0.snap");
-        let map: HashMap<DeviceId, Mid> = (0..100)
-            .map(|i| (DeviceId::new(format!("d{i}")).unwrap(), Mid(i * 3)))
+        let map: Accepted = (0..100)
+            .map(|i| {
+                (
+                    DeviceId::new(format!("d{i}")).unwrap(),
+                    (Mid(i * 3), Offset(i * 7)),
+                )
+            })
             .collect();
         write_snapshot(&path, Offset(77), &map).unwrap();
         assert_eq!(read_snapshot(&path), Some((Offset(77), map)));

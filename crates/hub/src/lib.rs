@@ -16,6 +16,7 @@ pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod prom;
+pub mod replication;
 pub mod sessions;
 pub mod state;
 
@@ -36,6 +37,7 @@ use crate::front::Front;
 use crate::ingest::Ingest;
 use crate::log::file::FileLog;
 use crate::log::{EventLog, ReadLimits};
+use crate::replication::Control;
 use crate::sessions::{Kick, Sessions};
 use crate::state::HubState;
 
@@ -88,6 +90,7 @@ impl Hub {
             state.clone(),
             &config.data,
             ingest::DEFAULT_BUDGET,
+            config.replication,
         )
         .await
         .context("rebuild de-duplication state")?;
@@ -100,12 +103,24 @@ impl Hub {
 
         let mqtt_addr = listeners.mqtt.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
+        let control = Control::new(
+            config.peer.clone(),
+            config.peer_token.clone(),
+            config.max_lag,
+            ingest.clone(),
+            sessions.clone(),
+            &config.data,
+        );
+        control.fence_until_checked();
+        control.spawn(&mut tasks, &shutdown);
+        control.first_look(Duration::from_secs(2)).await;
         let front = Front::new(
             config.front.clone(),
             ingest.clone(),
             auth.clone(),
             sessions.clone(),
             state.clone(),
+            control.throttle(),
         );
         tasks.spawn(front.serve(listeners.mqtt, shutdown.clone()));
         tasks.spawn(refresh_auth(
@@ -149,6 +164,7 @@ impl Hub {
             "mqtt"
         };
         let api = Arc::new(http::ApiState {
+            control: control.clone(),
             state: state.clone(),
             ingest: ingest.clone(),
             registry,

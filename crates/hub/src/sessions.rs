@@ -32,9 +32,12 @@ impl Kick {
 /// Sent to a connection from outside its task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outbound {
-    /// A durable mid learned asynchronously (the answer to a query made
-    /// when the device subscribed to its acks).
-    Committed(Option<Mid>),
+    /// What is durable here and in both regions, learned asynchronously
+    /// (the answer to a query made when the device subscribed to its acks).
+    Acked {
+        committed: Option<Mid>,
+        replicated: Option<Mid>,
+    },
     /// The other region durably holds the device's records up to this mid.
     Replicated(Mid),
 }

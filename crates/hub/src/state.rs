@@ -48,6 +48,9 @@ pub struct HubState {
     path: PathBuf,
     region: Region,
     current: watch::Sender<RoleEpoch>,
+    /// A fenced primary accepts no writes (planned promotion in progress,
+    /// or not yet sure after a restart that no one superseded it).
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl HubState {
@@ -101,6 +104,7 @@ impl HubState {
             path,
             region: region.clone(),
             current: watch::Sender::new(current),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -114,7 +118,18 @@ impl HubState {
 
     /// True when this hub may accept device connections and writes.
     pub fn accepting(&self) -> bool {
-        self.get().role == Role::Primary
+        self.get().role == Role::Primary && !self.fenced()
+    }
+
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Stops (or resumes) accepting writes without changing role or epoch.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced
+            .store(fenced, std::sync::atomic::Ordering::Release);
+        self.current.send_modify(|_| {});
     }
 
     pub fn subscribe(&self) -> watch::Receiver<RoleEpoch> {

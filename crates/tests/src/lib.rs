@@ -7,6 +7,7 @@
 //! [`Harness`] bound to the built binary.
 
 pub mod mqtt;
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -180,6 +181,36 @@ impl Harness {
         args
     }
 
+    /// Starts two hubs that replicate between them: `a` (primary) and `b`
+    /// (secondary), each with `--peer` pointing at the other (or at
+    /// `peer_of_a` / `peer_of_b` when given, e.g. a proxy). `extra` goes to both.
+    pub fn pair(
+        &self,
+        a: (&str, &Registry),
+        b: (&str, &Registry),
+        peers: Option<(String, String)>,
+        extra: &[&str],
+    ) -> (HubNode, HubNode) {
+        let (http_a, http_b) = (reserve_port(), reserve_port());
+        let (peer_of_a, peer_of_b) =
+            peers.unwrap_or_else(|| (format!("http://{http_b}"), format!("http://{http_a}")));
+        let mut args_a: Vec<&str> =
+            vec!["--http", &http_a, "--peer", &peer_of_a, "--role", "primary"];
+        args_a.extend_from_slice(extra);
+        let mut args_b: Vec<&str> = vec![
+            "--http",
+            &http_b,
+            "--peer",
+            &peer_of_b,
+            "--role",
+            "secondary",
+        ];
+        args_b.extend_from_slice(extra);
+        let hub_b = self.hub(&format!("hub-{}", b.0), b.0, &b.1.url, &args_b);
+        let hub_a = self.hub(&format!("hub-{}", a.0), a.0, &a.1.url, &args_a);
+        (hub_a, hub_b)
+    }
+
     /// Starts a hub process.
     pub fn hub(&self, label: &str, region: &str, registry: &str, extra: &[&str]) -> HubNode {
         self.hub_limited(label, region, registry, extra, None)
@@ -215,7 +246,22 @@ impl Harness {
         .collect();
         args.push("--data".into());
         args.push(data.display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
+        // Flags given in `extra` replace the defaults above.
+        let mut rest = extra.iter();
+        while let Some(flag) = rest.next() {
+            let default = args.iter().position(|a| a == flag);
+            match (
+                default,
+                flag.starts_with("--") && !["--json"].contains(flag),
+            ) {
+                (Some(i), true) if i + 1 < args.len() && !args[i + 1].starts_with("--") => {
+                    if let Some(value) = rest.next() {
+                        args[i + 1] = value.to_string();
+                    }
+                }
+                _ => args.push(flag.to_string()),
+            }
+        }
         HubNode::start(self, label, args, max_file_kib)
     }
 }
@@ -325,6 +371,15 @@ impl HubNode {
         }
     }
 
+    /// The same hub as seen through another HTTP address (a proxy): for
+    /// configuring others (concierges) only; it owns no process.
+    pub fn alias(hub: &HubNode, http: SocketAddr) -> AliasHub {
+        AliasHub {
+            http,
+            mqtt: hub.mqtt,
+        }
+    }
+
     /// Kills the hub (SIGKILL) and starts it again: same data, registry,
     /// flags and ports, no file size cap.
     pub fn restart(&mut self, h: &Harness) {
@@ -396,6 +451,24 @@ impl HubNode {
     }
 }
 
+/// A free `127.0.0.1:PORT` for a process that must know its address before
+/// it starts (peers configured with each other). Chosen below the kernel's
+/// ephemeral range, so that the many port-0 binds of parallel tests cannot
+/// take it between this check and the process binding it.
+pub fn reserve_port() -> String {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 500) as u16 * 20;
+    for _ in 0..10_000 {
+        let port = 20_000 + (start - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            drop(l);
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    panic!("no free port below the ephemeral range")
+}
+
 /// Sets `flag`'s value in `args` to `addr` (adding the flag when absent).
 fn pin(args: &mut Vec<String>, flag: &str, addr: SocketAddr) {
     match args.iter().position(|a| a == flag) {
@@ -404,6 +477,37 @@ fn pin(args: &mut Vec<String>, flag: &str, addr: SocketAddr) {
             args.push(flag.to_string());
             args.push(addr.to_string());
         }
+    }
+}
+
+/// Where a hub is: what a concierge is configured with.
+pub trait HubAddrs {
+    fn http_url(&self) -> String;
+    fn mqtt_addr(&self) -> SocketAddr;
+}
+
+impl HubAddrs for HubNode {
+    fn http_url(&self) -> String {
+        self.url()
+    }
+    fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt
+    }
+}
+
+/// A hub's addresses with its HTTP API reached through another address.
+#[derive(Debug, Clone, Copy)]
+pub struct AliasHub {
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+impl HubAddrs for AliasHub {
+    fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+    fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt
     }
 }
 
@@ -424,11 +528,11 @@ impl ConciergeNode {
 impl Harness {
     /// Starts a concierge replica for `hubs` (region, hub) on `http` (use
     /// `127.0.0.1:0` for any port), zone `fleet.test`.
-    pub fn concierge(
+    pub fn concierge<H: HubAddrs>(
         &self,
         label: &str,
         http: &str,
-        hubs: &[(&str, &HubNode)],
+        hubs: &[(&str, &H)],
         extra: &[&str],
     ) -> ConciergeNode {
         let mut args: Vec<String> = [
@@ -451,7 +555,11 @@ impl Harness {
         .collect();
         for (region, hub) in hubs {
             args.push("--hub".into());
-            args.push(format!("{region}={},mqtt://{}", hub.url(), hub.mqtt));
+            args.push(format!(
+                "{region}={},mqtt://{}",
+                hub.http_url(),
+                hub.mqtt_addr()
+            ));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let node = self.spawn(label, &args);
@@ -503,6 +611,18 @@ impl Registry {
             url,
             store,
             keys: HashMap::new(),
+        }
+    }
+
+    /// Makes `other` hold the same devices (a registry-sync merge).
+    pub async fn mirror_into(&self, other: &mut Registry) {
+        let bar = registry_sync::cli::progress(None, "merge");
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        registry_sync::ops::merge(&*self.store, &*other.store, false, &bar)
+            .await
+            .expect("merge registries");
+        for (id, key) in &self.keys {
+            other.keys.insert(id.clone(), key.clone());
         }
     }
 

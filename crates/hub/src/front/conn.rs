@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
 use super::{Front, topic};
-use crate::ingest::{IngestError, Stored};
+use crate::ingest::{IngestError, Replication, Stored};
 use crate::sessions::{Outbound, Session};
 
 /// A write that cannot complete in this long means the client stopped reading.
@@ -137,6 +137,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         front,
         max_packet,
         keep_alive,
+        throttle: front.throttle.clone(),
         pending: FuturesOrdered::new(),
         blocked: None,
         filters: Vec::new(),
@@ -165,6 +166,7 @@ struct Conn<'a> {
     front: &'a Front,
     max_packet: usize,
     keep_alive: Option<Duration>,
+    throttle: tokio::sync::watch::Receiver<bool>,
     /// Publishes submitted and not yet acknowledged, in read order.
     pending: FuturesOrdered<Completion>,
     /// A publish read while the hub-wide budget was exhausted.
@@ -193,8 +195,18 @@ impl Conn<'_> {
     ) -> Reason {
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
         loop {
+            // Replication lag over its limit: read nothing until it shrinks
+            // (devices keep their messages meanwhile), and do not count the
+            // pause against the client's keep-alive.
+            let throttled = *self.throttle.borrow_and_update();
+            if throttled {
+                deadline = self.keep_alive.map(|k| Instant::now() + k);
+            }
             // Handle what is buffered, as far as the inflight limit and the budget allow.
-            while self.blocked.is_none() && self.pending.len() < self.front.config.max_inflight {
+            while !throttled
+                && self.blocked.is_none()
+                && self.pending.len() < self.front.config.max_inflight
+            {
                 match Packet::read(inbuf, self.max_packet) {
                     Ok(packet) => {
                         deadline = self.keep_alive.map(|k| Instant::now() + k);
@@ -216,8 +228,9 @@ impl Conn<'_> {
             if let Err(reason) = flush(stream, out).await {
                 return reason;
             }
-            let reading =
-                self.blocked.is_none() && self.pending.len() < self.front.config.max_inflight;
+            let reading = !throttled
+                && self.blocked.is_none()
+                && self.pending.len() < self.front.config.max_inflight;
             let need = self.blocked.as_ref().map_or(0, |(p, _)| cost(p));
             let budget = self.front.ingest.budget().clone();
             tokio::select! {
@@ -249,6 +262,7 @@ impl Conn<'_> {
                         return reason;
                     }
                 }
+                _ = self.throttle.changed(), if throttled => {}
                 read = stream.read_buf(inbuf), if reading => match read {
                     Ok(0) => return "closed",
                     Ok(_) => {}
@@ -338,8 +352,13 @@ impl Conn<'_> {
                     let me = me.clone();
                     self.last_ack = None;
                     tokio::spawn(async move {
-                        if let Ok(m) = ingest.committed(&device).await {
-                            let _ = me.send(Outbound::Committed(m)).await;
+                        if let Ok((committed, replicated)) = ingest.acked(&device).await {
+                            let _ = me
+                                .send(Outbound::Acked {
+                                    committed,
+                                    replicated,
+                                })
+                                .await;
                         }
                     });
                 }
@@ -418,9 +437,15 @@ impl Conn<'_> {
 
     fn outbound(&mut self, msg: Outbound) {
         match msg {
-            Outbound::Committed(m) => {
-                if let Some(m) = m {
+            Outbound::Acked {
+                committed,
+                replicated,
+            } => {
+                if let Some(m) = committed {
                     self.committed = self.committed.max(m);
+                }
+                if let Some(r) = replicated {
+                    self.replicated = Some(self.replicated.map_or(r, |x| x.max(r)));
                 }
                 self.known = true;
             }
@@ -441,9 +466,10 @@ impl Conn<'_> {
             return;
         }
         // Without a secondary, durable here is all there is to wait for.
-        let replicated = self
-            .replicated
-            .map_or(self.committed, |r| r.min(self.committed));
+        let replicated = match self.front.ingest.mode() {
+            Replication::Off => self.committed,
+            _ => self.replicated.unwrap_or(Mid(0)).min(self.committed),
+        };
         if self.last_ack == Some((self.committed, replicated)) {
             return;
         }

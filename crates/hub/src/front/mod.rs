@@ -137,6 +137,8 @@ impl FrontMetrics {
 /// The device front of one hub.
 pub struct Front {
     pub(crate) metrics: FrontMetrics,
+    /// True while ingest is throttled (async replication lag over its limit).
+    pub(crate) throttle: tokio::sync::watch::Receiver<bool>,
     config: FrontConfig,
     ingest: Arc<Ingest>,
     auth: Arc<Auth>,
@@ -164,10 +166,12 @@ impl Front {
         auth: Arc<Auth>,
         sessions: Arc<Sessions>,
         state: Arc<HubState>,
+        throttle: tokio::sync::watch::Receiver<bool>,
     ) -> Arc<Front> {
         let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         Arc::new(Front {
             metrics: FrontMetrics::new(),
+            throttle,
             bucket: Mutex::new(TokenBucket::new(config.connect_rate)),
             config,
             ingest,

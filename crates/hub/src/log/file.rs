@@ -87,6 +87,7 @@ struct Segment {
 enum Cmd {
     Append(NewRecord, oneshot::Sender<LogResult<Offset>>),
     Flush(oneshot::Sender<LogResult<()>>),
+    Truncate(Offset, PathBuf, oneshot::Sender<LogResult<u64>>),
 }
 
 struct Part {
@@ -500,6 +501,7 @@ fn writer(
             }
         }
         let failure = part.failure();
+        let mut truncation = None;
         let mut next = active.next;
         let mut pos = active.len;
         let mut cmd = Some(first);
@@ -522,6 +524,11 @@ fn writer(
                     }
                 }
                 Some(Cmd::Flush(done)) => flushes.push(done),
+                Some(Cmd::Truncate(from, archive, done)) => {
+                    // Finish what is queued before it first.
+                    truncation = Some((from, archive, done));
+                    break;
+                }
                 None => {}
             }
             if buf.len() >= config.max_batch_bytes {
@@ -586,7 +593,108 @@ fn writer(
             };
             let _ = done.send(result);
         }
+        if let Some((from, archive, done)) = truncation {
+            let _ = done.send(truncate(&part, &mut active, from, &archive));
+        }
     }
+}
+
+/// Byte position of record `offset` in `seg` (which must hold it).
+fn position_of(seg: &Segment, offset: Offset) -> LogResult<u64> {
+    let bytes = fs::read(&seg.path).map_err(|e| io(seg.path.display(), e))?;
+    let mut pos = {
+        let index = seg.index.read().unwrap_or_else(|e| e.into_inner());
+        let k = index
+            .partition_point(|(o, _)| *o <= offset.0)
+            .saturating_sub(1);
+        index.get(k).map_or(0, |(_, p)| *p as usize)
+    };
+    while pos < bytes.len() {
+        match frame::decode(&bytes[pos..]) {
+            Decoded::Frame { offset: o, .. } if o == offset => return Ok(pos as u64),
+            Decoded::Frame { len, .. } => pos += len,
+            _ => break,
+        }
+    }
+    Err(LogError::Io(format!(
+        "offset {offset} not found in {}",
+        seg.path.display()
+    )))
+}
+
+/// Archives records `from..` and cuts the log back to `from`.
+fn truncate(part: &Part, active: &mut Active, from: Offset, archive: &Path) -> LogResult<u64> {
+    let hw = active.next;
+    if from >= hw {
+        return Ok(0);
+    }
+    // 1. Copy the tail out, durably, before anything is cut.
+    let records = read_blocking(
+        part,
+        from,
+        ReadLimits {
+            max_records: usize::MAX,
+            max_bytes: usize::MAX,
+        },
+    )?;
+    let mut buf = Vec::new();
+    for r in &records {
+        frame::encode(&mut buf, r.offset, &r.record);
+    }
+    if let Some(dir) = archive.parent() {
+        fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
+    }
+    let mut f = File::create(archive).map_err(|e| io(archive.display(), e))?;
+    f.write_all(&buf)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io(archive.display(), e))?;
+    if let Some(dir) = archive.parent() {
+        sync_dir(dir)?;
+    }
+    // 2. Cut: segments starting at or after `from` go, the one holding it shrinks.
+    let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
+    let keep = segs.iter().take_while(|s| s.base < from).count();
+    if keep == 0 {
+        return Err(LogError::Io(format!(
+            "partition {}: offset {from} is below the retained log",
+            part.id
+        )));
+    }
+    for s in segs.drain(keep..) {
+        let _ = fs::remove_file(&s.path);
+        let _ = fs::remove_file(segment_path(&part.dir, s.base, "idx"));
+    }
+    let seg = segs[keep - 1].clone();
+    let pos = position_of(&seg, from)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg.path)
+        .map_err(|e| io(seg.path.display(), e))?;
+    file.set_len(pos)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io(seg.path.display(), e))?;
+    let _ = fs::remove_file(segment_path(&part.dir, seg.base, "idx"));
+    sync_dir(&part.dir)?;
+    let index: Vec<(u64, u64)> = {
+        let mut ix = seg.index.write().unwrap_or_else(|e| e.into_inner());
+        ix.retain(|(o, _)| *o < from.0);
+        ix.clone()
+    };
+    seg.durable_len.store(pos, Ordering::Release);
+    seg.next.store(from.0, Ordering::Release);
+    *active = Active {
+        seg: seg.clone(),
+        file,
+        len: pos,
+        next: from,
+        last_indexed: index.last().map_or(0, |(_, p)| *p),
+        index,
+    };
+    drop(segs);
+    part.hw.send_replace(from);
+    tracing::warn!(partition = %part.id, %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
+    Ok(records.len() as u64)
 }
 
 /// Seals the active segment (index file) and starts the next one.
@@ -840,6 +948,23 @@ impl EventLog for FileLog {
             Ok(part) => part.hw.subscribe(),
             Err(_) => watch::Sender::new(Offset(0)).subscribe(),
         }
+    }
+
+    fn truncate(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        archive: PathBuf,
+    ) -> BoxFuture<'static, LogResult<u64>> {
+        let part = match self.part(p) {
+            Ok(part) => part,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let (done, wait) = oneshot::channel();
+        if part.tx.send(Cmd::Truncate(from, archive, done)).is_err() {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
     }
 
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {

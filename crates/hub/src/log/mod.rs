@@ -142,6 +142,16 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
     /// `Err` with the reasons when some partition refuses writes.
     fn health(&self) -> Result<(), Vec<String>>;
 
+    /// Moves records `from..` of partition `p` into the file `archive`
+    /// (frames, fsynced, never deleted) and cuts them from the log: the
+    /// divergent tail of an old primary at failback. Returns how many moved.
+    fn truncate(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        archive: std::path::PathBuf,
+    ) -> BoxFuture<'static, LogResult<u64>>;
+
     /// Allows retention to delete records below `offset` (they are covered
     /// by a snapshot, replicated, ...). Backends without retention ignore it.
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {

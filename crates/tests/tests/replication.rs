@@ -1,0 +1,539 @@
+//! Replication between two hub processes, promotion, fencing and failback,
+//! with real clients, kill -9 and a real network partition (proxies).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleet_api::hub::{FailbackReport, StatusResponse};
+use fleet_api::{DeviceId, Role, partition_for};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::mqtt::RawClient;
+use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
+
+const SECS: Duration = Duration::from_secs(10);
+
+async fn registries(h: &tests::Harness, devices: &[&str]) -> (Registry, Registry) {
+    let mut a = Registry::sqlite(h.dir(), "a").await;
+    a.add(devices).await;
+    let mut b = Registry::sqlite(h.dir(), "b").await;
+    a.mirror_into(&mut b).await;
+    (a, b)
+}
+
+async fn status(hub: &HubNode) -> StatusResponse {
+    hub.client().status().await.expect("status")
+}
+
+async fn post(url: String, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("post")
+}
+
+/// Records of `device` as comparable tuples.
+async fn records(hub: &HubNode, device: &str) -> Vec<(u64, Option<u64>, Vec<u8>, u64)> {
+    hub.records_of(device, 8)
+        .await
+        .into_iter()
+        .map(|r| (r.offset.0, r.mid.map(|m| m.0), r.payload, r.epoch.0))
+        .collect()
+}
+
+async fn connect(hub: &HubNode, reg: &Registry, id: &str) -> RawClient {
+    let key = reg.key(id);
+    let (c, code) = RawClient::connect(hub.mqtt, id, Some((id, &key))).await;
+    assert_eq!(
+        code,
+        Some(ConnectReturnCode::Success),
+        "{id} could not connect"
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_replication_copies_records_at_the_same_offsets_and_acks_replicated() {
+    let h = harness!("async_replication_copies_records_at_the_same_offsets_and_acks_replicated");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    // The secondary refuses devices.
+    let (_, code) = RawClient::connect(b.mqtt, "d1", Some(("d1", &rb.key("d1")))).await;
+    assert_eq!(code, Some(ConnectReturnCode::ServiceUnavailable));
+    let mut c = connect(&a, &ra, "d1").await;
+    c.subscribe(1, "devices/d1/acks").await;
+    for i in 1..=100u16 {
+        c.publish(
+            &format!("devices/d1/messages/events/{i}"),
+            QoS::AtLeastOnce,
+            i,
+            format!("r{i}").as_bytes(),
+        )
+        .await;
+    }
+    // Acks: `replicated` reaches 100 once the secondary has everything.
+    let mut replicated = 0;
+    while replicated < 100 {
+        match c.recv(SECS).await {
+            Ok(Packet::Publish(p)) => {
+                let ack: fleet_api::AckMessage = serde_json::from_slice(&p.payload).unwrap();
+                assert!(ack.replicated <= ack.committed);
+                replicated = ack.replicated.0;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("acks stopped at replicated={replicated}: {e:?}"),
+        }
+    }
+    let on_a = records(&a, "d1").await;
+    assert_eq!(on_a.len(), 100);
+    wait_for(10, "the secondary to hold everything", || async {
+        records(&b, "d1").await.len() == 100
+    })
+    .await;
+    assert_eq!(
+        records(&b, "d1").await,
+        on_a,
+        "same records at the same offsets"
+    );
+    let sa = status(&a).await;
+    let p = partition_for(&DeviceId::new("d1").unwrap(), 8).0 as usize;
+    assert_eq!(sa.partitions[p].replicated, sa.partitions[p].high_watermark);
+    assert_eq!(sa.replication.as_ref().unwrap().mode, "async");
+    let sb = status(&b).await;
+    assert_eq!((sb.role, sb.epoch.0), (Role::Secondary, 1));
+    assert!(sb.peer_reachable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replication_acknowledges_only_what_both_regions_hold() {
+    let h = harness!("sync_replication_acknowledges_only_what_both_regions_hold");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let (a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &["--replication", "sync"]);
+    let mut c = connect(&a, &ra, "d1").await;
+    c.publish("devices/d1/messages/events/1", QoS::AtLeastOnce, 1, b"one")
+        .await;
+    assert!(matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))));
+    assert_eq!(
+        records(&b, "d1").await.len(),
+        1,
+        "PUBACK came before the secondary had it"
+    );
+
+    b.node.kill9();
+    c.publish("devices/d1/messages/events/2", QoS::AtLeastOnce, 2, b"two")
+        .await;
+    assert!(
+        matches!(
+            c.recv(Duration::from_secs(3)).await,
+            Err(tests::mqtt::RecvError::Timeout)
+        ),
+        "acknowledged while the secondary was down"
+    );
+    wait_for(10, "the primary to report the stall", || async {
+        status(&a)
+            .await
+            .replication
+            .is_some_and(|r| r.state == "stalled")
+    })
+    .await;
+    b.restart(&h);
+    assert!(matches!(c.recv(Duration::from_secs(20)).await, Ok(Packet::PubAck(a)) if a.pkid == 2));
+    assert_eq!(records(&b, "d1").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_promotions_racing_have_one_winner() {
+    let h = harness!("two_promotions_racing_have_one_winner");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    let c1 = h.concierge("concierge-1", "127.0.0.1:0", &[("a", &a), ("b", &b)], &[]);
+    let c2 = h.concierge("concierge-2", "127.0.0.1:0", &[("a", &a), ("b", &b)], &[]);
+    for c in [&c1, &c2] {
+        wait_for(10, "the concierge to see both hubs", || async {
+            let r: fleet_api::concierge::RegionsResponse =
+                reqwest::get(format!("{}/v1/regions", c.url()))
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+            r.regions.iter().all(|v| v.healthy)
+        })
+        .await;
+    }
+    let body = serde_json::json!({"to": "b", "mode": "forced"});
+    let (r1, r2) = tokio::join!(
+        post(format!("{}/v1/failover", c1.url()), body.clone()),
+        post(format!("{}/v1/failover", c2.url()), body)
+    );
+    let mut codes = vec![r1.status().as_u16(), r2.status().as_u16()];
+    codes.sort_unstable();
+    assert_eq!(codes, [200, 409], "exactly one failover wins");
+    wait_for(10, "both hubs to agree", || async {
+        let (sa, sb) = (status(&a).await, status(&b).await);
+        sb.role == Role::Primary && sb.epoch.0 == 2 && sa.role == Role::Secondary && sa.epoch.0 == 2
+    })
+    .await;
+    // A stale expectation is refused outright.
+    let stale = post(
+        format!("{}/v1/promote", a.url()),
+        serde_json::json!({"expected_epoch": 1, "mode": "forced"}),
+    )
+    .await;
+    assert_eq!(stale.status(), 409);
+    let body: serde_json::Value = stale.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "epoch_mismatch");
+}
+
+/// Runs `device-agent simulate` for `devices` against concierge `c`.
+fn simulate(
+    h: &tests::Harness,
+    c: &tests::ConciergeNode,
+    keys: &std::path::Path,
+    report: &std::path::Path,
+    rate: &str,
+    secs: &str,
+) -> std::process::Child {
+    let args: Vec<String> = [
+        "device-agent",
+        "simulate",
+        "--keys",
+        keys.to_str().unwrap(),
+        "--rate",
+        rate,
+        "--duration-s",
+        secs,
+        "--drain-timeout-s",
+        "90",
+        "--ack-timeout-s",
+        "3",
+        "--concierge",
+        &format!("http://concierge.fleet.test:{}", c.http.port()),
+        "--dns",
+        &c.dns.to_string(),
+        "--outbox",
+        h.dir().join("sim").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    h.command("simulate", &args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn keys_file(h: &tests::Harness, reg: &Registry, ids: &[String]) -> std::path::PathBuf {
+    let path = h.dir().join("keys.ndjson");
+    let lines: String = ids
+        .iter()
+        .map(|id| format!("{{\"device_id\":\"{id}\",\"key\":\"{}\"}}\n", reg.key(id)))
+        .collect();
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// Every mid each simulated device generated is in `hub` exactly once.
+async fn all_delivered_once(hub: &HubNode, report: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for line in std::fs::read_to_string(report).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = r["device_id"].as_str().unwrap();
+        let last = r["last_mid"].as_u64().unwrap();
+        assert_eq!(r["acked"], r["last_mid"], "{id} still holds messages: {r}");
+        let mids: Vec<u64> = hub
+            .records_of(id, 8)
+            .await
+            .iter()
+            .filter_map(|x| x.mid.map(|m| m.0))
+            .collect();
+        let mut counts: HashMap<u64, u32> = HashMap::new();
+        for m in &mids {
+            *counts.entry(*m).or_default() += 1;
+        }
+        let missing: Vec<u64> = (1..=last).filter(|m| !counts.contains_key(m)).collect();
+        assert!(missing.is_empty(), "{id}: lost {missing:?}");
+        assert!(counts.values().all(|n| *n == 1), "{id}: a duplicate record");
+        total += last;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_failover_under_load_and_failback_lose_nothing() {
+    let h = harness!("forced_failover_under_load_and_failback_lose_nothing");
+    let ids: Vec<String> = (0..20).map(|i| format!("dev-{i:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (ra, rb) = registries(&h, &refs).await;
+    let (mut a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &a), ("b", &b)],
+        &["--ttl-s", "2"],
+    );
+    let keys = keys_file(&h, &ra, &ids);
+    let report = h.dir().join("report.ndjson");
+    let sim = simulate(&h, &c, &keys, &report, "20", "8");
+    wait_for(20, "traffic on the primary", || async {
+        status(&a)
+            .await
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark.0)
+            .sum::<u64>()
+            > 200
+    })
+    .await;
+    a.node.kill9();
+    let failover = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "forced"}),
+    )
+    .await;
+    assert_eq!(
+        failover.status(),
+        200,
+        "{}",
+        failover.text().await.unwrap_or_default()
+    );
+    // Devices move to the new primary; what it stores is committed there but
+    // not yet `replicated` (the other region is down), so they keep it.
+    wait_for(20, "devices on the new primary", || async {
+        status(&b).await.connected_devices >= 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Failback: the old primary comes back, learns epoch 2, archives its
+    // divergent tail and replicates from the new primary; acks flow again.
+    a.restart(&h);
+    let out = tokio::task::spawn_blocking(move || sim.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["in_outbox"], 0, "{summary}");
+    assert_eq!(summary["dropped"], 0);
+    let total = all_delivered_once(&b, &report).await;
+    assert_eq!(summary["generated"], total);
+    wait_for(20, "the old primary to follow", || async {
+        let s = status(&a).await;
+        s.role == Role::Secondary
+            && s.epoch.0 == 2
+            && s.replication
+                .is_some_and(|r| r.lag_records == 0 && r.state == "streaming")
+    })
+    .await;
+    let fb: FailbackReport = reqwest::Client::new()
+        .get(format!("{}/v1/failback", a.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        fb.missing_count, 0,
+        "archived records the new history lacks: {:?}",
+        fb.missing
+    );
+    for id in &ids {
+        assert_eq!(
+            records(&a, id).await,
+            records(&b, id).await,
+            "{id}: the regions differ after failback"
+        );
+    }
+    // A planned promotion back restores the original layout.
+    let back = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "a", "mode": "planned"}),
+    )
+    .await;
+    assert_eq!(
+        back.status(),
+        200,
+        "{}",
+        back.text().await.unwrap_or_default()
+    );
+    wait_for(10, "the original layout", || async {
+        let (sa, sb) = (status(&a).await, status(&b).await);
+        sa.role == Role::Primary && sa.epoch.0 == 3 && sb.role == Role::Secondary && sb.epoch.0 == 3
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_promotion_under_load_loses_nothing() {
+    let h = harness!("planned_promotion_under_load_loses_nothing");
+    let ids: Vec<String> = (0..20).map(|i| format!("dev-{i:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (ra, rb) = registries(&h, &refs).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &a), ("b", &b)],
+        &["--ttl-s", "2"],
+    );
+    let keys = keys_file(&h, &ra, &ids);
+    let report = h.dir().join("report.ndjson");
+    let sim = simulate(&h, &c, &keys, &report, "20", "8");
+    wait_for(20, "traffic on the primary", || async {
+        status(&a)
+            .await
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark.0)
+            .sum::<u64>()
+            > 200
+    })
+    .await;
+    let resp = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "planned"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let done: fleet_api::concierge::FailoverResponse = resp.json().await.unwrap();
+    assert_eq!(done.epoch.0, 2);
+    assert!(done.unreplicated.is_empty());
+    assert!(done.took_ms < 60_000, "write pause {} ms", done.took_ms);
+    let out = tokio::task::spawn_blocking(move || sim.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    all_delivered_once(&b, &report).await;
+    let sa = status(&a).await;
+    assert_eq!((sa.role, sa.epoch.0), (Role::Secondary, 2));
+    let fb: FailbackReport = reqwest::Client::new()
+        .get(format!("{}/v1/failback", a.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        fb.archived.is_empty(),
+        "a planned promotion leaves nothing to archive: {fb:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_old_primary_loses_no_acknowledged_telemetry() {
+    let h = harness!("an_isolated_old_primary_loses_no_acknowledged_telemetry");
+    let ids: Vec<String> = (0..10).map(|i| format!("dev-{i:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (ra, rb) = registries(&h, &refs).await;
+    // Every path to the old primary's API goes through proxies we can cut;
+    // devices keep reaching its MQTT port directly.
+    let (http_a, http_b) = (tests::reserve_port(), tests::reserve_port());
+    let to_a = tests::proxy::Proxy::start(http_a.parse().unwrap()).await;
+    let to_b = tests::proxy::Proxy::start(http_b.parse().unwrap()).await;
+    let b = h.hub(
+        "hub-b",
+        "b",
+        &rb.url,
+        &[
+            "--http",
+            &http_b,
+            "--peer",
+            &to_a.url(),
+            "--role",
+            "secondary",
+        ],
+    );
+    let a = h.hub(
+        "hub-a",
+        "a",
+        &ra.url,
+        &[
+            "--http",
+            &http_a,
+            "--peer",
+            &to_b.url(),
+            "--role",
+            "primary",
+        ],
+    );
+    let concierge_to_a = tests::proxy::Proxy::start(http_a.parse().unwrap()).await;
+    let a_seen = tests::HubNode::alias(&a, concierge_to_a.addr);
+    let b_seen = tests::HubNode::alias(&b, b.http);
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &a_seen), ("b", &b_seen)],
+        &["--ttl-s", "2"],
+    );
+    let keys = keys_file(&h, &ra, &ids);
+    let report = h.dir().join("report.ndjson");
+    let sim = simulate(&h, &c, &keys, &report, "20", "10");
+    wait_for(20, "traffic on the primary", || async {
+        status(&a)
+            .await
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark.0)
+            .sum::<u64>()
+            > 100
+    })
+    .await;
+    // The partition: the old primary hears from no one, devices still reach it.
+    to_a.cut();
+    to_b.cut();
+    concierge_to_a.cut();
+    let failover = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "forced"}),
+    )
+    .await;
+    assert_eq!(failover.status(), 200);
+    // The isolated primary keeps accepting writes it can never replicate.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let isolated = status(&a).await;
+    assert_eq!(
+        isolated.role,
+        Role::Primary,
+        "the isolated hub cannot know it was replaced"
+    );
+    // Heal: it learns the higher epoch, steps down and archives its tail.
+    to_a.heal();
+    to_b.heal();
+    concierge_to_a.heal();
+    let out = tokio::task::spawn_blocking(move || sim.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["in_outbox"], 0, "{summary}");
+    all_delivered_once(&b, &report).await;
+    wait_for(20, "the old primary to follow", || async {
+        let s = status(&a).await;
+        s.role == Role::Secondary && s.epoch.0 == 2
+    })
+    .await;
+    wait_for(20, "the failback report to reconcile", || async {
+        let fb: FailbackReport = reqwest::Client::new()
+            .get(format!("{}/v1/failback", a.url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        fb.missing_count == 0
+    })
+    .await;
+}
