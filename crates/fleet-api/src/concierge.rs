@@ -53,11 +53,12 @@ pub struct RegionsResponse {
 }
 
 /// How a promotion treats the old primary.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Mode {
     /// The primary stops writes, the secondary catches up, then switches: no loss.
+    #[default]
     Planned,
     /// Immediate, for an unreachable primary: unreplicated records stay with
     /// the devices that sent them (their outboxes).

@@ -37,9 +37,57 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run a device agent or a simulation: `fleet device-agent --help`.
+    #[command(name = "device-agent", disable_help_flag = true)]
+    DeviceAgent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// A whole two-region fleet on loopback, until Ctrl-C.
+    Up(UpArgs),
+    /// Lose the primary region and fail back under load; report what was lost (nothing).
+    Drill(DrillArgs),
     /// Benchmarks that report ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Run directory (data and logs) [default: run/up-<time>].
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// `async` or `sync` replication between the regions.
+    #[arg(long, default_value = "async")]
+    replication: String,
+    /// Let the concierges promote the secondary after the primary is down this long.
+    #[arg(long)]
+    auto_failover_after_s: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct DrillArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// `forced` (kill -9 the primary region) or `planned` (promote, no loss).
+    #[arg(long, default_value = "forced")]
+    mode: String,
+    /// `async` or `sync` replication.
+    #[arg(long, default_value = "async")]
+    replication: String,
+    /// Messages per second per device.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Seconds of telemetry.
+    #[arg(long, default_value_t = 30)]
+    duration_s: u64,
+    /// Forced mode: the drill asks for the failover instead of letting the concierge decide.
+    #[arg(long)]
+    manual_promotion: bool,
+    /// Run directory (data, logs, report) [default: run/drill-<time>].
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -61,12 +109,20 @@ pub fn main() -> ExitCode {
         Some("concierge") => {
             return runtime().block_on(concierge::cli::main_from(args[1..].to_vec()));
         }
+        Some("device-agent") => {
+            return runtime().block_on(device_agent::cli::main_from(args[1..].to_vec()));
+        }
         _ => {}
     }
     let cli = Cli::parse_from(args);
     hub::cli::init_tracing();
     let result = match cli.command {
-        Command::Hub { .. } | Command::Concierge { .. } | Command::RegistrySync { .. } => {
+        Command::Up(a) => runtime().block_on(up(a, cli.json)),
+        Command::Drill(a) => runtime().block_on(drill(a, cli.json)),
+        Command::Hub { .. }
+        | Command::Concierge { .. }
+        | Command::RegistrySync { .. }
+        | Command::DeviceAgent { .. } => {
             unreachable!("dispatched above")
         }
         Command::Bench(cmd) => runtime().block_on(crate::bench::run(cmd, cli.json)),
@@ -78,4 +134,87 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_dir(given: Option<std::path::PathBuf>, what: &str) -> std::path::PathBuf {
+    given.unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        std::path::PathBuf::from("run").join(format!("{what}-{secs}"))
+    })
+}
+
+async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
+    let mut opts = crate::up::UpOptions::new(run_dir(args.dir, "up"));
+    opts.replication = args.replication;
+    opts.auto_failover_after_s = args.auto_failover_after_s;
+    opts.ttl_s = 5;
+    let fleet = crate::up::Fleet::up(crate::up::Launcher::current()?, opts).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "dir": fleet.dir,
+                "admin_token": fleet.admin_token.expose(),
+                "concierge": fleet.concierge_url,
+                "concierge_http": fleet.concierge_http,
+                "dns": fleet.dns,
+                "regions": fleet.regions.iter().map(|r| serde_json::json!({
+                    "region": r.name, "http": r.http, "mqtt": r.mqtt, "stream": r.stream, "registry": r.registry,
+                })).collect::<Vec<_>>(),
+                "stream_password": fleet.stream_password.expose(),
+            })
+        );
+    } else {
+        print!("{}", fleet.describe());
+    }
+    registry_sync::cli::shutdown_signal().await;
+    eprintln!("stopping");
+    fleet.down().await;
+    Ok(())
+}
+
+async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
+    use fleet_api::concierge::Mode;
+    let mode = match args.mode.as_str() {
+        "forced" => Mode::Forced,
+        "planned" => Mode::Planned,
+        other => anyhow::bail!("--mode {other:?}: expected forced or planned"),
+    };
+    if !["async", "sync"].contains(&args.replication.as_str()) {
+        anyhow::bail!(
+            "--replication {:?}: expected async or sync",
+            args.replication
+        );
+    }
+    if args.devices == 0 || args.rate.is_nan() || args.rate <= 0.0 {
+        anyhow::bail!("--devices and --rate must be positive");
+    }
+    let mut opts = crate::drill::DrillOptions::new(run_dir(args.dir, "drill"));
+    opts.devices = args.devices;
+    opts.mode = mode;
+    opts.replication = args.replication;
+    opts.rate = args.rate;
+    opts.duration_s = args.duration_s.max(5);
+    opts.auto_promotion = !args.manual_promotion;
+    opts.kill_at_s = (opts.duration_s / 4).max(3);
+    opts.outage_s = (opts.duration_s / 3).max(3);
+    let report = crate::drill::run(crate::up::Launcher::current()?, opts, |line| {
+        eprintln!("drill: {line}")
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", crate::drill::summary(&report));
+    }
+    if !report.passed {
+        anyhow::bail!(
+            "acknowledged telemetry was lost ({} messages) or stored twice ({})",
+            report.lost,
+            report.duplicate_records
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,705 @@
+//! `fleet drill`: a whole fleet, simulated devices sending steady telemetry,
+//! the loss of the primary region (kill -9, or a planned promotion), its
+//! return and failback, and a report that counts every message: what was
+//! sent, acknowledged, stored in each region's log, and lost (acknowledged
+//! but not stored: must be 0), with per-device reconnect times (the RTO) and
+//! a timeline picture.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fleet_api::concierge::{FailoverResponse, Mode, RegionsResponse};
+use fleet_api::hub::StatusResponse;
+use fleet_api::{DeviceId, DeviceStatus, Offset, PartitionId, Role, Tags};
+use registry_sync::store::NewDevice;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::up::{Fleet, Launcher, Proc, UpOptions};
+
+/// How to drill.
+#[derive(Clone, Debug)]
+pub struct DrillOptions {
+    pub dir: PathBuf,
+    pub devices: usize,
+    pub mode: Mode,
+    /// `async` or `sync`.
+    pub replication: String,
+    /// Messages per second per device.
+    pub rate: f64,
+    /// Seconds of telemetry generation.
+    pub duration_s: u64,
+    /// Forced mode: the concierge promotes by itself (else the drill asks it to).
+    pub auto_promotion: bool,
+    /// Seconds after the start when the primary is lost.
+    pub kill_at_s: u64,
+    /// Seconds the old region stays away.
+    pub outage_s: u64,
+}
+
+impl DrillOptions {
+    pub fn new(dir: PathBuf) -> DrillOptions {
+        DrillOptions {
+            dir,
+            devices: 200,
+            mode: Mode::Forced,
+            replication: "async".into(),
+            rate: 5.0,
+            duration_s: 30,
+            auto_promotion: true,
+            kill_at_s: 8,
+            outage_s: 10,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// Milliseconds from the loss of the primary to each step.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Steps {
+    pub detect_ms: u64,
+    pub promote_ms: u64,
+    pub first_publish_ms: u64,
+    pub failback_ms: u64,
+}
+
+/// The drill's outcome (`--json`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DrillReport {
+    /// Per-device reconnect time: loss of the primary → first record of the
+    /// device stored by the new primary.
+    pub rto_ms: Percentiles,
+    pub sent: u64,
+    pub acknowledged: u64,
+    /// Distinct (device, mid) in the final primary's log.
+    pub stored: u64,
+    /// Distinct (device, mid) in each region's log.
+    pub stored_by_region: HashMap<String, u64>,
+    /// Acknowledged (replicated) but not stored: must be 0.
+    pub lost: u64,
+    /// Records stored twice: must be 0.
+    pub duplicate_records: u64,
+    pub duplicates_suppressed: u64,
+    pub dropped: u64,
+    pub peak_in_outbox: u64,
+    pub devices_moved: usize,
+    pub steps: Steps,
+    pub unreplicated_at_promotion: u64,
+    pub registry_divergence: Divergence,
+    pub archived_records: u64,
+    pub archive_missing: u64,
+    pub mode: Mode,
+    pub replication: String,
+    pub devices: usize,
+    pub duration_s: f64,
+    pub timeline: String,
+    pub html: String,
+    pub passed: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Divergence {
+    /// Devices the registries disagreed on while the old region was away.
+    pub before_failback: u64,
+    /// After failback and `follow` catching up.
+    pub after_failback: u64,
+}
+
+/// One look at a hub.
+#[derive(Clone, Debug)]
+struct Sample {
+    t: f64,
+    region: usize,
+    accepted: u64,
+    /// Up and primary: accepting from devices (a secondary's growth is replication).
+    serving: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Event {
+    t: f64,
+    label: String,
+}
+
+fn secs(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
+
+async fn status(http: &reqwest::Client, url: &str) -> Option<StatusResponse> {
+    let r = http
+        .get(format!("{url}/v1/status"))
+        .timeout(Duration::from_millis(400))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn wall_ms() -> u64 {
+    registry_sync::hlc::wall_ms()
+}
+
+/// Runs a drill; `say` receives progress lines.
+///
+/// # Errors
+/// When the fleet cannot be started or the scenario cannot be carried out
+/// (a lost message is not an error: it is in the report, `passed` false).
+pub async fn run(
+    launcher: Launcher,
+    opts: DrillOptions,
+    say: impl Fn(&str),
+) -> anyhow::Result<DrillReport> {
+    let start = Instant::now();
+    let auto = opts.mode == Mode::Forced && opts.auto_promotion;
+    let mut up = UpOptions::new(opts.dir.clone());
+    up.replication = opts.replication.clone();
+    up.auto_failover_after_s = auto.then_some(1);
+    say(&format!(
+        "starting a two-region fleet in {}",
+        opts.dir.display()
+    ));
+    let mut fleet = Fleet::up(launcher, up).await?;
+    let http = reqwest::Client::new();
+    let urls: Vec<String> = fleet.regions.iter().map(|r| r.http_url()).collect();
+    let concierge = format!("http://{}", fleet.concierge_http[0]);
+
+    // Devices, registered in region a and copied to b.
+    let ids: Vec<String> = (0..opts.devices).map(|i| format!("drill-{i:04}")).collect();
+    let keys_path = fleet.dir.join("keys.ndjson");
+    {
+        let a = registry_sync::open(&fleet.regions[0].registry).await?;
+        let b = registry_sync::open(&fleet.regions[1].registry).await?;
+        let mut lines = String::new();
+        let mut new = Vec::new();
+        for id in &ids {
+            let key = registry_sync::keys::generate();
+            lines += &format!("{{\"device_id\":\"{id}\",\"key\":\"{}\"}}\n", key.expose());
+            new.push(NewDevice {
+                device_id: DeviceId::new(id)?,
+                key_sha256: key.hash(),
+                status: DeviceStatus::Enabled,
+                tags: Tags::default(),
+            });
+        }
+        a.create(new).await?;
+        std::fs::write(&keys_path, lines)?;
+        let hidden = indicatif::ProgressBar::hidden();
+        registry_sync::ops::merge(&*a, &*b, false, &hidden).await?;
+        a.close().await;
+        b.close().await;
+    }
+    // Hubs load their registries at start; new devices arrive within a refresh.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The timeline: accepted records per region, sampled.
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let mark = |label: &str| {
+        events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Event {
+                t: secs(start),
+                label: label.to_string(),
+            });
+    };
+    let sampler = {
+        let (samples, urls, http) = (samples.clone(), urls.clone(), http.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                for (i, url) in urls.iter().enumerate() {
+                    let s = status(&http, url).await;
+                    let accepted = s
+                        .as_ref()
+                        .map_or(0, |s| s.partitions.iter().map(|p| p.high_watermark.0).sum());
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Sample {
+                            t: secs(start),
+                            region: i,
+                            accepted,
+                            serving: s
+                                .as_ref()
+                                .is_some_and(|s| s.role == Role::Primary && !s.fenced),
+                        });
+                }
+            }
+        })
+    };
+
+    let report_path = fleet.dir.join("devices.ndjson");
+    let sim_args: Vec<String> = [
+        "device-agent",
+        "simulate",
+        "--keys",
+        &keys_path.display().to_string(),
+        "--rate",
+        &opts.rate.to_string(),
+        "--duration-s",
+        &opts.duration_s.to_string(),
+        "--drain-timeout-s",
+        "120",
+        "--ack-timeout-s",
+        "5",
+        "--concierge",
+        &fleet.concierge_url,
+        "--dns",
+        &format!("{},{}", fleet.dns[0], fleet.dns[1]),
+        "--outbox",
+        &fleet.dir.join("outboxes").display().to_string(),
+        "--report",
+        &report_path.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut sim = Proc::start(&fleet.launcher, &fleet.dir, "simulate", sim_args, false).await?;
+    mark("devices start");
+    say(&format!(
+        "{} devices publish {} msg/s each for {} s",
+        opts.devices, opts.rate, opts.duration_s
+    ));
+
+    tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s)).await;
+    let kill_wall = wall_ms();
+    let mut steps = Steps::default();
+    let mut unreplicated = 0;
+    let t0 = Instant::now();
+    match opts.mode {
+        Mode::Forced => {
+            say("kill -9: region a (its hub and its registry follower)");
+            fleet.kill_region(0).await;
+            mark("primary killed");
+            wait_until(
+                Duration::from_secs(30),
+                "the concierge to notice",
+                || async {
+                    regions(&http, &concierge)
+                        .await
+                        .is_some_and(|r| r.regions.first().is_some_and(|a| !a.healthy))
+                },
+            )
+            .await?;
+            steps.detect_ms = t0.elapsed().as_millis() as u64;
+            if !auto {
+                let done = failover(&http, &concierge, &fleet, "b", Mode::Forced).await?;
+                unreplicated = done.unreplicated.iter().map(|u| u.to.0 - u.from.0).sum();
+            }
+            wait_until(
+                Duration::from_secs(30),
+                "region b to be promoted",
+                || async {
+                    status(&http, &urls[1])
+                        .await
+                        .is_some_and(|s| s.role == Role::Primary)
+                },
+            )
+            .await?;
+            steps.promote_ms = t0.elapsed().as_millis() as u64;
+            mark("b promoted");
+            say(&format!(
+                "region a down after {} ms; b promoted after {} ms",
+                steps.detect_ms, steps.promote_ms
+            ));
+        }
+        Mode::Planned => {
+            say("planned promotion of region b");
+            mark("planned promotion");
+            let done = failover(&http, &concierge, &fleet, "b", Mode::Planned).await?;
+            steps.promote_ms = t0.elapsed().as_millis() as u64;
+            say(&format!(
+                "b promoted (epoch {}) after {} ms; writes paused {} ms",
+                done.epoch, steps.promote_ms, done.took_ms
+            ));
+            mark("b promoted");
+        }
+    }
+    let base = status(&http, &urls[1]).await.map_or(0, |s| {
+        s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>()
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "the first publish in region b",
+        || async {
+            status(&http, &urls[1]).await.is_some_and(|s| {
+                s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>() > base
+            })
+        },
+    )
+    .await?;
+    steps.first_publish_ms = t0.elapsed().as_millis() as u64;
+
+    // While a is away, the registry changes in b: a device added there.
+    let _ = http
+        .put(format!("{}/v1/devices/drill-added-during-outage", urls[1]))
+        .bearer_auth(fleet.admin_token.expose())
+        .json(&serde_json::json!({}))
+        .send()
+        .await;
+    tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s + opts.outage_s)).await;
+    let divergence_before = divergence(&fleet).await?;
+    if opts.mode == Mode::Forced {
+        say("region a returns");
+        fleet.restart_region(0).await?;
+        mark("a returns");
+        wait_until(Duration::from_secs(60), "region a to follow b", || async {
+            status(&http, &urls[0]).await.is_some_and(|s| {
+                s.role == Role::Secondary && s.replication.is_some_and(|r| r.lag_records == 0)
+            })
+        })
+        .await?;
+    }
+    let fb0 = Instant::now();
+    say("failback: planned promotion of region a");
+    failover(&http, &concierge, &fleet, "a", Mode::Planned).await?;
+    steps.failback_ms = fb0.elapsed().as_millis() as u64;
+    mark("failback");
+    let mut divergence_after = u64::MAX;
+    for _ in 0..100 {
+        divergence_after = divergence(&fleet).await?;
+        if divergence_after == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    say("waiting for every device to deliver its outbox");
+    let sim_ok = tokio::time::timeout(Duration::from_secs(opts.duration_s + 180), async {
+        while sim.is_running() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if sim_ok.is_err() {
+        bail!("the simulated devices did not finish");
+    }
+    mark("devices done");
+    sampler.abort();
+
+    // Count everything.
+    let mut report = DrillReport {
+        mode: opts.mode,
+        replication: opts.replication.clone(),
+        devices: opts.devices,
+        steps,
+        unreplicated_at_promotion: unreplicated,
+        registry_divergence: Divergence {
+            before_failback: divergence_before,
+            after_failback: divergence_after,
+        },
+        ..DrillReport::default()
+    };
+    let mut stored: Vec<HashMap<String, Vec<u64>>> = Vec::new();
+    let mut first_new: HashMap<String, u64> = HashMap::new();
+    for (i, url) in urls.iter().enumerate() {
+        let (by_device, firsts) = read_log(url, &fleet.admin_token, kill_wall).await?;
+        if i == 1 {
+            first_new = firsts;
+        }
+        report.stored_by_region.insert(
+            fleet.regions[i].name.to_string(),
+            by_device.values().map(|m| m.len() as u64).sum(),
+        );
+        stored.push(by_device);
+    }
+    let final_log = &stored[0];
+    let mut rtos = Vec::new();
+    for line in std::fs::read_to_string(&report_path)
+        .context("read the devices' report")?
+        .lines()
+    {
+        let d: serde_json::Value = serde_json::from_str(line)?;
+        let id = d["device_id"].as_str().unwrap_or_default().to_string();
+        let (first, last, acked, dropped) = (
+            d["first_mid"].as_u64().unwrap_or(1),
+            d["last_mid"].as_u64().unwrap_or(0),
+            d["acked"].as_u64().unwrap_or(0),
+            d["dropped"].as_u64().unwrap_or(0),
+        );
+        report.sent += last + 1 - first;
+        report.dropped += dropped;
+        let mids = final_log.get(&id).cloned().unwrap_or_default();
+        let set: HashSet<u64> = mids.iter().copied().collect();
+        report.duplicate_records += (mids.len() - set.len()) as u64;
+        let acked_here = (first..=acked.min(last)).count() as u64;
+        report.acknowledged += acked_here.saturating_sub(dropped);
+        report.lost += (first..=acked.min(last))
+            .filter(|m| !set.contains(m))
+            .count() as u64;
+        report.stored += set.len() as u64;
+        if let Some(t) = first_new.get(&id) {
+            rtos.push(t.saturating_sub(kill_wall));
+        }
+    }
+    rtos.sort_unstable();
+    report.devices_moved = rtos.len();
+    let pct = |q: f64| {
+        rtos.get(((rtos.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    report.rto_ms = Percentiles {
+        p50: pct(0.5),
+        p99: pct(0.99),
+        max: rtos.last().copied().unwrap_or(0),
+    };
+    for url in &urls {
+        report.duplicates_suppressed += metric(&http, url, "fleet_hub_duplicates_total").await;
+    }
+    // Region a was the old primary: its failback report says what it archived.
+    let failback = http
+        .get(format!("{}/v1/failback", urls[0]))
+        .bearer_auth(fleet.admin_token.expose())
+        .send()
+        .await;
+    if let Ok(fb) = failback
+        && let Ok(fb) = fb.json::<fleet_api::hub::FailbackReport>().await
+    {
+        report.archived_records = fb.archived_records;
+        report.archive_missing = fb.missing_count;
+    }
+    report.peak_in_outbox = peak_in_outbox(&fleet.dir.join("simulate.log"));
+    report.duration_s = secs(start);
+    report.passed = report.lost == 0 && report.duplicate_records == 0;
+    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let events = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let svg = fleet.dir.join("timeline.svg");
+    crate::picture::timeline(
+        &svg,
+        &samples_per_second(&samples),
+        &events
+            .iter()
+            .map(|e| (e.t, e.label.clone()))
+            .collect::<Vec<_>>(),
+    )?;
+    report.timeline = svg.display().to_string();
+    let html = fleet.dir.join("report.html");
+    std::fs::write(&html, crate::picture::html(&report, &svg)?)?;
+    report.html = html.display().to_string();
+    std::fs::write(
+        fleet.dir.join("report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    fleet.down().await;
+    Ok(report)
+}
+
+async fn regions(http: &reqwest::Client, concierge: &str) -> Option<RegionsResponse> {
+    http.get(format!("{concierge}/v1/regions"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+async fn failover(
+    http: &reqwest::Client,
+    concierge: &str,
+    fleet: &Fleet,
+    to: &str,
+    mode: Mode,
+) -> anyhow::Result<FailoverResponse> {
+    let resp = http
+        .post(format!("{concierge}/v1/failover"))
+        .bearer_auth(fleet.admin_token.expose())
+        .json(&serde_json::json!({"to": to, "mode": mode}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!(
+            "failover to {to} ({}) failed: {status} {text}",
+            mode.as_str()
+        );
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Devices the two registries disagree on (what `diff` would change, both ways).
+async fn divergence(fleet: &Fleet) -> anyhow::Result<u64> {
+    let a = registry_sync::open(&fleet.regions[0].registry).await?;
+    let b = registry_sync::open(&fleet.regions[1].registry).await?;
+    let hidden = indicatif::ProgressBar::hidden();
+    let ab = registry_sync::ops::merge(&*a, &*b, true, &hidden)
+        .await?
+        .summary
+        .changed();
+    let ba = registry_sync::ops::merge(&*b, &*a, true, &hidden)
+        .await?
+        .summary
+        .changed();
+    a.close().await;
+    b.close().await;
+    Ok(ab + ba)
+}
+
+/// Every record of a hub's log: mids per device (with repeats), and per
+/// device the time of its first record written after `since_ms` in a later
+/// epoch than the first (the new primary's).
+async fn read_log(
+    url: &str,
+    token: &fleet_api::Secret,
+    since_ms: u64,
+) -> anyhow::Result<(HashMap<String, Vec<u64>>, HashMap<String, u64>)> {
+    let client = hub::client::HubClient::new(url, Some(token.clone()));
+    let status = client.status().await?;
+    let mut by_device: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut firsts: HashMap<String, u64> = HashMap::new();
+    for p in 0..status.partitions.len() as u32 {
+        let mut from = Offset(0);
+        loop {
+            let page = client
+                .records(PartitionId(p), from, 10_000, Duration::ZERO)
+                .await?;
+            let Some(last) = page.records.last() else {
+                break;
+            };
+            from = last.offset.next();
+            for r in page.records {
+                let id = r.device_id.to_string();
+                if r.epoch.0 >= 2 && r.enqueued_at.0 >= since_ms {
+                    firsts.entry(id.clone()).or_insert(r.enqueued_at.0);
+                }
+                if let Some(m) = r.mid {
+                    by_device.entry(id).or_default().push(m.0);
+                }
+            }
+        }
+    }
+    Ok((by_device, firsts))
+}
+
+async fn metric(http: &reqwest::Client, url: &str, name: &str) -> u64 {
+    let Ok(r) = http.get(format!("{url}/metrics")).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The largest "in outbox" the simulation printed.
+fn peak_in_outbox(log: &std::path::Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.split("in outbox ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Accepted messages per second per region, from the samples.
+fn samples_per_second(samples: &[Sample]) -> Vec<(usize, Vec<(f64, f64)>)> {
+    (0..2)
+        .map(|region| {
+            let mine: Vec<&Sample> = samples.iter().filter(|s| s.region == region).collect();
+            let mut points = Vec::new();
+            let mut prev: Option<&Sample> = None;
+            for s in mine {
+                if let Some(p) = prev
+                    && s.serving
+                    && p.serving
+                    && s.t > p.t
+                {
+                    let rate = s.accepted.saturating_sub(p.accepted) as f64 / (s.t - p.t);
+                    points.push((s.t, rate));
+                } else {
+                    points.push((s.t, 0.0));
+                }
+                prev = Some(s);
+            }
+            (region, points)
+        })
+        .collect()
+}
+
+/// The human report.
+pub fn summary(r: &DrillReport) -> String {
+    let mut s = format!(
+        "Fleet drill: {} failover, {} replication, {} devices, {:.0} s\n\n",
+        r.mode.as_str(),
+        r.replication,
+        r.devices,
+        r.duration_s
+    );
+    s += &format!("  sent                  {}\n", r.sent);
+    s += &format!(
+        "  acknowledged          {} (stored in both regions, gone from the outboxes)\n",
+        r.acknowledged
+    );
+    s += &format!(
+        "  stored                {} in the final primary's log {:?}\n",
+        r.stored, r.stored_by_region
+    );
+    let verdict = if r.passed {
+        "(nothing acknowledged was lost)"
+    } else {
+        "FAILED"
+    };
+    s += &format!("  lost                  {} {verdict}\n", r.lost);
+    s += &format!("  stored twice          {}\n", r.duplicate_records);
+    s += &format!("  duplicates suppressed {}\n", r.duplicates_suppressed);
+    s += &format!(
+        "  dropped by outboxes   {} (peak {} messages waiting)\n\n",
+        r.dropped, r.peak_in_outbox
+    );
+    s += &format!(
+        "  detect {} ms, promote {} ms, first publish in the new region {} ms, failback {} ms\n",
+        r.steps.detect_ms, r.steps.promote_ms, r.steps.first_publish_ms, r.steps.failback_ms
+    );
+    s += &format!(
+        "  reconnect per device (RTO): p50 {} ms, p99 {} ms, max {} ms ({} devices moved)\n",
+        r.rto_ms.p50, r.rto_ms.p99, r.rto_ms.max, r.devices_moved
+    );
+    s += &format!(
+        "  registry divergence: {} before failback, {} after\n",
+        r.registry_divergence.before_failback, r.registry_divergence.after_failback
+    );
+    s += &format!(
+        "  archived at failback: {} records, {} missing from the new history\n\n",
+        r.archived_records, r.archive_missing
+    );
+    s += &format!("  timeline: {}\n  report:   {}", r.timeline, r.html);
+    s
+}

@@ -1,0 +1,70 @@
+//! End-to-end drills through the same harness as `fleet drill`: a whole
+//! fleet of processes, simulated devices, the loss of the primary region and
+//! failback, with sync and async replication. Nothing acknowledged may be
+//! lost or stored twice; the RTO is reported (not asserted: timing on a
+//! shared machine varies).
+
+use fleet::drill::{DrillOptions, run};
+use fleet::up::Launcher;
+use fleet_api::concierge::Mode;
+
+async fn drill(name: &str, mode: Mode, replication: &str) {
+    let h = tests::harness!(name);
+    let mut opts = DrillOptions::new(h.logs().join("run"));
+    opts.devices = 20;
+    opts.rate = 10.0;
+    opts.duration_s = 12;
+    opts.kill_at_s = 4;
+    opts.outage_s = 4;
+    opts.mode = mode;
+    opts.replication = replication.into();
+    let launcher = Launcher {
+        exe: env!("CARGO_BIN_EXE_fleet-node").into(),
+    };
+    let report = run(launcher, opts, |line| eprintln!("{name}: {line}"))
+        .await
+        .expect("the drill ran");
+    println!("{}", fleet::drill::summary(&report));
+    assert!(report.sent > 1000, "{report:?}");
+    assert_eq!(report.lost, 0, "acknowledged but lost");
+    assert_eq!(report.duplicate_records, 0, "stored twice");
+    assert_eq!(
+        report.acknowledged + report.dropped,
+        report.sent,
+        "something never settled"
+    );
+    assert_eq!(report.dropped, 0);
+    assert_eq!(
+        report.devices_moved, 20,
+        "every device reached the new primary"
+    );
+    assert_eq!(report.registry_divergence.after_failback, 0);
+    assert_eq!(report.archive_missing, 0);
+    assert!(report.passed);
+    assert!(std::path::Path::new(&report.timeline).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_drill_with_async_replication() {
+    drill("forced_drill_with_async_replication", Mode::Forced, "async").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_drill_with_sync_replication() {
+    drill("forced_drill_with_sync_replication", Mode::Forced, "sync").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_drill_with_async_replication() {
+    drill(
+        "planned_drill_with_async_replication",
+        Mode::Planned,
+        "async",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_drill_with_sync_replication() {
+    drill("planned_drill_with_sync_replication", Mode::Planned, "sync").await;
+}
