@@ -68,6 +68,10 @@ pub struct PartitionStatus {
     pub high_watermark: Offset,
     /// Records `0..replicated` are durable in the other region too.
     pub replicated: Offset,
+    /// The oldest offset still retained (records before it were removed by
+    /// retention).
+    #[serde(default)]
+    pub log_start: Offset,
 }
 
 /// `GET /v1/status`.

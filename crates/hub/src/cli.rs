@@ -25,6 +25,11 @@ pub struct Cli {
 enum Command {
     /// Run a hub until Ctrl-C or SIGTERM.
     Run(Box<RunArgs>),
+    /// Reliable consumers of the log: run the SQL sink, manage a group.
+    Consume {
+        #[command(subcommand)]
+        command: crate::consume::cli::ConsumeCommand,
+    },
 }
 
 /// Runs the command line; returns the exit code.
@@ -66,7 +71,10 @@ pub fn init_tracing() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Consume { command } => return crate::consume::cli::run(command, cli.json).await,
+    };
     let (config, mqtt, http) = args.with_file()?.validate()?;
     let mqtt = TcpListener::bind(mqtt)
         .await

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fleet_api::hub::{RecordsResponse, StatusResponse};
-use fleet_api::{ErrorBody, Offset, PartitionId, Secret};
+use fleet_api::{Epoch, ErrorBody, Offset, PartitionId, Secret};
 
 /// Errors of the hub client.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,21 @@ impl HubClient {
     /// Transport or API errors.
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
         self.get("/v1/status").await
+    }
+
+    /// `GET /v1/partitions/{p}/epoch_end`: the first offset holding a record
+    /// of a later epoch than `epoch` (where the regions' logs may diverge).
+    ///
+    /// # Errors
+    /// Transport or API errors.
+    pub async fn epoch_end(&self, p: PartitionId, epoch: Epoch) -> Result<Offset, ClientError> {
+        let end: fleet_api::hub::EpochEnd = self
+            .get(&format!(
+                "/v1/partitions/{}/epoch_end?epoch={}",
+                p.0, epoch.0
+            ))
+            .await?;
+        Ok(end.offset)
     }
 
     /// Reads records from `from`, waiting up to `wait` for new ones.

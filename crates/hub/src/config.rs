@@ -172,13 +172,16 @@ impl HubConfig {
     }
 }
 
-macro_rules! merge {
-    ($hi:expr, $lo:expr, { $($field:ident),* $(,)? }) => {{
-        let RunArgs { $($field,)* config, unknown } = $hi;
+/// Merges two argument structs (flags over file), field by field; every
+/// field but `config` and `unknown` must be named.
+macro_rules! merge_args {
+    ($ty:ident, $hi:expr, $lo:expr, { $($field:ident),* $(,)? }) => {{
+        let $ty { $($field,)* config, unknown } = $hi;
         let lo = $lo;
-        RunArgs { $($field: $field.or(lo.$field),)* config: config.or(lo.config), unknown: lo.unknown.into_iter().chain(unknown).collect() }
+        $ty { $($field: $field.or(lo.$field),)* config: config.or(lo.config), unknown: lo.unknown.into_iter().chain(unknown).collect() }
     }};
 }
+pub(crate) use merge_args;
 
 impl RunArgs {
     /// Flags and environment over the config file, when one is named.
@@ -196,7 +199,7 @@ impl RunArgs {
         for key in file.unknown.keys() {
             tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
         }
-        Ok(merge!(self, file, {
+        Ok(merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
             max_lag_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,

@@ -54,7 +54,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -152,7 +152,7 @@ impl From<LogError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()
@@ -240,6 +240,7 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
                 id: PartitionId(p),
                 high_watermark: hw,
                 replicated,
+                log_start: log.log_start(PartitionId(p)),
             }
         })
         .collect();
@@ -291,10 +292,9 @@ async fn records(
     }
     let p = PartitionId(p);
     let from = Offset(q.from);
-    let mut epoch = None;
     if q.replica.is_some() {
         // A replication pull: `from` acknowledges everything below it.
-        epoch = Some(api.control.on_pull(p, from, q.epoch.map(Epoch))?);
+        api.control.on_pull(p, from, q.epoch.map(Epoch))?;
     }
     let limits = ReadLimits {
         max_records: q.max.unwrap_or(1000).clamp(1, MAX_RECORDS),
@@ -311,10 +311,14 @@ async fn records(
             recs = log.read(p, from, limits).await?;
         }
     }
+    // Read after the records: an epoch change (which precedes any
+    // truncation at failback) during the read shows as a newer epoch, so
+    // readers that track the serving epoch notice the log may have changed.
+    let epoch = api.state.get().epoch;
     Ok(Json(RecordsResponse {
         records: recs.iter().map(|r| r.to_wire()).collect(),
         high_watermark: log.high_watermark(p),
-        epoch,
+        epoch: Some(epoch),
     }))
 }
 
