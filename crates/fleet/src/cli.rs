@@ -115,7 +115,12 @@ pub fn main() -> ExitCode {
         _ => {}
     }
     let cli = Cli::parse_from(args);
-    hub::cli::init_tracing();
+    if matches!(cli.command, Command::Bench(_)) {
+        // Benchmarks print their own report; components only warn.
+        hub::cli::init_tracing_default("warn,rumqttd=off");
+    } else {
+        hub::cli::init_tracing();
+    }
     let result = match cli.command {
         Command::Up(a) => runtime().block_on(up(a, cli.json)),
         Command::Drill(a) => runtime().block_on(drill(a, cli.json)),

@@ -56,10 +56,14 @@ where
 
 /// Logs to stderr; `FLEET_LOG` filters (default `info`), `FLEET_LOG_FORMAT=json` for JSON lines.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG").unwrap_or_else(|_| {
-        // rumqttd logs every closed probe connection as an error.
-        tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttd::server::broker=off")
-    });
+    // rumqttd logs every closed probe connection as an error.
+    init_tracing_default("info,rumqttd=warn,rumqttd::server::broker=off");
+}
+
+/// [`init_tracing`] with another filter when `FLEET_LOG` is unset.
+pub fn init_tracing_default(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

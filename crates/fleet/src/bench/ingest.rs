@@ -52,10 +52,15 @@ pub struct IngestArgs {
     no_subscriber: bool,
 }
 
-struct Target {
+/// The bench hub's admin token.
+pub(super) const BENCH_TOKEN: &str = "bench-admin-token-0000";
+
+pub(super) struct Target {
     name: &'static str,
-    addr: SocketAddr,
-    clients: Vec<Client>,
+    pub(super) addr: SocketAddr,
+    /// The hub's HTTP API (the baselines have none).
+    pub(super) http: Option<SocketAddr>,
+    pub(super) clients: Vec<Client>,
     /// The baselines' subscriber; the hub delivers into its durable log.
     drain: Option<driver::Drain>,
     _process: Child,
@@ -238,8 +243,8 @@ fn clients(n: usize, prefix: &str) -> Vec<Client> {
         .collect()
 }
 
-/// Spawns this binary with `args` and reads the address from its JSON ready line.
-async fn spawn_self(args: &[&str], key: &str) -> anyhow::Result<(Child, SocketAddr)> {
+/// Spawns this binary with `args` and reads its JSON ready line.
+async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, serde_json::Value)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(args)
@@ -255,12 +260,18 @@ async fn spawn_self(args: &[&str], key: &str) -> anyhow::Result<(Child, SocketAd
         .context("no ready line within 30 s")??
         .context("exited before it was ready")?;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let v: serde_json::Value = serde_json::from_str(&line)?;
-    let addr = v[key].as_str().context("address in ready line")?.parse()?;
-    Ok((child, addr))
+    Ok((child, serde_json::from_str(&line)?))
 }
 
-async fn start_hub(dir: &Path, n: usize) -> anyhow::Result<Target> {
+fn addr_of(ready: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
+    Ok(ready[key]
+        .as_str()
+        .with_context(|| format!("no {key} address in {ready}"))?
+        .parse()?)
+}
+
+/// A hub process with `n` registered bench devices.
+pub(super) async fn start_hub(dir: &Path, n: usize) -> anyhow::Result<Target> {
     let registry = format!("sqlite://{}", dir.join("registry.db").display());
     let store = registry_sync::open(&registry).await?;
     store.claim_region(&Region::new("bench")?).await?;
@@ -280,31 +291,29 @@ async fn start_hub(dir: &Path, n: usize) -> anyhow::Result<Target> {
     store.close().await;
     let data = dir.join("hub");
     let data = data.to_str().context("path")?;
-    let (child, addr) = spawn_self(
-        &[
-            "hub",
-            "--json",
-            "run",
-            "--region",
-            "bench",
-            "--data",
-            data,
-            "--registry",
-            &registry,
-            "--mqtt",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--admin-token",
-            "bench-admin-token-0000",
-        ],
-        "mqtt",
-    )
+    let (child, ready) = spawn_self(&[
+        "hub",
+        "--json",
+        "run",
+        "--region",
+        "bench",
+        "--data",
+        data,
+        "--registry",
+        &registry,
+        "--mqtt",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--admin-token",
+        BENCH_TOKEN,
+    ])
     .await
     .context("start the hub")?;
     Ok(Target {
         name: "hub",
-        addr,
+        addr: addr_of(&ready, "mqtt")?,
+        http: Some(addr_of(&ready, "http")?),
         clients: cs,
         drain: None,
         _process: child,
@@ -312,12 +321,13 @@ async fn start_hub(dir: &Path, n: usize) -> anyhow::Result<Target> {
 }
 
 async fn start_rumqttd(n: usize) -> anyhow::Result<Target> {
-    let (child, addr) = spawn_self(&["bench", "serve-rumqttd"], "mqtt")
+    let (child, ready) = spawn_self(&["bench", "serve-rumqttd"])
         .await
         .context("start rumqttd")?;
     Ok(Target {
         name: "rumqttd",
-        addr,
+        addr: addr_of(&ready, "mqtt")?,
+        http: None,
         clients: clients(n, "bench-"),
         drain: None,
         _process: child,
@@ -350,6 +360,7 @@ async fn start_mosquitto(dir: &Path, n: usize) -> anyhow::Result<Target> {
             return Ok(Target {
                 name: "mosquitto",
                 addr,
+                http: None,
                 clients: clients(n, "bench-"),
                 drain: None,
                 _process: child,

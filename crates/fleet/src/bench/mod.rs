@@ -2,6 +2,7 @@
 //! alternating target by target over several rounds, and reports medians
 //! and ratios next to the machine it ran on (see guides/benchmarks.md).
 
+pub mod consume;
 pub mod driver;
 pub mod ingest;
 
@@ -11,6 +12,9 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// QoS 1 ingest: the hub (durable) against rumqttd (memory only) and Mosquitto.
     Ingest(ingest::IngestArgs),
+    /// Consumer groups: records/s through a no-op handler and the PostgreSQL
+    /// sink, against reading the log alone.
+    Consume(consume::ConsumeArgs),
     /// Internal: serve a plain rumqttd baseline and print its address.
     #[command(hide = true)]
     ServeRumqttd,
@@ -23,6 +27,7 @@ pub enum BenchCommand {
 pub async fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => ingest::run(args, json).await,
+        BenchCommand::Consume(args) => consume::run(args, json).await,
         BenchCommand::ServeRumqttd => {
             let broker = tokio::task::spawn_blocking(|| {
                 hub::broker::BaselineBroker::start([127, 0, 0, 1].into())

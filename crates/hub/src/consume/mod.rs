@@ -594,6 +594,12 @@ impl Ctx {
         let mut workers: BTreeMap<PartitionId, (CancellationToken, JoinHandle<()>)> =
             BTreeMap::new();
         let mut ensured = false;
+        // The partition count comes from the first hub that answers.
+        let mut primary = self.hubs.primary.subscribe();
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            _ = primary.wait_for(Option::is_some) => {}
+        }
         loop {
             if !ensured {
                 ensured = self.ensure_partitions().await;
