@@ -93,6 +93,32 @@ pub async fn run(addr: SocketAddr, clients: &[Client], load: Load) -> anyhow::Re
     Ok(total)
 }
 
+/// Connects as `c`, publishes one QoS 1 message and waits for its PUBACK.
+///
+/// # Errors
+/// When the connection is refused or closes before the PUBACK.
+pub async fn publish_once(addr: SocketAddr, c: &Client, payload: usize) -> anyhow::Result<()> {
+    let mut stream = connect(addr, c).await?;
+    let mid = c.next_mid.fetch_add(1, Ordering::Relaxed);
+    let topic = format!("devices/{}/messages/events/{mid}", c.id);
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, vec![b'x'; payload]);
+    p.pkid = 1;
+    let mut out = BytesMut::new();
+    p.write(&mut out)?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        match Packet::read(&mut buf, 1 << 20) {
+            Ok(Packet::PubAck(a)) if a.pkid == 1 => return Ok(()),
+            Ok(_) | Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => bail!("{}: {e}", c.id),
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("{}: closed before PUBACK", c.id);
+        }
+    }
+}
+
 async fn connect(addr: SocketAddr, c: &Client) -> anyhow::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr)
         .await

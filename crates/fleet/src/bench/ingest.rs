@@ -248,7 +248,7 @@ async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, serde_json::Value)>
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(args)
-        .env("FLEET_LOG", "warn,rumqttd=off")
+        .env("FLEET_LOG", "error,rumqttd=off")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -272,51 +272,100 @@ fn addr_of(ready: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
 
 /// A hub process with `n` registered bench devices.
 pub(super) async fn start_hub(dir: &Path, n: usize) -> anyhow::Result<Target> {
-    let registry = format!("sqlite://{}", dir.join("registry.db").display());
-    let store = registry_sync::open(&registry).await?;
-    store.claim_region(&Region::new("bench")?).await?;
     let mut cs = clients(n, "bench-");
+    let registry = register(dir, "bench", &mut cs).await?;
+    let hub = spawn_hub(&dir.join("hub"), "bench", &registry, &[]).await?;
+    Ok(Target {
+        name: "hub",
+        addr: hub.mqtt,
+        http: Some(hub.http),
+        clients: cs,
+        drain: None,
+        _process: hub.process,
+    })
+}
+
+/// `n` bench clients without keys (see [`register`]).
+pub(super) fn bench_clients(n: usize) -> Vec<Client> {
+    clients(n, "bench-")
+}
+
+/// Creates `region`'s registry in `dir` holding `cs`; the first call gives
+/// every client a key, later calls register the same keys (a second region).
+pub(super) async fn register(
+    dir: &Path,
+    region: &str,
+    cs: &mut [Client],
+) -> anyhow::Result<String> {
+    let registry = format!(
+        "sqlite://{}",
+        dir.join(format!("registry-{region}.db")).display()
+    );
+    let store = registry_sync::open(&registry).await?;
+    store.claim_region(&Region::new(region)?).await?;
     let mut new = Vec::new();
-    for c in &mut cs {
-        let key = registry_sync::keys::generate();
+    for c in cs.iter_mut() {
+        let hash = match &c.password {
+            Some(p) => fleet_api::DeviceKey::parse(p)?.hash(),
+            None => {
+                let key = registry_sync::keys::generate();
+                c.password = Some(key.expose());
+                key.hash()
+            }
+        };
         new.push(NewDevice {
             device_id: DeviceId::new(&c.id)?,
-            key_sha256: key.hash(),
+            key_sha256: hash,
             status: DeviceStatus::Enabled,
             tags: Tags::default(),
         });
-        c.password = Some(key.expose());
     }
     store.create(new).await?;
     store.close().await;
-    let data = dir.join("hub");
+    Ok(registry)
+}
+
+/// A hub process of this binary.
+pub(super) struct HubProcess {
+    pub(super) mqtt: SocketAddr,
+    pub(super) http: SocketAddr,
+    pub(super) process: Child,
+}
+
+/// Starts `fleet hub run` on `data` with the bench admin token and `extra` flags.
+pub(super) async fn spawn_hub(
+    data: &Path,
+    region: &str,
+    registry: &str,
+    extra: &[&str],
+) -> anyhow::Result<HubProcess> {
     let data = data.to_str().context("path")?;
-    let (child, ready) = spawn_self(&[
+    let mut args = vec![
         "hub",
         "--json",
         "run",
         "--region",
-        "bench",
+        region,
         "--data",
         data,
         "--registry",
-        &registry,
+        registry,
         "--mqtt",
-        "127.0.0.1:0",
-        "--http",
         "127.0.0.1:0",
         "--admin-token",
         BENCH_TOKEN,
-    ])
-    .await
-    .context("start the hub")?;
-    Ok(Target {
-        name: "hub",
-        addr: addr_of(&ready, "mqtt")?,
-        http: Some(addr_of(&ready, "http")?),
-        clients: cs,
-        drain: None,
-        _process: child,
+    ];
+    if !extra.contains(&"--http") {
+        args.extend(["--http", "127.0.0.1:0"]);
+    }
+    args.extend(extra);
+    let (process, ready) = spawn_self(&args)
+        .await
+        .with_context(|| format!("start the {region} hub"))?;
+    Ok(HubProcess {
+        mqtt: addr_of(&ready, "mqtt")?,
+        http: addr_of(&ready, "http")?,
+        process,
     })
 }
 

@@ -5,6 +5,7 @@
 pub mod consume;
 pub mod driver;
 pub mod ingest;
+pub mod replication;
 
 use clap::Subcommand;
 
@@ -15,6 +16,9 @@ pub enum BenchCommand {
     /// Consumer groups: records/s through a no-op handler and the PostgreSQL
     /// sink, against reading the log alone.
     Consume(consume::ConsumeArgs),
+    /// Replication: durable ingest with sync and async replication against
+    /// none, replication lag under steady load, planned and forced promotion.
+    Replication(replication::ReplicationArgs),
     /// Internal: serve a plain rumqttd baseline and print its address.
     #[command(hide = true)]
     ServeRumqttd,
@@ -28,6 +32,7 @@ pub async fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => ingest::run(args, json).await,
         BenchCommand::Consume(args) => consume::run(args, json).await,
+        BenchCommand::Replication(args) => replication::run(args, json).await,
         BenchCommand::ServeRumqttd => {
             let broker = tokio::task::spawn_blocking(|| {
                 hub::broker::BaselineBroker::start([127, 0, 0, 1].into())
