@@ -244,7 +244,7 @@ fn clients(n: usize, prefix: &str) -> Vec<Client> {
 }
 
 /// Spawns this binary with `args` and reads its JSON ready line.
-async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, serde_json::Value)> {
+pub(super) async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, serde_json::Value)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(args)
@@ -263,7 +263,7 @@ async fn spawn_self(args: &[&str]) -> anyhow::Result<(Child, serde_json::Value)>
     Ok((child, serde_json::from_str(&line)?))
 }
 
-fn addr_of(ready: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
+pub(super) fn addr_of(ready: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
     Ok(ready[key]
         .as_str()
         .with_context(|| format!("no {key} address in {ready}"))?

@@ -4,6 +4,7 @@
 
 pub mod consume;
 pub mod driver;
+pub mod front;
 pub mod ingest;
 pub mod replication;
 
@@ -19,6 +20,12 @@ pub enum BenchCommand {
     /// Replication: durable ingest with sync and async replication against
     /// none, replication lag under steady load, planned and forced promotion.
     Replication(replication::ReplicationArgs),
+    /// The concierge: endpoint lookups/s against a trivial axum handler (wrk)
+    /// and DNS queries/s against NSD (dnsperf).
+    Concierge(front::FrontArgs),
+    /// Internal: serve the trivial axum baseline and print its address.
+    #[command(hide = true)]
+    ServeAxum,
     /// Internal: serve a plain rumqttd baseline and print its address.
     #[command(hide = true)]
     ServeRumqttd,
@@ -33,6 +40,8 @@ pub async fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => ingest::run(args, json).await,
         BenchCommand::Consume(args) => consume::run(args, json).await,
         BenchCommand::Replication(args) => replication::run(args, json).await,
+        BenchCommand::Concierge(args) => front::run(args, json).await,
+        BenchCommand::ServeAxum => front::serve_axum().await,
         BenchCommand::ServeRumqttd => {
             let broker = tokio::task::spawn_blocking(|| {
                 hub::broker::BaselineBroker::start([127, 0, 0, 1].into())
