@@ -92,7 +92,7 @@ struct RunArgs {
     /// Exit once stdin has ended and the outbox is empty.
     #[arg(long)]
     exit_when_drained: bool,
-    /// Largest accepted message in bytes [default: 262144].
+    /// Largest accepted message in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     payload_limit: usize,
 }

@@ -2,6 +2,7 @@
 //! alternating target by target over several rounds, and reports medians
 //! and ratios next to the machine it ran on (see guides/benchmarks.md).
 
+pub mod agent;
 pub mod consume;
 pub mod driver;
 pub mod front;
@@ -23,6 +24,9 @@ pub enum BenchCommand {
     /// The concierge: endpoint lookups/s against a trivial axum handler (wrk)
     /// and DNS queries/s against NSD (dnsperf).
     Concierge(front::FrontArgs),
+    /// The device agent's footprint: binary size, RSS and CPU idle, at
+    /// 1 msg/s, and of `simulate` with 1,000 devices.
+    Agent(agent::AgentArgs),
     /// Internal: serve the trivial axum baseline and print its address.
     #[command(hide = true)]
     ServeAxum,
@@ -41,6 +45,7 @@ pub async fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
         BenchCommand::Consume(args) => consume::run(args, json).await,
         BenchCommand::Replication(args) => replication::run(args, json).await,
         BenchCommand::Concierge(args) => front::run(args, json).await,
+        BenchCommand::Agent(args) => agent::run(args, json).await,
         BenchCommand::ServeAxum => front::serve_axum().await,
         BenchCommand::ServeRumqttd => {
             let broker = tokio::task::spawn_blocking(|| {
