@@ -73,9 +73,15 @@ browser() {
   log "chromium ok"
 }
 
+bench_tools() {
+  # `fleet bench concierge` (and its test) drives wrk and dnsperf against NSD.
+  "$(dirname "$0")/bench-tools.sh" >/dev/null
+  log "wrk, dnsperf, nsd ok"
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
   nats) nats ;;
-  all) postgres; nats; mqtt_clients; dig_tool; browser ;;
+  all) postgres; nats; mqtt_clients; dig_tool; browser; bench_tools ;;
   *) echo "usage: $0 [all|postgres|nats]" >&2; exit 2 ;;
 esac
