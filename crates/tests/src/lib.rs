@@ -165,14 +165,15 @@ impl Harness {
             "run",
             "--device-id",
             device,
-            "--key",
-            key,
             "--outbox",
             outbox,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // `--key=` form: a base64url key may start with `-`, which a separate
+        // argument would turn into an unknown flag.
+        args.push(format!("--key={key}"));
         args.push("--concierge".into());
         args.push(format!("http://concierge.fleet.test:{}", c.http.port()));
         args.push("--dns".into());
