@@ -79,7 +79,13 @@ struct RunArgs {
     #[arg(long, env = "FLEET_DEVICE_ID")]
     device_id: String,
     /// This device's key (prefer FLEET_KEY: command lines are visible to others).
-    #[arg(long, env = "FLEET_KEY", hide_env_values = true)]
+    // Keys are base64url and may start with `-`: a value, not a flag.
+    #[arg(
+        long,
+        env = "FLEET_KEY",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     key: String,
     #[command(flatten)]
     common: Common,
@@ -398,5 +404,21 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_that_starts_with_a_dash_is_a_value() {
+        let key = "-mZ0123456789abcdefghijklmnopqrstuvwxyzABCD";
+        let cli = Cli::try_parse_from(["device-agent", "run", "--device-id", "d1", "--key", key])
+            .expect("parses");
+        match cli.command {
+            Command::Run(args) => assert_eq!(args.key, key),
+            Command::Simulate(_) => panic!("parsed as simulate"),
+        }
     }
 }
