@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -74,6 +75,12 @@ pub struct RunArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// PEM certificate chain: serve the HTTP API over TLS (HTTPS).
+    #[arg(long, env = "FLEET_HTTP_TLS_CERT", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key for --http-tls-cert.
+    #[arg(long, env = "FLEET_HTTP_TLS_KEY", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
     /// Largest accepted payload in bytes [default: 262144].
     #[arg(long, env = "FLEET_PAYLOAD_LIMIT")]
     pub payload_limit: Option<usize>,
@@ -128,6 +135,8 @@ pub struct HubConfig {
     /// How often de-duplication state is snapshotted.
     pub snapshot_every: Duration,
     pub advertise: Option<SocketAddr>,
+    /// Serve the HTTP API over TLS with this configuration.
+    pub http_tls: Option<Arc<rustls::ServerConfig>>,
     /// The other region's hub (HTTP URL), when there is one.
     pub peer: Option<String>,
     /// The bearer token for the peer's API (default: this hub's admin token).
@@ -160,6 +169,7 @@ impl HubConfig {
             auth_refresh: Duration::from_secs(1),
             snapshot_every: Duration::from_secs(60),
             advertise: None,
+            http_tls: None,
         }
     }
 
@@ -202,7 +212,7 @@ impl RunArgs {
         Ok(merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
             max_lag_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
-            payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
+            http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
         }))
     }
 
@@ -230,6 +240,8 @@ impl RunArgs {
             stream_password,
             tls_cert,
             tls_key,
+            http_tls_cert,
+            http_tls_key,
             payload_limit,
             connect_timeout_ms,
             connect_rate,
@@ -297,6 +309,11 @@ impl RunArgs {
         }
         if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
             c.front.tls = Some(crate::front::load_tls(&cert, &key)?);
+        }
+        if let (Some(cert), Some(key)) = (http_tls_cert, http_tls_key) {
+            c.http_tls = Some(
+                crate::front::load_tls(&cert, &key).context("--http-tls-cert/--http-tls-key")?,
+            );
         }
         c.stream = match stream_password {
             Some(password) => Some(StreamConfig {

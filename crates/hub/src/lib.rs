@@ -14,6 +14,7 @@ pub mod config;
 pub mod consume;
 pub mod front;
 pub mod http;
+pub mod https;
 pub mod ingest;
 pub mod log;
 pub mod prom;
@@ -176,14 +177,34 @@ impl Hub {
             stream_url: stream_addr.map(|a| format!("mqtt://{a}")),
         });
         let token = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listeners.http, http::router(api))
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "http server failed");
+        let router = http::router(api);
+        match config.http_tls.clone() {
+            None => {
+                tasks.spawn(async move {
+                    let served = axum::serve(listeners.http, router)
+                        .with_graceful_shutdown(token.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "http server failed");
+                    }
+                });
             }
-        });
+            Some(tls) => {
+                let listener = https::TlsListener::new(
+                    listeners.http,
+                    tls,
+                    config.front.tls_handshake_timeout,
+                )?;
+                tasks.spawn(async move {
+                    let served = axum::serve(listener, router)
+                        .with_graceful_shutdown(token.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "https server failed");
+                    }
+                });
+            }
+        }
         tracing::info!(region = %config.region, %mqtt_addr, %http_addr, stream = ?stream_addr, role = %state.get().role, epoch = %state.get().epoch, "hub started");
         Ok(Hub {
             mqtt_addr,

@@ -301,3 +301,68 @@ async fn tls_clients_connect_while_idle_handshakes_block_nobody() {
     );
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_serves_https_and_idle_handshakes_block_nobody() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let h = harness!("the_http_api_serves_https_and_idle_handshakes_block_nobody");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (h.dir().join("cert.pem"), h.dir().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let reg = Registry::sqlite(h.dir(), "eu").await;
+    let hub = h.hub(
+        "hub-eu",
+        "eu",
+        &reg.url,
+        &[
+            "--http-tls-cert",
+            cert_path.to_str().unwrap(),
+            "--http-tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    // Sockets that never start a handshake must not hold up anyone else.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(tokio::net::TcpStream::connect(hub.http).await.unwrap());
+    }
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .timeout(SECS)
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{}", hub.http.port());
+    let health = https.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // Admin calls work over TLS with the token, and not without it.
+    let status: StatusResponse = https
+        .get(format!("{base}/v1/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status.region.as_str(), "eu");
+    let refused = https
+        .get(format!("{base}/v1/partitions/0/records?from=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    // Plain HTTP on the HTTPS port gets no answer, and a client that does
+    // not trust the certificate is refused at the handshake.
+    let plain = reqwest::Client::builder().timeout(SECS).build().unwrap();
+    assert!(
+        plain
+            .get(format!("http://{}/healthz", hub.http))
+            .send()
+            .await
+            .is_err()
+    );
+    assert!(plain.get(format!("{base}/healthz")).send().await.is_err());
+    drop(idle);
+}
