@@ -481,6 +481,9 @@ fn runner(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if extra.contains(&"--lease-ttl-ms") {
+        args.truncate(args.len() - 2);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let node = h.spawn(label, &args);
     let http = format!("http://{}", node.addr("http"));
@@ -692,6 +695,49 @@ async fn downstream_outage_opens_the_shared_breaker_then_the_probe_resumes_all_w
         sink_count(&sink).await == 645
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_runner_gives_its_partitions_back_at_once() {
+    let h = harness!("a_stopped_runner_gives_its_partitions_back_at_once");
+    let (hub, _reg) = hub_with(&h, &["d1"]).await;
+    let store_url = sqlite_url(&h, "consumer.db");
+    let sink_url = sqlite_url(&h, "sink.db");
+    // Leases that would outlive the test: only an explicit release frees them.
+    let mut a = runner(
+        &h,
+        "consumer-a",
+        &hub,
+        &store_url,
+        &sink_url,
+        &["--lease-ttl-ms", "600000"],
+    );
+    let store = ConsumerStore::open(&store_url, "sink").await.unwrap();
+    wait_for(10, "instance a to hold every partition", || async {
+        store
+            .owners()
+            .await
+            .unwrap()
+            .iter()
+            .all(|(_, o)| o.is_some())
+    })
+    .await;
+    // A client keeps a connection to the runner's HTTP API open meanwhile.
+    let http = reqwest::Client::new();
+    let status = http
+        .get(format!("{}/v1/consumer", a.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status(), 200);
+    let exit = a.node.terminate();
+    assert!(exit.success(), "runner exited with {exit}");
+    let owners = store.owners().await.unwrap();
+    assert!(
+        owners.iter().all(|(_, o)| o.is_none()),
+        "leases still held after a clean stop: {owners:?}"
+    );
+    drop(http);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

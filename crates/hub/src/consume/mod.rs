@@ -226,7 +226,9 @@ pub struct InstanceStatus {
 pub struct Consumer {
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// Taken by the first [`Consumer::shutdown`]; shared owners (an HTTP
+    /// server's state) may still hold the consumer then.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -308,7 +310,7 @@ impl Consumer {
         Ok(Consumer {
             ctx,
             shutdown,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
         })
     }
 
@@ -345,9 +347,10 @@ impl Consumer {
     }
 
     /// Finishes the batches in hand, gives the partitions back and stops.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        for t in self.tasks {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
             let _ = t.await;
         }
     }
