@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// The hubs' admin token, when it differs from --admin-token.
     #[arg(long, env = "FLEET_HUB_TOKEN", hide_env_values = true)]
     pub hub_token: Option<Secret>,
+    /// PEM CA certificate(s) to trust for HTTPS hubs, besides the public roots.
+    #[arg(long, env = "FLEET_HUB_CA")]
+    pub hub_ca: Option<PathBuf>,
     /// A region's hub: `REGION=HUB_HTTP_URL,MQTT_URL` (repeat per region).
     #[arg(long = "hub", env = "FLEET_HUBS", value_delimiter = ';')]
     pub hubs: Vec<String>,
@@ -110,6 +113,8 @@ pub struct ConciergeConfig {
     pub zone: String,
     pub admin_token: Secret,
     pub hub_token: Secret,
+    /// Extra roots trusted for hubs serving HTTPS with a private CA.
+    pub hub_roots: Vec<reqwest::Certificate>,
     pub hubs: Vec<HubSpec>,
     pub replicas: Vec<SocketAddr>,
     pub ttl_s: u32,
@@ -125,6 +130,7 @@ impl ConciergeConfig {
         Self {
             zone: normalize_zone(zone),
             hub_token: admin_token.clone(),
+            hub_roots: Vec::new(),
             admin_token,
             hubs,
             replicas: Vec::new(),
@@ -170,6 +176,7 @@ impl RunArgs {
             zone,
             admin_token,
             hub_token,
+            hub_ca,
             hubs,
             replicas,
             ttl_s,
@@ -186,6 +193,7 @@ impl RunArgs {
             zone: zone.or(file.zone),
             admin_token: admin_token.or(file.admin_token),
             hub_token: hub_token.or(file.hub_token),
+            hub_ca: hub_ca.or(file.hub_ca),
             hubs: if hubs.is_empty() { file.hubs } else { hubs },
             replicas: if replicas.is_empty() {
                 file.replicas
@@ -239,6 +247,15 @@ impl RunArgs {
         let mut c = ConciergeConfig::new(&zone, admin_token, hubs);
         if let Some(t) = self.hub_token {
             c.hub_token = t;
+        }
+        if let Some(ca) = &self.hub_ca {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("--hub-ca: read {}", ca.display()))?;
+            c.hub_roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--hub-ca: parse {}", ca.display()))?;
+            if c.hub_roots.is_empty() {
+                bail!("--hub-ca: no certificate in {}", ca.display());
+            }
         }
         c.replicas = self.replicas;
         c.ttl_s = self.ttl_s.unwrap_or(5);

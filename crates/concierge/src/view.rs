@@ -66,12 +66,17 @@ impl Fleet {
         let timeout = config
             .poll
             .clamp(Duration::from_millis(200), Duration::from_secs(2));
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
+            .pool_idle_timeout(Duration::from_secs(5));
+        for root in &config.hub_roots {
+            builder = builder.add_root_certificate(root.clone());
+        }
+        let http = builder.build().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the hub HTTP client could not be set up; using defaults");
+            reqwest::Client::new()
+        });
         Arc::new(Fleet {
             config,
             hubs: RwLock::new(hubs),

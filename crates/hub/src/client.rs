@@ -44,12 +44,31 @@ pub struct HubClient {
 impl HubClient {
     /// `base` is the hub's HTTP URL, e.g. `http://127.0.0.1:8080`.
     pub fn new(base: impl Into<String>, token: Option<Secret>) -> Self {
-        let http = reqwest::Client::builder()
+        Self::with_http(base, token, Self::builder().build().unwrap_or_default())
+    }
+
+    /// Like [`HubClient::new`], trusting `roots` besides the public web
+    /// roots (hubs serving HTTPS with a private CA).
+    ///
+    /// # Errors
+    /// When the TLS client cannot be set up.
+    pub fn trusting(
+        base: impl Into<String>,
+        token: Option<Secret>,
+        roots: &[reqwest::Certificate],
+    ) -> Result<Self, reqwest::Error> {
+        let http = crate::https::trusting(Self::builder(), roots).build()?;
+        Ok(Self::with_http(base, token, http))
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
             .timeout(Duration::from_secs(45))
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
+    }
+
+    fn with_http(base: impl Into<String>, token: Option<Secret>, http: reqwest::Client) -> Self {
         Self {
             base: base.into().trim_end_matches('/').to_string(),
             token,

@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for an HTTPS peer, besides the public roots.
+    #[arg(long, env = "FLEET_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
     /// PEM certificate chain: serve the HTTP API over TLS (HTTPS).
     #[arg(long, env = "FLEET_HTTP_TLS_CERT", requires = "http_tls_key")]
     pub http_tls_cert: Option<PathBuf>,
@@ -137,6 +140,8 @@ pub struct HubConfig {
     pub advertise: Option<SocketAddr>,
     /// Serve the HTTP API over TLS with this configuration.
     pub http_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Extra roots trusted when calling the peer over HTTPS.
+    pub peer_roots: Vec<reqwest::Certificate>,
     /// The other region's hub (HTTP URL), when there is one.
     pub peer: Option<String>,
     /// The bearer token for the peer's API (default: this hub's admin token).
@@ -170,6 +175,7 @@ impl HubConfig {
             snapshot_every: Duration::from_secs(60),
             advertise: None,
             http_tls: None,
+            peer_roots: Vec::new(),
         }
     }
 
@@ -212,7 +218,7 @@ impl RunArgs {
         Ok(merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
             max_lag_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
-            http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
+            peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
         }))
     }
 
@@ -240,6 +246,7 @@ impl RunArgs {
             stream_password,
             tls_cert,
             tls_key,
+            peer_ca,
             http_tls_cert,
             http_tls_key,
             payload_limit,
@@ -277,6 +284,12 @@ impl RunArgs {
             bail!("--peer {p:?}: expected the other hub's HTTP URL (http://HOST:PORT)");
         }
         c.peer = peer.map(|p| p.trim_end_matches('/').to_string());
+        if let Some(ca) = peer_ca {
+            if c.peer.is_none() {
+                bail!("--peer-ca needs --peer");
+            }
+            c.peer_roots = crate::https::load_ca(&ca).context("--peer-ca")?;
+        }
         if let Some(ms) = max_lag_ms {
             if c.replication != Replication::Async {
                 bail!("--max-lag-ms applies to async replication only");

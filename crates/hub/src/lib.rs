@@ -112,7 +112,9 @@ impl Hub {
             ingest.clone(),
             sessions.clone(),
             &config.data,
-        );
+            &config.peer_roots,
+        )
+        .context("the peer HTTP client")?;
         control.fence_until_checked();
         control.spawn(&mut tasks, &shutdown);
         control.first_look(Duration::from_secs(2)).await;

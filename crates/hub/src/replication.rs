@@ -110,14 +110,14 @@ impl Control {
         ingest: Arc<Ingest>,
         sessions: Arc<Sessions>,
         data_dir: &std::path::Path,
-    ) -> Arc<Control> {
-        let http = reqwest::Client::builder()
+        peer_roots: &[reqwest::Certificate],
+    ) -> anyhow::Result<Arc<Control>> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default();
+            .pool_idle_timeout(Duration::from_secs(30));
+        let http = crate::https::trusting(builder, peer_roots).build()?;
         let partitions = ingest.log().partitions() as usize;
-        Arc::new(Control {
+        Ok(Arc::new(Control {
             peer,
             peer_token,
             max_lag,
@@ -135,7 +135,7 @@ impl Control {
             reconciling: AtomicBool::new(false),
             throttle: watch::Sender::new(false),
             looked: watch::Sender::new(false),
-        })
+        }))
     }
 
     /// Follows the throttle (true while async lag is over `--max-lag-ms`).

@@ -192,9 +192,26 @@ impl Harness {
         peers: Option<(String, String)>,
         extra: &[&str],
     ) -> (HubNode, HubNode) {
+        self.pair_with(a, b, "http", peers, extra)
+    }
+
+    /// [`Harness::pair`] with peers reached through `scheme` (`https` when
+    /// `extra` serves the API over TLS).
+    pub fn pair_with(
+        &self,
+        a: (&str, &Registry),
+        b: (&str, &Registry),
+        scheme: &str,
+        peers: Option<(String, String)>,
+        extra: &[&str],
+    ) -> (HubNode, HubNode) {
         let (http_a, http_b) = (reserve_port(), reserve_port());
-        let (peer_of_a, peer_of_b) =
-            peers.unwrap_or_else(|| (format!("http://{http_b}"), format!("http://{http_a}")));
+        let (peer_of_a, peer_of_b) = peers.unwrap_or_else(|| {
+            (
+                format!("{scheme}://{http_b}"),
+                format!("{scheme}://{http_a}"),
+            )
+        });
         let mut args_a: Vec<&str> =
             vec!["--http", &http_a, "--peer", &peer_of_a, "--role", "primary"];
         args_a.extend_from_slice(extra);

@@ -537,3 +537,114 @@ async fn an_isolated_old_primary_loses_no_acknowledged_telemetry() {
     })
     .await;
 }
+
+/// A hub reached over HTTPS, for the concierge.
+struct HttpsHub {
+    url: String,
+    mqtt: std::net::SocketAddr,
+}
+
+impl tests::HubAddrs for HttpsHub {
+    fn http_url(&self) -> String {
+        self.url.clone()
+    }
+    fn mqtt_addr(&self) -> std::net::SocketAddr {
+        self.mqtt
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_replicate_and_are_watched_over_https_with_a_private_ca() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let h = harness!("hubs_replicate_and_are_watched_over_https_with_a_private_ca");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (h.dir().join("cert.pem"), h.dir().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (cert_s, key_s) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let tls = [
+        "--replication",
+        "sync",
+        "--http-tls-cert",
+        cert_s,
+        "--http-tls-key",
+        key_s,
+        "--peer-ca",
+        cert_s,
+    ];
+    let (a, b) = h.pair_with(("a", &ra), ("b", &rb), "https", None, &tls);
+    let url = |hub: &HubNode| format!("https://{}", hub.http);
+    // Sync replication over HTTPS: the PUBACK needs the secondary's copy.
+    let mut c = connect(&a, &ra, "d1").await;
+    c.publish("devices/d1/messages/events/1", QoS::AtLeastOnce, 1, b"one")
+        .await;
+    assert!(matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))));
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .timeout(SECS)
+        .build()
+        .unwrap();
+    let status_b: StatusResponse = https
+        .get(format!("{}/v1/status", url(&b)))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p = partition_for(&DeviceId::new("d1").unwrap(), 8).0 as usize;
+    assert_eq!(status_b.partitions[p].high_watermark.0, 1);
+    assert!(status_b.peer_reachable);
+    // A concierge that trusts the CA sees both regions and hands out a.
+    let hubs = [
+        HttpsHub {
+            url: url(&a),
+            mqtt: a.mqtt,
+        },
+        HttpsHub {
+            url: url(&b),
+            mqtt: b.mqtt,
+        },
+    ];
+    let conc = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &hubs[0]), ("b", &hubs[1])],
+        &["--hub-ca", cert_s],
+    );
+    wait_for(10, "the concierge to see both hubs over HTTPS", || async {
+        let r: serde_json::Value = reqwest::get(format!("{}/v1/regions", conc.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["regions"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2 && v.iter().all(|x| x["healthy"] == true))
+    })
+    .await;
+    let endpoint: serde_json::Value =
+        reqwest::get(format!("{}/v1/devices/d1/endpoint", conc.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(endpoint["region"], "a");
+    // Without the CA the concierge refuses the hubs' certificate: no hub is healthy.
+    let blind = h.concierge(
+        "concierge-blind",
+        "127.0.0.1:0",
+        &[("a", &hubs[0]), ("b", &hubs[1])],
+        &[],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = reqwest::get(format!("{}/v1/devices/d1/endpoint", blind.url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "an untrusted certificate was accepted");
+}

@@ -106,6 +106,9 @@ pub struct ConsumeRunArgs {
     /// Bearer token for the hubs' read API (a read token or the admin token).
     #[arg(long, env = "FLEET_HUB_TOKEN", hide_env_values = true)]
     pub hub_token: Option<Secret>,
+    /// PEM CA certificate(s) to trust for HTTPS hubs, besides the public roots.
+    #[arg(long, env = "FLEET_HUB_CA")]
+    pub hub_ca: Option<PathBuf>,
     /// The group's shared store: `sqlite://PATH` (one machine) or `postgres://…`.
     #[arg(long, env = "FLEET_CONSUMER_STORE")]
     pub store: Option<String>,
@@ -186,7 +189,7 @@ impl ConsumeRunArgs {
             tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
         }
         Ok(crate::config::merge_args!(ConsumeRunArgs, self, file, {
-            group, hubs, hub_token, store, sink, sink_table, instance, http, admin_token, batch,
+            group, hubs, hub_token, hub_ca, store, sink, sink_table, instance, http, admin_token, batch,
             attempts, breaker_failures, breaker_window_s, breaker_cooldown_s, lease_ttl_ms, start,
         }))
     }
@@ -224,6 +227,9 @@ impl ConsumeRunArgs {
         }
         let mut c = ConsumerConfig::new(&group, hubs, &store);
         c.hub_token = self.hub_token;
+        if let Some(ca) = &self.hub_ca {
+            c.hub_roots = crate::https::load_ca(ca).context("--hub-ca")?;
+        }
         c.instance = self.instance;
         if let Some(b) = self.batch {
             if b == 0 || b > 10_000 {

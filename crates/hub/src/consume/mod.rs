@@ -136,6 +136,8 @@ pub struct ConsumerConfig {
     pub hubs: Vec<String>,
     /// Bearer token for the hubs' read API.
     pub hub_token: Option<Secret>,
+    /// Extra roots trusted for hubs serving HTTPS with a private CA.
+    pub hub_roots: Vec<reqwest::Certificate>,
     /// `sqlite://PATH` or `postgres://…`: leases, checkpoints, breaker, dead letters.
     pub store: String,
     /// This instance's name in the group (default: host and a random suffix).
@@ -176,6 +178,7 @@ impl ConsumerConfig {
             group: group.to_string(),
             hubs,
             hub_token: None,
+            hub_roots: Vec::new(),
             store: store.to_string(),
             instance: None,
             batch: 500,
@@ -272,8 +275,9 @@ impl Consumer {
         let clients = config
             .hubs
             .iter()
-            .map(|u| HubClient::new(u.clone(), config.hub_token.clone()))
-            .collect();
+            .map(|u| HubClient::trusting(u.clone(), config.hub_token.clone(), &config.hub_roots))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConsumerError::Config(format!("hub HTTP client: {e}")))?;
         let initial = store.breaker().await?;
         let ctx = Arc::new(Ctx {
             hubs: Hubs {
