@@ -56,6 +56,21 @@ impl Harness {
         }
     }
 
+    /// A self-signed certificate for `localhost` and `127.0.0.1`, its PEM
+    /// files in the scratch directory.
+    pub fn self_signed(&self) -> TestCert {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("certificate");
+        let (cert, key) = (self.dir().join("cert.pem"), self.dir().join("key.pem"));
+        std::fs::write(&cert, c.cert.pem()).expect("write cert");
+        std::fs::write(&key, c.signing_key.serialize_pem()).expect("write key");
+        TestCert {
+            pem: c.cert.pem(),
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+        }
+    }
+
     /// A scratch directory removed with the harness.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -701,5 +716,25 @@ where
             "timed out after {secs} s waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A certificate from [`Harness::self_signed`].
+#[derive(Debug, Clone)]
+pub struct TestCert {
+    pub pem: String,
+    /// Paths of the PEM files, as arguments.
+    pub cert: String,
+    pub key: String,
+}
+
+impl TestCert {
+    /// An HTTP client that trusts this certificate.
+    pub fn https_client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.pem.as_bytes()).expect("pem"))
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("client")
     }
 }

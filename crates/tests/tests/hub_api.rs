@@ -235,23 +235,14 @@ async fn the_read_api_long_polls_and_validates() {
 async fn tls_clients_connect_while_idle_handshakes_block_nobody() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let h = harness!("tls_clients_connect_while_idle_handshakes_block_nobody");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let (cert_path, key_path) = (h.dir().join("cert.pem"), h.dir().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let cert = h.self_signed();
     let mut reg = Registry::sqlite(h.dir(), "eu").await;
     reg.add(&["secure"]).await;
     let hub = h.hub(
         "hub-eu",
         "eu",
         &reg.url,
-        &[
-            "--tls-cert",
-            cert_path.to_str().unwrap(),
-            "--tls-key",
-            key_path.to_str().unwrap(),
-        ],
+        &["--tls-cert", &cert.cert, "--tls-key", &cert.key],
     );
     // Sockets that never start a handshake (rumqttd would stall on these).
     let mut idle = Vec::new();
@@ -262,7 +253,7 @@ async fn tls_clients_connect_while_idle_handshakes_block_nobody() {
     opts.set_credentials("secure", reg.key("secure"));
     opts.set_transport(rumqttc::Transport::tls_with_config(
         rumqttc::TlsConfiguration::Simple {
-            ca: cert.cert.pem().into_bytes(),
+            ca: cert.pem.clone().into_bytes(),
             alpn: None,
             client_auth: None,
         },
@@ -306,33 +297,20 @@ async fn tls_clients_connect_while_idle_handshakes_block_nobody() {
 async fn the_http_api_serves_https_and_idle_handshakes_block_nobody() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let h = harness!("the_http_api_serves_https_and_idle_handshakes_block_nobody");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let (cert_path, key_path) = (h.dir().join("cert.pem"), h.dir().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let cert = h.self_signed();
     let reg = Registry::sqlite(h.dir(), "eu").await;
     let hub = h.hub(
         "hub-eu",
         "eu",
         &reg.url,
-        &[
-            "--http-tls-cert",
-            cert_path.to_str().unwrap(),
-            "--http-tls-key",
-            key_path.to_str().unwrap(),
-        ],
+        &["--http-tls-cert", &cert.cert, "--http-tls-key", &cert.key],
     );
     // Sockets that never start a handshake must not hold up anyone else.
     let mut idle = Vec::new();
     for _ in 0..5 {
         idle.push(tokio::net::TcpStream::connect(hub.http).await.unwrap());
     }
-    let https = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
-        .timeout(SECS)
-        .build()
-        .unwrap();
+    let https = cert.https_client();
     let base = format!("https://localhost:{}", hub.http.port());
     let health = https.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);

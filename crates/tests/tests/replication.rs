@@ -557,12 +557,8 @@ impl tests::HubAddrs for HttpsHub {
 async fn hubs_replicate_and_are_watched_over_https_with_a_private_ca() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let h = harness!("hubs_replicate_and_are_watched_over_https_with_a_private_ca");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let (cert_path, key_path) = (h.dir().join("cert.pem"), h.dir().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let (cert_s, key_s) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+    let cert = h.self_signed();
+    let (cert_s, key_s) = (cert.cert.as_str(), cert.key.as_str());
     let (ra, rb) = registries(&h, &["d1"]).await;
     let tls = [
         "--replication",
@@ -581,11 +577,7 @@ async fn hubs_replicate_and_are_watched_over_https_with_a_private_ca() {
     c.publish("devices/d1/messages/events/1", QoS::AtLeastOnce, 1, b"one")
         .await;
     assert!(matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))));
-    let https = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
-        .timeout(SECS)
-        .build()
-        .unwrap();
+    let https = cert.https_client();
     let status_b: StatusResponse = https
         .get(format!("{}/v1/status", url(&b)))
         .bearer_auth(ADMIN_TOKEN)
