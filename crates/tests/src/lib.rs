@@ -197,6 +197,57 @@ impl Harness {
         args
     }
 
+    /// A `{"device_id","key"}` file of `ids` (as `registry-sync device add
+    /// --keys-out` writes) for `device-agent simulate`.
+    pub fn keys_file(&self, reg: &Registry, ids: &[String]) -> PathBuf {
+        let path = self.dir().join("keys.ndjson");
+        let lines: String = ids
+            .iter()
+            .map(|id| format!("{{\"device_id\":\"{id}\",\"key\":\"{}\"}}\n", reg.key(id)))
+            .collect();
+        std::fs::write(&path, lines).expect("keys file");
+        path
+    }
+
+    /// Arguments that run `device-agent simulate` of the devices in `keys`
+    /// at `rate` msgs/s each for `secs` against concierge `c`, with one
+    /// report line per device in `report`.
+    pub fn simulate_args(
+        &self,
+        c: &ConciergeNode,
+        keys: &Path,
+        report: &Path,
+        rate: &str,
+        secs: &str,
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "device-agent",
+            "simulate",
+            "--rate",
+            rate,
+            "--duration-s",
+            secs,
+            "--dns",
+            &c.dns.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--concierge".into());
+        args.push(format!("http://concierge.fleet.test:{}", c.http.port()));
+        for (flag, path) in [
+            ("--keys", keys.to_path_buf()),
+            ("--outbox", self.dir().join("sim")),
+            ("--report", report.to_path_buf()),
+        ] {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
     /// Starts two hubs that replicate between them: `a` (primary) and `b`
     /// (secondary), each with `--peer` pointing at the other (or at
     /// `peer_of_a` / `peer_of_b` when given, e.g. a proxy). `extra` goes to both.

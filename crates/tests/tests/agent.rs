@@ -38,13 +38,17 @@ async fn stored_once(hub: &HubNode, device: &str) -> Vec<u64> {
     mids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_delivers_stdin_through_the_dns_front_and_the_concierge() {
-    let h = harness!("an_agent_delivers_stdin_through_the_dns_front_and_the_concierge");
-    let (reg, hub, c) = fleet(&h, &["d1"]).await;
+/// `device-agent run` as d1 with `lines` on its stdin (then closed), exiting
+/// once its outbox is empty.
+fn agent_with_lines(
+    h: &tests::Harness,
+    c: &ConciergeNode,
+    reg: &Registry,
+    lines: impl Iterator<Item = String>,
+) -> std::process::Child {
     let outbox = h.dir().join("outbox");
     let args = h.agent_args(
-        &c,
+        c,
         "d1",
         &reg.key("d1"),
         outbox.to_str().unwrap(),
@@ -56,16 +60,31 @@ async fn an_agent_delivers_stdin_through_the_dns_front_and_the_concierge() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for i in 1..=300 {
-            writeln!(stdin, "{{\"reading\":{i}}}").unwrap();
-        }
+    let mut stdin = child.stdin.take().unwrap();
+    for line in lines {
+        writeln!(stdin, "{line}").unwrap();
     }
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+    child
+}
+
+async fn finished(child: std::process::Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
-        .unwrap()
-        .unwrap();
+        .expect("join")
+        .expect("agent output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_delivers_stdin_through_the_dns_front_and_the_concierge() {
+    let h = harness!("an_agent_delivers_stdin_through_the_dns_front_and_the_concierge");
+    let (reg, hub, c) = fleet(&h, &["d1"]).await;
+    let child = agent_with_lines(
+        &h,
+        &c,
+        &reg,
+        (1..=300).map(|i| format!("{{\"reading\":{i}}}")),
+    );
+    let out = finished(child).await;
     assert!(out.status.success(), "agent failed");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["accepted"], 300);
@@ -224,26 +243,7 @@ async fn with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering() {
             .unwrap_or(0.0)
     };
     let before = refusals();
-    let outbox = h.dir().join("outbox");
-    let args = h.agent_args(
-        &c,
-        "d1",
-        &reg.key("d1"),
-        outbox.to_str().unwrap(),
-        &["--exit-when-drained"],
-    );
-    let mut child = h
-        .command("agent", &args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for i in 1..=50 {
-            writeln!(stdin, "buffered {i}").unwrap();
-        }
-    }
+    let child = agent_with_lines(&h, &c, &reg, (1..=50).map(|i| format!("buffered {i}")));
     // The concierge answers 503 with Retry-After (its TTL, 5 s): once told,
     // the agent must not ask again for a while. Counted from its first ask,
     // so a slow start on a loaded machine does not matter.
@@ -259,10 +259,7 @@ async fn with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering() {
         "the agent asked {asked} more times within 4 s of being told to come back in 5 s"
     );
     hub.restart(&h);
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = finished(child).await;
     assert!(out.status.success());
     assert_eq!(stored_once(&hub, "d1").await, (1..=50).collect::<Vec<_>>());
 }
@@ -297,34 +294,9 @@ async fn simulate_delivers_everything_and_reports_each_device() {
     let ids: Vec<String> = (0..20).map(|i| format!("sim-{i:02}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let (reg, hub, c) = fleet(&h, &refs).await;
-    let keys = h.dir().join("keys.ndjson");
-    let lines: String = ids
-        .iter()
-        .map(|id| format!("{{\"device_id\":\"{id}\",\"key\":\"{}\"}}\n", reg.key(id)))
-        .collect();
-    std::fs::write(&keys, lines).unwrap();
+    let keys = h.keys_file(&reg, &ids);
     let report = h.dir().join("report.ndjson");
-    let args: Vec<String> = [
-        "device-agent",
-        "simulate",
-        "--keys",
-        keys.to_str().unwrap(),
-        "--rate",
-        "20",
-        "--duration-s",
-        "3",
-        "--concierge",
-        &format!("http://concierge.fleet.test:{}", c.http.port()),
-        "--dns",
-        &c.dns.to_string(),
-        "--outbox",
-        h.dir().join("sim").to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = h.simulate_args(&c, &keys, &report, "20", "3", &[]);
     let out = tokio::task::spawn_blocking({
         let mut cmd = h.command("simulate", &args);
         move || cmd.output()

@@ -499,6 +499,16 @@ async fn get_json(url: String) -> serde_json::Value {
         .expect("json")
 }
 
+/// Whether every checkpoint of `store` stands at its partition's high watermark.
+async fn checkpoints_at(store: &ConsumerStore, hw: &[u64]) -> bool {
+    store
+        .checkpoints()
+        .await
+        .expect("checkpoints")
+        .iter()
+        .all(|(p, c)| c.next.0 == hw[p.0 as usize])
+}
+
 async fn sink_count(sink: &SqlSink) -> u64 {
     sink.count().await.unwrap_or(0)
 }
@@ -805,12 +815,7 @@ async fn a_killed_instance_is_replaced_from_its_checkpoints() {
     .await;
     let hw = high_watermarks(&hub).await;
     wait_for(10, "checkpoints at the high watermarks", || async {
-        store
-            .checkpoints()
-            .await
-            .unwrap()
-            .iter()
-            .all(|(p, cp)| cp.next.0 == hw[p.0 as usize])
+        checkpoints_at(&store, &hw).await
     })
     .await;
     assert!(!of_a.is_empty());
@@ -1092,12 +1097,7 @@ async fn after_a_forced_failover_the_consumer_rewinds_to_where_the_regions_agree
     let hw_b = high_watermarks(&b).await;
     assert_eq!(hw_b.iter().sum::<u64>(), 140);
     wait_for(30, "the consumer to follow the new primary", || async {
-        store
-            .checkpoints()
-            .await
-            .unwrap()
-            .iter()
-            .all(|(p, c)| c.next.0 == hw_b[p.0 as usize])
+        checkpoints_at(&store, &hw_b).await
     })
     .await;
     // Everything any region acknowledged is in the sink: the first 80, the

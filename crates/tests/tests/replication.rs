@@ -35,6 +35,28 @@ async fn post(url: String, body: serde_json::Value) -> reqwest::Response {
         .expect("post")
 }
 
+/// Records stored in all partitions of `hub`.
+async fn stored(hub: &HubNode) -> u64 {
+    status(hub)
+        .await
+        .partitions
+        .iter()
+        .map(|p| p.high_watermark.0)
+        .sum()
+}
+
+async fn failback_report(hub: &HubNode) -> FailbackReport {
+    reqwest::Client::new()
+        .get(format!("{}/v1/failback", hub.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("failback report")
+        .json()
+        .await
+        .expect("failback report JSON")
+}
+
 /// Records of `device` as comparable tuples.
 async fn records(hub: &HubNode, device: &str) -> Vec<(u64, Option<u64>, Vec<u8>, u64)> {
     hub.records_of(device, 8)
@@ -188,6 +210,45 @@ async fn two_promotions_racing_have_one_winner() {
     assert_eq!(body["error"]["code"], "epoch_mismatch");
 }
 
+/// A replicating pair behind a concierge, with 20 simulated devices
+/// publishing to the primary (`a`) for 8 s.
+struct UnderLoad {
+    ids: Vec<String>,
+    a: HubNode,
+    b: HubNode,
+    c: tests::ConciergeNode,
+    sim: std::process::Child,
+    report: std::path::PathBuf,
+}
+
+async fn pair_under_load(h: &tests::Harness) -> UnderLoad {
+    let ids: Vec<String> = (0..20).map(|i| format!("dev-{i:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (ra, rb) = registries(h, &refs).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &a), ("b", &b)],
+        &["--ttl-s", "2"],
+    );
+    let keys = h.keys_file(&ra, &ids);
+    let report = h.dir().join("report.ndjson");
+    let sim = simulate(h, &c, &keys, &report, "20", "8");
+    wait_for(20, "traffic on the primary", || async {
+        stored(&a).await > 200
+    })
+    .await;
+    UnderLoad {
+        ids,
+        a,
+        b,
+        c,
+        sim,
+        report,
+    }
+}
+
 /// Runs `device-agent simulate` for `devices` against concierge `c`.
 fn simulate(
     h: &tests::Harness,
@@ -197,45 +258,18 @@ fn simulate(
     rate: &str,
     secs: &str,
 ) -> std::process::Child {
-    let args: Vec<String> = [
-        "device-agent",
-        "simulate",
-        "--keys",
-        keys.to_str().unwrap(),
-        "--rate",
+    let args = h.simulate_args(
+        c,
+        keys,
+        report,
         rate,
-        "--duration-s",
         secs,
-        "--drain-timeout-s",
-        "90",
-        "--ack-timeout-s",
-        "3",
-        "--concierge",
-        &format!("http://concierge.fleet.test:{}", c.http.port()),
-        "--dns",
-        &c.dns.to_string(),
-        "--outbox",
-        h.dir().join("sim").to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &["--drain-timeout-s", "90", "--ack-timeout-s", "3"],
+    );
     h.command("simulate", &args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn keys_file(h: &tests::Harness, reg: &Registry, ids: &[String]) -> std::path::PathBuf {
-    let path = h.dir().join("keys.ndjson");
-    let lines: String = ids
-        .iter()
-        .map(|id| format!("{{\"device_id\":\"{id}\",\"key\":\"{}\"}}\n", reg.key(id)))
-        .collect();
-    std::fs::write(&path, lines).unwrap();
-    path
 }
 
 /// Every mid each simulated device generated is in `hub` exactly once.
@@ -267,29 +301,14 @@ async fn all_delivered_once(hub: &HubNode, report: &std::path::Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_failover_under_load_and_failback_lose_nothing() {
     let h = harness!("forced_failover_under_load_and_failback_lose_nothing");
-    let ids: Vec<String> = (0..20).map(|i| format!("dev-{i:02}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let (ra, rb) = registries(&h, &refs).await;
-    let (mut a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
-    let c = h.concierge(
-        "concierge",
-        "127.0.0.1:0",
-        &[("a", &a), ("b", &b)],
-        &["--ttl-s", "2"],
-    );
-    let keys = keys_file(&h, &ra, &ids);
-    let report = h.dir().join("report.ndjson");
-    let sim = simulate(&h, &c, &keys, &report, "20", "8");
-    wait_for(20, "traffic on the primary", || async {
-        status(&a)
-            .await
-            .partitions
-            .iter()
-            .map(|p| p.high_watermark.0)
-            .sum::<u64>()
-            > 200
-    })
-    .await;
+    let UnderLoad {
+        ids,
+        mut a,
+        b,
+        c,
+        sim,
+        report,
+    } = pair_under_load(&h).await;
     a.node.kill9();
     let failover = post(
         format!("{}/v1/failover", c.url()),
@@ -330,15 +349,7 @@ async fn forced_failover_under_load_and_failback_lose_nothing() {
                 .is_some_and(|r| r.lag_records == 0 && r.state == "streaming")
     })
     .await;
-    let fb: FailbackReport = reqwest::Client::new()
-        .get(format!("{}/v1/failback", a.url()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fb = failback_report(&a).await;
     assert_eq!(
         fb.missing_count, 0,
         "archived records the new history lacks: {:?}",
@@ -373,29 +384,14 @@ async fn forced_failover_under_load_and_failback_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_promotion_under_load_loses_nothing() {
     let h = harness!("planned_promotion_under_load_loses_nothing");
-    let ids: Vec<String> = (0..20).map(|i| format!("dev-{i:02}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let (ra, rb) = registries(&h, &refs).await;
-    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
-    let c = h.concierge(
-        "concierge",
-        "127.0.0.1:0",
-        &[("a", &a), ("b", &b)],
-        &["--ttl-s", "2"],
-    );
-    let keys = keys_file(&h, &ra, &ids);
-    let report = h.dir().join("report.ndjson");
-    let sim = simulate(&h, &c, &keys, &report, "20", "8");
-    wait_for(20, "traffic on the primary", || async {
-        status(&a)
-            .await
-            .partitions
-            .iter()
-            .map(|p| p.high_watermark.0)
-            .sum::<u64>()
-            > 200
-    })
-    .await;
+    let UnderLoad {
+        a,
+        b,
+        c,
+        sim,
+        report,
+        ..
+    } = pair_under_load(&h).await;
     let resp = post(
         format!("{}/v1/failover", c.url()),
         serde_json::json!({"to": "b", "mode": "planned"}),
@@ -414,15 +410,7 @@ async fn planned_promotion_under_load_loses_nothing() {
     all_delivered_once(&b, &report).await;
     let sa = status(&a).await;
     assert_eq!((sa.role, sa.epoch.0), (Role::Secondary, 2));
-    let fb: FailbackReport = reqwest::Client::new()
-        .get(format!("{}/v1/failback", a.url()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fb = failback_report(&a).await;
     assert!(
         fb.archived.is_empty(),
         "a planned promotion leaves nothing to archive: {fb:?}"
@@ -475,17 +463,11 @@ async fn an_isolated_old_primary_loses_no_acknowledged_telemetry() {
         &[("a", &a_seen), ("b", &b_seen)],
         &["--ttl-s", "2"],
     );
-    let keys = keys_file(&h, &ra, &ids);
+    let keys = h.keys_file(&ra, &ids);
     let report = h.dir().join("report.ndjson");
     let sim = simulate(&h, &c, &keys, &report, "20", "10");
     wait_for(20, "traffic on the primary", || async {
-        status(&a)
-            .await
-            .partitions
-            .iter()
-            .map(|p| p.high_watermark.0)
-            .sum::<u64>()
-            > 100
+        stored(&a).await > 100
     })
     .await;
     // The partition: the old primary hears from no one, devices still reach it.
@@ -634,7 +616,26 @@ async fn hubs_replicate_and_are_watched_over_https_with_a_private_ca() {
         &[("a", &hubs[0]), ("b", &hubs[1])],
         &[],
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        10,
+        "the blind concierge to have checked both hubs",
+        || async {
+            let r: serde_json::Value = reqwest::get(format!("{}/v1/regions", blind.url()))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["regions"].as_array().is_some_and(|v| {
+                v.iter().all(|x| {
+                    x["problem"]
+                        .as_str()
+                        .is_some_and(|p| p.contains("unreachable"))
+                })
+            })
+        },
+    )
+    .await;
     let r = reqwest::get(format!("{}/v1/devices/d1/endpoint", blind.url()))
         .await
         .unwrap();
