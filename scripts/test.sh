@@ -10,4 +10,9 @@ if cargo tree --locked -p device-agent -e normal | grep -E '^.*(rumqttd|axum|sql
   echo "device-agent depends on a server crate (above)" >&2
   exit 1
 fi
+# Consumers read hubs over HTTP: a consumer deployment compiles no hub, broker or web framework.
+if cargo tree --locked -p consumer -e normal | grep -E '^.*[ ](hub|rumqttd|axum|hickory-server|registry-sync) v'; then
+  echo "consumer depends on the hub or a server crate (above)" >&2
+  exit 1
+fi
 cargo test --workspace --locked

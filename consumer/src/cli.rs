@@ -1,5 +1,6 @@
-//! `hub consume …`: the runner of the built-in SQL sink, and the operator
-//! commands on a group's shared state (status, breaker, dead letters).
+//! `fleet consume …` (also `fleet-consumer …`): the runner of the built-in
+//! SQL sink, and the operator commands on a group's shared state (status,
+//! breaker, dead letters).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,23 +8,51 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::process::ExitCode;
+
 use anyhow::{Context, bail};
-use axum::extract::State as AxState;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use fleet_api::{ErrorCode, Secret};
+use clap::Parser;
+use fleet_api::secret::redact_url;
+use fleet_api::{Secret, UnixMillis};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use super::breaker::{BreakerPolicy, State};
-use super::sink::SqlSink;
-use super::store::{ConsumerStore, DeadLetter};
-use super::{Consumer, ConsumerConfig, Handler, RetryPolicy, Start};
-use crate::http::{ApiError, bearer};
+use crate::api::RunnerApi;
+use crate::breaker::{BreakerPolicy, State};
+use crate::sink::SqlSink;
+use crate::store::{Backend, ConsumerStore, DeadLetter};
+use crate::{Consumer, ConsumerConfig, Handler, RetryPolicy, Start};
 
-/// `hub consume` subcommands.
+/// Reliable consumers of the hubs' event logs: run the SQL sink, manage a group.
+#[derive(Debug, Parser)]
+#[command(name = "consume", version)]
+pub struct Cli {
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: ConsumeCommand,
+}
+
+/// Runs the command line (the first argument is the program name); returns
+/// the exit code.
+pub async fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    fleet_api::process::init_tracing("info");
+    match run(cli.command, cli.json).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("consume: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `consume` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ConsumeCommand {
     /// Run a consumer instance that writes telemetry into a SQL table.
@@ -89,7 +118,7 @@ pub enum DeadLetterCommand {
     },
 }
 
-/// Every setting of `hub consume run`, as flags, `FLEET_*` variables or TOML keys.
+/// Every setting of `consume run`, as flags, `FLEET_*` variables or TOML keys.
 #[derive(Debug, Default, clap::Args, Deserialize)]
 #[serde(default)]
 pub struct ConsumeRunArgs {
@@ -188,7 +217,7 @@ impl ConsumeRunArgs {
         for key in file.unknown.keys() {
             tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
         }
-        Ok(crate::config::merge_args!(ConsumeRunArgs, self, file, {
+        Ok(fleet_api::merge_args!(ConsumeRunArgs, self, file, {
             group, hubs, hub_token, hub_ca, store, sink, sink_table, instance, http, admin_token, batch,
             attempts, breaker_failures, breaker_window_s, breaker_cooldown_s, lease_ttl_ms, start,
         }))
@@ -212,11 +241,11 @@ impl ConsumeRunArgs {
         let store = self
             .store
             .context("--store is required (sqlite://PATH or postgres://…)")?;
-        super::store::Backend::of(&store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+        Backend::of(&store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
         let sink = self
             .sink
             .context("--sink is required (postgres://… or sqlite://PATH)")?;
-        super::store::Backend::of(&sink).map_err(|e| anyhow::anyhow!("--sink: {e}"))?;
+        Backend::of(&sink).map_err(|e| anyhow::anyhow!("--sink: {e}"))?;
         if let Some(t) = &self.admin_token
             && t.expose().len() < 16
         {
@@ -228,7 +257,7 @@ impl ConsumeRunArgs {
         let mut c = ConsumerConfig::new(&group, hubs, &store);
         c.hub_token = self.hub_token;
         if let Some(ca) = &self.hub_ca {
-            c.hub_roots = crate::https::load_ca(ca).context("--hub-ca")?;
+            c.hub_roots = fleet_api::client::load_ca(ca).context("--hub-ca")?;
         }
         c.instance = self.instance;
         if let Some(b) = self.batch {
@@ -277,7 +306,7 @@ impl ConsumeRunArgs {
     }
 }
 
-/// Runs a `hub consume` subcommand.
+/// Runs a `consume` subcommand.
 ///
 /// # Errors
 /// Bad input or failed operations, with context.
@@ -324,12 +353,7 @@ pub async fn run(cmd: ConsumeCommand, json: bool) -> anyhow::Result<()> {
 async fn open(g: &GroupArgs) -> anyhow::Result<ConsumerStore> {
     ConsumerStore::open(&g.store, &g.group)
         .await
-        .with_context(|| {
-            format!(
-                "open consumer store {}",
-                registry_sync::store::redact_url(&g.store)
-            )
-        })
+        .with_context(|| format!("open consumer store {}", redact_url(&g.store)))
 }
 
 /// Opens (manually, until closed by hand) or closes the breaker.
@@ -339,7 +363,7 @@ async fn open(g: &GroupArgs) -> anyhow::Result<ConsumerStore> {
 pub async fn set_breaker(store: &ConsumerStore, action: BreakerAction) -> anyhow::Result<State> {
     let next = match action {
         BreakerAction::Open => State::Open {
-            since_ms: registry_sync::hlc::wall_ms(),
+            since_ms: UnixMillis::now().0,
             manual: true,
         },
         BreakerAction::Close => State::Closed,
@@ -471,9 +495,9 @@ async fn dead_letters(cmd: DeadLetterCommand, json: bool) -> anyhow::Result<()> 
             id,
         } => {
             let store = open(&group).await?;
-            let sink = SqlSink::open(&sink, &sink_table).await.with_context(|| {
-                format!("open sink {}", registry_sync::store::redact_url(&sink))
-            })?;
+            let sink = SqlSink::open(&sink, &sink_table)
+                .await
+                .with_context(|| format!("open sink {}", redact_url(&sink)))?;
             let report = replay(&store, &sink, &id).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -496,12 +520,7 @@ async fn run_consumer(config: RunnerConfig, json: bool) -> anyhow::Result<()> {
     let _ = crate::prom::handle();
     let sink = SqlSink::open(&config.sink, &config.sink_table)
         .await
-        .with_context(|| {
-            format!(
-                "open sink {}",
-                registry_sync::store::redact_url(&config.sink)
-            )
-        })?;
+        .with_context(|| format!("open sink {}", redact_url(&config.sink)))?;
     let group = config.consumer.group.clone();
     let consumer = Arc::new(
         Consumer::start(config.consumer, Arc::new(sink))
@@ -515,15 +534,11 @@ async fn run_consumer(config: RunnerConfig, json: bool) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("bind HTTP listener {addr}"))?;
             http_addr = Some(listener.local_addr()?);
-            let app = router(Arc::new(RunnerApi {
+            let api = Arc::new(RunnerApi {
                 consumer: consumer.clone(),
                 admin_token: token,
-            }));
-            Some(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "http server failed");
-                }
-            }))
+            });
+            Some(tokio::spawn(crate::api::serve(listener, api)))
         }
         _ => None,
     };
@@ -539,7 +554,7 @@ async fn run_consumer(config: RunnerConfig, json: bool) -> anyhow::Result<()> {
             http_addr.map(|a| format!(" http {a}")).unwrap_or_default()
         );
     }
-    registry_sync::cli::shutdown_signal().await;
+    fleet_api::process::shutdown_signal().await;
     tracing::info!("shutting down");
     if let Some(s) = server {
         s.abort();
@@ -547,88 +562,4 @@ async fn run_consumer(config: RunnerConfig, json: bool) -> anyhow::Result<()> {
     // Gives the leases back now rather than letting them expire.
     consumer.shutdown().await;
     Ok(())
-}
-
-/// The runner's HTTP API.
-#[derive(Debug)]
-pub struct RunnerApi {
-    pub consumer: Arc<Consumer>,
-    pub admin_token: Secret,
-}
-
-/// `/healthz`, `/metrics`, `GET /v1/consumer`, `POST /v1/breaker/{open,close}`.
-pub fn router(api: Arc<RunnerApi>) -> Router {
-    Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/metrics", get(metrics_text))
-        .route("/v1/consumer", get(consumer_status))
-        .route("/v1/breaker/open", post(breaker_open))
-        .route("/v1/breaker/close", post(breaker_close))
-        .with_state(api)
-}
-
-async fn metrics_text() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::prom::handle().render(),
-    )
-        .into_response()
-}
-
-async fn consumer_status(AxState(api): AxState<Arc<RunnerApi>>) -> Result<Response, ApiError> {
-    let group = group_status(api.consumer.store()).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            format!("{e:#}"),
-        )
-    })?;
-    Ok(
-        Json(serde_json::json!({"instance": api.consumer.status(), "group": group}))
-            .into_response(),
-    )
-}
-
-async fn breaker_open(
-    AxState(api): AxState<Arc<RunnerApi>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    breaker_set(&api, &headers, BreakerAction::Open).await
-}
-
-async fn breaker_close(
-    AxState(api): AxState<Arc<RunnerApi>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    breaker_set(&api, &headers, BreakerAction::Close).await
-}
-
-async fn breaker_set(
-    api: &RunnerApi,
-    headers: &HeaderMap,
-    action: BreakerAction,
-) -> Result<Response, ApiError> {
-    match bearer(headers) {
-        Some(t) if api.admin_token.matches(t) => {}
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                "this call needs the admin bearer token",
-            ));
-        }
-    }
-    let state = set_breaker(api.consumer.store(), action)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                format!("{e:#}"),
-            )
-        })?;
-    Ok(Json(serde_json::json!({"breaker": state.name()})).into_response())
 }

@@ -7,24 +7,38 @@
 //! region after a failover — and by `(partition_id, log_offset, epoch)` for
 //! publishes without a `mid`. `ON CONFLICT DO NOTHING` without a target
 //! skips a row that collides with either.
+//!
+//! On PostgreSQL a batch is one `INSERT … SELECT FROM UNNEST(arrays)` through
+//! the native driver: eight array parameters whatever the batch size, so the
+//! statement is prepared once and each batch is a single round trip. SQLite
+//! takes multi-row `VALUES` through the `Any` driver.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_api::hub::WireRecord;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AnyPool, Row};
 
-use super::store::{Backend, StoreError, connect};
-use super::{Handler, HandlerError};
+use crate::store::{Backend, StoreError, connect};
+use crate::{Handler, HandlerError};
 
-/// Rows per INSERT statement (8 parameters each; far below SQLite's limit).
+/// Rows per SQLite INSERT statement (8 parameters each; far below SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// A table of telemetry records.
 #[derive(Clone, Debug)]
 pub struct SqlSink {
-    pool: AnyPool,
+    db: Db,
     table: String,
+}
+
+/// The connection pool, by backend.
+#[derive(Clone, Debug)]
+enum Db {
+    Postgres(PgPool),
+    Sqlite(AnyPool),
 }
 
 /// Errors of opening the sink.
@@ -53,7 +67,17 @@ impl SqlSink {
         if !valid {
             return Err(SinkError::Table(table.to_string()));
         }
-        let (pool, backend) = connect(url, 8).await?;
+        let backend = Backend::of(url)?;
+        let db = match backend {
+            Backend::Postgres => Db::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(url)
+                    .await?,
+            ),
+            Backend::Sqlite => Db::Sqlite(connect(url, 8).await?.0),
+        };
         let (int, blob) = match backend {
             Backend::Sqlite => ("INTEGER", "BLOB"),
             Backend::Postgres => ("BIGINT", "BYTEA"),
@@ -65,26 +89,27 @@ impl SqlSink {
              enqueued_at {int} NOT NULL, payload {blob} NOT NULL, \
              UNIQUE (device_id, mid), UNIQUE (partition_id, log_offset, epoch))"
         );
-        let mut conn = pool.acquire().await?;
-        if backend == Backend::Postgres {
-            // Two instances starting together race on the catalog.
-            sqlx::query("SELECT pg_advisory_lock(727275)")
-                .execute(&mut *conn)
-                .await?;
-        }
         // The table name is validated above; values are bound.
-        let created = sqlx::query(sqlx::AssertSqlSafe(ddl))
-            .execute(&mut *conn)
-            .await;
-        if backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_unlock(727275)")
-                .execute(&mut *conn)
-                .await?;
+        let ddl = sqlx::AssertSqlSafe(ddl);
+        match &db {
+            Db::Postgres(pool) => {
+                let mut conn = pool.acquire().await?;
+                // Two instances starting together race on the catalog.
+                sqlx::query("SELECT pg_advisory_lock(727275)")
+                    .execute(&mut *conn)
+                    .await?;
+                let created = sqlx::query(ddl).execute(&mut *conn).await;
+                sqlx::query("SELECT pg_advisory_unlock(727275)")
+                    .execute(&mut *conn)
+                    .await?;
+                created?;
+            }
+            Db::Sqlite(pool) => {
+                sqlx::query(ddl).execute(pool).await?;
+            }
         }
-        created?;
-        drop(conn);
         Ok(SqlSink {
-            pool,
+            db,
             table: table.to_string(),
         })
     }
@@ -94,13 +119,81 @@ impl SqlSink {
     /// # Errors
     /// Database errors.
     pub async fn count(&self) -> Result<u64, sqlx::Error> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM {}",
+        let sql = format!("SELECT COUNT(*) FROM {}", self.table);
+        let n: i64 = match &self.db {
+            Db::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?,
+            Db::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?,
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// PostgreSQL: the whole batch as eight arrays.
+    async fn insert_unnest(&self, pool: &PgPool, batch: &[WireRecord]) -> Result<(), sqlx::Error> {
+        let n = batch.len();
+        let mut devices = Vec::with_capacity(n);
+        let mut mids = Vec::with_capacity(n);
+        let mut partitions = Vec::with_capacity(n);
+        let mut offsets = Vec::with_capacity(n);
+        let mut epochs = Vec::with_capacity(n);
+        let mut regions = Vec::with_capacity(n);
+        let mut enqueued = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for r in batch {
+            devices.push(r.device_id.as_str());
+            mids.push(r.mid.map(|m| sql_int(m.0)));
+            partitions.push(i64::from(r.partition.0));
+            offsets.push(sql_int(r.offset.0));
+            epochs.push(sql_int(r.epoch.0));
+            regions.push(r.region.as_str());
+            enqueued.push(sql_int(r.enqueued_at.0));
+            payloads.push(r.payload.as_slice());
+        }
+        let sql = format!(
+            "INSERT INTO {} (device_id, mid, partition_id, log_offset, epoch, region, enqueued_at, payload) \
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[], $8::bytea[]) \
+             ON CONFLICT DO NOTHING",
             self.table
-        )))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(devices)
+            .bind(mids)
+            .bind(partitions)
+            .bind(offsets)
+            .bind(epochs)
+            .bind(regions)
+            .bind(enqueued)
+            .bind(payloads)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    /// SQLite: multi-row `VALUES` in one transaction.
+    async fn insert_values(&self, pool: &AnyPool, batch: &[WireRecord]) -> Result<(), sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+            let sql = self.insert_sql(chunk.len());
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.device_id.as_str().to_string())
+                    .bind(r.mid.map(|m| sql_int(m.0)))
+                    .bind(i64::from(r.partition.0))
+                    .bind(sql_int(r.offset.0))
+                    .bind(sql_int(r.epoch.0))
+                    .bind(r.region.as_str().to_string())
+                    .bind(sql_int(r.enqueued_at.0))
+                    .bind(r.payload.clone());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await
     }
 
     fn insert_sql(&self, rows: usize) -> String {
@@ -132,33 +225,26 @@ impl SqlSink {
 #[async_trait]
 impl Handler for SqlSink {
     async fn handle(&self, batch: &[WireRecord]) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let sql = self.insert_sql(chunk.len());
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                q = q
-                    .bind(r.device_id.as_str().to_string())
-                    .bind(r.mid.map(|m| m.0 as i64))
-                    .bind(i64::from(r.partition.0))
-                    .bind(r.offset.0 as i64)
-                    .bind(r.epoch.0 as i64)
-                    .bind(r.region.as_str().to_string())
-                    .bind(r.enqueued_at.0 as i64)
-                    .bind(r.payload.clone());
-            }
-            q.execute(&mut *tx).await.map_err(classify)?;
+        match &self.db {
+            Db::Postgres(pool) => self.insert_unnest(pool, batch).await,
+            Db::Sqlite(pool) => self.insert_values(pool, batch).await,
         }
-        tx.commit().await.map_err(classify)
+        .map_err(classify)
     }
 
     async fn check(&self) -> Result<(), HandlerError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            Db::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+        }
+        .map_err(classify)
     }
+}
+
+/// SQL has no unsigned 64-bit integer: values above `i64::MAX` are stored as
+/// their two's complement (the same bits), as the store does.
+fn sql_int(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
 }
 
 /// Connection trouble means "try again later"; anything else is about the

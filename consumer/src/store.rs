@@ -18,7 +18,7 @@ use fleet_api::{DeviceId, Epoch, Mid, Offset, PartitionId, Region, UnixMillis};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::breaker::State;
+use crate::breaker::State;
 
 /// Errors of the consumer store.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ impl Backend {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Ok(Backend::Postgres)
         } else {
-            Err(StoreError::Url(registry_sync::store::redact_url(url)))
+            Err(StoreError::Url(fleet_api::secret::redact_url(url)))
         }
     }
 }
@@ -219,7 +219,7 @@ pub struct ConsumerStore {
 }
 
 fn now_ms() -> i64 {
-    int(registry_sync::hlc::wall_ms())
+    int(fleet_api::UnixMillis::now().0)
 }
 
 fn int(v: u64) -> i64 {

@@ -1,10 +1,13 @@
 //! A Rust client of a hub's HTTP API: status, and the log read API with
-//! long polling (what consumers and the secondary region use).
+//! long polling (what consumers, the secondary region and tools use).
+//!
+//! It lives here, behind the `client` feature, so that consumers can read the
+//! logs without compiling the hub (broker, log, MQTT front).
 
 use std::time::Duration;
 
-use fleet_api::hub::{RecordsResponse, StatusResponse};
-use fleet_api::{Epoch, ErrorBody, Offset, PartitionId, Secret};
+use crate::hub::{EpochEnd, RecordsResponse, StatusResponse};
+use crate::{Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Secret};
 
 /// Errors of the hub client.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +21,7 @@ pub enum ClientError {
     #[error("hub answered {status}: {message}")]
     Api {
         status: u16,
-        code: Option<fleet_api::ErrorCode>,
+        code: Option<ErrorCode>,
         message: String,
     },
 }
@@ -57,7 +60,7 @@ impl HubClient {
         token: Option<Secret>,
         roots: &[reqwest::Certificate],
     ) -> Result<Self, reqwest::Error> {
-        let http = crate::https::trusting(Self::builder(), roots).build()?;
+        let http = trusting(Self::builder(), roots).build()?;
         Ok(Self::with_http(base, token, http))
     }
 
@@ -117,7 +120,7 @@ impl HubClient {
     /// # Errors
     /// Transport or API errors.
     pub async fn epoch_end(&self, p: PartitionId, epoch: Epoch) -> Result<Offset, ClientError> {
-        let end: fleet_api::hub::EpochEnd = self
+        let end: EpochEnd = self
             .get(&format!(
                 "/v1/partitions/{}/epoch_end?epoch={}",
                 p.0, epoch.0
@@ -145,4 +148,55 @@ impl HubClient {
         ))
         .await
     }
+}
+
+/// Errors of loading a CA file.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("read CA {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse CA {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("no certificate in CA {0}")]
+    Empty(String),
+}
+
+/// The certificates in a PEM file, to trust as roots when calling HTTPS
+/// hubs signed by a private CA (besides the public web roots).
+///
+/// # Errors
+/// When the file cannot be read or holds no certificate.
+pub fn load_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, CaError> {
+    let shown = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| CaError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| CaError::Parse {
+        path: shown.clone(),
+        source,
+    })?;
+    if certs.is_empty() {
+        return Err(CaError::Empty(shown));
+    }
+    Ok(certs)
+}
+
+/// `builder` trusting `roots` too.
+pub fn trusting(
+    mut builder: reqwest::ClientBuilder,
+    roots: &[reqwest::Certificate],
+) -> reqwest::ClientBuilder {
+    for r in roots {
+        builder = builder.add_root_certificate(r.clone());
+    }
+    builder
 }

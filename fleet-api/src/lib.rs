@@ -4,10 +4,18 @@
 //! device agent can depend on it without pulling in server crates. Anything
 //! ordered is a newtype (`Epoch`, `Offset`, `Mid`, `Version`) so that the
 //! compiler keeps the different counters apart; secrets print as `***`.
+//!
+//! The one exception is [`client`] (feature `client`): the HTTP client of a
+//! hub's API, for consumers and tools that must not compile the hub; and
+//! [`process`] (feature `process`): logging and signals of server processes.
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod concierge;
 pub mod hub;
 pub mod ids;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod registry;
 pub mod secret;
 

@@ -22,6 +22,17 @@ use crate::ids::{DeviceId, Region};
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 
+impl UnixMillis {
+    /// Now, from the system clock (0 before 1970).
+    pub fn now() -> Self {
+        Self(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
+    }
+}
+
 /// A hybrid-logical-clock timestamp: wall-clock milliseconds in the high 48
 /// bits, a logical counter in the low 16. Orders registry writes across
 /// regions (last writer wins).

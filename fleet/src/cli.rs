@@ -37,6 +37,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Reliable consumers of the logs (SQL sink runner, group tools): `fleet consume --help`.
+    #[command(disable_help_flag = true)]
+    Consume {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Run a device agent or a simulation: `fleet device-agent --help`.
     #[command(name = "device-agent", disable_help_flag = true)]
     DeviceAgent {
@@ -109,6 +115,9 @@ pub fn main() -> ExitCode {
         Some("concierge") => {
             return runtime().block_on(concierge::cli::main_from(args[1..].to_vec()));
         }
+        Some("consume") => {
+            return runtime().block_on(consumer::cli::main_from(args[1..].to_vec()));
+        }
         Some("device-agent") => {
             return runtime().block_on(device_agent::cli::main_from(args[1..].to_vec()));
         }
@@ -127,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Hub { .. }
         | Command::Concierge { .. }
         | Command::RegistrySync { .. }
+        | Command::Consume { .. }
         | Command::DeviceAgent { .. } => {
             unreachable!("dispatched above")
         }

@@ -573,7 +573,7 @@ async fn read_log(
     token: &fleet_api::Secret,
     since_ms: u64,
 ) -> anyhow::Result<(HashMap<String, Vec<u64>>, HashMap<String, u64>)> {
-    let client = hub::client::HubClient::new(url, Some(token.clone()));
+    let client = fleet_api::client::HubClient::new(url, Some(token.clone()));
     let status = client.status().await?;
     let mut by_device: HashMap<String, Vec<u64>> = HashMap::new();
     let mut firsts: HashMap<String, u64> = HashMap::new();

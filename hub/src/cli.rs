@@ -25,11 +25,6 @@ pub struct Cli {
 enum Command {
     /// Run a hub until Ctrl-C or SIGTERM.
     Run(Box<RunArgs>),
-    /// Reliable consumers of the log: run the SQL sink, manage a group.
-    Consume {
-        #[command(subcommand)]
-        command: crate::consume::cli::ConsumeCommand,
-    },
 }
 
 /// Runs the command line; returns the exit code.
@@ -62,23 +57,11 @@ pub fn init_tracing() {
 
 /// [`init_tracing`] with another filter when `FLEET_LOG` is unset.
 pub fn init_tracing_default(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if std::env::var("FLEET_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    fleet_api::process::init_tracing(default);
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let args = match cli.command {
-        Command::Run(args) => args,
-        Command::Consume { command } => return crate::consume::cli::run(command, cli.json).await,
-    };
+    let Command::Run(args) = cli.command;
     let (config, mqtt, http) = args.with_file()?.validate()?;
     let mqtt = TcpListener::bind(mqtt)
         .await

@@ -188,17 +188,6 @@ impl HubConfig {
     }
 }
 
-/// Merges two argument structs (flags over file), field by field; every
-/// field but `config` and `unknown` must be named.
-macro_rules! merge_args {
-    ($ty:ident, $hi:expr, $lo:expr, { $($field:ident),* $(,)? }) => {{
-        let $ty { $($field,)* config, unknown } = $hi;
-        let lo = $lo;
-        $ty { $($field: $field.or(lo.$field),)* config: config.or(lo.config), unknown: lo.unknown.into_iter().chain(unknown).collect() }
-    }};
-}
-pub(crate) use merge_args;
-
 impl RunArgs {
     /// Flags and environment over the config file, when one is named.
     ///
@@ -215,7 +204,7 @@ impl RunArgs {
         for key in file.unknown.keys() {
             tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
         }
-        Ok(merge_args!(RunArgs, self, file, {
+        Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
             max_lag_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
@@ -288,7 +277,7 @@ impl RunArgs {
             if c.peer.is_none() {
                 bail!("--peer-ca needs --peer");
             }
-            c.peer_roots = crate::https::load_ca(&ca).context("--peer-ca")?;
+            c.peer_roots = fleet_api::client::load_ca(&ca).context("--peer-ca")?;
         }
         if let Some(ms) = max_lag_ms {
             if c.replication != Replication::Async {

@@ -89,28 +89,3 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
-
-/// The certificates in a PEM file, to trust as roots when calling HTTPS
-/// hubs signed by a private CA (besides the public web roots).
-///
-/// # Errors
-/// When the file cannot be read or holds no certificate.
-pub fn load_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
-    use anyhow::Context;
-    let pem = std::fs::read(path).with_context(|| format!("read CA {}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .with_context(|| format!("parse CA {}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in CA {}", path.display());
-    Ok(certs)
-}
-
-/// `builder` trusting `roots` too.
-pub fn trusting(
-    mut builder: reqwest::ClientBuilder,
-    roots: &[reqwest::Certificate],
-) -> reqwest::ClientBuilder {
-    for r in roots {
-        builder = builder.add_root_certificate(r.clone());
-    }
-    builder
-}

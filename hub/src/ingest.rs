@@ -98,8 +98,10 @@ struct Unreplicated {
     at: Instant,
 }
 
+/// One partition's bookkeeping of what its devices stored here and what the
+/// other region holds too.
 #[derive(Debug)]
-struct Part {
+struct PartitionLedger {
     /// Per device: the highest mid accepted and the offset of that record.
     accepted: Accepted,
     /// The offset the next append will get.
@@ -113,7 +115,7 @@ struct Part {
 pub struct Ingest {
     log: Arc<dyn EventLog>,
     state: Arc<HubState>,
-    parts: Vec<Mutex<Part>>,
+    parts: Vec<Mutex<PartitionLedger>>,
     /// Per partition: records below this offset are in both regions.
     replicated: Vec<watch::Sender<Offset>>,
     mode: Replication,
@@ -199,7 +201,7 @@ impl Ingest {
             };
             replay(log.as_ref(), p, covered, &mut accepted).await?;
             log.set_retention_floor(p, covered);
-            parts.push(Mutex::new(Part {
+            parts.push(Mutex::new(PartitionLedger {
                 accepted,
                 next: hw,
                 unreplicated: VecDeque::new(),
@@ -242,7 +244,7 @@ impl Ingest {
         &self.budget
     }
 
-    fn part(&self, p: PartitionId) -> std::sync::MutexGuard<'_, Part> {
+    fn part(&self, p: PartitionId) -> std::sync::MutexGuard<'_, PartitionLedger> {
         self.parts[p.0 as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -9,9 +9,7 @@
 pub mod auth;
 pub mod broker;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod consume;
 pub mod front;
 pub mod http;
 pub mod https;

@@ -609,21 +609,7 @@ fn print_follow(s: &FollowStatus, json: bool) {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-}
+pub use fleet_api::process::shutdown_signal;
 
 /// A progress bar on stderr when it is a terminal; hidden otherwise.
 pub fn progress(len: Option<u64>, what: &'static str) -> ProgressBar {

@@ -23,10 +23,7 @@ pub fn observe(last: Version, remote: Version) -> Version {
 
 /// Milliseconds since the Unix epoch from the system clock.
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    fleet_api::UnixMillis::now().0
 }
 
 #[cfg(test)]

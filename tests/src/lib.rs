@@ -512,8 +512,8 @@ impl HubNode {
     }
 
     /// An HTTP client of this hub with the admin token.
-    pub fn client(&self) -> hub::client::HubClient {
-        hub::client::HubClient::new(self.url(), Some(fleet_api::Secret::new(ADMIN_TOKEN)))
+    pub fn client(&self) -> fleet_api::client::HubClient {
+        fleet_api::client::HubClient::new(self.url(), Some(fleet_api::Secret::new(ADMIN_TOKEN)))
     }
 
     /// The current `/metrics` text.

@@ -8,12 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use consumer::breaker::{BreakerPolicy, State};
+use consumer::sink::SqlSink;
+use consumer::store::{Checkpoint, ConsumerStore};
+use consumer::{Consumer, ConsumerConfig, Handler, HandlerError, RetryPolicy};
 use fleet_api::hub::WireRecord;
 use fleet_api::{DeviceId, Epoch, Mid, Offset, PartitionId, Region, UnixMillis};
-use hub::consume::breaker::{BreakerPolicy, State};
-use hub::consume::sink::SqlSink;
-use hub::consume::store::{Checkpoint, ConsumerStore};
-use hub::consume::{Consumer, ConsumerConfig, Handler, HandlerError, RetryPolicy};
 use registry_sync::testing::TempPg;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
@@ -439,7 +439,7 @@ async fn flaky_handler_retries_then_dead_letters_without_skipping_or_reordering(
     );
 }
 
-// ------------------------------------------- runner processes (hub consume run)
+// ---------------------------------------- runner processes (fleet consume run)
 
 struct Runner {
     node: Node,
@@ -455,9 +455,8 @@ fn runner(
     extra: &[&str],
 ) -> Runner {
     let mut args: Vec<String> = [
-        "hub",
-        "--json",
         "consume",
+        "--json",
         "run",
         "--group",
         "sink",
@@ -515,7 +514,7 @@ async fn sink_count(sink: &SqlSink) -> u64 {
 
 async fn distinct_messages(url: &str) -> (i64, i64) {
     use sqlx::Row;
-    let (pool, _) = hub::consume::store::connect(url, 1).await.unwrap();
+    let (pool, _) = consumer::store::connect(url, 1).await.unwrap();
     let row = sqlx::query(
         "SELECT COUNT(*), COUNT(DISTINCT device_id || '/' || CAST(mid AS TEXT)) FROM telemetry",
     )
@@ -894,7 +893,7 @@ async fn dead_letters_are_listed_and_replayed_and_the_breaker_is_operated_from_t
     consumer.shutdown().await;
 
     let group = ["--group", "strict", "--store", &store_url];
-    let mut list = vec!["hub", "--json", "consume", "dead-letters", "list"];
+    let mut list = vec!["consume", "--json", "dead-letters", "list"];
     list.extend_from_slice(&group);
     let (ok, out, err) = cli(&h, "list", &list);
     assert!(ok, "{err}");
@@ -914,9 +913,8 @@ async fn dead_letters_are_listed_and_replayed_and_the_breaker_is_operated_from_t
 
     // Replaying into the plain sink (which accepts them) completes the table.
     let mut replay = vec![
-        "hub",
-        "--json",
         "consume",
+        "--json",
         "dead-letters",
         "replay",
         "--sink",
@@ -937,7 +935,7 @@ async fn dead_letters_are_listed_and_replayed_and_the_breaker_is_operated_from_t
     assert_eq!(out.lines().count(), 4);
 
     // Breaker by hand, and status.
-    let mut open = vec!["hub", "--json", "consume", "breaker"];
+    let mut open = vec!["consume", "--json", "breaker"];
     open.extend_from_slice(&group);
     open.push("open");
     let (ok, out, err) = cli(&h, "open", &open);
@@ -947,7 +945,7 @@ async fn dead_letters_are_listed_and_replayed_and_the_breaker_is_operated_from_t
         store.breaker().await.unwrap().state,
         State::Open { manual: true, .. }
     ));
-    let mut status = vec!["hub", "--json", "consume", "status"];
+    let mut status = vec!["consume", "--json", "status"];
     status.extend_from_slice(&group);
     let (ok, out, _) = cli(&h, "status", &status);
     assert!(ok);
@@ -972,15 +970,7 @@ async fn dead_letters_are_listed_and_replayed_and_the_breaker_is_operated_from_t
     let (ok, _, err) = cli(
         &h,
         "bad-store",
-        &[
-            "hub",
-            "consume",
-            "status",
-            "--group",
-            "g",
-            "--store",
-            "mysql://x",
-        ],
+        &["consume", "status", "--group", "g", "--store", "mysql://x"],
     );
     assert!(!ok);
     assert!(err.contains("unsupported store URL"), "{err}");
@@ -988,7 +978,7 @@ async fn dead_letters_are_listed_and_replayed_and_the_breaker_is_operated_from_t
         &h,
         "no-hub",
         &[
-            "hub", "consume", "run", "--group", "g", "--store", &store_url, "--sink", &sink_url,
+            "consume", "run", "--group", "g", "--store", &store_url, "--sink", &sink_url,
         ],
     );
     assert!(!ok);

@@ -140,7 +140,7 @@ async fn the_read_api_long_polls_and_validates() {
         &["--read-token", "reader-token-123456"],
     );
     let p = partition_for(&DeviceId::new("d").unwrap(), 8);
-    let reader = hub::client::HubClient::new(
+    let reader = fleet_api::client::HubClient::new(
         hub.url(),
         Some(fleet_api::Secret::new("reader-token-123456")),
     );

@@ -14,11 +14,11 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use clap::Args;
+use consumer::sink::SqlSink;
+use consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
+use fleet_api::client::HubClient;
 use fleet_api::hub::WireRecord;
 use fleet_api::{Offset, PartitionId, Secret};
-use hub::client::HubClient;
-use hub::consume::sink::SqlSink;
-use hub::consume::{Consumer, ConsumerConfig, Handler, HandlerError};
 use registry_sync::testing::TempPg;
 use serde::Serialize;
 

@@ -9,6 +9,9 @@
 //! The magic byte lets recovery look past a bad frame for a later good one,
 //! which tells a torn tail (nothing valid follows: truncate) from corruption
 //! inside acknowledged data (something valid follows: stop and report).
+//!
+//! [`Frames`] is the one walk over the frames in a buffer: recovery, reads,
+//! cutting the log and failback reports all use it.
 
 use bytes::{Buf, BufMut, Bytes};
 use fleet_api::{DeviceId, Epoch, Mid, Offset, Region, UnixMillis};
@@ -97,6 +100,98 @@ pub fn decode(buf: &[u8]) -> Decoded {
     }
 }
 
+/// A valid frame met while walking a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameAt {
+    /// Byte position of the frame's first byte in the buffer.
+    pub pos: usize,
+    pub offset: Offset,
+    pub record: NewRecord,
+}
+
+/// Why a walk over frames ended before the end of its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The buffer ends inside the frame at [`Frames::pos`]: `need` bytes
+    /// from there are required.
+    Short { need: usize },
+    /// The bytes at [`Frames::pos`] are not a valid frame.
+    Bad(&'static str),
+}
+
+/// The valid frames of a byte buffer, in order, from a start position up
+/// to the first position that does not hold a whole valid frame.
+///
+/// This is the one walk over frames: recovery, reads, cutting the log and
+/// failback reports all use it. After it ends, [`Frames::pos`] is where it
+/// stopped and [`Frames::stop`] says why (`None`: the buffer ended exactly
+/// after a frame).
+#[derive(Debug)]
+pub struct Frames<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    stop: Option<Stop>,
+}
+
+impl<'a> Frames<'a> {
+    /// Walks `buf` from its start.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self::at(buf, 0)
+    }
+
+    /// Walks `buf` from byte `pos` (which must be where a frame starts).
+    pub fn at(buf: &'a [u8], pos: usize) -> Self {
+        Self {
+            buf,
+            pos,
+            stop: None,
+        }
+    }
+
+    /// Where the next frame starts, or where the walk stopped.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Why the walk stopped short of the end of the buffer, if it did.
+    pub fn stop(&self) -> Option<Stop> {
+        self.stop
+    }
+}
+
+impl Iterator for Frames<'_> {
+    type Item = FrameAt;
+
+    fn next(&mut self) -> Option<FrameAt> {
+        if self.stop.is_some() || self.pos >= self.buf.len() {
+            return None;
+        }
+        match decode(&self.buf[self.pos..]) {
+            Decoded::Frame {
+                offset,
+                record,
+                len,
+            } => {
+                let pos = self.pos;
+                self.pos += len;
+                Some(FrameAt {
+                    pos,
+                    offset,
+                    record,
+                })
+            }
+            Decoded::Short { need } => {
+                self.stop = Some(Stop::Short { need });
+                None
+            }
+            Decoded::Bad(why) => {
+                self.stop = Some(Stop::Bad(why));
+                None
+            }
+        }
+    }
+}
+
 fn parse_body(mut b: &[u8]) -> Option<(Offset, NewRecord)> {
     fn need(b: &[u8], n: usize) -> Option<()> {
         (b.remaining() >= n).then_some(())
@@ -172,6 +267,37 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn frames_walk_to_the_first_invalid_byte() {
+        let mut buf = Vec::new();
+        let a = encode(&mut buf, Offset(5), &rec(b"a", Some(1)));
+        encode(&mut buf, Offset(6), &rec(b"bb", None));
+        let whole = buf.len();
+        let mut frames = Frames::new(&buf);
+        let got: Vec<(usize, Offset)> = frames.by_ref().map(|f| (f.pos, f.offset)).collect();
+        assert_eq!(got, vec![(0, Offset(5)), (a, Offset(6))]);
+        assert_eq!((frames.pos(), frames.stop()), (whole, None));
+
+        let mut frames = Frames::at(&buf, a);
+        assert_eq!(frames.next().map(|f| f.offset), Some(Offset(6)));
+        assert_eq!(frames.next(), None);
+
+        let mut frames = Frames::new(&buf[..whole - 1]);
+        assert_eq!(frames.by_ref().count(), 1);
+        assert_eq!(frames.pos(), a);
+        assert_eq!(frames.stop(), Some(Stop::Short { need: whole - a }));
+
+        let mut bad = buf.clone();
+        bad[a] = 0;
+        let mut frames = Frames::new(&bad);
+        assert_eq!(frames.by_ref().count(), 1);
+        assert_eq!(
+            (frames.pos(), frames.stop()),
+            (a, Some(Stop::Bad("bad magic byte")))
+        );
+        assert_eq!(frames.next(), None, "a stopped walk stays stopped");
     }
 
     #[test]

@@ -142,10 +142,10 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
     /// `Err` with the reasons when some partition refuses writes.
     fn health(&self) -> Result<(), Vec<String>>;
 
-    /// Moves records `from..` of partition `p` into the file `archive`
-    /// (frames, fsynced, never deleted) and cuts them from the log: the
+    /// Cuts records `from..` of partition `p` from the log after writing
+    /// them to the file `archive` (frames, fsynced, never deleted): the
     /// divergent tail of an old primary at failback. Returns how many moved.
-    fn truncate(
+    fn cut_and_archive(
         &self,
         p: PartitionId,
         from: Offset,

@@ -24,9 +24,10 @@ fn main() -> ExitCode {
             "registry-sync" => registry_sync::cli::main_from(rest).await,
             "concierge" => concierge::cli::main_from(rest).await,
             "device-agent" => device_agent::cli::main_from(rest).await,
+            "consume" => consumer::cli::main_from(rest).await,
             other => {
                 eprintln!(
-                    "fleet-node: unknown component {other:?} (hub, concierge, device-agent, registry-sync)"
+                    "fleet-node: unknown component {other:?} (hub, concierge, consume, device-agent, registry-sync)"
                 );
                 ExitCode::from(2)
             }

@@ -1,0 +1,69 @@
+//! The Prometheus exporter behind the runner's `GET /metrics` (the `metrics`
+//! recorder is process-global: installed once).
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's Prometheus handle, installing the recorder on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(
+        "fleet_consumer_records_total",
+        "records a consumer group's handler accepted"
+    );
+    describe_counter!(
+        "fleet_consumer_failures_total",
+        "handler failures by kind (record, unavailable)"
+    );
+    describe_counter!(
+        "fleet_consumer_retries_total",
+        "retries of rejected records"
+    );
+    describe_counter!(
+        "fleet_consumer_dead_letters_total",
+        "records written to the dead-letter log"
+    );
+    describe_counter!(
+        "fleet_consumer_breaker_transitions_total",
+        "circuit breaker transitions this instance saw, by new state"
+    );
+    describe_gauge!(
+        "fleet_consumer_breaker_state",
+        "circuit breaker: 0 closed, 1 half-open, 2 open"
+    );
+    describe_gauge!(
+        "fleet_consumer_checkpoint",
+        "next offset to process per partition held"
+    );
+    describe_gauge!(
+        "fleet_consumer_lag_records",
+        "records behind the high watermark per partition held"
+    );
+    describe_gauge!(
+        "fleet_consumer_partitions_held",
+        "partitions this instance holds leases on"
+    );
+    describe_counter!(
+        "fleet_consumer_rewinds_total",
+        "checkpoints rewound because a failover replaced records past them"
+    );
+    describe_counter!(
+        "fleet_consumer_expired_records_total",
+        "records retention removed before the group read them"
+    );
+}

@@ -1,0 +1,44 @@
+//! What every Fleet server process does the same way: log to stderr under
+//! `FLEET_LOG`, and stop on Ctrl-C or SIGTERM (feature `process`).
+
+/// Logs to stderr; `FLEET_LOG` filters (else `default`), `FLEET_LOG_FORMAT=json`
+/// for JSON lines. A second call does nothing.
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("FLEET_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Merges two argument structs (flags over file), field by field; every
+/// field but `config` and `unknown` must be named.
+#[macro_export]
+macro_rules! merge_args {
+    ($ty:ident, $hi:expr, $lo:expr, { $($field:ident),* $(,)? }) => {{
+        let $ty { $($field,)* config, unknown } = $hi;
+        let lo = $lo;
+        $ty { $($field: $field.or(lo.$field),)* config: config.or(lo.config), unknown: lo.unknown.into_iter().chain(unknown).collect() }
+    }};
+}

@@ -1,0 +1,328 @@
+//! Embedded log backend: per-partition segment files.
+//!
+//! Layout: `DIR/meta.json` (partition count, fixed at creation) and
+//! `DIR/p{N}/{base_offset:020}.log` segments with `.idx` sparse indexes for
+//! sealed segments. One writer thread per partition group-commits: it takes
+//! every append that queued while the previous fsync ran, writes them with
+//! one `write` and one `fdatasync`, and only then resolves their futures and
+//! advances the high watermark that readers see.
+//!
+//! Recovery scans the active (last) segment. An invalid frame with nothing
+//! valid after it is a torn tail (an unsynced write cut short): it is
+//! truncated. An invalid frame followed by valid ones is corruption of data
+//! that was acknowledged: the partition stops there, refuses writes and says
+//! so, and readers get an error at that offset. Sealed segments are checked
+//! by CRC on every read.
+//!
+//! - `segment`: segment files and their indexes.
+//! - `recovery`: opening a partition, telling torn tails from corruption.
+//! - `writer`: the group-commit writer thread.
+//! - `read`: reads.
+//! - `cut`: cutting a partition back, archiving what is cut.
+//! - `retention`: deleting old segments.
+
+mod cut;
+mod read;
+mod recovery;
+mod retention;
+mod segment;
+mod writer;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use fleet_api::{Offset, PartitionId};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{EventLog, LogError, LogResult, NewRecord, ReadLimits, Record};
+use segment::Segment;
+use writer::Cmd;
+
+/// Settings of the file log.
+#[derive(Clone, Debug)]
+pub struct FileLogConfig {
+    pub dir: PathBuf,
+    pub partitions: u32,
+    /// A segment is sealed and a new one started beyond this size.
+    pub segment_bytes: u64,
+    /// At most this much is written per fsync.
+    pub max_batch_bytes: usize,
+    /// Delete the oldest sealed segments while a partition is larger.
+    pub retention_bytes: Option<u64>,
+    /// Delete sealed segments last written longer ago.
+    pub retention_age: Option<Duration>,
+    /// How often retention runs.
+    pub retention_interval: Duration,
+}
+
+impl FileLogConfig {
+    pub fn new(dir: impl Into<PathBuf>, partitions: u32) -> Self {
+        Self {
+            dir: dir.into(),
+            partitions,
+            segment_bytes: 64 << 20,
+            max_batch_bytes: 1 << 20,
+            retention_bytes: None,
+            retention_age: None,
+            retention_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    partitions: u32,
+}
+
+/// One partition of the file log: its segments, its high watermark, the
+/// queue to its writer thread, and whether it refuses writes.
+struct PartitionLog {
+    id: PartitionId,
+    dir: PathBuf,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    hw: watch::Sender<Offset>,
+    tx: mpsc::UnboundedSender<Cmd>,
+    failed: RwLock<Option<String>>,
+    /// Records below this offset may be deleted by retention (set by the
+    /// owner: everything durable, or everything replicated).
+    retention_floor: AtomicU64,
+}
+
+impl PartitionLog {
+    fn fail(&self, reason: String) {
+        tracing::error!(partition = %self.id, %reason, "partition refuses writes");
+        let mut f = self.failed.write().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(reason);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The embedded event log.
+pub struct FileLog {
+    parts: Vec<Arc<PartitionLog>>,
+    retention: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FileLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileLog")
+            .field("partitions", &self.parts.len())
+            .finish()
+    }
+}
+
+impl Drop for FileLog {
+    fn drop(&mut self) {
+        self.retention.abort();
+    }
+}
+
+fn io(what: impl std::fmt::Display, e: std::io::Error) -> LogError {
+    LogError::Io(format!("{what}: {e}"))
+}
+
+fn sync_dir(dir: &Path) -> LogResult<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(format_args!("sync directory {}", dir.display()), e))
+}
+
+impl FileLog {
+    /// Opens (recovering) or creates the log in `config.dir`. Must run inside
+    /// a tokio runtime (retention runs as a task).
+    ///
+    /// # Errors
+    /// When the directory cannot be used, or the partition count differs from
+    /// the one the log was created with.
+    pub fn open(config: FileLogConfig) -> LogResult<Arc<FileLog>> {
+        if config.partitions == 0 || config.partitions > 1024 {
+            return Err(LogError::Io(format!(
+                "partitions must be 1..=1024, not {}",
+                config.partitions
+            )));
+        }
+        fs::create_dir_all(&config.dir).map_err(|e| io(config.dir.display(), e))?;
+        let meta_path = config.dir.join("meta.json");
+        match fs::read(&meta_path) {
+            Ok(bytes) => {
+                let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| {
+                    LogError::Io(format!(
+                        "{} is not a log meta file: {e}",
+                        meta_path.display()
+                    ))
+                })?;
+                if meta.partitions != config.partitions {
+                    return Err(LogError::Io(format!(
+                        "the log in {} was created with {} partitions, not {}; the count is fixed",
+                        config.dir.display(),
+                        meta.partitions,
+                        config.partitions
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let meta = Meta {
+                    format: 1,
+                    partitions: config.partitions,
+                };
+                let tmp = config.dir.join("meta.json.tmp");
+                let mut f = File::create(&tmp).map_err(|e| io(tmp.display(), e))?;
+                f.write_all(&serde_json::to_vec(&meta).unwrap_or_default())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| io(tmp.display(), e))?;
+                fs::rename(&tmp, &meta_path).map_err(|e| io(meta_path.display(), e))?;
+                sync_dir(&config.dir)?;
+            }
+            Err(e) => return Err(io(meta_path.display(), e)),
+        }
+        let mut parts = Vec::new();
+        for p in 0..config.partitions {
+            parts.push(recovery::open_partition(&config, PartitionId(p))?);
+        }
+        let retention = tokio::spawn(retention::retention_loop(
+            parts.iter().map(Arc::downgrade).collect(),
+            config.clone(),
+        ));
+        Ok(Arc::new(FileLog { parts, retention }))
+    }
+
+    fn part(&self, p: PartitionId) -> LogResult<&Arc<PartitionLog>> {
+        self.parts
+            .get(p.0 as usize)
+            .ok_or(LogError::NoSuchPartition(p))
+    }
+
+    /// Runs one retention pass now (normally it runs on a timer).
+    pub fn enforce_retention(&self, config: &FileLogConfig) {
+        for part in &self.parts {
+            retention::retain(part, config);
+        }
+    }
+}
+
+impl EventLog for FileLog {
+    fn partitions(&self) -> u32 {
+        self.parts.len() as u32
+    }
+
+    fn append(&self, p: PartitionId, rec: NewRecord) -> BoxFuture<'static, LogResult<Offset>> {
+        let part = match self.part(p) {
+            Ok(part) => part,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        if let Some(reason) = part.failure() {
+            return futures::future::ready(Err(LogError::Failed {
+                partition: p,
+                reason,
+            }))
+            .boxed();
+        }
+        let (done, wait) = oneshot::channel();
+        if part.tx.send(Cmd::Append(rec, done)).is_err() {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
+    }
+
+    fn flush(&self, p: PartitionId) -> BoxFuture<'static, LogResult<()>> {
+        let part = match self.part(p) {
+            Ok(part) => part,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let (done, wait) = oneshot::channel();
+        if part.tx.send(Cmd::Flush(done)).is_err() {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
+    }
+
+    fn read(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        limits: ReadLimits,
+    ) -> BoxFuture<'_, LogResult<Vec<Record>>> {
+        let part = match self.part(p) {
+            Ok(part) => part.clone(),
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        async move {
+            tokio::task::spawn_blocking(move || read::read_blocking(&part, from, limits))
+                .await
+                .unwrap_or(Err(LogError::Closed))
+        }
+        .boxed()
+    }
+
+    fn high_watermark(&self, p: PartitionId) -> Offset {
+        self.part(p).map_or(Offset(0), |part| *part.hw.borrow())
+    }
+
+    fn log_start(&self, p: PartitionId) -> Offset {
+        self.part(p).map_or(Offset(0), |part| {
+            let segs = part.segments.read().unwrap_or_else(|e| e.into_inner());
+            segs.first().map_or(*part.hw.borrow(), |s| s.base)
+        })
+    }
+
+    fn watch(&self, p: PartitionId) -> watch::Receiver<Offset> {
+        match self.part(p) {
+            Ok(part) => part.hw.subscribe(),
+            Err(_) => watch::Sender::new(Offset(0)).subscribe(),
+        }
+    }
+
+    fn cut_and_archive(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        archive: PathBuf,
+    ) -> BoxFuture<'static, LogResult<u64>> {
+        let part = match self.part(p) {
+            Ok(part) => part,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let (done, wait) = oneshot::channel();
+        if part
+            .tx
+            .send(Cmd::CutAndArchive(from, archive, done))
+            .is_err()
+        {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
+    }
+
+    fn set_retention_floor(&self, p: PartitionId, offset: Offset) {
+        if let Ok(part) = self.part(p) {
+            part.retention_floor.store(offset.0, Ordering::Release);
+        }
+    }
+
+    fn health(&self) -> Result<(), Vec<String>> {
+        let problems: Vec<String> = self
+            .parts
+            .iter()
+            .filter_map(|p| p.failure().map(|r| format!("partition {}: {r}", p.id)))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The group-commit writer: one thread per partition.
+//!
+//! It takes every command that queued while the previous fsync ran, writes
+//! the appends with one `write` and one `fdatasync`, and only then resolves
+//! their futures and advances the high watermark readers see. A failed write
+//! or fsync fails the partition for good: it is never retried, because the
+//! state of the page cache is unknown after it.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use fleet_api::Offset;
+use tokio::sync::{mpsc, oneshot};
+
+use super::cut::cut_and_archive;
+use super::segment::{Active, INDEX_EVERY, roll};
+use super::{FileLogConfig, PartitionLog};
+use crate::log::frame;
+use crate::log::{LogError, LogResult, NewRecord};
+
+/// What the writer thread is asked to do, in queue order.
+pub(super) enum Cmd {
+    Append(NewRecord, oneshot::Sender<LogResult<Offset>>),
+    Flush(oneshot::Sender<LogResult<()>>),
+    /// Archive records `from..` into the file, then cut them from the log.
+    CutAndArchive(Offset, PathBuf, oneshot::Sender<LogResult<u64>>),
+}
+
+pub(super) fn writer(
+    part: std::sync::Weak<PartitionLog>,
+    mut active: Active,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    config: FileLogConfig,
+) {
+    let mut buf = Vec::with_capacity(config.max_batch_bytes + 64 * 1024);
+    let mut appends: Vec<oneshot::Sender<LogResult<Offset>>> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<LogResult<()>>> = Vec::new();
+    let mut new_index: Vec<(u64, u64)> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let Some(part) = part.upgrade() else { return };
+        buf.clear();
+        new_index.clear();
+        if active.len >= config.segment_bytes && active.next > active.seg.base {
+            match roll(&part, &mut active) {
+                Ok(()) => {}
+                Err(e) => part.fail(format!("cannot start a new segment: {e}")),
+            }
+        }
+        let failure = part.failure();
+        let mut cut = None;
+        let mut next = active.next;
+        let mut pos = active.len;
+        let mut cmd = Some(first);
+        loop {
+            match cmd.take() {
+                Some(Cmd::Append(rec, done)) => {
+                    if let Some(reason) = &failure {
+                        let _ = done.send(Err(LogError::Failed {
+                            partition: part.id,
+                            reason: reason.clone(),
+                        }));
+                    } else {
+                        if pos - active.last_indexed >= INDEX_EVERY {
+                            new_index.push((next.0, pos));
+                            active.last_indexed = pos;
+                        }
+                        pos += frame::encode(&mut buf, next, &rec) as u64;
+                        next = next.next();
+                        appends.push(done);
+                    }
+                }
+                Some(Cmd::Flush(done)) => flushes.push(done),
+                Some(Cmd::CutAndArchive(from, archive, done)) => {
+                    // Finish what is queued before it first.
+                    cut = Some((from, archive, done));
+                    break;
+                }
+                None => {}
+            }
+            if buf.len() >= config.max_batch_bytes {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(c) => cmd = Some(c),
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() {
+            let started = tokio::time::Instant::now();
+            let written = active
+                .file
+                .write_all_at(&buf, active.len)
+                .and_then(|()| active.file.sync_data());
+            metrics::histogram!("fleet_hub_fsync_seconds").record(started.elapsed().as_secs_f64());
+            if let Err(e) = written {
+                // Never retry a failed fsync: the page cache state is unknown.
+                part.fail(format!(
+                    "write to {} failed: {e}",
+                    active.seg.path.display()
+                ));
+                let err = LogError::Failed {
+                    partition: part.id,
+                    reason: e.to_string(),
+                };
+                for done in appends.drain(..) {
+                    let _ = done.send(Err(err.clone()));
+                }
+                for done in flushes.drain(..) {
+                    let _ = done.send(Err(err.clone()));
+                }
+                continue;
+            }
+            let first_offset = active.next;
+            active.len = pos;
+            active.next = next;
+            active.index.extend_from_slice(&new_index);
+            active
+                .seg
+                .index
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&new_index);
+            active.seg.durable_len.store(pos, Ordering::Release);
+            active.seg.next.store(next.0, Ordering::Release);
+            part.hw.send_replace(next);
+            metrics::gauge!("fleet_hub_partition_high_watermark", "partition" => part.id.0.to_string())
+                .set(next.0 as f64);
+            for (i, done) in appends.drain(..).enumerate() {
+                let _ = done.send(Ok(Offset(first_offset.0 + i as u64)));
+            }
+        }
+        for done in flushes.drain(..) {
+            let result = match part.failure() {
+                Some(reason) => Err(LogError::Failed {
+                    partition: part.id,
+                    reason,
+                }),
+                None => Ok(()),
+            };
+            let _ = done.send(result);
+        }
+        if let Some((from, archive, done)) = cut {
+            let _ = done.send(cut_and_archive(&part, &mut active, from, &archive));
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The secondary's side of replication: per partition, reconcile with the
+//! primary's history once, then pull and append at the primary's offsets.
+//! Each pull asks from this hub's high watermark, which acknowledges to the
+//! primary everything below it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_api::hub::RecordsResponse;
+use fleet_api::{Offset, PartitionId, Role};
+
+use super::{Control, epoch_at, log_of};
+use crate::log::Record;
+
+impl Control {
+    /// Replicates partition `p` while this hub is secondary.
+    pub(super) async fn pull_loop(self: Arc<Self>, p: PartitionId) {
+        let Some(peer) = self.peer.clone() else {
+            return;
+        };
+        let mut roles = self.state.subscribe();
+        let log = log_of(&self.ingest).clone();
+        let mut reconciled = false;
+        loop {
+            if roles.borrow_and_update().role != Role::Secondary {
+                reconciled = false;
+                let _ = roles.changed().await;
+                continue;
+            }
+            if !reconciled {
+                match self.reconcile(&peer, p).await {
+                    Ok(()) => reconciled = true,
+                    Err(e) => {
+                        tracing::info!(partition = %p, error = %e, "cannot reconcile with the primary yet");
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        continue;
+                    }
+                }
+            }
+            let from = log.high_watermark(p);
+            let epoch = self.state.get().epoch;
+            let resp = self.pull(&peer, p, from, epoch).await;
+            let page: RecordsResponse = match resp {
+                Ok(r) if r.status().is_success() => match r.json().await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(partition = %p, error = %e, "unreadable replication answer");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    if status == reqwest::StatusCode::CONFLICT && text.contains("diverged") {
+                        tracing::warn!(partition = %p, "this log is ahead of the primary's; reconciling");
+                        reconciled = false;
+                    } else {
+                        tracing::debug!(partition = %p, %status, "the peer does not serve replication now");
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(partition = %p, error = %e, "cannot reach the primary");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            if let Some(e) = page.epoch
+                && e > self.state.get().epoch
+            {
+                self.learn(e, "the primary's epoch");
+            }
+            {
+                let mut view = self.view();
+                view.reachable = true;
+                if let Some(slot) = view.high_watermarks.get_mut(p.0 as usize) {
+                    *slot = page.high_watermark;
+                }
+            }
+            if self.state.get().role != Role::Secondary {
+                continue;
+            }
+            let mut pending = Vec::with_capacity(page.records.len());
+            let mut failed = false;
+            for w in page.records {
+                let record = Record {
+                    partition: w.partition,
+                    offset: w.offset,
+                    record: crate::log::NewRecord {
+                        device_id: w.device_id,
+                        mid: w.mid,
+                        enqueued_at: w.enqueued_at,
+                        region: w.region,
+                        epoch: w.epoch,
+                        payload: w.payload.into(),
+                    },
+                };
+                match self.ingest.replicate(record) {
+                    Ok(done) => pending.push(done),
+                    Err(e) => {
+                        tracing::warn!(partition = %p, error = %e, "replication out of step; reconciling");
+                        reconciled = false;
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            // Durable here before the next pull acknowledges them.
+            for done in pending {
+                if let Err(e) = done.await {
+                    tracing::error!(partition = %p, error = %e, "cannot store replicated records");
+                    failed = true;
+                }
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+
+    /// Cuts partition `p` back to the part of its history the primary
+    /// shares, archiving the rest.
+    async fn reconcile(&self, peer: &str, p: PartitionId) -> Result<(), String> {
+        let log = log_of(&self.ingest).clone();
+        loop {
+            let hw = log.high_watermark(p);
+            if hw == Offset(0) || hw <= log.log_start(p) {
+                return Ok(());
+            }
+            let last = epoch_at(log.as_ref(), p, Offset(hw.0 - 1))
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(last_epoch) = last else {
+                return Ok(());
+            };
+            let end = self.peer_epoch_end(peer, p, last_epoch).await?;
+            if end.offset >= hw {
+                return Ok(());
+            }
+            self.archive_divergent(p, last_epoch, end.offset, hw)
+                .await?;
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The primary's side of replication: the pulls it serves (each one
+//! advances `replicated`), where an epoch ends in its history, the lag it
+//! measures, and the throttle that pauses ingest while async lag is over
+//! `--max-lag-ms`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_api::hub::EpochEnd;
+use fleet_api::{Epoch, Offset, PartitionId, Role};
+use tokio::sync::watch;
+
+use super::{Control, ControlError, epoch_at, log_of};
+use crate::sessions::Outbound;
+
+impl Control {
+    /// A replication pull arrived for `p` from `from`: everything below is
+    /// durable at the secondary. Returns the epoch to report back.
+    ///
+    /// # Errors
+    /// When this hub is not the primary, or the secondary is ahead of it.
+    pub fn on_pull(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        their_epoch: Option<Epoch>,
+    ) -> Result<Epoch, ControlError> {
+        if let Some(e) = their_epoch
+            && e > self.state.get().epoch
+        {
+            self.learn(e, "a replication pull carried a higher epoch");
+        }
+        let now = self.state.get();
+        if now.role != Role::Primary {
+            return Err(ControlError::NotPrimary);
+        }
+        let hw = log_of(&self.ingest).high_watermark(p);
+        if from > hw {
+            return Err(ControlError::Conflict(format!(
+                "diverged: the replica asks from offset {from} but this log ends at {hw}; reconcile first"
+            )));
+        }
+        for (device, mid) in self.ingest.advance_replicated(p, from) {
+            self.sessions.send(&device, Outbound::Replicated(mid));
+        }
+        Ok(now.epoch)
+    }
+
+    /// `GET /v1/partitions/{p}/epoch_end?epoch=E`: the first offset written
+    /// in an epoch later than `E` (the high watermark when there is none).
+    ///
+    /// # Errors
+    /// When the log cannot be read.
+    pub async fn epoch_end(&self, p: PartitionId, epoch: Epoch) -> Result<EpochEnd, ControlError> {
+        let log = log_of(&self.ingest);
+        let (mut lo, mut hi) = (log.log_start(p).0, log.high_watermark(p).0);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let later = epoch_at(log.as_ref(), p, Offset(mid))
+                .await?
+                .is_some_and(|e| e > epoch);
+            if later {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(EpochEnd { offset: Offset(lo) })
+    }
+
+    /// Follows the throttle (true while async lag is over `--max-lag-ms`).
+    pub fn throttle(&self) -> watch::Receiver<bool> {
+        self.throttle.subscribe()
+    }
+
+    /// Measures replication lag every 50 ms: metrics, and the throttle.
+    pub(super) async fn lag_monitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            n += 1;
+            let primary = self.state.get().role == Role::Primary;
+            let mut worst = Duration::ZERO;
+            for p in 0..self.partitions() {
+                let (records, age) = if primary {
+                    self.ingest.lag(PartitionId(p))
+                } else {
+                    (0, Duration::ZERO)
+                };
+                worst = worst.max(age);
+                if n.is_multiple_of(10) {
+                    metrics::gauge!("fleet_hub_replication_lag_records", "partition" => p.to_string()).set(records as f64);
+                }
+            }
+            if n.is_multiple_of(10) {
+                metrics::gauge!("fleet_hub_replication_lag_seconds").set(worst.as_secs_f64());
+                self.set_role_metrics();
+            }
+            if let Some(max) = self.max_lag {
+                let on = *self.throttle.borrow();
+                // Hysteresis: pause above the limit, resume below half of it.
+                let next = if on { worst > max / 2 } else { worst > max };
+                if next != on {
+                    if next {
+                        tracing::warn!(
+                            lag_ms = worst.as_millis() as u64,
+                            "replication lag over the limit: pausing ingest"
+                        );
+                    } else {
+                        tracing::info!("replication caught up: resuming ingest");
+                    }
+                    self.throttle.send_replace(next);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Replication between the two regions, promotion with epochs, fencing and
+//! failback.
+//!
+//! - **Data.** The secondary pulls each partition from the primary, from its
+//!   own high watermark, and appends the records at the primary's offsets, so
+//!   the replicated prefix is the same records at the same offsets in both
+//!   regions. Its next pull (`from`) is its acknowledgement: the primary
+//!   learns from it that everything below `from` is durable over there.
+//! - **Promotion.** `POST /v1/promote` is a compare-and-set on the epoch
+//!   (`expected_epoch` must not be below this hub's epoch; the new epoch is
+//!   `expected_epoch + 1`), serialized by a lock, so two racing concierges
+//!   get exactly one winner. Planned: fence the primary, catch up to its
+//!   final high watermarks, switch, demote it: no loss. Forced: switch now,
+//!   and report what was not replicated.
+//! - **Fencing.** A hub that learns a higher epoch (from its peer, from a
+//!   replication pull, or from a concierge) demotes itself at once: it
+//!   persists the new role first, then closes every device connection.
+//! - **Failback.** A hub that becomes secondary reconciles each partition
+//!   before replicating: it asks the primary where the epoch of its own last
+//!   record ends in the primary's history, and moves anything past that
+//!   point into an archive file (never deleted). Epochs never decrease along
+//!   a partition's offsets, so a binary search answers the question.
+//!
+//! Role and epoch change in one place, `Control::transition` (`role`),
+//! under one lock: the epoch never decreases.
+//!
+//! - `role`: the role/epoch state machine.
+//! - `promotion`: promotion (planned and forced) and fencing for it.
+//! - `leader`: the primary's side: pulls it serves, `replicated`, lag and
+//!   the throttle.
+//! - `follower`: the secondary's side: the pull loop and reconciling.
+//! - `failback`: archiving a divergent tail and the failback report.
+//! - `peer`: the HTTP calls to the peer.
+//! - `peer_watch`: watching the peer's role and epoch.
+
+mod failback;
+mod follower;
+mod leader;
+mod peer;
+mod peer_watch;
+mod promotion;
+mod role;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_api::hub::{ArchivedRange, ReplicationStatus};
+use fleet_api::{Epoch, Offset, PartitionId, Role, Secret};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::{Ingest, Replication};
+use crate::log::{EventLog, LogError, ReadLimits};
+use crate::sessions::Sessions;
+use crate::state::HubState;
+
+/// Why a control call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("epoch mismatch: this hub is at epoch {current}, the request expected {expected}")]
+    EpochMismatch { current: Epoch, expected: Epoch },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("not the primary")]
+    NotPrimary,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// What this hub last heard from its peer.
+#[derive(Clone, Debug, Default)]
+struct PeerView {
+    reachable: bool,
+    role: Option<Role>,
+    epoch: Option<Epoch>,
+    /// Per partition, the primary's high watermark in the last pull answer.
+    high_watermarks: Vec<Offset>,
+}
+
+/// The replication and role controller of one hub.
+pub struct Control {
+    peer: Option<String>,
+    peer_token: Secret,
+    max_lag: Option<Duration>,
+    state: Arc<HubState>,
+    ingest: Arc<Ingest>,
+    sessions: Arc<Sessions>,
+    archive_dir: PathBuf,
+    http: reqwest::Client,
+    /// Serializes promotions (held across the catch-up of a planned one).
+    promotion: tokio::sync::Mutex<()>,
+    /// Held by `transition`, the one place role and epoch change.
+    role_change: Mutex<()>,
+    view: Mutex<PeerView>,
+    archived: Mutex<Vec<ArchivedRange>>,
+    reconciling: AtomicBool,
+    throttle: watch::Sender<bool>,
+    /// Set once the peer watch has looked at the peer (or failed to) once.
+    looked: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn log_of(ingest: &Ingest) -> &Arc<dyn EventLog> {
+    ingest.log()
+}
+
+impl Control {
+    pub fn new(
+        peer: Option<String>,
+        peer_token: Secret,
+        max_lag: Option<Duration>,
+        ingest: Arc<Ingest>,
+        sessions: Arc<Sessions>,
+        data_dir: &std::path::Path,
+        peer_roots: &[reqwest::Certificate],
+    ) -> anyhow::Result<Arc<Control>> {
+        let builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30));
+        let http = fleet_api::client::trusting(builder, peer_roots).build()?;
+        let partitions = ingest.log().partitions() as usize;
+        Ok(Arc::new(Control {
+            peer,
+            peer_token,
+            max_lag,
+            state: ingest.state().clone(),
+            ingest,
+            sessions,
+            archive_dir: data_dir.join("archive"),
+            http,
+            promotion: tokio::sync::Mutex::new(()),
+            role_change: Mutex::new(()),
+            view: Mutex::new(PeerView {
+                high_watermarks: vec![Offset(0); partitions],
+                ..PeerView::default()
+            }),
+            archived: Mutex::new(Vec::new()),
+            reconciling: AtomicBool::new(false),
+            throttle: watch::Sender::new(false),
+            looked: watch::Sender::new(false),
+        }))
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, PeerView> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn partitions(&self) -> u32 {
+        log_of(&self.ingest).partitions()
+    }
+
+    /// Starts the background work: pulls while secondary, the peer watch,
+    /// lag metrics and the throttle.
+    pub fn spawn(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) {
+        if self.peer.is_some() {
+            for p in 0..self.partitions() {
+                let me = self.clone();
+                let token = shutdown.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        () = me.pull_loop(PartitionId(p)) => {}
+                    }
+                });
+            }
+            let me = self.clone();
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = token.cancelled() => {}
+                    () = me.peer_watch() => {}
+                }
+            });
+        }
+        let me = self.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = me.lag_monitor() => {}
+            }
+        });
+    }
+
+    /// The replication part of `GET /v1/status`, and the overall lag in ms.
+    pub fn status(&self) -> (Option<ReplicationStatus>, bool, u64) {
+        let view = self.view().clone();
+        let mode = self.ingest.mode();
+        let re = self.state.get();
+        let mut lag_records = 0;
+        let mut lag = Duration::ZERO;
+        for p in 0..self.partitions() {
+            let p = PartitionId(p);
+            let (records, age) = if re.role == Role::Primary {
+                self.ingest.lag(p)
+            } else {
+                let theirs = view
+                    .high_watermarks
+                    .get(p.0 as usize)
+                    .copied()
+                    .unwrap_or(Offset(0));
+                (
+                    theirs
+                        .0
+                        .saturating_sub(log_of(&self.ingest).high_watermark(p).0),
+                    Duration::ZERO,
+                )
+            };
+            lag_records += records;
+            lag = lag.max(age);
+        }
+        let Some(peer) = self.peer.clone() else {
+            return (None, false, 0);
+        };
+        let state = if self.reconciling.load(Ordering::Acquire) {
+            "reconciling"
+        } else if *self.throttle.borrow() {
+            "throttled"
+        } else if re.role == Role::Primary
+            && mode == Replication::Sync
+            && lag > Duration::from_secs(1)
+        {
+            "stalled"
+        } else if lag_records == 0 {
+            "streaming"
+        } else {
+            "catching_up"
+        };
+        let mode_name = match mode {
+            Replication::Off => "off",
+            Replication::Async => "async",
+            Replication::Sync => "sync",
+        };
+        (
+            Some(ReplicationStatus {
+                mode: mode_name.into(),
+                peer: Some(peer),
+                state: state.into(),
+                lag_records,
+                lag_ms: lag.as_millis() as u64,
+            }),
+            view.reachable,
+            lag.as_millis() as u64,
+        )
+    }
+}
+
+/// The epoch of the record at `offset`, if it is there.
+async fn epoch_at(
+    log: &dyn EventLog,
+    p: PartitionId,
+    offset: Offset,
+) -> Result<Option<Epoch>, LogError> {
+    let one = ReadLimits {
+        max_records: 1,
+        max_bytes: 1,
+    };
+    Ok(log
+        .read(p, offset, one)
+        .await?
+        .first()
+        .filter(|r| r.offset == offset)
+        .map(|r| r.record.epoch))
+}

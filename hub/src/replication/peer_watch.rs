@@ -1,0 +1,63 @@
+//! Watching the peer: this hub learns a higher epoch from it, and tells a
+//! stale primary to demote. A hub that restarts as primary stays fenced
+//! until the first look, since someone may have taken over meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_api::Role;
+
+use super::Control;
+
+impl Control {
+    /// Watches the peer: learns a higher epoch, fences a stale primary.
+    pub(super) async fn peer_watch(self: Arc<Self>) {
+        let Some(peer) = self.peer.clone() else {
+            return;
+        };
+        let mut first = true;
+        loop {
+            let status = self.peer_status(&peer).await;
+            {
+                let mut view = self.view();
+                view.reachable = status.is_some();
+                view.role = status.as_ref().map(|s| s.role);
+                view.epoch = status.as_ref().map(|s| s.epoch);
+            }
+            if let Some(s) = &status {
+                let me = self.state.get();
+                if s.epoch > me.epoch {
+                    self.learn(s.epoch, "the peer holds a higher epoch");
+                } else if me.role == Role::Primary && s.role == Role::Primary && s.epoch < me.epoch
+                {
+                    tracing::warn!(peer_epoch = %s.epoch, "the peer is a stale primary; telling it to demote");
+                    self.tell_peer_to_demote(peer.clone(), me.epoch).await;
+                }
+            }
+            if first {
+                // A restarted primary waited for this first look (see `fence_until_checked`).
+                first = false;
+                self.state.set_fenced(false);
+                self.looked.send_replace(true);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// A hub that restarts as primary with a peer waits for one look at the
+    /// peer before accepting writes: someone may have taken over meanwhile.
+    pub fn fence_until_checked(&self) {
+        if self.peer.is_some() && self.state.get().role == Role::Primary {
+            self.state.set_fenced(true);
+        }
+    }
+
+    /// Waits (at most `limit`) for the first look at the peer.
+    pub async fn first_look(&self, limit: Duration) {
+        if self.peer.is_none() {
+            return;
+        }
+        let mut rx = self.looked.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|l| *l)).await;
+    }
+}

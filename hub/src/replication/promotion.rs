@@ -1,0 +1,172 @@
+//! Promotion of this hub (planned or forced), and the fencing a primary
+//! does for the planned promotion of its peer.
+//!
+//! Promotions are serialized by `Control::promotion`; the role change itself
+//! is `Control::transition`, which refuses an epoch that is not higher than
+//! the current one (another promotion, or a learned epoch, got there first).
+
+use std::time::Duration;
+
+use fleet_api::concierge::{FailoverResponse, Mode, PromoteRequest, UnreplicatedRange};
+use fleet_api::hub::{EpochBody, FenceResponse};
+use fleet_api::{Epoch, PartitionId, Role};
+use tokio::time::Instant;
+
+use super::role::{Move, Moved};
+use super::{Control, ControlError, log_of};
+use crate::sessions::Kick;
+
+impl Control {
+    /// `POST /v1/fence`: stop accepting writes, flush, report the final high
+    /// watermarks (the first step of a planned promotion of the peer).
+    ///
+    /// # Errors
+    /// When this hub is not the primary, or a partition cannot be flushed.
+    pub async fn fence(&self, body: EpochBody) -> Result<FenceResponse, ControlError> {
+        let now = self.state.get();
+        if now.role != Role::Primary {
+            return Err(ControlError::NotPrimary);
+        }
+        if body.epoch.is_some_and(|e| e <= now.epoch) {
+            return Err(ControlError::EpochMismatch {
+                current: now.epoch,
+                expected: body.epoch.unwrap_or(now.epoch),
+            });
+        }
+        self.state.set_fenced(true);
+        self.sessions.kick_all(Kick::Demoted);
+        tracing::warn!("fenced: no more writes while the peer takes over");
+        let log = log_of(&self.ingest);
+        let mut high_watermarks = Vec::new();
+        for p in 0..log.partitions() {
+            log.flush(PartitionId(p)).await?;
+            high_watermarks.push(log.high_watermark(PartitionId(p)));
+        }
+        Ok(FenceResponse { high_watermarks })
+    }
+
+    /// `POST /v1/unfence`: a planned promotion was abandoned.
+    pub fn unfence(&self) {
+        if self.state.fenced() {
+            tracing::warn!("unfenced: accepting writes again");
+            self.state.set_fenced(false);
+        }
+    }
+
+    /// `POST /v1/promote`.
+    ///
+    /// # Errors
+    /// An epoch mismatch (another promotion won), an unreachable primary for
+    /// a planned promotion, or a hub that is already primary.
+    pub async fn promote(&self, req: PromoteRequest) -> Result<FailoverResponse, ControlError> {
+        let _one_at_a_time = self.promotion.lock().await;
+        let started = Instant::now();
+        let now = self.state.get();
+        if req.expected_epoch < now.epoch {
+            return Err(ControlError::EpochMismatch {
+                current: now.epoch,
+                expected: req.expected_epoch,
+            });
+        }
+        if now.role == Role::Primary {
+            return Err(ControlError::Conflict(format!(
+                "this hub is already the primary at epoch {}",
+                now.epoch
+            )));
+        }
+        let next = Epoch(req.expected_epoch.0 + 1);
+        let mut unreplicated = Vec::new();
+        match req.mode {
+            Mode::Planned => {
+                let peer = self
+                    .peer
+                    .clone()
+                    .ok_or_else(|| ControlError::Unavailable("no peer to take over from".into()))?;
+                let fenced: FenceResponse = self
+                    .call(&format!("{peer}/v1/fence"), &EpochBody { epoch: Some(next) }, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| ControlError::Unavailable(format!("planned promotion needs the primary, which did not fence: {e}; use forced")))?;
+                // Catch up to exactly what the primary holds.
+                let log = log_of(&self.ingest).clone();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let behind = fenced
+                        .high_watermarks
+                        .iter()
+                        .enumerate()
+                        .any(|(p, hw)| log.high_watermark(PartitionId(p as u32)) < *hw);
+                    if !behind {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        let _ = self
+                            .call::<serde_json::Value>(
+                                &format!("{peer}/v1/unfence"),
+                                &EpochBody::default(),
+                                Duration::from_secs(5),
+                            )
+                            .await;
+                        return Err(ControlError::Unavailable(
+                            "the secondary did not catch up within 60 s; the primary was unfenced"
+                                .into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                self.become_primary(next, req.expected_epoch)?;
+                if let Err(e) = self
+                    .call::<serde_json::Value>(
+                        &format!("{peer}/v1/demote"),
+                        &EpochBody { epoch: Some(next) },
+                        Duration::from_secs(5),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "the old primary did not confirm its demotion; it will learn the epoch");
+                }
+            }
+            Mode::Forced => {
+                let view = self.view().clone();
+                let log = log_of(&self.ingest);
+                for (p, theirs) in view.high_watermarks.iter().enumerate() {
+                    let mine = log.high_watermark(PartitionId(p as u32));
+                    if *theirs > mine {
+                        unreplicated.push(UnreplicatedRange {
+                            partition: PartitionId(p as u32),
+                            from: mine,
+                            to: *theirs,
+                        });
+                    }
+                }
+                self.become_primary(next, req.expected_epoch)?;
+                if let Some(peer) = self.peer.clone() {
+                    tokio::spawn(self.tell_peer_to_demote(peer, next));
+                }
+            }
+        }
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::warn!(epoch = %next, mode = req.mode.as_str(), took_ms, "promoted to primary");
+        metrics::counter!("fleet_hub_promotions_total", "mode" => req.mode.as_str()).increment(1);
+        Ok(FailoverResponse {
+            region: self.state.region().clone(),
+            epoch: next,
+            mode: req.mode,
+            took_ms,
+            unreplicated,
+        })
+    }
+
+    /// Moves to primary at `epoch`, unless a higher or equal epoch arrived
+    /// while the promotion ran.
+    fn become_primary(&self, epoch: Epoch, expected: Epoch) -> Result<(), ControlError> {
+        // What the old primary sent was acknowledged by this hub's pulls;
+        // from now on the old primary is the one pulling.
+        match self.transition(Move::Lead(epoch), "promoted")? {
+            Moved::Done => Ok(()),
+            Moved::Refused { current } => Err(ControlError::EpochMismatch {
+                current: current.epoch,
+                expected,
+            }),
+        }
+    }
+}
