@@ -84,23 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         println!("concierge: http {} dns {}", c.http_addr, c.dns_addr);
     }
-    shutdown_signal().await;
+    fleet_api::process::shutdown_signal().await;
     c.shutdown().await;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }

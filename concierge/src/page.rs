@@ -39,7 +39,7 @@ pub fn render(fleet: &Fleet) -> String {
     <dt>connected devices</dt><dd class="devices">{devices}</dd>
     <dt>MQTT</dt><dd><code>{mqtt}</code></dd>
     <dt>last seen</dt><dd>{seen}</dd>
-  </dl>{problem}
+  </dl>{alone}{problem}
 </section>
 "#,
             act = if r.active { " active" } else { "" },
@@ -58,6 +58,11 @@ pub fn render(fleet: &Fleet) -> String {
                 .map_or("–".to_string(), |d| d.to_string()),
             mqtt = esc(&r.mqtt_url),
             seen = ago(r.last_seen_ms_ago),
+            alone = r.detached_since_ms.map_or(String::new(), |since| format!(
+                r#"<p class="problem alone">running alone since {} UTC: the other region is detached, {} records written without a second copy</p>"#,
+                format_utc(since / 1000),
+                r.written_while_detached.unwrap_or(0)
+            )),
             problem = r.problem.as_ref().map_or(String::new(), |p| format!(
                 r#"<p class="problem">{}</p>"#,
                 esc(p)

@@ -1,37 +1,33 @@
-//! The Prometheus exporter behind `GET /metrics` (the `metrics` recorder is
-//! process-global: installed once).
+//! The concierge's metrics behind `GET /metrics`.
 
-use std::sync::OnceLock;
+use std::sync::Once;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static DESCRIBED: Once = Once::new();
 
-/// The process's Prometheus handle, installing the recorder on first use.
+/// The process's Prometheus handle (installed on first use), with this
+/// part's metrics described.
 pub fn handle() -> &'static PrometheusHandle {
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("another metrics recorder is installed; /metrics will be empty");
-        }
-        metrics::describe_counter!(
-            "fleet_concierge_endpoint_requests_total",
-            "endpoint answers by result"
-        );
-        metrics::describe_counter!(
-            "fleet_concierge_dns_queries_total",
-            "DNS queries by response code"
-        );
-        metrics::describe_counter!(
-            "fleet_concierge_failovers_total",
-            "promotions this replica made"
-        );
-        metrics::describe_gauge!(
-            "fleet_concierge_region_healthy",
-            "1 when the region's hub is healthy"
-        );
-        metrics::describe_gauge!("fleet_concierge_active_epoch", "epoch of the active hub");
-        handle
-    })
+    fleet_api::prom::handle(&DESCRIBED, describe)
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "fleet_concierge_endpoint_requests_total",
+        "endpoint answers by result"
+    );
+    metrics::describe_counter!(
+        "fleet_concierge_dns_queries_total",
+        "DNS queries by response code"
+    );
+    metrics::describe_counter!(
+        "fleet_concierge_failovers_total",
+        "promotions this replica made"
+    );
+    metrics::describe_gauge!(
+        "fleet_concierge_region_healthy",
+        "1 when the region's hub is healthy"
+    );
+    metrics::describe_gauge!("fleet_concierge_active_epoch", "epoch of the active hub");
 }

@@ -146,6 +146,8 @@ impl Fleet {
                 mqtt_url: h.spec.mqtt_url.clone(),
                 last_seen_ms_ago: h.last_ok.map(|t| now.duration_since(t).as_millis() as u64),
                 problem: h.problem.clone(),
+                detached_since_ms: detached(&h).and_then(|p| p.since_ms),
+                written_while_detached: detached(&h).and_then(|p| p.written_since),
                 region: h.spec.region,
             })
             .collect()
@@ -267,4 +269,12 @@ impl Fleet {
             }
         }
     }
+}
+
+/// The hub's peer link when it runs alone (its peer detached).
+fn detached(h: &HubState) -> Option<&fleet_api::hub::PeerLink> {
+    h.status
+        .as_ref()
+        .and_then(|s| s.peer.as_ref())
+        .filter(|p| p.state == fleet_api::hub::PeerState::Detached)
 }

@@ -1,24 +1,16 @@
-//! The Prometheus exporter behind the runner's `GET /metrics` (the `metrics`
-//! recorder is process-global: installed once).
+//! The consumer runner's metrics behind its `GET /metrics`.
 
-use std::sync::OnceLock;
+use std::sync::Once;
 
 use metrics::{describe_counter, describe_gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static DESCRIBED: Once = Once::new();
 
-/// The process's Prometheus handle, installing the recorder on first use.
+/// The process's Prometheus handle (installed on first use), with this
+/// part's metrics described.
 pub fn handle() -> &'static PrometheusHandle {
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("another metrics recorder is installed; /metrics will be empty");
-        }
-        describe();
-        handle
-    })
+    fleet_api::prom::handle(&DESCRIBED, describe)
 }
 
 fn describe() {

@@ -302,7 +302,7 @@ async fn run(args: RunArgs, json: bool) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        () = shutdown_signal() => {}
+        () = fleet_api::process::shutdown_signal() => {}
         () = drained, if args.exit_when_drained => {}
     }
     let _ = stop_tx.send(true);
@@ -390,21 +390,6 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("device-agent-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 #[cfg(test)]

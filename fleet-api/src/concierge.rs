@@ -41,6 +41,13 @@ pub struct RegionView {
     pub last_seen_ms_ago: Option<u64>,
     /// Why the region is unhealthy, when it is.
     pub problem: Option<String>,
+    /// Set while this region runs alone: its peer is detached, so what it
+    /// writes has no second copy. Wall-clock ms since then.
+    #[serde(default)]
+    pub detached_since_ms: Option<u64>,
+    /// Records written without a second copy since the peer was detached.
+    #[serde(default)]
+    pub written_while_detached: Option<u64>,
 }
 
 /// `GET /v1/regions`.

@@ -50,14 +50,18 @@ impl FromStr for Role {
 ///
 /// `committed`: the highest mid durably in this region's log; `replicated`:
 /// the highest mid durably in the other region's log too (equal to
-/// `committed` without a secondary). A device deletes a message from its
-/// outbox only once `replicated >= mid`.
+/// `committed` without a secondary, or while the peer is detached: then
+/// `detached` is true). A device deletes a message from its outbox only
+/// once `replicated >= mid`.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct AckMessage {
     pub committed: Mid,
     pub replicated: Mid,
     pub epoch: Epoch,
     pub region: Region,
+    /// The other region is detached: `replicated` means durable here only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 /// One partition in [`StatusResponse`].
@@ -100,6 +104,41 @@ pub struct StatusResponse {
     /// True while a primary is fenced (accepting no writes).
     #[serde(default)]
     pub fenced: bool,
+    /// The other region as this hub sees it (absent without a peer).
+    #[serde(default)]
+    pub peer: Option<PeerLink>,
+}
+
+/// How a hub's peer region stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// The peer counts: `replicated` means durable in both regions.
+    Attached,
+    /// The peer does not count: this region runs alone, without a second
+    /// copy; `replicated` means durable here.
+    Detached,
+    /// Attached, but not answering right now (sync acknowledgements wait).
+    Unreachable,
+}
+
+/// `peer` in [`StatusResponse`].
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PeerLink {
+    pub state: PeerState,
+    /// Wall-clock ms since when it is detached or unreachable.
+    #[serde(default)]
+    pub since_ms: Option<u64>,
+    /// Records written here since it was detached (no second copy yet).
+    #[serde(default)]
+    pub written_since: Option<u64>,
+    /// Detached by an operator (only an operator attaches it again).
+    #[serde(default)]
+    pub manual: bool,
+    /// Detached, and the peer is catching up: partitions it has caught up
+    /// with count again already.
+    #[serde(default)]
+    pub partitions_caught_up: u32,
 }
 
 /// A record as served by the read API (payload in base64).
@@ -312,12 +351,21 @@ mod tests {
             replicated: Mid(3),
             epoch: Epoch(2),
             region: Region::new("eu").unwrap(),
+            detached: false,
         };
         let text = serde_json::to_string(&ack).unwrap();
         assert_eq!(
             text,
             r#"{"committed":5,"replicated":3,"epoch":2,"region":"eu"}"#
         );
+        let alone = AckMessage {
+            replicated: Mid(5),
+            detached: true,
+            ..ack.clone()
+        };
+        let text = serde_json::to_string(&alone).unwrap();
+        assert!(text.ends_with(r#""detached":true}"#), "{text}");
+        assert_eq!(serde_json::from_str::<AckMessage>(&text).unwrap(), alone);
         assert_eq!(serde_json::from_str::<AckMessage>(&text).unwrap(), ack);
     }
 

@@ -7,7 +7,8 @@
 //!
 //! The one exception is [`client`] (feature `client`): the HTTP client of a
 //! hub's API, for consumers and tools that must not compile the hub; and
-//! [`process`] (feature `process`): logging and signals of server processes.
+//! [`process`] (feature `process`): logging and signals of server processes;
+//! and `prom` (feature `prometheus`): the process's metrics recorder.
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -16,6 +17,8 @@ pub mod hub;
 pub mod ids;
 #[cfg(feature = "process")]
 pub mod process;
+#[cfg(feature = "prometheus")]
+pub mod prom;
 pub mod registry;
 pub mod secret;
 

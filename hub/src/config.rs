@@ -57,6 +57,11 @@ pub struct RunArgs {
     /// Async replication lag beyond which ingest is throttled.
     #[arg(long, env = "FLEET_MAX_LAG_MS")]
     pub max_lag_ms: Option<u64>,
+    /// Detach a peer that stays unreachable this long: the region then runs
+    /// alone (acknowledgements no longer wait for the peer) until the peer
+    /// has caught up again [default: off, an operator detaches].
+    #[arg(long, env = "FLEET_PEER_DETACH_AFTER_S")]
+    pub peer_detach_after_s: Option<u64>,
     /// Event log partitions, fixed when the log is created [default: 8].
     #[arg(long, env = "FLEET_PARTITIONS")]
     pub partitions: Option<u32>,
@@ -149,6 +154,8 @@ pub struct HubConfig {
     pub replication: Replication,
     /// Async replication: throttle ingest beyond this lag.
     pub max_lag: Option<Duration>,
+    /// Detach a peer unreachable this long (None: only operators detach).
+    pub peer_detach_after: Option<Duration>,
 }
 
 impl HubConfig {
@@ -159,6 +166,7 @@ impl HubConfig {
             peer: None,
             replication: Replication::Off,
             max_lag: None,
+            peer_detach_after: None,
             region,
             data,
             registry,
@@ -206,7 +214,7 @@ impl RunArgs {
         }
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
-            max_lag_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
+            max_lag_ms, peer_detach_after_s, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
         }))
     }
@@ -229,6 +237,7 @@ impl RunArgs {
             peer,
             replication,
             max_lag_ms,
+            peer_detach_after_s,
             partitions,
             stream,
             stream_user,
@@ -284,6 +293,15 @@ impl RunArgs {
                 bail!("--max-lag-ms applies to async replication only");
             }
             c.max_lag = Some(Duration::from_millis(ms.max(1)));
+        }
+        if let Some(s) = peer_detach_after_s {
+            if c.peer.is_none() {
+                bail!("--peer-detach-after-s needs --peer");
+            }
+            if s == 0 {
+                bail!("--peer-detach-after-s must be at least 1");
+            }
+            c.peer_detach_after = Some(Duration::from_secs(s));
         }
         c.read_token = read_token;
         c.role = role.unwrap_or(Role::Primary);

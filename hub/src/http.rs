@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_api::concierge::{FailoverResponse, PromoteRequest};
 use fleet_api::hub::{DevicePut, DeviceResponse, PartitionStatus, RecordsResponse, StatusResponse};
-use fleet_api::hub::{EpochBody, EpochEnd, FailbackReport, FenceResponse};
+use fleet_api::hub::{EpochBody, EpochEnd, FailbackReport, FenceResponse, PeerLink};
 use fleet_api::{
     DeviceId, DeviceStatus, Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Role, Secret,
 };
@@ -204,6 +204,8 @@ pub fn router(api: Arc<ApiState>) -> Router {
         .route("/v1/unfence", post(unfence))
         .route("/v1/partitions/{p}/epoch_end", get(epoch_end))
         .route("/v1/failback", get(failback))
+        .route("/v1/peer/detach", post(peer_detach))
+        .route("/v1/peer/attach", post(peer_attach))
         .with_state(api)
 }
 
@@ -234,6 +236,8 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
             let hw = log.high_watermark(PartitionId(p));
             let replicated = match (api.ingest.mode(), re.role) {
                 (Replication::Off, _) | (_, Role::Secondary) => hw,
+                // Detached: durable here is what `replicated` means.
+                _ if !api.ingest.linked(PartitionId(p)) => hw,
                 _ => api.ingest.replicated_offset(PartitionId(p)).min(hw),
             };
             PartitionStatus {
@@ -257,6 +261,7 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
         peer_reachable,
         replication,
         fenced: api.state.fenced(),
+        peer: api.control.has_peer().then(|| api.control.peer_link()),
     })
 }
 
@@ -466,4 +471,20 @@ async fn failback(
 ) -> ApiResult<Json<FailbackReport>> {
     require_reader(&api, &headers)?;
     Ok(Json(api.control.failback_report().await?))
+}
+
+async fn peer_detach(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<PeerLink>> {
+    require_admin(&api, &headers)?;
+    Ok(Json(api.control.detach(true, "an operator detached it")?))
+}
+
+async fn peer_attach(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<PeerLink>> {
+    require_admin(&api, &headers)?;
+    Ok(Json(api.control.attach()?))
 }

@@ -109,6 +109,21 @@ struct PartitionLedger {
     unreplicated: VecDeque<Unreplicated>,
     /// Per device: the highest mid the other region holds (from the queue).
     replicated_mid: HashMap<DeviceId, Mid>,
+    /// The peer counts for this partition's acknowledgements. False while
+    /// the peer is detached, until its pulls have caught up with `next`:
+    /// then durable here is all an acknowledgement waits for, and nothing
+    /// is queued for the peer (memory stays bounded however long it lasts).
+    linked: bool,
+}
+
+/// What partition's acknowledgements may count as replicated (mirrors the
+/// ledger for waiters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cover {
+    /// Records below this offset are durable in the other region too.
+    offset: Offset,
+    /// The peer is detached from this partition: durable here suffices.
+    local: bool,
 }
 
 /// The ingest pipeline of one hub.
@@ -116,8 +131,9 @@ pub struct Ingest {
     log: Arc<dyn EventLog>,
     state: Arc<HubState>,
     parts: Vec<Mutex<PartitionLedger>>,
-    /// Per partition: records below this offset are in both regions.
-    replicated: Vec<watch::Sender<Offset>>,
+    /// Per partition: records below this offset are in both regions, and
+    /// whether the peer is detached.
+    replicated: Vec<watch::Sender<Cover>>,
     mode: Replication,
     snapshot_dir: PathBuf,
     budget: Arc<Semaphore>,
@@ -188,6 +204,7 @@ impl Ingest {
             .map_err(|e| LogError::Io(format!("{}: {e}", snapshot_dir.display())))?;
         let mut parts = Vec::new();
         let mut replicated = Vec::new();
+        let linked = state.detached().is_none();
         for p in 0..log.partitions() {
             let p = PartitionId(p);
             let hw = log.high_watermark(p);
@@ -206,6 +223,7 @@ impl Ingest {
                 next: hw,
                 unreplicated: VecDeque::new(),
                 replicated_mid: HashMap::new(),
+                linked,
             }));
             // Until the secondary says otherwise, nothing written before a
             // restart counts as replicated (unless there is no secondary).
@@ -214,7 +232,10 @@ impl Ingest {
             } else {
                 Offset(0)
             };
-            replicated.push(watch::Sender::new(r));
+            replicated.push(watch::Sender::new(Cover {
+                offset: r,
+                local: !linked,
+            }));
         }
         Ok(Arc::new(Ingest {
             log,
@@ -257,7 +278,7 @@ impl Ingest {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.replicated[p.0 as usize].subscribe();
         async move {
-            let _ = rx.wait_for(|r| *r > past).await;
+            let _ = rx.wait_for(|c| c.local || c.offset > past).await;
         }
     }
 
@@ -280,8 +301,8 @@ impl Ingest {
             return Err(IngestError::NotPrimary);
         }
         let p = partition_for(device, self.log.partitions());
-        let sync = self.mode == Replication::Sync;
         let mut part = self.part(p);
+        let sync = self.mode == Replication::Sync && part.linked;
         if let Some(m) = mid
             && let Some(&(last, at)) = part.accepted.get(device)
             && last >= m
@@ -309,7 +330,7 @@ impl Ingest {
                 }
             }
         }
-        if self.mode != Replication::Off {
+        if self.mode != Replication::Off && part.linked {
             part.unreplicated.push_back(Unreplicated {
                 offset,
                 device: mid.map(|m| (device.clone(), m)),
@@ -410,8 +431,12 @@ impl Ingest {
     /// The highest mid of `device` the other region holds durably.
     pub fn replicated_mid(&self, device: &DeviceId) -> Option<Mid> {
         let p = partition_for(device, self.log.partitions());
-        let r = *self.replicated[p.0 as usize].borrow();
+        let r = self.replicated[p.0 as usize].borrow().offset;
         let part = self.part(p);
+        if !part.linked {
+            // Detached: durable here is what `replicated` means.
+            return part.accepted.get(device).map(|(m, _)| *m);
+        }
         let whole = part
             .accepted
             .get(device)
@@ -427,18 +452,18 @@ impl Ingest {
             return Vec::new();
         };
         let mut advanced: HashMap<DeviceId, Mid> = HashMap::new();
-        let moved = tx.send_if_modified(|r| {
-            if upto > *r {
-                *r = upto;
+        let mut part = self.part(p);
+        let moved = tx.send_if_modified(|c| {
+            if upto > c.offset {
+                c.offset = upto;
                 true
             } else {
                 false
             }
         });
-        if !moved {
+        if !moved || !part.linked {
             return Vec::new();
         }
-        let mut part = self.part(p);
         while part.unreplicated.front().is_some_and(|u| u.offset < upto) {
             let Some(u) = part.unreplicated.pop_front() else {
                 break;
@@ -474,7 +499,61 @@ impl Ingest {
     pub fn replicated_offset(&self, p: PartitionId) -> Offset {
         self.replicated
             .get(p.0 as usize)
-            .map_or(Offset(0), |r| *r.borrow())
+            .map_or(Offset(0), |r| r.borrow().offset)
+    }
+
+    /// The partition of `device`'s records.
+    pub fn partition_of(&self, device: &DeviceId) -> PartitionId {
+        partition_for(device, self.log.partitions())
+    }
+
+    /// Whether the peer counts for `p`'s acknowledgements (see
+    /// [`Ingest::detach`]).
+    pub fn linked(&self, p: PartitionId) -> bool {
+        self.part(p).linked
+    }
+
+    /// The peer no longer counts: every partition acknowledges what is
+    /// durable here, sync waiters are released, and the queue of records
+    /// waiting for the peer is dropped (bounded memory while it lasts).
+    /// Returns the devices whose `replicated` mid moves up, with that mid.
+    pub fn detach(&self) -> Vec<(DeviceId, Mid)> {
+        let mut advanced: HashMap<DeviceId, Mid> = HashMap::new();
+        for (i, tx) in self.replicated.iter().enumerate() {
+            let mut part = self.part(PartitionId(i as u32));
+            part.linked = false;
+            for u in part.unreplicated.drain(..) {
+                if let Some((d, m)) = u.device {
+                    let e = advanced.entry(d).or_insert(m);
+                    *e = (*e).max(m);
+                }
+            }
+            part.replicated_mid.clear();
+            tx.send_modify(|c| c.local = true);
+        }
+        advanced.into_iter().collect()
+    }
+
+    /// The detached peer pulled `p` from `from`: when that is everything
+    /// this partition holds, the peer counts again from here on. True when
+    /// the partition is linked (now or already).
+    pub fn relink(&self, p: PartitionId, from: Offset) -> bool {
+        let Some(tx) = self.replicated.get(p.0 as usize) else {
+            return false;
+        };
+        let mut part = self.part(p);
+        if part.linked {
+            return true;
+        }
+        if from < part.next {
+            return false;
+        }
+        part.linked = true;
+        tx.send_modify(|c| {
+            c.offset = c.offset.max(from);
+            c.local = false;
+        });
+        true
     }
 
     /// Records not yet in the other region, and the age of the oldest.
@@ -530,8 +609,10 @@ impl Ingest {
             match write_snapshot(&path, upto, &map) {
                 Ok(()) => {
                     // Retention must also keep what the secondary has not pulled.
+                    // A detached peer does not hold the floor.
                     let floor = match self.mode {
                         Replication::Off => upto,
+                        _ if !self.linked(p) => upto,
                         _ => upto.min(self.replicated_offset(p)),
                     };
                     self.log.set_retention_floor(p, floor);

@@ -103,16 +103,8 @@ impl Hub {
 
         let mqtt_addr = listeners.mqtt.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
-        let control = Control::new(
-            config.peer.clone(),
-            config.peer_token.clone(),
-            config.max_lag,
-            ingest.clone(),
-            sessions.clone(),
-            &config.data,
-            &config.peer_roots,
-        )
-        .context("the peer HTTP client")?;
+        let control = Control::new(&config, ingest.clone(), sessions.clone())
+            .context("the peer HTTP client")?;
         control.fence_until_checked();
         control.spawn(&mut tasks, &shutdown);
         control.first_look(Duration::from_secs(2)).await;

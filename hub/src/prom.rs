@@ -1,34 +1,16 @@
-//! The Prometheus exporter behind `GET /metrics`.
-//!
-//! The `metrics` recorder is process-global, so it is installed once; a
-//! process normally runs one hub. (rumqttd's own exporter is never enabled:
-//! it would fight for the same global slot, see `broker`.)
+//! The hub's metrics behind `GET /metrics`. (rumqttd's own exporter is never
+//! enabled: it would fight for the process-global recorder, see `broker`.)
 
-use std::sync::OnceLock;
+use std::sync::Once;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static DESCRIBED: Once = Once::new();
 
-/// The process's Prometheus handle, installing the recorder on first use.
+/// The process's Prometheus handle (installed on first use), with this
+/// part's metrics described.
 pub fn handle() -> &'static PrometheusHandle {
-    HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("fleet_hub_fsync_seconds".into()),
-                &[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
-                ],
-            )
-            .unwrap_or_else(|_| PrometheusBuilder::new());
-        let recorder = builder.build_recorder();
-        let handle = recorder.handle();
-        if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!("another metrics recorder is installed; /metrics will be empty");
-        }
-        describe();
-        handle
-    })
+    fleet_api::prom::handle(&DESCRIBED, describe)
 }
 
 fn describe() {
@@ -70,5 +52,17 @@ fn describe() {
     describe_counter!(
         "fleet_hub_live_stream_dropped_total",
         "records the live stream view dropped because it fell behind"
+    );
+    describe_gauge!(
+        "fleet_hub_peer_detached",
+        "1 while the peer region is detached: this region runs alone, without a second copy"
+    );
+    describe_gauge!(
+        "fleet_hub_written_while_detached_records",
+        "records written since the peer was detached (no second copy yet)"
+    );
+    describe_counter!(
+        "fleet_hub_peer_detaches_total",
+        "detachments of the peer region, by whether an operator did it"
     );
 }

@@ -4,6 +4,10 @@
 //! written with fsync + rename before any behaviour depends on them, so a
 //! restarted hub comes back in the role it last had, never in the one its
 //! command line suggested at first start.
+//!
+//! The same file says whether the peer region is detached (this hub runs
+//! alone: acknowledgements are local), so a restart does not bring back a
+//! stalled pairing with a region that is gone.
 
 use std::fs;
 use std::io::Write;
@@ -20,11 +24,27 @@ pub struct RoleEpoch {
     pub epoch: Epoch,
 }
 
+/// The peer region is detached: this hub acknowledges what is durable here
+/// alone, until the peer has caught up again.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Detached {
+    /// Wall-clock ms when it was detached.
+    pub since_ms: u64,
+    /// Detached by an operator: only an operator attaches it again. Otherwise
+    /// (a forced promotion, or unreachable too long) the peer re-attaches by
+    /// catching up.
+    pub manual: bool,
+    /// Per partition, the high watermark when it was detached.
+    pub high_watermarks: Vec<u64>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct File {
     region: Region,
     role: Role,
     epoch: Epoch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detached: Option<Detached>,
 }
 
 /// Errors of the state file.
@@ -51,6 +71,9 @@ pub struct HubState {
     /// A fenced primary accepts no writes (planned promotion in progress,
     /// or not yet sure after a restart that no one superseded it).
     fenced: std::sync::atomic::AtomicBool,
+    detached: watch::Sender<Option<Detached>>,
+    /// Serializes writes of the file (role/epoch and detachment share it).
+    write: std::sync::Mutex<()>,
 }
 
 impl HubState {
@@ -65,6 +88,7 @@ impl HubState {
             source,
         };
         fs::create_dir_all(dir).map_err(io)?;
+        let mut detached = None;
         let current = match fs::read(&path) {
             Ok(bytes) => {
                 let f: File = serde_json::from_slice(&bytes).map_err(|e| StateError::Invalid {
@@ -85,6 +109,7 @@ impl HubState {
                         "keeping the stored role; --role applies only to a new data directory"
                     );
                 }
+                detached = f.detached;
                 RoleEpoch {
                     role: f.role,
                     epoch: f.epoch,
@@ -95,7 +120,7 @@ impl HubState {
                     role: initial,
                     epoch: Epoch(1),
                 };
-                write(&path, region, re).map_err(io)?;
+                write(&path, region, re, None).map_err(io)?;
                 re
             }
             Err(e) => return Err(io(e)),
@@ -105,6 +130,8 @@ impl HubState {
             region: region.clone(),
             current: watch::Sender::new(current),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            detached: watch::Sender::new(detached),
+            write: std::sync::Mutex::new(()),
         })
     }
 
@@ -141,21 +168,54 @@ impl HubState {
     /// # Errors
     /// When the state cannot be written durably (nothing changes then).
     pub fn set(&self, next: RoleEpoch) -> Result<(), StateError> {
-        write(&self.path, &self.region, next).map_err(|source| StateError::Io {
+        let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let detached = self.detached.borrow().clone();
+        write(&self.path, &self.region, next, detached).map_err(|source| StateError::Io {
             path: self.path.clone(),
             source,
         })?;
         self.current.send_replace(next);
         Ok(())
     }
+
+    /// Whether (and since when) the peer is detached.
+    pub fn detached(&self) -> Option<Detached> {
+        self.detached.borrow().clone()
+    }
+
+    pub fn subscribe_detached(&self) -> watch::Receiver<Option<Detached>> {
+        self.detached.subscribe()
+    }
+
+    /// Persists and then publishes the peer's detachment (`None`: attached).
+    ///
+    /// # Errors
+    /// When the state cannot be written durably (nothing changes then).
+    pub fn set_detached(&self, next: Option<Detached>) -> Result<(), StateError> {
+        let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        write(&self.path, &self.region, self.get(), next.clone()).map_err(|source| {
+            StateError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.detached.send_replace(next);
+        Ok(())
+    }
 }
 
-fn write(path: &Path, region: &Region, re: RoleEpoch) -> std::io::Result<()> {
+fn write(
+    path: &Path,
+    region: &Region,
+    re: RoleEpoch,
+    detached: Option<Detached>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(&File {
         region: region.clone(),
         role: re.role,
         epoch: re.epoch,
+        detached,
     })
     .map_err(std::io::Error::other)?;
     let mut f = fs::File::create(&tmp)?;
@@ -196,6 +256,26 @@ mod tests {
                 role: Role::Primary,
                 epoch: Epoch(2)
             }
+        );
+        let d = Detached {
+            since_ms: 7,
+            manual: true,
+            high_watermarks: vec![3, 4],
+        };
+        again.set_detached(Some(d.clone())).unwrap();
+        let third = HubState::open(dir.path(), &eu, Role::Secondary).unwrap();
+        assert_eq!(third.detached(), Some(d));
+        assert_eq!(
+            third.get().epoch,
+            Epoch(2),
+            "detaching keeps role and epoch"
+        );
+        third.set_detached(None).unwrap();
+        assert_eq!(
+            HubState::open(dir.path(), &eu, Role::Secondary)
+                .unwrap()
+                .detached(),
+            None
         );
         let err =
             HubState::open(dir.path(), &Region::new("us").unwrap(), Role::Primary).unwrap_err();

@@ -465,9 +465,16 @@ impl Conn<'_> {
         {
             return;
         }
-        // Without a secondary, durable here is all there is to wait for.
+        // Without a secondary, or with the peer detached, durable here is
+        // all there is to wait for.
+        let detached = self.front.ingest.mode() != Replication::Off
+            && !self
+                .front
+                .ingest
+                .linked(self.front.ingest.partition_of(&self.device));
         let replicated = match self.front.ingest.mode() {
             Replication::Off => self.committed,
+            _ if detached => self.committed,
             _ => self.replicated.unwrap_or(Mid(0)).min(self.committed),
         };
         if self.last_ack == Some((self.committed, replicated)) {
@@ -479,6 +486,7 @@ impl Conn<'_> {
             replicated,
             epoch: state.epoch,
             region: self.front.state.region().clone(),
+            detached,
         };
         let payload = serde_json::to_vec(&ack).unwrap_or_default();
         let _ = Publish::new(self.acks_topic.as_str(), QoS::AtMostOnce, payload).write(out);

@@ -43,6 +43,11 @@ impl Control {
         for (device, mid) in self.ingest.advance_replicated(p, from) {
             self.sessions.send(&device, Outbound::Replicated(mid));
         }
+        if their_epoch == Some(now.epoch) {
+            // A detached peer that reconciled with this history counts again
+            // once it holds everything.
+            self.caught_up(p, from);
+        }
         Ok(now.epoch)
     }
 
@@ -95,6 +100,17 @@ impl Control {
             }
             if n.is_multiple_of(10) {
                 metrics::gauge!("fleet_hub_replication_lag_seconds").set(worst.as_secs_f64());
+                if self.peer.is_some() {
+                    let link = self.peer_link();
+                    let detached = link.state == fleet_api::hub::PeerState::Detached;
+                    metrics::gauge!("fleet_hub_peer_detached").set(if detached {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                    metrics::gauge!("fleet_hub_written_while_detached_records")
+                        .set(link.written_since.unwrap_or(0) as f64);
+                }
                 self.set_role_metrics();
             }
             if let Some(max) = self.max_lag {

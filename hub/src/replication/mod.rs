@@ -30,12 +30,14 @@
 //!   the throttle.
 //! - `follower`: the secondary's side: the pull loop and reconciling.
 //! - `failback`: archiving a divergent tail and the failback report.
+//! - `link`: detaching a lost peer (running alone) and taking it back.
 //! - `peer`: the HTTP calls to the peer.
 //! - `peer_watch`: watching the peer's role and epoch.
 
 mod failback;
 mod follower;
 mod leader;
+mod link;
 mod peer;
 mod peer_watch;
 mod promotion;
@@ -51,6 +53,7 @@ use fleet_api::{Epoch, Offset, PartitionId, Role, Secret};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::HubConfig;
 use crate::ingest::{Ingest, Replication};
 use crate::log::{EventLog, LogError, ReadLimits};
 use crate::sessions::Sessions;
@@ -75,6 +78,9 @@ pub enum ControlError {
 #[derive(Clone, Debug, Default)]
 struct PeerView {
     reachable: bool,
+    /// Wall-clock ms since the peer stopped answering (None: it answers,
+    /// or was never looked at).
+    unreachable_since_ms: Option<u64>,
     role: Option<Role>,
     epoch: Option<Epoch>,
     /// Per partition, the primary's high watermark in the last pull answer.
@@ -86,6 +92,7 @@ pub struct Control {
     peer: Option<String>,
     peer_token: Secret,
     max_lag: Option<Duration>,
+    peer_detach_after: Option<Duration>,
     state: Arc<HubState>,
     ingest: Arc<Ingest>,
     sessions: Arc<Sessions>,
@@ -116,24 +123,31 @@ fn log_of(ingest: &Ingest) -> &Arc<dyn EventLog> {
 }
 
 impl Control {
+    /// The controller for the hub configured by `config` (peer, token, lag
+    /// limit, detach timeout, data directory, trusted roots).
+    ///
+    /// # Errors
+    /// When the peer HTTP client cannot be built.
     pub fn new(
-        peer: Option<String>,
-        peer_token: Secret,
-        max_lag: Option<Duration>,
+        config: &HubConfig,
         ingest: Arc<Ingest>,
         sessions: Arc<Sessions>,
-        data_dir: &std::path::Path,
-        peer_roots: &[reqwest::Certificate],
     ) -> anyhow::Result<Arc<Control>> {
         let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(30));
-        let http = fleet_api::client::trusting(builder, peer_roots).build()?;
+        let http = fleet_api::client::trusting(builder, &config.peer_roots).build()?;
+        let peer = config.peer.clone();
+        let peer_token = config.peer_token.clone();
+        let max_lag = config.max_lag;
+        let peer_detach_after = config.peer_detach_after;
+        let data_dir = config.data.as_path();
         let partitions = ingest.log().partitions() as usize;
         Ok(Arc::new(Control {
             peer,
             peer_token,
             max_lag,
+            peer_detach_after,
             state: ingest.state().clone(),
             ingest,
             sessions,
@@ -229,6 +243,8 @@ impl Control {
         };
         let state = if self.reconciling.load(Ordering::Acquire) {
             "reconciling"
+        } else if self.state.detached().is_some() {
+            "detached"
         } else if *self.throttle.borrow() {
             "throttled"
         } else if re.role == Role::Primary

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_api::Role;
+use fleet_api::{Role, UnixMillis};
 
 use super::Control;
 
@@ -18,11 +18,27 @@ impl Control {
         let mut first = true;
         loop {
             let status = self.peer_status(&peer).await;
-            {
+            let unreachable_since = {
                 let mut view = self.view();
                 view.reachable = status.is_some();
+                view.unreachable_since_ms = match (&status, view.unreachable_since_ms) {
+                    (Some(_), _) => None,
+                    (None, Some(t)) => Some(t),
+                    (None, None) => Some(UnixMillis::now().0),
+                };
                 view.role = status.as_ref().map(|s| s.role);
                 view.epoch = status.as_ref().map(|s| s.epoch);
+                view.unreachable_since_ms
+            };
+            if let (Some(after), Some(since)) = (self.peer_detach_after, unreachable_since)
+                && UnixMillis::now().0.saturating_sub(since) >= after.as_millis() as u64
+                && self.state.detached().is_none()
+                && self.state.get().role == Role::Primary
+            {
+                let why = format!("the peer has been unreachable for {} s", after.as_secs());
+                if let Err(e) = self.detach(false, &why) {
+                    tracing::warn!(error = %e, "cannot detach the unreachable peer");
+                }
             }
             if let Some(s) = &status {
                 let me = self.state.get();

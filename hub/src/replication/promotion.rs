@@ -33,6 +33,20 @@ impl Control {
                 expected: body.epoch.unwrap_or(now.epoch),
             });
         }
+        if let Some(d) = self.state.detached() {
+            let caught_up = (0..self.partitions())
+                .filter(|p| self.ingest.linked(PartitionId(*p)))
+                .count();
+            return Err(ControlError::Conflict(format!(
+                "the peer is detached (it has caught up with {caught_up} of {} partitions{}); a planned promotion waits until it holds every record",
+                self.partitions(),
+                if d.manual {
+                    ", and an operator must attach it"
+                } else {
+                    ""
+                }
+            )));
+        }
         self.state.set_fenced(true);
         self.sessions.kick_all(Kick::Demoted);
         tracing::warn!("fenced: no more writes while the peer takes over");
@@ -140,6 +154,12 @@ impl Control {
                 }
                 self.become_primary(next, req.expected_epoch)?;
                 if let Some(peer) = self.peer.clone() {
+                    // The lost primary does not count until it returns and
+                    // catches up: acknowledgements must not wait for it.
+                    if let Err(e) = self.detach(false, "forced promotion: the old primary is lost")
+                    {
+                        tracing::warn!(error = %e, "cannot detach the lost primary");
+                    }
                     tokio::spawn(self.tell_peer_to_demote(peer, next));
                 }
             }

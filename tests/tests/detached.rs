@@ -1,0 +1,324 @@
+//! A region lost for good: the survivor detaches its peer and runs alone
+//! (acknowledging what is durable there), and a returning peer catches up
+//! and counts again without a full resync. Real hub processes, kill -9,
+//! simulated devices with small outboxes.
+
+use std::collections::HashMap;
+
+use fleet_api::Role;
+use fleet_api::hub::{PeerState, StatusResponse};
+use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
+
+/// Small outboxes (the agent's minimum) and a rate that fills one within
+/// about two seconds of no `replicated` acknowledgement.
+const OUTBOX: &str = "65536";
+const RATE: &str = "40";
+const PAYLOAD: &str = "1000";
+
+async fn status(hub: &HubNode) -> StatusResponse {
+    hub.client().status().await.expect("status")
+}
+
+async fn post(url: String, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("post")
+}
+
+async fn registries(h: &tests::Harness, ids: &[String]) -> (Registry, Registry) {
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut a = Registry::sqlite(h.dir(), "a").await;
+    a.add(&refs).await;
+    let mut b = Registry::sqlite(h.dir(), "b").await;
+    a.mirror_into(&mut b).await;
+    (a, b)
+}
+
+/// `device-agent simulate` of `keys` for `secs`, with outboxes of
+/// `outbox` bytes.
+fn simulate(
+    h: &tests::Harness,
+    c: &tests::ConciergeNode,
+    keys: &std::path::Path,
+    report: &std::path::Path,
+    secs: &str,
+    outbox: &str,
+) -> std::process::Child {
+    let args = h.simulate_args(
+        c,
+        keys,
+        report,
+        RATE,
+        secs,
+        &[
+            "--drain-timeout-s",
+            "60",
+            "--ack-timeout-s",
+            "3",
+            "--max-outbox-bytes",
+            outbox,
+            "--payload-bytes",
+            PAYLOAD,
+        ],
+    );
+    h.command("simulate", &args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `sim`; its summary must show nothing dropped or left behind.
+async fn finished(sim: std::process::Child) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || sim.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "simulate failed");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["dropped"], 0, "outboxes overflowed: {summary}");
+    assert_eq!(
+        summary["in_outbox"], 0,
+        "messages left unacknowledged: {summary}"
+    );
+    summary
+}
+
+/// Every generated mid is in `hub` exactly once, with the payload size sent;
+/// returns how many.
+async fn all_stored_once(hub: &HubNode, report: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for line in std::fs::read_to_string(report).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = r["device_id"].as_str().unwrap();
+        let last = r["last_mid"].as_u64().unwrap();
+        let mut counts: HashMap<u64, u32> = HashMap::new();
+        for rec in hub.records_of(id, 8).await {
+            assert_eq!(rec.payload.len(), PAYLOAD.parse::<usize>().unwrap());
+            if let Some(m) = rec.mid {
+                *counts.entry(m.0).or_default() += 1;
+            }
+        }
+        let missing: Vec<u64> = (1..=last).filter(|m| !counts.contains_key(m)).collect();
+        assert!(missing.is_empty(), "{id}: lost {missing:?}");
+        assert!(counts.values().all(|n| *n == 1), "{id}: stored twice");
+        total += last;
+    }
+    total
+}
+
+fn peer_state(s: &StatusResponse) -> Option<PeerState> {
+    s.peer.as_ref().map(|p| p.state)
+}
+
+async fn primary_lost_for_good(name: &str, replication: &str) {
+    let h = harness!(name);
+    let ids: Vec<String> = (0..8).map(|i| format!("dev-{i}")).collect();
+    let (ra, rb) = registries(&h, &ids).await;
+    // As deploy/ configures async hubs: throttle beyond 2 s of lag.
+    let mut extra = vec!["--replication", replication];
+    if replication == "async" {
+        extra.extend_from_slice(&["--max-lag-ms", "2000"]);
+    }
+    let (mut a, b) = h.pair(("a", &ra), ("b", &rb), None, &extra);
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &a), ("b", &b)],
+        &["--ttl-s", "2"],
+    );
+    let keys = h.keys_file(&ra, &ids);
+    let report = h.dir().join("report.ndjson");
+    let sim = simulate(&h, &c, &keys, &report, "25", OUTBOX);
+    wait_for(20, "traffic replicated to b", || async {
+        status(&b)
+            .await
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark.0)
+            .sum::<u64>()
+            > 200
+    })
+    .await;
+    // Region a is lost and never returns.
+    a.node.kill9();
+    let failover = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "forced"}),
+    )
+    .await;
+    assert_eq!(failover.status(), 200, "{}", failover.text().await.unwrap());
+    let s = status(&b).await;
+    assert_eq!(s.role, Role::Primary);
+    assert_eq!(peer_state(&s), Some(PeerState::Detached), "{s:?}");
+    // The outboxes hold about 1.6 s of messages; the rest of the run (well
+    // over 10 s) is delivered only because b acknowledges alone.
+    let summary = finished(sim).await;
+    let total = all_stored_once(&b, &report).await;
+    assert_eq!(summary["generated"], total);
+    let s = status(&b).await;
+    let link = s.peer.expect("peer link");
+    assert_eq!(link.state, PeerState::Detached);
+    assert!(link.written_since.unwrap_or(0) > 0, "{link:?}");
+    assert!(link.since_ms.is_some());
+    assert_eq!(s.replication.map(|r| r.state).as_deref(), Some("detached"));
+    let m = b.metric("fleet_hub_peer_detached").await;
+    assert_eq!(m, 1.0);
+    let regions: serde_json::Value = reqwest::get(format!("{}/v1/regions", c.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rb_view = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["region"] == "b")
+        .unwrap()
+        .clone();
+    assert!(rb_view["detached_since_ms"].is_u64(), "{rb_view}");
+    assert!(rb_view["written_while_detached"].as_u64().unwrap() > 0);
+    let page = tests::http_get(&format!("{}/", c.url()));
+    assert!(page.contains("running alone since"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_survivor_of_a_lost_primary_runs_alone_and_loses_nothing() {
+    primary_lost_for_good(
+        "async_survivor_of_a_lost_primary_runs_alone_and_loses_nothing",
+        "async",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_survivor_of_a_lost_primary_runs_alone_and_loses_nothing() {
+    primary_lost_for_good(
+        "sync_survivor_of_a_lost_primary_runs_alone_and_loses_nothing",
+        "sync",
+    )
+    .await;
+}
+
+async fn secondary_lost_then_back(name: &str, replication: &str) {
+    let h = harness!(name);
+    let ids: Vec<String> = (0..8).map(|i| format!("dev-{i}")).collect();
+    let (ra, rb) = registries(&h, &ids).await;
+    let mut extra = vec!["--replication", replication, "--peer-detach-after-s", "1"];
+    if replication == "async" {
+        extra.extend_from_slice(&["--max-lag-ms", "2000"]);
+    }
+    let (a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &extra);
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("a", &a), ("b", &b)],
+        &["--ttl-s", "2"],
+    );
+    let keys = h.keys_file(&ra, &ids);
+    let report = h.dir().join("report.ndjson");
+    // Sync acknowledgements wait until the lost peer is detached (about
+    // 1.5 s): outboxes of 1 MiB bridge that.
+    let sim = simulate(&h, &c, &keys, &report, "30", "1048576");
+    wait_for(20, "traffic on the primary", || async {
+        status(&a)
+            .await
+            .partitions
+            .iter()
+            .map(|p| p.replicated.0)
+            .sum::<u64>()
+            > 100
+    })
+    .await;
+    assert_eq!(peer_state(&status(&a).await), Some(PeerState::Attached));
+    // The secondary region is lost; the primary detaches it and goes on.
+    b.node.kill9();
+    wait_for(20, "the primary to detach its lost peer", || async {
+        peer_state(&status(&a).await) == Some(PeerState::Detached)
+    })
+    .await;
+    let written = |s: StatusResponse| s.peer.and_then(|p| p.written_since).unwrap_or(0);
+    wait_for(20, "writes acknowledged while detached", || async {
+        written(status(&a).await) > 500
+    })
+    .await;
+    // A planned promotion to a peer that is not caught up is refused.
+    let early = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "planned"}),
+    )
+    .await;
+    assert_ne!(early.status(), 200, "planned promotion to a detached peer");
+    // It returns, catches up from where it was (no full resync) and counts
+    // again.
+    b.restart(&h);
+    wait_for(60, "the returning peer to attach again", || async {
+        peer_state(&status(&a).await) == Some(PeerState::Attached)
+    })
+    .await;
+    let summary = finished(sim).await;
+    let total = all_stored_once(&a, &report).await;
+    assert_eq!(summary["generated"], total);
+    wait_for(20, "lag 0", || async {
+        status(&a)
+            .await
+            .replication
+            .is_some_and(|r| r.lag_records == 0)
+    })
+    .await;
+    let back = post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "planned"}),
+    )
+    .await;
+    assert_eq!(back.status(), 200, "{}", back.text().await.unwrap());
+    assert_eq!(all_stored_once(&b, &report).await, total);
+    let sb = status(&b).await;
+    assert_eq!(sb.role, Role::Primary);
+    assert_eq!(peer_state(&sb), Some(PeerState::Attached));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_primary_detaches_a_lost_secondary_which_catches_up_and_takes_over() {
+    secondary_lost_then_back(
+        "async_primary_detaches_a_lost_secondary_which_catches_up_and_takes_over",
+        "async",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_primary_detaches_a_lost_secondary_which_catches_up_and_takes_over() {
+    secondary_lost_then_back(
+        "sync_primary_detaches_a_lost_secondary_which_catches_up_and_takes_over",
+        "sync",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_detach_and_attach_with_the_admin_token_only() {
+    let h = harness!("operators_detach_and_attach_with_the_admin_token_only");
+    let ids: Vec<String> = vec!["dev-0".into()];
+    let (ra, rb) = registries(&h, &ids).await;
+    let (a, _b) = h.pair(("a", &ra), ("b", &rb), None, &["--replication", "sync"]);
+    let detach = format!("{}/v1/peer/detach", a.url());
+    let no_token = reqwest::Client::new().post(&detach).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    let r = post(detach.clone(), serde_json::json!({})).await;
+    assert_eq!(r.status(), 200);
+    let link: fleet_api::hub::PeerLink = r.json().await.unwrap();
+    assert_eq!(link.state, PeerState::Detached);
+    assert!(link.manual);
+    assert_eq!(peer_state(&status(&a).await), Some(PeerState::Detached));
+    let r = post(format!("{}/v1/peer/attach", a.url()), serde_json::json!({})).await;
+    assert_eq!(r.status(), 200);
+    wait_for(20, "the caught-up peer to attach", || async {
+        peer_state(&status(&a).await) == Some(PeerState::Attached)
+    })
+    .await;
+}
