@@ -23,6 +23,8 @@ pub enum IdError {
         pos: usize,
         allowed: &'static str,
     },
+    #[error("{what} {id:?} is only dots, which reads as a path component in URLs and file names")]
+    OnlyDots { what: &'static str, id: String },
 }
 
 fn validate(
@@ -48,6 +50,14 @@ fn validate(
             what,
             len: s.len(),
             max,
+        });
+    }
+    // `.` and `..` (and any run of dots) would name a directory in a URL
+    // path or a file name: ambiguous everywhere ids are used.
+    if s.chars().all(|c| c == '.') {
+        return Err(IdError::OnlyDots {
+            what,
+            id: s.to_string(),
         });
     }
     Ok(())
@@ -245,6 +255,12 @@ mod tests {
                 "{bad}"
             );
         }
+        for dots in [".", "..", "..."] {
+            let e = DeviceId::new(dots).unwrap_err();
+            assert!(matches!(e, IdError::OnlyDots { .. }), "{dots}: {e}");
+            assert!(Region::new(dots).is_err(), "{dots}");
+        }
+        assert!(DeviceId::new(".a").is_ok() && DeviceId::new("a..b").is_ok());
         let msg = DeviceId::new("a b").unwrap_err().to_string();
         assert_eq!(
             msg,

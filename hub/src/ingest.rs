@@ -51,9 +51,20 @@ pub enum IngestError {
         expected: Offset,
         got: Offset,
     },
+    #[error(
+        "mid {got} jumps more than {} past the last accepted mid {last}",
+        MAX_MID_JUMP
+    )]
+    MidJump { last: Mid, got: Mid },
     #[error(transparent)]
     Log(#[from] LogError),
 }
+
+/// How far one publish may move a device's mid past its last accepted one
+/// (from 0 for a new device). Further is implausible for a sequence and
+/// would let one publish (say mid u64::MAX) make every later one look like
+/// a duplicate: acknowledged and never stored.
+pub const MAX_MID_JUMP: u64 = 1 << 32;
 
 /// How writes are replicated to the other region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,6 +331,12 @@ impl Ingest {
                 Ok(Stored::Duplicate { mid: m })
             }
             .boxed());
+        }
+        if let Some(m) = mid {
+            let last = part.accepted.get(device).map_or(Mid(0), |(l, _)| *l);
+            if m.0.saturating_sub(last.0) > MAX_MID_JUMP {
+                return Err(IngestError::MidJump { last, got: m });
+            }
         }
         let offset = part.next;
         if let Some(m) = mid {

@@ -559,3 +559,58 @@ async fn keep_alive_is_enforced_and_pings_keep_a_connection_open() {
             >= 1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implausible_mid_is_refused_and_cannot_swallow_later_publishes() {
+    let h = harness!("an_implausible_mid_is_refused_and_cannot_swallow_later_publishes");
+    let (reg, hub) = hub_with(&h, &["d1"], &[]).await;
+    let mut c = connected(&hub, &reg, "d1").await;
+    // Without the bound, this one publish made every later mid a
+    // "duplicate": acknowledged and never stored.
+    c.publish(
+        &format!("devices/d1/messages/events/{}", u64::MAX),
+        QoS::AtLeastOnce,
+        1,
+        b"poison",
+    )
+    .await;
+    assert!(c.closed_within(SECS).await, "the connection is closed");
+    let mut c = connected(&hub, &reg, "d1").await;
+    for (pkid, mid) in [(1u16, 1u64), (2, 2), (3, 1 << 32)] {
+        c.publish(
+            &format!("devices/d1/messages/events/{mid}"),
+            QoS::AtLeastOnce,
+            pkid,
+            format!("m{mid}").as_bytes(),
+        )
+        .await;
+        assert!(
+            matches!(c.recv(SECS).await, Ok(Packet::PubAck(a)) if a.pkid == pkid),
+            "mid {mid} acknowledged"
+        );
+    }
+    let p = partition_for(&DeviceId::new("d1").unwrap(), 8);
+    let got = hub
+        .client()
+        .records(p, Offset(0), 100, Duration::ZERO)
+        .await
+        .unwrap();
+    let stored: Vec<(u64, Vec<u8>)> = got
+        .records
+        .iter()
+        .map(|r| (r.mid.unwrap().0, r.payload.clone()))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            (1, b"m1".to_vec()),
+            (2, b"m2".to_vec()),
+            (1 << 32, format!("m{}", 1u64 << 32).into_bytes())
+        ]
+    );
+    assert!(
+        hub.metrics()
+            .await
+            .contains("fleet_hub_refused_total{reason=\"mid_jump\"} 1")
+    );
+}

@@ -167,6 +167,33 @@ async fn sync_replication_acknowledges_only_what_both_regions_hold() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_needs_the_exact_epoch_and_the_epoch_cannot_wrap() {
+    let h = harness!("a_promotion_needs_the_exact_epoch_and_the_epoch_cannot_wrap");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    // u64::MAX used to answer 200 with epoch 0 (the `+ 1` wrapped): two
+    // primaries. Ahead or behind, a wrong expectation changes nothing.
+    for expected in [u64::MAX, 0, 2, 7] {
+        let r = post(
+            format!("{}/v1/promote", b.url()),
+            serde_json::json!({"expected_epoch": expected, "mode": "forced"}),
+        )
+        .await;
+        assert_eq!(r.status(), 409, "expected_epoch {expected}");
+    }
+    let (sa, sb) = (status(&a).await, status(&b).await);
+    assert_eq!((sa.role, sa.epoch.0), (Role::Primary, 1));
+    assert_eq!((sb.role, sb.epoch.0), (Role::Secondary, 1));
+    let r = post(
+        format!("{}/v1/promote", b.url()),
+        serde_json::json!({"expected_epoch": 1, "mode": "forced"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(status(&b).await.epoch.0, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_promotions_racing_have_one_winner() {
     let h = harness!("two_promotions_racing_have_one_winner");
     let (ra, rb) = registries(&h, &["d1"]).await;

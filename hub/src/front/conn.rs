@@ -401,6 +401,11 @@ impl Conn<'_> {
                 Ok(())
             }
             Err(IngestError::NotPrimary) => Err("not_primary"),
+            Err(e @ IngestError::MidJump { .. }) => {
+                metrics::counter!("fleet_hub_refused_total", "reason" => "mid_jump").increment(1);
+                tracing::info!(device_id = %self.device, error = %e, "refusing an implausible mid");
+                Err("mid_jump")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot store, closing without acknowledging");
                 Err("store_failed")

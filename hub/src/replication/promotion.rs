@@ -76,7 +76,9 @@ impl Control {
         let _one_at_a_time = self.promotion.lock().await;
         let started = Instant::now();
         let now = self.state.get();
-        if req.expected_epoch < now.epoch {
+        // Compare-and-set on the exact epoch: an expectation ahead of this
+        // hub is as stale as one behind it.
+        if req.expected_epoch != now.epoch {
             return Err(ControlError::EpochMismatch {
                 current: now.epoch,
                 expected: req.expected_epoch,
@@ -88,7 +90,10 @@ impl Control {
                 now.epoch
             )));
         }
-        let next = Epoch(req.expected_epoch.0 + 1);
+        let next =
+            Epoch(req.expected_epoch.0.checked_add(1).ok_or_else(|| {
+                ControlError::Conflict("the epoch cannot grow any further".into())
+            })?);
         let mut unreplicated = Vec::new();
         match req.mode {
             Mode::Planned => {
