@@ -66,6 +66,12 @@ pub enum IngestError {
 /// a duplicate: acknowledged and never stored.
 pub const MAX_MID_JUMP: u64 = 1 << 32;
 
+/// How close (in records) a detached peer's pull must come to a partition's
+/// end for the partition to count on the peer again. Exact equality would
+/// rarely happen under steady ingest; the records in between were
+/// acknowledged alone already, and every later one waits for the peer.
+pub const RELINK_SLACK: u64 = 2000;
+
 /// How writes are replicated to the other region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Replication {
@@ -551,9 +557,28 @@ impl Ingest {
         advanced.into_iter().collect()
     }
 
-    /// The detached peer pulled `p` from `from`: when that is everything
-    /// this partition holds, the peer counts again from here on. True when
-    /// the partition is linked (now or already).
+    /// Every partition counts on the peer again, from nothing: nothing is
+    /// known to be replicated until the peer's next pulls say so. Used at
+    /// every change of role, so that neither a detachment nor what an
+    /// earlier role learned carries over.
+    pub fn reattach(&self) {
+        for (i, tx) in self.replicated.iter().enumerate() {
+            let mut part = self.part(PartitionId(i as u32));
+            part.linked = true;
+            part.unreplicated.clear();
+            part.replicated_mid.clear();
+            tx.send_replace(Cover {
+                offset: Offset(0),
+                local: false,
+            });
+        }
+    }
+
+    /// The detached peer pulled `p` from `from`: when that is within
+    /// [`RELINK_SLACK`] records of everything this partition holds, the peer
+    /// counts again from here on (records before were acknowledged alone
+    /// already; later ones wait for it). True when the partition is linked
+    /// (now or already).
     pub fn relink(&self, p: PartitionId, from: Offset) -> bool {
         let Some(tx) = self.replicated.get(p.0 as usize) else {
             return false;
@@ -562,7 +587,7 @@ impl Ingest {
         if part.linked {
             return true;
         }
-        if from < part.next {
+        if part.next.0.saturating_sub(from.0) > RELINK_SLACK {
             return false;
         }
         part.linked = true;

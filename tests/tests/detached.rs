@@ -5,8 +5,13 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use fleet_api::Role;
 use fleet_api::hub::{PeerState, StatusResponse};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::mqtt::RawClient;
 use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
 
 /// Small outboxes (the agent's minimum) and a rate that fills one within
@@ -246,13 +251,6 @@ async fn secondary_lost_then_back(name: &str, replication: &str) {
         written(status(&a).await) > 500
     })
     .await;
-    // A planned promotion to a peer that is not caught up is refused.
-    let early = post(
-        format!("{}/v1/failover", c.url()),
-        serde_json::json!({"to": "b", "mode": "planned"}),
-    )
-    .await;
-    assert_ne!(early.status(), 200, "planned promotion to a detached peer");
     // It returns, catches up from where it was (no full resync) and counts
     // again.
     b.restart(&h);
@@ -300,25 +298,98 @@ async fn sync_primary_detaches_a_lost_secondary_which_catches_up_and_takes_over(
     .await;
 }
 
+/// The next ack on `devices/dev-0/acks` whose `committed` reaches `mid`.
+async fn ack_for(c: &mut RawClient, mid: u64) -> fleet_api::AckMessage {
+    loop {
+        match c.recv(Duration::from_secs(10)).await {
+            Ok(Packet::Publish(p)) => {
+                let ack: fleet_api::AckMessage = serde_json::from_slice(&p.payload).unwrap();
+                if ack.committed.0 >= mid {
+                    return ack;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no ack for mid {mid}: {e:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_detach_and_attach_with_the_admin_token_only() {
     let h = harness!("operators_detach_and_attach_with_the_admin_token_only");
     let ids: Vec<String> = vec!["dev-0".into()];
     let (ra, rb) = registries(&h, &ids).await;
-    let (a, _b) = h.pair(("a", &ra), ("b", &rb), None, &["--replication", "sync"]);
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &["--replication", "sync"]);
+    let key = ra.key("dev-0");
+    let (mut dev, code) = RawClient::connect(a.mqtt, "dev-0", Some(("dev-0", &key))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    dev.subscribe(1, "devices/dev-0/acks").await;
+    dev.publish(
+        "devices/dev-0/messages/events/1",
+        QoS::AtLeastOnce,
+        1,
+        b"one",
+    )
+    .await;
+    let ack = ack_for(&mut dev, 1).await;
+    assert!(!ack.detached, "{ack:?}");
+
     let detach = format!("{}/v1/peer/detach", a.url());
     let no_token = reqwest::Client::new().post(&detach).send().await.unwrap();
     assert_eq!(no_token.status(), 401);
+    let on_secondary = post(format!("{}/v1/peer/detach", b.url()), serde_json::json!({})).await;
+    assert_eq!(
+        on_secondary.status(),
+        409,
+        "a secondary has nothing to detach"
+    );
     let r = post(detach.clone(), serde_json::json!({})).await;
     assert_eq!(r.status(), 200);
     let link: fleet_api::hub::PeerLink = r.json().await.unwrap();
     assert_eq!(link.state, PeerState::Detached);
     assert!(link.manual);
+    // Acks say the region runs alone.
+    dev.publish(
+        "devices/dev-0/messages/events/2",
+        QoS::AtLeastOnce,
+        2,
+        b"two",
+    )
+    .await;
+    let ack = ack_for(&mut dev, 2).await;
+    assert!(ack.detached, "{ack:?}");
+    assert_eq!(ack.replicated, ack.committed);
+    // A planned promotion to the detached peer is refused by the primary,
+    // which keeps its role; the peer is alive and pulling meanwhile.
+    let planned = post(
+        format!("{}/v1/promote", b.url()),
+        serde_json::json!({"expected_epoch": 1, "mode": "planned"}),
+    )
+    .await;
+    assert_ne!(planned.status(), 200);
+    let body = planned.text().await.unwrap();
+    assert!(body.contains("detached"), "{body}");
+    assert_eq!(status(&a).await.role, Role::Primary);
+    assert!(!status(&a).await.fenced);
+    // An operator's detach holds until an operator attaches.
     assert_eq!(peer_state(&status(&a).await), Some(PeerState::Detached));
     let r = post(format!("{}/v1/peer/attach", a.url()), serde_json::json!({})).await;
     assert_eq!(r.status(), 200);
     wait_for(20, "the caught-up peer to attach", || async {
         peer_state(&status(&a).await) == Some(PeerState::Attached)
+    })
+    .await;
+    dev.publish(
+        "devices/dev-0/messages/events/3",
+        QoS::AtLeastOnce,
+        3,
+        b"three",
+    )
+    .await;
+    let ack = ack_for(&mut dev, 3).await;
+    assert!(!ack.detached, "{ack:?}");
+    wait_for(10, "b to hold all three", || async {
+        b.records_of("dev-0", 8).await.len() == 3
     })
     .await;
 }

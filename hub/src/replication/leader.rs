@@ -44,8 +44,14 @@ impl Control {
             self.sessions.send(&device, Outbound::Replicated(mid));
         }
         if their_epoch == Some(now.epoch) {
+            {
+                // A pull is as good a sign of life as an answered status.
+                let mut view = self.view();
+                view.reachable = true;
+                view.unreachable_since_ms = None;
+            }
             // A detached peer that reconciled with this history counts again
-            // once it holds everything.
+            // once it holds (nearly) everything.
             self.caught_up(p, from);
         }
         Ok(now.epoch)

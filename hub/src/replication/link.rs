@@ -32,6 +32,11 @@ impl Control {
         }
         {
             let _one = self.role_change.lock().unwrap_or_else(|e| e.into_inner());
+            if self.state.get().role != Role::Primary {
+                return Err(ControlError::Conflict(
+                    "only the primary detaches its peer (a secondary acknowledges nothing)".into(),
+                ));
+            }
             let next = match self.state.detached() {
                 Some(d) if d.manual || !manual => None,
                 Some(d) => Some(Detached { manual: true, ..d }),

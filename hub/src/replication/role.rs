@@ -79,6 +79,18 @@ impl Control {
         }
         let stored = self.state.set(next);
         debug_assert!(self.state.get().epoch >= now.epoch, "the epoch went back");
+        if stored.is_ok() {
+            // A new role starts attached and knowing nothing replicated: a
+            // detachment (or a peer position) of the old role must not let
+            // the new one acknowledge alone. A forced promotion detaches
+            // again right after.
+            if self.state.detached().is_some()
+                && let Err(e) = self.state.set_detached(None)
+            {
+                tracing::warn!(error = %e, "cannot persist the end of the detachment");
+            }
+            self.ingest.reattach();
+        }
         match next.role {
             Role::Primary => {
                 stored.map_err(|e| {
