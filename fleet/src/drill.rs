@@ -375,6 +375,15 @@ pub async fn run(
             })
         })
         .await?;
+        // b ran alone since the forced promotion; a planned promotion back
+        // is refused until b counts on a again (a holds everything).
+        wait_until(Duration::from_secs(60), "b to attach a again", || async {
+            status(&http, &urls[1]).await.is_some_and(|s| {
+                s.peer
+                    .is_some_and(|p| p.state == fleet_api::hub::PeerState::Attached)
+            })
+        })
+        .await?;
     }
     let fb0 = Instant::now();
     say("failback: planned promotion of region a");

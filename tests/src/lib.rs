@@ -6,6 +6,7 @@
 //! Use [`harness!`] in an integration test of this crate to get a
 //! [`Harness`] bound to the built binary.
 
+pub mod load;
 pub mod mqtt;
 pub mod proxy;
 

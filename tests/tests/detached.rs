@@ -11,37 +11,15 @@ use fleet_api::Role;
 use fleet_api::hub::{PeerState, StatusResponse};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::load::{admin_post as post, registries, status};
 use tests::mqtt::RawClient;
-use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
+use tests::{HubNode, harness, wait_for};
 
 /// Small outboxes (the agent's minimum) and a rate that fills one within
 /// about two seconds of no `replicated` acknowledgement.
 const OUTBOX: &str = "65536";
 const RATE: &str = "40";
 const PAYLOAD: &str = "1000";
-
-async fn status(hub: &HubNode) -> StatusResponse {
-    hub.client().status().await.expect("status")
-}
-
-async fn post(url: String, body: serde_json::Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(url)
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("post")
-}
-
-async fn registries(h: &tests::Harness, ids: &[String]) -> (Registry, Registry) {
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let mut a = Registry::sqlite(h.dir(), "a").await;
-    a.add(&refs).await;
-    let mut b = Registry::sqlite(h.dir(), "b").await;
-    a.mirror_into(&mut b).await;
-    (a, b)
-}
 
 /// `device-agent simulate` of `keys` for `secs`, with outboxes of
 /// `outbox` bytes.
@@ -53,7 +31,7 @@ fn simulate(
     secs: &str,
     outbox: &str,
 ) -> std::process::Child {
-    let args = h.simulate_args(
+    h.spawn_simulate(
         c,
         keys,
         report,
@@ -69,11 +47,7 @@ fn simulate(
             "--payload-bytes",
             PAYLOAD,
         ],
-    );
-    h.command("simulate", &args)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    )
 }
 
 /// Waits for `sim`; its summary must show nothing dropped or left behind.
@@ -119,24 +93,50 @@ fn peer_state(s: &StatusResponse) -> Option<PeerState> {
     s.peer.as_ref().map(|p| p.state)
 }
 
-async fn primary_lost_for_good(name: &str, replication: &str) {
-    let h = harness!(name);
+/// A replicating pair with a concierge, and the keys of 8 devices.
+struct Loaded {
+    a: HubNode,
+    b: HubNode,
+    c: tests::ConciergeNode,
+    keys: std::path::PathBuf,
+    report: std::path::PathBuf,
+}
+
+/// Starts [`Loaded`] with `replication` (async hubs throttle beyond 2 s of
+/// lag, as deploy/ configures them) and `extra` hub flags.
+async fn loaded_pair(h: &tests::Harness, replication: &str, extra: &[&str]) -> Loaded {
     let ids: Vec<String> = (0..8).map(|i| format!("dev-{i}")).collect();
-    let (ra, rb) = registries(&h, &ids).await;
-    // As deploy/ configures async hubs: throttle beyond 2 s of lag.
-    let mut extra = vec!["--replication", replication];
+    let (ra, rb) = registries(h, &ids).await;
+    let mut flags = vec!["--replication", replication];
     if replication == "async" {
-        extra.extend_from_slice(&["--max-lag-ms", "2000"]);
+        flags.extend_from_slice(&["--max-lag-ms", "2000"]);
     }
-    let (mut a, b) = h.pair(("a", &ra), ("b", &rb), None, &extra);
+    flags.extend_from_slice(extra);
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &flags);
     let c = h.concierge(
         "concierge",
         "127.0.0.1:0",
         &[("a", &a), ("b", &b)],
         &["--ttl-s", "2"],
     );
-    let keys = h.keys_file(&ra, &ids);
-    let report = h.dir().join("report.ndjson");
+    Loaded {
+        keys: h.keys_file(&ra, &ids),
+        report: h.dir().join("report.ndjson"),
+        a,
+        b,
+        c,
+    }
+}
+
+async fn primary_lost_for_good(name: &str, replication: &str) {
+    let h = harness!(name);
+    let Loaded {
+        mut a,
+        b,
+        c,
+        keys,
+        report,
+    } = loaded_pair(&h, replication, &[]).await;
     let sim = simulate(&h, &c, &keys, &report, "25", OUTBOX);
     wait_for(20, "traffic replicated to b", || async {
         status(&b)
@@ -211,21 +211,13 @@ async fn sync_survivor_of_a_lost_primary_runs_alone_and_loses_nothing() {
 
 async fn secondary_lost_then_back(name: &str, replication: &str) {
     let h = harness!(name);
-    let ids: Vec<String> = (0..8).map(|i| format!("dev-{i}")).collect();
-    let (ra, rb) = registries(&h, &ids).await;
-    let mut extra = vec!["--replication", replication, "--peer-detach-after-s", "1"];
-    if replication == "async" {
-        extra.extend_from_slice(&["--max-lag-ms", "2000"]);
-    }
-    let (a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &extra);
-    let c = h.concierge(
-        "concierge",
-        "127.0.0.1:0",
-        &[("a", &a), ("b", &b)],
-        &["--ttl-s", "2"],
-    );
-    let keys = h.keys_file(&ra, &ids);
-    let report = h.dir().join("report.ndjson");
+    let Loaded {
+        a,
+        mut b,
+        c,
+        keys,
+        report,
+    } = loaded_pair(&h, replication, &["--peer-detach-after-s", "1"]).await;
     // Sync acknowledgements wait until the lost peer is detached (about
     // 1.5 s): outboxes of 1 MiB bridge that.
     let sim = simulate(&h, &c, &keys, &report, "30", "1048576");

@@ -8,32 +8,11 @@ use fleet_api::hub::{FailbackReport, StatusResponse};
 use fleet_api::{DeviceId, Role, partition_for};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::load::{admin_post as post, registries, status};
 use tests::mqtt::RawClient;
 use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
 
 const SECS: Duration = Duration::from_secs(10);
-
-async fn registries(h: &tests::Harness, devices: &[&str]) -> (Registry, Registry) {
-    let mut a = Registry::sqlite(h.dir(), "a").await;
-    a.add(devices).await;
-    let mut b = Registry::sqlite(h.dir(), "b").await;
-    a.mirror_into(&mut b).await;
-    (a, b)
-}
-
-async fn status(hub: &HubNode) -> StatusResponse {
-    hub.client().status().await.expect("status")
-}
-
-async fn post(url: String, body: serde_json::Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(url)
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("post")
-}
 
 /// Records stored in all partitions of `hub`.
 async fn stored(hub: &HubNode) -> u64 {
@@ -276,7 +255,7 @@ async fn pair_under_load(h: &tests::Harness) -> UnderLoad {
     }
 }
 
-/// Runs `device-agent simulate` for `devices` against concierge `c`.
+/// Runs `device-agent simulate` against concierge `c`.
 fn simulate(
     h: &tests::Harness,
     c: &tests::ConciergeNode,
@@ -285,18 +264,14 @@ fn simulate(
     rate: &str,
     secs: &str,
 ) -> std::process::Child {
-    let args = h.simulate_args(
+    h.spawn_simulate(
         c,
         keys,
         report,
         rate,
         secs,
         &["--drain-timeout-s", "90", "--ack-timeout-s", "3"],
-    );
-    h.command("simulate", &args)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    )
 }
 
 /// Every mid each simulated device generated is in `hub` exactly once.
@@ -374,6 +349,15 @@ async fn forced_failover_under_load_and_failback_lose_nothing() {
             && s.epoch.0 == 2
             && s.replication
                 .is_some_and(|r| r.lag_records == 0 && r.state == "streaming")
+    })
+    .await;
+    // b ran alone since the forced promotion; it counts on a again once a
+    // holds everything.
+    wait_for(30, "b to attach a again", || async {
+        status(&b)
+            .await
+            .peer
+            .is_some_and(|p| p.state == fleet_api::hub::PeerState::Attached)
     })
     .await;
     let fb = failback_report(&a).await;
