@@ -244,6 +244,8 @@ impl Fleet {
         std::fs::create_dir_all(&opts.dir)?;
         let dir = std::fs::canonicalize(&opts.dir)?;
         let admin_token = random_secret();
+        // The hubs' own replication credential, distinct from the admin token.
+        let peer_token = random_secret();
         let stream_password = random_secret();
         let names = ["a", "b"];
         let registries: Vec<String> = names
@@ -289,6 +291,8 @@ impl Fleet {
                 },
                 "--peer".into(),
                 peer,
+                "--peer-token".into(),
+                peer_token.expose().to_string(),
                 "--replication".into(),
                 opts.replication.clone(),
                 "--partitions".into(),

@@ -45,6 +45,12 @@ pub struct RunArgs {
     /// Extra bearer token that may only read the log.
     #[arg(long, env = "FLEET_READ_TOKEN", hide_env_values = true)]
     pub read_token: Option<Secret>,
+    /// The two hubs' shared replication credential (at least 16 characters,
+    /// unlike the admin and read tokens); required with --peer. Only it
+    /// drives replication: pulls that advance `replicated`, peer epochs,
+    /// fencing for a planned promotion.
+    #[arg(long, env = "FLEET_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<Secret>,
     /// Role of a new data directory (a stored role always wins) [default: primary].
     #[arg(long, env = "FLEET_ROLE")]
     pub role: Option<Role>,
@@ -149,8 +155,9 @@ pub struct HubConfig {
     pub peer_roots: Vec<reqwest::Certificate>,
     /// The other region's hub (HTTP URL), when there is one.
     pub peer: Option<String>,
-    /// The bearer token for the peer's API (default: this hub's admin token).
-    pub peer_token: Secret,
+    /// The peers' replication credential (both hubs hold the same); `None`
+    /// without a peer.
+    pub peer_token: Option<Secret>,
     pub replication: Replication,
     /// Async replication: throttle ingest beyond this lag.
     pub max_lag: Option<Duration>,
@@ -162,7 +169,7 @@ impl HubConfig {
     /// A configuration with every default, for embedding and tests.
     pub fn new(region: Region, data: PathBuf, registry: String, admin_token: Secret) -> Self {
         Self {
-            peer_token: admin_token.clone(),
+            peer_token: None,
             peer: None,
             replication: Replication::Off,
             max_lag: None,
@@ -213,7 +220,7 @@ impl RunArgs {
             tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
         }
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
-            region, data, registry, mqtt, http, admin_token, read_token, role, peer, replication,
+            region, data, registry, mqtt, http, admin_token, read_token, peer_token, role, peer, replication,
             max_lag_ms, peer_detach_after_s, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
         }))
@@ -233,6 +240,7 @@ impl RunArgs {
             http,
             admin_token,
             read_token,
+            peer_token,
             role,
             peer,
             replication,
@@ -268,7 +276,32 @@ impl RunArgs {
         if admin_token.expose().len() < 16 {
             bail!("--admin-token must be at least 16 characters");
         }
+        if let Some(t) = &peer_token {
+            if peer.is_none() {
+                bail!("--peer-token needs --peer");
+            }
+            if t.expose().len() < 16 {
+                bail!("--peer-token must be at least 16 characters");
+            }
+            if admin_token.matches(t.expose())
+                || read_token.as_ref().is_some_and(|r| r.matches(t.expose()))
+            {
+                bail!(
+                    "--peer-token must differ from the admin and read tokens (one credential per role)"
+                );
+            }
+        } else if peer.is_some() {
+            bail!(
+                "--peer needs --peer-token (or FLEET_PEER_TOKEN): the two hubs' shared replication credential"
+            );
+        }
+        if let Some(r) = &read_token
+            && admin_token.matches(r.expose())
+        {
+            bail!("--read-token must differ from the admin token");
+        }
         let mut c = HubConfig::new(region, data, registry, admin_token);
+        c.peer_token = peer_token;
         c.replication = match (peer.is_some(), replication.as_deref()) {
             (false, None) => Replication::Off,
             (false, Some(_)) => bail!("--replication needs --peer (the other region's hub)"),

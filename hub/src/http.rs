@@ -35,6 +35,8 @@ pub struct ApiState {
     pub sessions: Arc<Sessions>,
     pub admin_token: Secret,
     pub read_token: Option<Secret>,
+    /// The peers' replication credential (None without a peer).
+    pub peer_token: Option<Secret>,
     pub mqtt_url: String,
     pub stream_url: Option<String>,
 }
@@ -171,11 +173,36 @@ fn require_admin(api: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
+fn is_peer(api: &ApiState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|t| api.peer_token.as_ref().is_some_and(|p| p.matches(t)))
+}
+
+/// Replication pulls, peer epochs: the peer credential only.
+fn require_peer(api: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
+    if is_peer(api, headers) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Unauthorized,
+        "replication (`replica` or `epoch`) needs the peer token; the read and admin tokens only read",
+    ))
+}
+
+/// Fencing and demotion for a planned promotion: the peer or an operator.
+fn require_admin_or_peer(api: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
+    if is_peer(api, headers) {
+        return Ok(());
+    }
+    require_admin(api, headers)
+}
+
 fn require_reader(api: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
     match bearer(headers) {
         Some(t)
             if api.admin_token.matches(t)
-                || api.read_token.as_ref().is_some_and(|r| r.matches(t)) =>
+                || api.read_token.as_ref().is_some_and(|r| r.matches(t))
+                || api.peer_token.as_ref().is_some_and(|r| r.matches(t)) =>
         {
             Ok(())
         }
@@ -290,14 +317,20 @@ async fn records(
     Path(p): Path<u32>,
     Query(q): Query<RecordsQuery>,
 ) -> ApiResult<Json<RecordsResponse>> {
-    require_reader(&api, &headers)?;
+    // Only the peer's pulls move `replicated` or carry an epoch.
+    let replication = q.replica.is_some() || q.epoch.is_some();
+    if replication {
+        require_peer(&api, &headers)?;
+    } else {
+        require_reader(&api, &headers)?;
+    }
     let log = api.log();
     if p >= log.partitions() {
         return Err(LogError::NoSuchPartition(PartitionId(p)).into());
     }
     let p = PartitionId(p);
     let from = Offset(q.from);
-    if q.replica.is_some() {
+    if replication {
         // A replication pull: `from` acknowledges everything below it.
         api.control.on_pull(p, from, q.epoch.map(Epoch))?;
     }
@@ -417,7 +450,7 @@ async fn demote(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    require_admin(&api, &headers)?;
+    require_admin_or_peer(&api, &headers)?;
     api.control.demote(body::<EpochBody>(&bytes)?);
     let re = api.state.get();
     Ok(Json(
@@ -430,7 +463,7 @@ async fn fence(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> ApiResult<Json<FenceResponse>> {
-    require_admin(&api, &headers)?;
+    require_admin_or_peer(&api, &headers)?;
     Ok(Json(api.control.fence(body::<EpochBody>(&bytes)?).await?))
 }
 
@@ -438,7 +471,7 @@ async fn unfence(
     State(api): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    require_admin(&api, &headers)?;
+    require_admin_or_peer(&api, &headers)?;
     api.control.unfence();
     Ok(Json(serde_json::json!({"fenced": api.state.fenced()})))
 }

@@ -165,6 +165,7 @@ impl Hub {
             sessions: sessions.clone(),
             admin_token: config.admin_token.clone(),
             read_token: config.read_token.clone(),
+            peer_token: config.peer_token.clone(),
             mqtt_url: format!("{scheme}://{}", config.advertise.unwrap_or(mqtt_addr)),
             stream_url: stream_addr.map(|a| format!("mqtt://{a}")),
         });

@@ -24,6 +24,8 @@ use registry_sync::store::{NewDevice, Patch};
 
 /// The admin token every test hub uses.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The replication credential every test hub with a peer gets.
+pub const PEER_TOKEN: &str = "test-peer-token-0123456789";
 
 /// A harness for one test: a temporary directory and the node binary.
 #[derive(Debug)]
@@ -346,6 +348,11 @@ impl Harness {
                 }
                 _ => args.push(flag.to_string()),
             }
+        }
+        // Hubs with a peer share the replication credential.
+        if args.iter().any(|a| a == "--peer") && !args.iter().any(|a| a == "--peer-token") {
+            args.push("--peer-token".into());
+            args.push(PEER_TOKEN.into());
         }
         HubNode::start(self, label, args, max_file_kib)
     }

@@ -652,3 +652,136 @@ async fn hubs_replicate_and_are_watched_over_https_with_a_private_ca() {
         .unwrap();
     assert_eq!(r.status(), 503, "an untrusted certificate was accepted");
 }
+
+const READ_TOKEN: &str = "test-read-token-0123456789";
+
+/// `GET url` with `token`; the status code.
+async fn get_with(url: String, token: &str) -> u16 {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("get")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_peer_token_drives_replication() {
+    let h = harness!("only_the_peer_token_drives_replication");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let (a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &["--read-token", READ_TOKEN]);
+    // Without its puller, nothing else may move a's `replicated`.
+    b.node.kill9();
+    let mut c = connect(&a, &ra, "d1").await;
+    c.publish("devices/d1/messages/events/1", QoS::AtLeastOnce, 1, b"one")
+        .await;
+    assert!(matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))));
+    let p = partition_for(&DeviceId::new("d1").unwrap(), 8).0 as usize;
+    let hw = status(&a).await.partitions[p].high_watermark.0;
+    assert_eq!(hw, 1);
+    let records = format!("{}/v1/partitions/{p}/records", a.url());
+    for token in [READ_TOKEN, ADMIN_TOKEN] {
+        // Marking records replicated that the peer never received, or
+        // demoting the primary with a forged epoch: refused.
+        assert_eq!(
+            get_with(format!("{records}?from={hw}&replica=b&epoch=1"), token).await,
+            403
+        );
+        assert_eq!(
+            get_with(format!("{records}?from=0&epoch=99"), token).await,
+            403
+        );
+        // Reading stays allowed.
+        assert_eq!(get_with(format!("{records}?from=0"), token).await, 200);
+    }
+    let s = status(&a).await;
+    assert_eq!((s.role, s.epoch.0), (Role::Primary, 1));
+    assert_eq!(s.partitions[p].replicated.0, 0, "nothing was replicated");
+    let demote = reqwest::Client::new()
+        .post(format!("{}/v1/demote", a.url()))
+        .bearer_auth(READ_TOKEN)
+        .json(&serde_json::json!({"epoch": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(demote.status(), 401);
+    // Even the peer cannot push the epoch out of reach of promotions.
+    assert_eq!(
+        get_with(
+            format!("{records}?from=0&replica=b&epoch={}", u64::MAX),
+            tests::PEER_TOKEN
+        )
+        .await,
+        200
+    );
+    let s = status(&a).await;
+    assert_eq!((s.role, s.epoch.0), (Role::Primary, 1));
+    // The peer token does what the peer does.
+    assert_eq!(
+        get_with(
+            format!("{records}?from={hw}&replica=b&epoch=1"),
+            tests::PEER_TOKEN
+        )
+        .await,
+        200
+    );
+    assert_eq!(status(&a).await.partitions[p].replicated.0, hw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_with_a_peer_needs_its_own_peer_token() {
+    let h = harness!("a_hub_with_a_peer_needs_its_own_peer_token");
+    let reg = Registry::sqlite(h.dir(), "a").await;
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "hub",
+            "run",
+            "--region",
+            "a",
+            "--registry",
+            &reg.url,
+            "--mqtt",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--peer",
+            "http://127.0.0.1:9",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--data".into());
+        args.push(h.dir().join("data").display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    for (extra, says) in [
+        (&[][..], "--peer needs --peer-token"),
+        (&["--peer-token", "short"][..], "at least 16 characters"),
+        (
+            &["--peer-token", ADMIN_TOKEN][..],
+            "must differ from the admin",
+        ),
+        (
+            &["--peer-token", READ_TOKEN, "--read-token", READ_TOKEN][..],
+            "must differ from the admin and read",
+        ),
+    ] {
+        let out = h
+            .command("bad-peer-token", &base(extra))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(
+            !err.contains(ADMIN_TOKEN) && !err.contains(READ_TOKEN),
+            "a secret in an error: {err}"
+        );
+    }
+}

@@ -31,6 +31,9 @@ use super::driver::{self, Client, Load};
 use super::ingest::{BENCH_TOKEN, HubProcess, bench_clients, register, spawn_hub};
 use super::{machine, median};
 
+/// The bench pairs' replication credential.
+const BENCH_PEER_TOKEN: &str = "bench-peer-token-0123456789";
+
 #[derive(Debug, Args)]
 pub struct ReplicationArgs {
     /// Publishing connections (one device each).
@@ -342,6 +345,8 @@ async fn start_pair(
                     role,
                     "--peer",
                     &peer,
+                    "--peer-token",
+                    BENCH_PEER_TOKEN,
                     "--replication",
                     name,
                 ],

@@ -138,7 +138,7 @@ impl Control {
             .pool_idle_timeout(Duration::from_secs(30));
         let http = fleet_api::client::trusting(builder, &config.peer_roots).build()?;
         let peer = config.peer.clone();
-        let peer_token = config.peer_token.clone();
+        let peer_token = config.peer_token.clone().unwrap_or_else(|| Secret::new(""));
         let max_lag = config.max_lag;
         let peer_detach_after = config.peer_detach_after;
         let data_dir = config.data.as_path();

@@ -12,6 +12,10 @@ use super::{Control, ControlError};
 use crate::sessions::Kick;
 use crate::state::RoleEpoch;
 
+/// How far ahead of this hub's epoch a learned epoch may be. Each promotion
+/// raises it by one, so a real peer is at most a few ahead.
+pub const MAX_EPOCH_LEAP: u64 = 1000;
+
 /// A requested change of role and epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Move {
@@ -125,6 +129,14 @@ impl Control {
     /// device connection. Nothing is acknowledged after this. An epoch that
     /// is not higher than this hub's changes nothing.
     pub fn learn(&self, epoch: Epoch, why: &str) {
+        let now = self.state.get().epoch;
+        if epoch.0 > now.0.saturating_add(MAX_EPOCH_LEAP) {
+            // Promotions raise the epoch by one; a leap like this is forged
+            // or corrupt, and taking it would leave no room for promotions.
+            tracing::warn!(current = %now, offered = %epoch, why, "ignoring an implausible epoch");
+            metrics::counter!("fleet_hub_implausible_epochs_total").increment(1);
+            return;
+        }
         // A move to secondary never fails: it fences when it cannot persist.
         let _ = self.transition(Move::Follow(epoch), why);
     }
