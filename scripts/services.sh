@@ -79,9 +79,15 @@ bench_tools() {
   log "wrk, dnsperf, nsd ok"
 }
 
+promtool_check() {
+  # The alerting rules in deploy/prometheus are checked with promtool (test: alerts).
+  if ! command -v promtool >/dev/null 2>&1; then apt_install prometheus; fi
+  log "promtool ok"
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
   nats) nats ;;
-  all) postgres; nats; mqtt_clients; dig_tool; browser; bench_tools ;;
+  all) postgres; nats; mqtt_clients; dig_tool; browser; bench_tools; promtool_check ;;
   *) echo "usage: $0 [all|postgres|nats]" >&2; exit 2 ;;
 esac

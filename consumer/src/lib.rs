@@ -319,6 +319,7 @@ impl Consumer {
             ),
             tokio::spawn(ctx.clone().coordinate(shutdown.clone()).instrument(span)),
         ];
+        prom::register(ctx.store.group());
         tracing::info!(group = %ctx.store.group(), instance = %ctx.instance, "consumer started");
         Ok(Consumer {
             ctx,

@@ -13,6 +13,20 @@ pub fn handle() -> &'static PrometheusHandle {
     fleet_api::prom::handle(&DESCRIBED, describe)
 }
 
+/// Creates the group's counters at zero, so that rates and alerts on them
+/// work before the first event (a series that does not exist never alerts).
+pub fn register(group: &str) {
+    for name in [
+        "fleet_consumer_records_total",
+        "fleet_consumer_retries_total",
+        "fleet_consumer_dead_letters_total",
+        "fleet_consumer_rewinds_total",
+        "fleet_consumer_expired_records_total",
+    ] {
+        metrics::counter!(name, "group" => group.to_string()).increment(0);
+    }
+}
+
 fn describe() {
     describe_counter!(
         "fleet_consumer_records_total",
