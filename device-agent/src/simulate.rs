@@ -177,6 +177,9 @@ pub async fn run(
         if generating && started.elapsed() >= opts.duration {
             generating = false;
             let _ = gen_stop_tx.send(true);
+            // `s` was taken before the generators stopped: one of them may
+            // still append. Judge the outboxes from the next look on.
+            continue;
         }
         if !generating
             && (s.in_outbox == 0 || started.elapsed() >= opts.duration + opts.drain_timeout)

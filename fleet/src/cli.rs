@@ -91,6 +91,19 @@ struct DrillArgs {
     /// Forced mode: the drill asks for the failover instead of letting the concierge decide.
     #[arg(long)]
     manual_promotion: bool,
+    /// Seconds the lost region stays away [default: a third of --duration-s, at least 3].
+    #[arg(long)]
+    outage_s: Option<u64>,
+    /// `primary` (failover and failback) or `secondary` (the primary detaches it and runs alone).
+    #[arg(long, default_value = "primary")]
+    lose: String,
+    /// Each simulated device's outbox limit in bytes (at least 65536); an
+    /// outage far longer than it covers shows whether anything is dropped.
+    #[arg(long)]
+    max_outbox_bytes: Option<u64>,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
     /// Run directory (data, logs, report) [default: run/drill-<time>].
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -214,7 +227,20 @@ async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
     opts.duration_s = args.duration_s.max(5);
     opts.auto_promotion = !args.manual_promotion;
     opts.kill_at_s = (opts.duration_s / 4).max(3);
-    opts.outage_s = (opts.duration_s / 3).max(3);
+    opts.outage_s = args.outage_s.unwrap_or((opts.duration_s / 3).max(3));
+    opts.lose = match args.lose.as_str() {
+        "primary" => crate::drill::Lose::Primary,
+        "secondary" => crate::drill::Lose::Secondary,
+        other => anyhow::bail!("--lose {other:?}: expected primary or secondary"),
+    };
+    if args.max_outbox_bytes.is_some_and(|b| b < 65_536) {
+        anyhow::bail!("--max-outbox-bytes must be at least 65536");
+    }
+    opts.max_outbox_bytes = args.max_outbox_bytes;
+    if args.payload_bytes == 0 || args.payload_bytes > 256 * 1024 {
+        anyhow::bail!("--payload-bytes must be between 1 and 262144");
+    }
+    opts.payload_bytes = args.payload_bytes;
     let report = crate::drill::run(crate::up::Launcher::current()?, opts, |line| {
         eprintln!("drill: {line}")
     })
@@ -226,9 +252,12 @@ async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
     }
     if !report.passed {
         anyhow::bail!(
-            "acknowledged telemetry was lost ({} messages) or stored twice ({})",
+            "the drill failed: {} acknowledged messages lost, {} stored twice, {} dropped by outboxes, {} of {} never acknowledged",
             report.lost,
-            report.duplicate_records
+            report.duplicate_records,
+            report.dropped,
+            report.sent.saturating_sub(report.acknowledged),
+            report.sent
         );
     }
     Ok(())

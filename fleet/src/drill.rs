@@ -36,8 +36,24 @@ pub struct DrillOptions {
     pub auto_promotion: bool,
     /// Seconds after the start when the primary is lost.
     pub kill_at_s: u64,
-    /// Seconds the old region stays away.
+    /// Seconds the lost region stays away.
     pub outage_s: u64,
+    /// Which region is lost: the primary (failover, failback) or the
+    /// secondary (the primary detaches it and runs alone).
+    pub lose: Lose,
+    /// Each simulated device's outbox limit (`--max-outbox-bytes`).
+    pub max_outbox_bytes: Option<u64>,
+    /// Payload bytes per message.
+    pub payload_bytes: usize,
+}
+
+/// Which region a drill loses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lose {
+    #[default]
+    Primary,
+    Secondary,
 }
 
 impl DrillOptions {
@@ -52,6 +68,9 @@ impl DrillOptions {
             auto_promotion: true,
             kill_at_s: 8,
             outage_s: 10,
+            lose: Lose::Primary,
+            max_outbox_bytes: None,
+            payload_bytes: 100,
         }
     }
 }
@@ -70,6 +89,11 @@ pub struct Steps {
     pub promote_ms: u64,
     pub first_publish_ms: u64,
     pub failback_ms: u64,
+    /// From the lost region's return until the survivor counts on it again
+    /// (it caught up without a full resync).
+    pub catch_up_ms: u64,
+    /// Records the survivor wrote alone (without a second copy) meanwhile.
+    pub written_while_detached: u64,
 }
 
 /// The drill's outcome (`--json`).
@@ -98,6 +122,8 @@ pub struct DrillReport {
     pub archived_records: u64,
     pub archive_missing: u64,
     pub mode: Mode,
+    pub lose: Lose,
+    pub outage_s: u64,
     pub replication: String,
     pub devices: usize,
     pub duration_s: f64,
@@ -178,6 +204,12 @@ pub async fn run(
     let mut up = UpOptions::new(opts.dir.clone());
     up.replication = opts.replication.clone();
     up.auto_failover_after_s = auto.then_some(1);
+    // As deploy/ configures hubs; losing the secondary needs the primary to
+    // detach it on its own.
+    up.max_lag_ms = Some(5000);
+    if opts.lose == Lose::Secondary {
+        up.peer_detach_after_s = Some(2);
+    }
     say(&format!(
         "starting a two-region fleet in {}",
         opts.dir.display()
@@ -280,6 +312,11 @@ pub async fn run(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut sim_args = sim_args;
+    if let Some(b) = opts.max_outbox_bytes {
+        sim_args.extend(["--max-outbox-bytes".into(), b.to_string()]);
+    }
+    sim_args.extend(["--payload-bytes".into(), opts.payload_bytes.to_string()]);
     let mut sim = Proc::start(&fleet.launcher, &fleet.dir, "simulate", sim_args, false).await?;
     mark("devices start");
     say(&format!(
@@ -292,111 +329,163 @@ pub async fn run(
     let mut steps = Steps::default();
     let mut unreplicated = 0;
     let t0 = Instant::now();
-    match opts.mode {
-        Mode::Forced => {
-            say("kill -9: region a (its hub and its registry follower)");
-            fleet.kill_region(0).await;
-            mark("primary killed");
-            wait_until(
-                Duration::from_secs(30),
-                "the concierge to notice",
-                || async {
-                    regions(&http, &concierge)
-                        .await
-                        .is_some_and(|r| r.regions.first().is_some_and(|a| !a.healthy))
-                },
-            )
-            .await?;
-            steps.detect_ms = t0.elapsed().as_millis() as u64;
-            if !auto {
-                let done = failover(&http, &concierge, &fleet, "b", Mode::Forced).await?;
-                unreplicated = done.unreplicated.iter().map(|u| u.to.0 - u.from.0).sum();
-            }
-            wait_until(
-                Duration::from_secs(30),
-                "region b to be promoted",
-                || async {
-                    status(&http, &urls[1])
-                        .await
-                        .is_some_and(|s| s.role == Role::Primary)
-                },
-            )
-            .await?;
-            steps.promote_ms = t0.elapsed().as_millis() as u64;
-            mark("b promoted");
-            say(&format!(
-                "region a down after {} ms; b promoted after {} ms",
-                steps.detect_ms, steps.promote_ms
-            ));
-        }
-        Mode::Planned => {
-            say("planned promotion of region b");
-            mark("planned promotion");
-            let done = failover(&http, &concierge, &fleet, "b", Mode::Planned).await?;
-            steps.promote_ms = t0.elapsed().as_millis() as u64;
-            say(&format!(
-                "b promoted (epoch {}) after {} ms; writes paused {} ms",
-                done.epoch, steps.promote_ms, done.took_ms
-            ));
-            mark("b promoted");
-        }
-    }
-    let base = status(&http, &urls[1]).await.map_or(0, |s| {
-        s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>()
-    });
-    wait_until(
-        Duration::from_secs(30),
-        "the first publish in region b",
-        || async {
-            status(&http, &urls[1]).await.is_some_and(|s| {
-                s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>() > base
-            })
-        },
-    )
-    .await?;
-    steps.first_publish_ms = t0.elapsed().as_millis() as u64;
-
-    // While a is away, the registry changes in b: a device added there.
-    let _ = http
-        .put(format!("{}/v1/devices/drill-added-during-outage", urls[1]))
-        .bearer_auth(fleet.admin_token.expose())
-        .json(&serde_json::json!({}))
-        .send()
-        .await;
-    tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s + opts.outage_s)).await;
-    let divergence_before = divergence(&fleet).await?;
-    if opts.mode == Mode::Forced {
-        say("region a returns");
-        fleet.restart_region(0).await?;
-        mark("a returns");
-        wait_until(Duration::from_secs(60), "region a to follow b", || async {
+    let divergence_before;
+    let mut divergence_after;
+    if opts.lose == Lose::Secondary {
+        say("kill -9: region b, the secondary (its hub and its registry follower)");
+        fleet.kill_region(1).await;
+        mark("secondary killed");
+        wait_until(Duration::from_secs(30), "region a to detach b", || async {
             status(&http, &urls[0]).await.is_some_and(|s| {
-                s.role == Role::Secondary && s.replication.is_some_and(|r| r.lag_records == 0)
-            })
-        })
-        .await?;
-        // b ran alone since the forced promotion; a planned promotion back
-        // is refused until b counts on a again (a holds everything).
-        wait_until(Duration::from_secs(60), "b to attach a again", || async {
-            status(&http, &urls[1]).await.is_some_and(|s| {
                 s.peer
-                    .is_some_and(|p| p.state == fleet_api::hub::PeerState::Attached)
+                    .is_some_and(|p| p.state == fleet_api::hub::PeerState::Detached)
             })
         })
         .await?;
-    }
-    let fb0 = Instant::now();
-    say("failback: planned promotion of region a");
-    failover(&http, &concierge, &fleet, "a", Mode::Planned).await?;
-    steps.failback_ms = fb0.elapsed().as_millis() as u64;
-    mark("failback");
-    let mut divergence_after = u64::MAX;
-    for _ in 0..100 {
-        divergence_after = divergence(&fleet).await?;
-        if divergence_after == 0 {
-            break;
+        steps.detect_ms = t0.elapsed().as_millis() as u64;
+        mark("a runs alone");
+        say(&format!(
+            "region a detached b after {} ms and acknowledges alone",
+            steps.detect_ms
+        ));
+        tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s + opts.outage_s)).await;
+        divergence_before = divergence(&fleet).await?;
+        steps.written_while_detached = written_while_detached(&http, &urls[0]).await;
+        say("region b returns");
+        fleet.restart_region(1).await?;
+        mark("b returns");
+        let back = Instant::now();
+        wait_until(
+            Duration::from_secs(120),
+            "b to catch up (lag 0)",
+            || async { status(&http, &urls[0]).await.is_some_and(caught_up) },
+        )
+        .await?;
+        steps.catch_up_ms = back.elapsed().as_millis() as u64;
+        mark("b caught up");
+        say(&format!(
+            "a wrote {} records alone; b caught up in {} ms",
+            steps.written_while_detached, steps.catch_up_ms
+        ));
+        divergence_after = u64::MAX;
+        for _ in 0..100 {
+            divergence_after = divergence(&fleet).await?;
+            if divergence_after == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        match opts.mode {
+            Mode::Forced => {
+                say("kill -9: region a (its hub and its registry follower)");
+                fleet.kill_region(0).await;
+                mark("primary killed");
+                wait_until(
+                    Duration::from_secs(30),
+                    "the concierge to notice",
+                    || async {
+                        regions(&http, &concierge)
+                            .await
+                            .is_some_and(|r| r.regions.first().is_some_and(|a| !a.healthy))
+                    },
+                )
+                .await?;
+                steps.detect_ms = t0.elapsed().as_millis() as u64;
+                if !auto {
+                    let done = failover(&http, &concierge, &fleet, "b", Mode::Forced).await?;
+                    unreplicated = done.unreplicated.iter().map(|u| u.to.0 - u.from.0).sum();
+                }
+                wait_until(
+                    Duration::from_secs(30),
+                    "region b to be promoted",
+                    || async {
+                        status(&http, &urls[1])
+                            .await
+                            .is_some_and(|s| s.role == Role::Primary)
+                    },
+                )
+                .await?;
+                steps.promote_ms = t0.elapsed().as_millis() as u64;
+                mark("b promoted");
+                say(&format!(
+                    "region a down after {} ms; b promoted after {} ms",
+                    steps.detect_ms, steps.promote_ms
+                ));
+            }
+            Mode::Planned => {
+                say("planned promotion of region b");
+                mark("planned promotion");
+                let done = failover(&http, &concierge, &fleet, "b", Mode::Planned).await?;
+                steps.promote_ms = t0.elapsed().as_millis() as u64;
+                say(&format!(
+                    "b promoted (epoch {}) after {} ms; writes paused {} ms",
+                    done.epoch, steps.promote_ms, done.took_ms
+                ));
+                mark("b promoted");
+            }
+        }
+        let base = status(&http, &urls[1]).await.map_or(0, |s| {
+            s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>()
+        });
+        wait_until(
+            Duration::from_secs(30),
+            "the first publish in region b",
+            || async {
+                status(&http, &urls[1]).await.is_some_and(|s| {
+                    s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>() > base
+                })
+            },
+        )
+        .await?;
+        steps.first_publish_ms = t0.elapsed().as_millis() as u64;
+
+        // While a is away, the registry changes in b: a device added there.
+        let _ = http
+            .put(format!("{}/v1/devices/drill-added-during-outage", urls[1]))
+            .bearer_auth(fleet.admin_token.expose())
+            .json(&serde_json::json!({}))
+            .send()
+            .await;
+        tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s + opts.outage_s)).await;
+        divergence_before = divergence(&fleet).await?;
+        if opts.mode == Mode::Forced {
+            steps.written_while_detached = written_while_detached(&http, &urls[1]).await;
+            say("region a returns");
+            fleet.restart_region(0).await?;
+            mark("a returns");
+            let back = Instant::now();
+            wait_until(Duration::from_secs(60), "region a to follow b", || async {
+                status(&http, &urls[0]).await.is_some_and(|s| {
+                    s.role == Role::Secondary && s.replication.is_some_and(|r| r.lag_records == 0)
+                })
+            })
+            .await?;
+            // b ran alone since the forced promotion; a planned promotion back
+            // is refused until b counts on a again (a holds everything).
+            wait_until(Duration::from_secs(60), "a to catch up (lag 0)", || async {
+                status(&http, &urls[1]).await.is_some_and(caught_up)
+            })
+            .await?;
+            steps.catch_up_ms = back.elapsed().as_millis() as u64;
+            say(&format!(
+                "b wrote {} records alone; a caught up in {} ms",
+                steps.written_while_detached, steps.catch_up_ms
+            ));
+        }
+        let fb0 = Instant::now();
+        say("failback: planned promotion of region a");
+        failover(&http, &concierge, &fleet, "a", Mode::Planned).await?;
+        steps.failback_ms = fb0.elapsed().as_millis() as u64;
+        mark("failback");
+        divergence_after = u64::MAX;
+        for _ in 0..100 {
+            divergence_after = divergence(&fleet).await?;
+            if divergence_after == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     say("waiting for every device to deliver its outbox");
@@ -415,6 +504,8 @@ pub async fn run(
     // Count everything.
     let mut report = DrillReport {
         mode: opts.mode,
+        lose: opts.lose,
+        outage_s: opts.outage_s,
         replication: opts.replication.clone(),
         devices: opts.devices,
         steps,
@@ -496,7 +587,11 @@ pub async fn run(
     }
     report.peak_in_outbox = peak_in_outbox(&fleet.dir.join("simulate.log"));
     report.duration_s = secs(start);
-    report.passed = report.lost == 0 && report.duplicate_records == 0;
+    // Every generated message acknowledged and stored once, none dropped.
+    report.passed = report.lost == 0
+        && report.duplicate_records == 0
+        && report.dropped == 0
+        && report.acknowledged == report.sent;
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let events = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let svg = fleet.dir.join("timeline.svg");
@@ -518,6 +613,22 @@ pub async fn run(
     )?;
     fleet.down().await;
     Ok(report)
+}
+
+/// The primary counts on its peer again and the peer holds everything.
+fn caught_up(s: StatusResponse) -> bool {
+    s.peer
+        .is_some_and(|p| p.state == fleet_api::hub::PeerState::Attached)
+        && s.replication.is_some_and(|r| r.lag_records == 0)
+}
+
+/// Records the hub at `url` wrote while its peer was detached (0 when attached).
+async fn written_while_detached(http: &reqwest::Client, url: &str) -> u64 {
+    status(http, url)
+        .await
+        .and_then(|s| s.peer)
+        .and_then(|p| p.written_since)
+        .unwrap_or(0)
 }
 
 async fn regions(http: &reqwest::Client, concierge: &str) -> Option<RegionsResponse> {
@@ -665,12 +776,13 @@ fn samples_per_second(samples: &[Sample]) -> Vec<(usize, Vec<(f64, f64)>)> {
 
 /// The human report.
 pub fn summary(r: &DrillReport) -> String {
+    let lost_what = match r.lose {
+        Lose::Primary => format!("{} failover", r.mode.as_str()),
+        Lose::Secondary => "secondary lost".to_string(),
+    };
     let mut s = format!(
-        "Fleet drill: {} failover, {} replication, {} devices, {:.0} s\n\n",
-        r.mode.as_str(),
-        r.replication,
-        r.devices,
-        r.duration_s
+        "Fleet drill: {lost_what} ({} s outage), {} replication, {} devices, {:.0} s\n\n",
+        r.outage_s, r.replication, r.devices, r.duration_s
     );
     s += &format!("  sent                  {}\n", r.sent);
     s += &format!(
@@ -696,6 +808,10 @@ pub fn summary(r: &DrillReport) -> String {
     s += &format!(
         "  detect {} ms, promote {} ms, first publish in the new region {} ms, failback {} ms\n",
         r.steps.detect_ms, r.steps.promote_ms, r.steps.first_publish_ms, r.steps.failback_ms
+    );
+    s += &format!(
+        "  ran alone (peer detached): {} records written without a second copy; caught up {} ms after the region returned\n",
+        r.steps.written_while_detached, r.steps.catch_up_ms
     );
     s += &format!(
         "  reconnect per device (RTO): p50 {} ms, p99 {} ms, max {} ms ({} devices moved)\n",

@@ -179,6 +179,10 @@ pub struct UpOptions {
     /// Endpoint and DNS TTL, seconds.
     pub ttl_s: u32,
     pub partitions: u32,
+    /// Hubs detach a peer unreachable this long (`--peer-detach-after-s`).
+    pub peer_detach_after_s: Option<u64>,
+    /// Async hubs throttle ingest beyond this lag (`--max-lag-ms`).
+    pub max_lag_ms: Option<u64>,
 }
 
 impl UpOptions {
@@ -189,6 +193,8 @@ impl UpOptions {
             auto_failover_after_s: None,
             ttl_s: 2,
             partitions: 8,
+            peer_detach_after_s: None,
+            max_lag_ms: None,
         }
     }
 }
@@ -267,7 +273,7 @@ impl Fleet {
         for (i, r) in names.iter().enumerate() {
             let peer = format!("http://{}", https[1 - i]);
             let data = dir.join(format!("hub-{r}"));
-            let args = vec![
+            let mut args = vec![
                 "hub".into(),
                 "--json".into(),
                 "run".into(),
@@ -302,6 +308,12 @@ impl Fleet {
                 "--stream-password".into(),
                 stream_password.expose().to_string(),
             ];
+            if let Some(s) = opts.peer_detach_after_s {
+                args.extend(["--peer-detach-after-s".into(), s.to_string()]);
+            }
+            if let Some(ms) = opts.max_lag_ms.filter(|_| opts.replication == "async") {
+                args.extend(["--max-lag-ms".into(), ms.to_string()]);
+            }
             let mut hub = Proc::start(&launcher, &dir, &format!("hub-{r}"), args, true).await?;
             let addr = |k: &str| -> anyhow::Result<SocketAddr> {
                 hub.ready[k]
