@@ -786,7 +786,7 @@ pub fn summary(r: &DrillReport) -> String {
     );
     s += &format!("  sent                  {}\n", r.sent);
     s += &format!(
-        "  acknowledged          {} (stored in both regions, gone from the outboxes)\n",
+        "  acknowledged          {} (replicated, or durable in the region running alone; gone from the outboxes)\n",
         r.acknowledged
     );
     s += &format!(
