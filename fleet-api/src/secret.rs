@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// A secret string: `Debug` and `Display` print `***`; comparison is
@@ -19,9 +20,19 @@ impl Secret {
         &self.0
     }
 
-    /// Compares with `candidate` without leaking where they differ.
+    /// Compares with `candidate` without leaking where they differ or how
+    /// long the secret is (SHA-256 digests are compared in constant time).
+    /// An empty secret or candidate never matches.
     pub fn matches(&self, candidate: &str) -> bool {
-        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
+        if self.0.is_empty() || candidate.is_empty() {
+            return false;
+        }
+        let (a, b) = (
+            Sha256::digest(self.0.as_bytes()),
+            Sha256::digest(candidate.as_bytes()),
+        );
+        let (a, b): ([u8; 32], [u8; 32]) = (a.into(), b.into());
+        a.ct_eq(&b).into()
     }
 }
 
@@ -85,5 +96,10 @@ mod tests {
         assert!(s.matches("hunter2"));
         assert!(!s.matches("hunter3"));
         assert!(!s.matches("hunter"));
+        assert!(!s.matches(""), "an empty candidate never matches");
+        assert!(
+            !Secret::new("").matches(""),
+            "an empty secret never matches"
+        );
     }
 }

@@ -315,6 +315,14 @@ impl RunArgs {
             bail!("--peer {p:?}: expected the other hub's HTTP URL (http://HOST:PORT)");
         }
         c.peer = peer.map(|p| p.trim_end_matches('/').to_string());
+        if let Some(p) = &c.peer
+            && p.starts_with("http://")
+            && !["http://127.", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|l| p.starts_with(l))
+        {
+            tracing::warn!(peer = %p, "the peer is plain http: the peer token and replicated telemetry cross the network unencrypted; serve the API over https (--http-tls-cert) and use an https:// peer");
+        }
         if let Some(ca) = peer_ca {
             if c.peer.is_none() {
                 bail!("--peer-ca needs --peer");

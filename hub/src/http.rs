@@ -451,7 +451,13 @@ async fn demote(
     bytes: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     require_admin_or_peer(&api, &headers)?;
-    api.control.demote(body::<EpochBody>(&bytes)?);
+    let b = body::<EpochBody>(&bytes)?;
+    if is_peer(&api, &headers) {
+        // The peer only ever tells a stale primary about a higher epoch;
+        // stepping down without one is an operator's call.
+        peer_epoch_above(&api, b.epoch)?;
+    }
+    api.control.demote(b);
     let re = api.state.get();
     Ok(Json(
         serde_json::json!({"role": re.role, "epoch": re.epoch}),
@@ -464,16 +470,44 @@ async fn fence(
     bytes: axum::body::Bytes,
 ) -> ApiResult<Json<FenceResponse>> {
     require_admin_or_peer(&api, &headers)?;
-    Ok(Json(api.control.fence(body::<EpochBody>(&bytes)?).await?))
+    let b = body::<EpochBody>(&bytes)?;
+    if is_peer(&api, &headers) {
+        // The peer fences only for its promotion to a higher epoch.
+        peer_epoch_above(&api, b.epoch)?;
+    }
+    Ok(Json(api.control.fence(b).await?))
 }
 
 async fn unfence(
     State(api): State<Arc<ApiState>>,
     headers: HeaderMap,
+    bytes: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     require_admin_or_peer(&api, &headers)?;
-    api.control.unfence();
+    // The peer may only take back the fence of its own abandoned promotion
+    // (the epoch it fenced for); an operator may always unfence.
+    let only_for = if is_peer(&api, &headers) {
+        Some(body::<EpochBody>(&bytes)?.epoch.ok_or_else(|| {
+            ApiError::bad_request("the peer unfences with the epoch it fenced for")
+        })?)
+    } else {
+        None
+    };
+    api.control.unfence(only_for)?;
     Ok(Json(serde_json::json!({"fenced": api.state.fenced()})))
+}
+
+/// A peer's epoch must be given and above this hub's.
+fn peer_epoch_above(api: &ApiState, epoch: Option<Epoch>) -> ApiResult<()> {
+    let current = api.state.get().epoch;
+    match epoch {
+        Some(e) if e > current => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            format!("the peer must name an epoch above this hub's ({current})"),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]

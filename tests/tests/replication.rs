@@ -707,17 +707,62 @@ async fn only_the_peer_token_drives_replication() {
         .await
         .unwrap();
     assert_eq!(demote.status(), 401);
-    // Even the peer cannot push the epoch out of reach of promotions.
+    // Even the peer cannot push the epoch out of reach of promotions: the
+    // pull is refused, neither learned nor counted.
     assert_eq!(
         get_with(
             format!("{records}?from=0&replica=b&epoch={}", u64::MAX),
             tests::PEER_TOKEN
         )
         .await,
-        200
+        409
     );
     let s = status(&a).await;
     assert_eq!((s.role, s.epoch.0), (Role::Primary, 1));
+    assert_eq!(
+        get_with(
+            format!("{records}?from=0&replica=b&epoch=1002"),
+            tests::PEER_TOKEN
+        )
+        .await,
+        409,
+        "an epoch 1001 ahead is refused"
+    );
+    // The peer token cannot do what operators do, nor step a primary down
+    // without a higher epoch, nor fence or unfence without one.
+    for (path, body, code) in [
+        (
+            "/v1/promote",
+            serde_json::json!({"expected_epoch": 1, "mode": "forced"}),
+            401,
+        ),
+        ("/v1/peer/detach", serde_json::json!({}), 401),
+        ("/v1/peer/attach", serde_json::json!({}), 401),
+        ("/v1/demote", serde_json::json!({}), 409),
+        ("/v1/demote", serde_json::json!({"epoch": 1}), 409),
+        ("/v1/fence", serde_json::json!({}), 409),
+        ("/v1/unfence", serde_json::json!({}), 400),
+        ("/v1/unfence", serde_json::json!({"epoch": 2}), 409),
+    ] {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", a.url()))
+            .bearer_auth(tests::PEER_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), code, "{path} {body}");
+    }
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/devices/intruder", a.url()))
+        .bearer_auth(tests::PEER_TOKEN)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 401);
+    let s = status(&a).await;
+    assert_eq!((s.role, s.epoch.0, s.fenced), (Role::Primary, 1, false));
     // The peer token does what the peer does.
     assert_eq!(
         get_with(
@@ -734,7 +779,7 @@ async fn only_the_peer_token_drives_replication() {
 async fn a_hub_with_a_peer_needs_its_own_peer_token() {
     let h = harness!("a_hub_with_a_peer_needs_its_own_peer_token");
     let reg = Registry::sqlite(h.dir(), "a").await;
-    let base = |extra: &[&str]| -> Vec<String> {
+    let base = |extra: &[&str], with_peer: bool| -> Vec<String> {
         let mut args: Vec<String> = [
             "hub",
             "run",
@@ -748,34 +793,66 @@ async fn a_hub_with_a_peer_needs_its_own_peer_token() {
             "127.0.0.1:0",
             "--admin-token",
             ADMIN_TOKEN,
-            "--peer",
-            "http://127.0.0.1:9",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if with_peer {
+            args.extend(["--peer".into(), "http://127.0.0.1:9".into()]);
+        }
         args.push("--data".into());
         args.push(h.dir().join("data").display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
-    for (extra, says) in [
-        (&[][..], "--peer needs --peer-token"),
-        (&["--peer-token", "short"][..], "at least 16 characters"),
+    for (extra, with_peer, says) in [
+        (&[][..], true, "--peer needs --peer-token"),
+        (
+            &["--peer-token", "short"][..],
+            true,
+            "at least 16 characters",
+        ),
         (
             &["--peer-token", ADMIN_TOKEN][..],
+            true,
             "must differ from the admin",
         ),
         (
             &["--peer-token", READ_TOKEN, "--read-token", READ_TOKEN][..],
+            true,
             "must differ from the admin and read",
         ),
+        (
+            &["--peer-token", tests::PEER_TOKEN][..],
+            false,
+            "--peer-token needs --peer",
+        ),
+        (
+            &["--read-token", ADMIN_TOKEN][..],
+            false,
+            "--read-token must differ",
+        ),
     ] {
-        let out = h
-            .command("bad-peer-token", &base(extra))
+        let mut child = h
+            .command("bad-peer-token", &base(extra, with_peer))
             .stderr(std::process::Stdio::piped())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .spawn()
             .unwrap();
+        // A hub that accepted the flags would run on: give it 20 s.
+        let mut exited = false;
+        for _ in 0..200 {
+            if child.try_wait().unwrap().is_some() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !exited {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(exited, "{extra:?} was accepted: the hub started");
         assert!(!out.status.success(), "{extra:?} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{extra:?}: {err}");

@@ -25,10 +25,17 @@ impl Control {
         from: Offset,
         their_epoch: Option<Epoch>,
     ) -> Result<Epoch, ControlError> {
-        if let Some(e) = their_epoch
-            && e > self.state.get().epoch
-        {
-            self.learn(e, "a replication pull carried a higher epoch");
+        if let Some(e) = their_epoch {
+            let current = self.state.get().epoch;
+            if e.0 > current.0.saturating_add(super::role::MAX_EPOCH_LEAP) {
+                // Neither learned nor counted as an acknowledgement.
+                return Err(ControlError::Conflict(format!(
+                    "the pull's epoch {e} is implausibly far above this hub's {current}"
+                )));
+            }
+            if e > current {
+                self.learn(e, "a replication pull carried a higher epoch");
+            }
         }
         let now = self.state.get();
         if now.role != Role::Primary {
@@ -63,6 +70,11 @@ impl Control {
     /// # Errors
     /// When the log cannot be read.
     pub async fn epoch_end(&self, p: PartitionId, epoch: Epoch) -> Result<EpochEnd, ControlError> {
+        // Only the primary's history is the one to reconcile against: a
+        // secondary's answer could make its peer archive what it holds.
+        if self.state.get().role != Role::Primary {
+            return Err(ControlError::NotPrimary);
+        }
         let log = log_of(&self.ingest);
         let (mut lo, mut hi) = (log.log_start(p).0, log.high_watermark(p).0);
         while lo < hi {

@@ -105,6 +105,8 @@ pub struct Control {
     view: Mutex<PeerView>,
     archived: Mutex<Vec<ArchivedRange>>,
     reconciling: AtomicBool,
+    /// The epoch of the peer's planned promotion this hub fenced for.
+    fenced_for: Mutex<Option<Epoch>>,
     throttle: watch::Sender<bool>,
     /// Set once the peer watch has looked at the peer (or failed to) once.
     looked: watch::Sender<bool>,
@@ -161,6 +163,7 @@ impl Control {
             }),
             archived: Mutex::new(Vec::new()),
             reconciling: AtomicBool::new(false),
+            fenced_for: Mutex::new(None),
             throttle: watch::Sender::new(false),
             looked: watch::Sender::new(false),
         }))

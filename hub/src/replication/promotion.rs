@@ -47,6 +47,7 @@ impl Control {
                 }
             )));
         }
+        *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner()) = body.epoch;
         self.state.set_fenced(true);
         self.sessions.kick_all(Kick::Demoted);
         tracing::warn!("fenced: no more writes while the peer takes over");
@@ -59,12 +60,25 @@ impl Control {
         Ok(FenceResponse { high_watermarks })
     }
 
-    /// `POST /v1/unfence`: a planned promotion was abandoned.
-    pub fn unfence(&self) {
+    /// `POST /v1/unfence`: a planned promotion was abandoned. `only_for`:
+    /// the peer's call, which may only take back a fence for that epoch.
+    ///
+    /// # Errors
+    /// When `only_for` is not the epoch this hub was fenced for.
+    pub fn unfence(&self, only_for: Option<Epoch>) -> Result<(), ControlError> {
+        if let Some(e) = only_for {
+            let fenced_for = *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner());
+            if !self.state.fenced() || fenced_for != Some(e) {
+                return Err(ControlError::Conflict(format!(
+                    "not fenced for epoch {e}; only an operator unfences otherwise"
+                )));
+            }
+        }
         if self.state.fenced() {
             tracing::warn!("unfenced: accepting writes again");
             self.state.set_fenced(false);
         }
+        Ok(())
     }
 
     /// `POST /v1/promote`.
@@ -121,7 +135,7 @@ impl Control {
                         let _ = self
                             .call::<serde_json::Value>(
                                 &format!("{peer}/v1/unfence"),
-                                &EpochBody::default(),
+                                &EpochBody { epoch: Some(next) },
                                 Duration::from_secs(5),
                             )
                             .await;
