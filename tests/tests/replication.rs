@@ -846,7 +846,7 @@ async fn a_hub_with_a_peer_needs_its_own_peer_token() {
                 exited = true;
                 break;
             }
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if !exited {
             let _ = child.kill();
