@@ -268,6 +268,55 @@ impl Agent {
     }
 
     /// One connection. Returns why it ended and whether it made progress.
+    /// An outbox without numbering state (new volume, reflashed,
+    /// `--reset-state`) learns the hub's `committed` for this device before
+    /// anything is published, and numbers what it holds above it: a
+    /// device's mids never go backwards, so nothing new is taken for a
+    /// duplicate of what an earlier life of the device sent.
+    async fn learn_base(
+        &mut self,
+        conn: &mut Connection,
+        acks_topic: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Leave> {
+        if let Err(e) = conn.flush().await {
+            return Err(Leave::Lost(e.to_string()));
+        }
+        let deadline = Instant::now() + self.config.keep_alive * 3 / 2;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Err(Leave::Stop),
+                filled = conn.fill() => match filled {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Leave::Lost("closed by the hub".into())),
+                    Err(e) => return Err(Leave::Lost(e.to_string())),
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Leave::Lost("the hub did not say where this device's mids stand".into()));
+                }
+            }
+            loop {
+                match conn.buffered_packet() {
+                    Ok(Some(Packet::Publish(p))) if p.topic == acks_topic => {
+                        let Ok(ack) = serde_json::from_slice::<AckMessage>(&p.payload) else {
+                            continue;
+                        };
+                        if let Err(e) = self.outbox.lock().set_base(ack.committed) {
+                            tracing::error!(error = %e, "cannot record the numbering base");
+                            return Err(Leave::Lost(e.to_string()));
+                        }
+                        tracing::info!(committed = %ack.committed, "no numbering state: numbering above the hub's committed mid");
+                        return Ok(());
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return Err(Leave::Lost(e.to_string())),
+                }
+            }
+        }
+    }
+
     async fn session(
         &mut self,
         mut conn: Connection,
@@ -279,6 +328,14 @@ impl Agent {
         let acks_topic = format!("devices/{device}/acks");
         let topic_prefix = format!("devices/{device}/messages/events/");
         conn.subscribe(1, &acks_topic);
+        if self.outbox.lock().base().is_none()
+            && let Err(leave) = self.learn_base(&mut conn, &acks_topic, stop).await
+        {
+            return (leave, false);
+        }
+        // Outbox mid `m` is `base + m` on the wire.
+        let base = self.outbox.lock().base().unwrap_or(0);
+        let wire = |m: Mid| Mid(m.0.saturating_add(base));
         let mut pkid: u16 = 1;
         let mut inflight: VecDeque<(u16, Mid)> = VecDeque::new();
         let (mut replicated, mut next_send) = {
@@ -307,7 +364,7 @@ impl Agent {
                 };
                 for r in records {
                     pkid = if pkid >= u16::MAX - 1 { 1 } else { pkid + 1 };
-                    conn.publish(format!("{topic_prefix}{}", r.mid), pkid, r.payload);
+                    conn.publish(format!("{topic_prefix}{}", wire(r.mid)), pkid, r.payload);
                     inflight.push_back((pkid, r.mid));
                     next_send = r.mid.next();
                 }
@@ -353,11 +410,12 @@ impl Agent {
                                     continue;
                                 };
                                 self.progress.committed.fetch_max(ack.committed.0, Ordering::Relaxed);
-                                if ack.replicated > replicated {
-                                    replicated = ack.replicated;
+                                let acked_here = Mid(ack.replicated.0.saturating_sub(base));
+                                if acked_here > replicated {
+                                    replicated = acked_here;
                                     last_progress = Instant::now();
                                     useful = true;
-                                    self.progress.replicated.fetch_max(replicated.0, Ordering::Relaxed);
+                                    self.progress.replicated.fetch_max(ack.replicated.0, Ordering::Relaxed);
                                     if let Err(e) = self.outbox.lock().ack(replicated) {
                                         tracing::error!(error = %e, "cannot record an acknowledgement");
                                     }

@@ -101,6 +101,11 @@ struct RunArgs {
     /// Largest accepted message in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     payload_limit: usize,
+    /// Start the numbering over from what the hub has for this device: set
+    /// aside an unreadable outbox state file (its messages are kept and
+    /// numbered above the hub's `committed`).
+    #[arg(long)]
+    reset_state: bool,
 }
 
 #[derive(Debug, Args)]
@@ -264,6 +269,10 @@ async fn run(args: RunArgs, json: bool) -> anyhow::Result<()> {
     let key = DeviceKey::parse(&args.key)
         .context("invalid --key: expected the 43-character key printed by `device add`")?;
     let r = prepare(args.common, "always", None)?;
+    if args.reset_state {
+        crate::outbox::reset_state(&r.outbox_dir)
+            .with_context(|| format!("reset the state of outbox {}", r.outbox_dir.display()))?;
+    }
     let outbox = Outbox::open(&r.outbox_dir, r.max_bytes, r.fsync.0)
         .with_context(|| format!("open outbox {}", r.outbox_dir.display()))?;
     let shared = SharedOutbox::new(outbox);

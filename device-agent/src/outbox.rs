@@ -48,6 +48,10 @@ pub enum OutboxError {
     },
     #[error("payload of {0} bytes is larger than the outbox can hold")]
     TooLarge(usize),
+    #[error(
+        "{path} is unreadable ({reason}): refusing to guess where this device's message numbers stand; repair it, or start over with --reset-state (the agent then learns its numbering from the hub)"
+    )]
+    BadState { path: PathBuf, reason: String },
 }
 
 type Result<T> = std::result::Result<T, OutboxError>;
@@ -65,6 +69,18 @@ struct State {
     acked: Mid,
     /// The highest mid ever handed out that is not in a segment any more.
     floor: Mid,
+    /// What the hub's mids are above the outbox's own: a message with
+    /// outbox mid `m` goes out as `base + m`. Unknown (`None`) for an outbox
+    /// that starts without state (new volume, reflashed, `--reset-state`):
+    /// the agent learns the hub's `committed` for the device before it
+    /// publishes anything, so its mids never go backwards. A state file
+    /// written before this field existed means 0.
+    #[serde(default = "legacy_base")]
+    base: Option<u64>,
+}
+
+fn legacy_base() -> Option<u64> {
+    Some(0)
 }
 
 #[derive(Debug)]
@@ -97,6 +113,8 @@ pub struct OutboxStats {
     pub acked: Mid,
     /// The highest mid appended.
     pub last_mid: Mid,
+    /// Added to every mid on the wire (0 until learned for a fresh outbox).
+    pub base: u64,
 }
 
 /// A durable outbox in one directory.
@@ -117,6 +135,26 @@ pub struct Outbox {
     /// Read position: (segment first mid, byte offset, next mid there).
     cursor: Option<(Mid, u64, Mid)>,
     acks_since_save: u32,
+}
+
+/// Sets the outbox's state file aside (as `state.json.bad-<ms>`, kept for
+/// inspection): the outbox then opens as one without state, whose agent
+/// learns its numbering from the hub.
+///
+/// # Errors
+/// When the file cannot be moved.
+pub fn reset_state(dir: &Path) -> Result<()> {
+    let path = dir.join("state.json");
+    if !path.exists() {
+        return Ok(());
+    }
+    let aside = dir.join(format!("state.json.bad-{}", now_ms()));
+    fs::rename(&path, &aside).map_err(io(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    tracing::warn!(state = %aside.display(), "outbox state set aside: numbering starts over above the hub's committed mid");
+    Ok(())
 }
 
 fn segment_path(dir: &Path, first: Mid) -> PathBuf {
@@ -168,10 +206,21 @@ impl Outbox {
     pub fn open(dir: &Path, max_bytes: u64, fsync: Fsync) -> Result<Outbox> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let state_path = dir.join("state.json");
-        let state: State = fs::read(&state_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        // A missing state file is a fresh start; an unreadable one is never
+        // taken for one (that would restart the numbering at 1).
+        let state: State = match fs::read(&state_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| OutboxError::BadState {
+                path: state_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => {
+                return Err(OutboxError::BadState {
+                    path: state_path.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        };
         let mut firsts: Vec<Mid> = fs::read_dir(dir)
             .map_err(io(dir))?
             .filter_map(|e| e.ok())
@@ -498,7 +547,26 @@ impl Outbox {
             dropped: self.dropped,
             acked: self.state.acked,
             last_mid: last,
+            base: self.state.base.unwrap_or(0),
         }
+    }
+
+    /// The offset of the hub's mids over this outbox's, once known.
+    pub fn base(&self) -> Option<u64> {
+        self.state.base
+    }
+
+    /// Sets the offset once, from the hub's `committed` for this device,
+    /// durably, before anything is published.
+    ///
+    /// # Errors
+    /// When the state cannot be written.
+    pub fn set_base(&mut self, committed: Mid) -> Result<()> {
+        if self.state.base.is_some() {
+            return Ok(());
+        }
+        self.state.base = Some(committed.0);
+        self.save_state(true)
     }
 
     /// Saves the acknowledgement state (at shutdown).
@@ -533,6 +601,29 @@ mod tests {
         let got = o.read_from(Mid(1), 100).unwrap();
         assert_eq!(got.iter().map(|p| p.mid.0).collect::<Vec<_>>(), [4, 5]);
         assert_eq!(o.stats().in_outbox, 2);
+    }
+
+    #[test]
+    fn numbering_state_is_learned_once_and_never_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = open(dir.path());
+        assert_eq!(o.base(), None, "a fresh outbox learns its base");
+        o.append(b"x").unwrap();
+        o.set_base(Mid(41)).unwrap();
+        o.set_base(Mid(7)).unwrap();
+        assert_eq!(o.stats().base, 41, "set once");
+        drop(o);
+        assert_eq!(open(dir.path()).base(), Some(41), "persisted");
+        // A state file from before the base existed means 0.
+        std::fs::write(dir.path().join("state.json"), br#"{"acked":0,"floor":0}"#).unwrap();
+        assert_eq!(open(dir.path()).base(), Some(0));
+        // An unreadable one is refused, naming the file.
+        std::fs::write(dir.path().join("state.json"), b"{\"acked\": 3, \"flo").unwrap();
+        let err = Outbox::open(dir.path(), 1 << 20, Fsync::Always).unwrap_err();
+        assert!(matches!(err, OutboxError::BadState { .. }), "{err}");
+        assert!(err.to_string().contains("state.json"), "{err}");
+        reset_state(dir.path()).unwrap();
+        assert_eq!(open(dir.path()).base(), None, "reset: learned again");
     }
 
     #[test]

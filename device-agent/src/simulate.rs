@@ -198,9 +198,10 @@ pub async fn run(
             let o = d.outbox.lock().stats();
             let line = DeviceReport {
                 device_id: d.id.clone(),
-                first_mid: d.start.0.next(),
-                last_mid: o.last_mid,
-                acked: o.acked,
+                // On the wire: outbox mids plus the base learned from the hub.
+                first_mid: Mid(d.start.0.next().0 + o.base),
+                last_mid: Mid(o.last_mid.0 + o.base),
+                acked: Mid(o.acked.0 + o.base),
                 dropped: o.dropped - d.start.1,
                 sessions: d.progress.sessions.load(Ordering::Relaxed),
                 resends: d.progress.resends.load(Ordering::Relaxed),

@@ -330,3 +330,133 @@ async fn simulate_delivers_everything_and_reports_each_device() {
         let _ = partition_for(&fleet_api::DeviceId::new(id).unwrap(), 8);
     }
 }
+
+/// Runs `device-agent simulate` of `keys` for 2 s into `report`, with the
+/// outboxes in the harness's `sim` directory.
+async fn simulate_once(
+    h: &tests::Harness,
+    c: &ConciergeNode,
+    keys: &std::path::Path,
+    report: &std::path::Path,
+) -> serde_json::Value {
+    let args = h.simulate_args(c, keys, report, "20", "2", &[]);
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = h.command("simulate", &args);
+        move || cmd.output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn report_lines(path: &std::path::Path) -> HashMap<String, serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["device_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_outbox_was_wiped_numbers_above_what_the_hub_has() {
+    let h = harness!("a_device_whose_outbox_was_wiped_numbers_above_what_the_hub_has");
+    let ids: Vec<String> = (0..3).map(|i| format!("wiped-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (reg, hub, c) = fleet(&h, &refs).await;
+    let keys = h.keys_file(&reg, &ids);
+    let (first, second) = (h.dir().join("first.ndjson"), h.dir().join("second.ndjson"));
+    let s1 = simulate_once(&h, &c, &keys, &first).await;
+    assert_eq!(s1["in_outbox"], 0, "{s1}");
+    // The devices are reflashed: their outboxes (and numbering) are gone.
+    std::fs::remove_dir_all(h.dir().join("sim")).unwrap();
+    let s2 = simulate_once(&h, &c, &keys, &second).await;
+    assert_eq!(s2["in_outbox"], 0, "{s2}");
+    let (r1, r2) = (report_lines(&first), report_lines(&second));
+    for id in &ids {
+        let last1 = r1[id]["last_mid"].as_u64().unwrap();
+        let (from2, last2) = (
+            r2[id]["first_mid"].as_u64().unwrap(),
+            r2[id]["last_mid"].as_u64().unwrap(),
+        );
+        assert!(last1 > 0 && last2 > from2, "{id}: {} {}", r1[id], r2[id]);
+        // Without this, the second life restarted at mid 1: every message
+        // was acknowledged as a duplicate and never stored.
+        assert_eq!(from2, last1 + 1, "{id} numbers above its first life");
+        assert_eq!(r2[id]["acked"], r2[id]["last_mid"]);
+        assert_eq!(
+            stored_once(&hub, id).await,
+            (1..=last2).collect::<Vec<_>>(),
+            "{id}: both lives stored in full"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_outbox_state_stops_the_agent_until_it_is_reset() {
+    let h = harness!("an_unreadable_outbox_state_stops_the_agent_until_it_is_reset");
+    let (reg, hub, c) = fleet(&h, &["d1"]).await;
+    let out = finished(agent_with_lines(
+        &h,
+        &c,
+        &reg,
+        (1..=3).map(|i| format!("first {i}")),
+    ))
+    .await;
+    assert!(out.status.success());
+    assert_eq!(stored_once(&hub, "d1").await, vec![1, 2, 3]);
+    let outbox = h.dir().join("outbox");
+    let state = outbox.join("state.json");
+    std::fs::write(&state, b"{\"acked\": 3, \"flo").unwrap();
+    let run = |extra: &[&str]| {
+        let mut flags = vec!["--exit-when-drained"];
+        flags.extend_from_slice(extra);
+        let args = h.agent_args(&c, "d1", &reg.key("d1"), outbox.to_str().unwrap(), &flags);
+        let mut child = h
+            .command("agent-again", &args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "second 1").unwrap();
+        writeln!(stdin, "second 2").unwrap();
+        child
+    };
+    let refused = finished(run(&[])).await;
+    assert!(
+        !refused.status.success(),
+        "an unreadable state was taken for empty"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&state.display().to_string()) && err.contains("--reset-state"),
+        "{err}"
+    );
+    assert_eq!(stored_once(&hub, "d1").await, vec![1, 2, 3], "nothing sent");
+    let reset = finished(run(&["--reset-state"])).await;
+    assert!(reset.status.success());
+    // Numbered above the hub's 3. What the outbox still held of its first
+    // life is sent again under new mids (its acknowledgement state was what
+    // got lost): duplicated content, nothing lost, nothing swallowed.
+    let stored = stored_once(&hub, "d1").await;
+    assert!(stored.len() >= 5, "{stored:?}");
+    assert_eq!(stored, (1..=stored.len() as u64).collect::<Vec<_>>());
+    let payloads: Vec<Vec<u8>> = hub
+        .records_of("d1", 8)
+        .await
+        .into_iter()
+        .map(|r| r.payload)
+        .collect();
+    let n = payloads.len();
+    assert_eq!(
+        &payloads[n - 2..],
+        &[b"second 1".to_vec(), b"second 2".to_vec()]
+    );
+    assert!(payloads[3..n - 2].iter().all(|p| p.starts_with(b"first ")));
+}
