@@ -17,6 +17,7 @@ use fleet_api::{DeviceId, DeviceKey, Mid};
 use rumqttc::mqttbytes::v4::Packet;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backoff::{Backoff, Jitter, random_jitter};
 use crate::discovery::{Discovery, Lookup};
@@ -156,10 +157,15 @@ impl Agent {
     }
 
     /// Delivers until `stop` turns true.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        // Instrumented, never entered across an await: a span held entered
+        // while the task sleeps leaks into other tasks on the same thread.
+        let span = tracing::info_span!("agent", device_id = %self.config.device);
+        self.deliver(stop).instrument(span).await;
+    }
+
+    async fn deliver(mut self, mut stop: watch::Receiver<bool>) {
         let device = self.config.device.clone();
-        let span = tracing::info_span!("agent", device_id = %device);
-        let _enter = span.enter();
         let jitter = self.jitter.take().unwrap_or_else(random_jitter);
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap, jitter);
         let mut endpoint: Option<(EndpointResponse, Instant)> = None;
@@ -293,6 +299,7 @@ impl Agent {
                     Err(e) => return Err(Leave::Lost(e.to_string())),
                 },
                 () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("the hub did not answer with this device's committed mid; nothing is published until it does");
                     return Err(Leave::Lost("the hub did not say where this device's mids stand".into()));
                 }
             }

@@ -347,9 +347,10 @@ impl Outbox {
         let body = serde_json::to_vec(&self.state).unwrap_or_default();
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&body).map_err(io(&tmp))?;
-        if durable {
-            f.sync_all().map_err(io(&tmp))?;
-        }
+        // Always: a rename of unsynced data can leave an empty state file
+        // after a power cut, which the next start refuses. Only the
+        // directory entry may lag when `durable` is false.
+        f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
         if durable {
             File::open(&self.dir)
@@ -565,8 +566,14 @@ impl Outbox {
         if self.state.base.is_some() {
             return Ok(());
         }
+        // In memory only once it is on disk: nothing may be published under
+        // a base a restart would not know.
         self.state.base = Some(committed.0);
-        self.save_state(true)
+        if let Err(e) = self.save_state(true) {
+            self.state.base = None;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Saves the acknowledgement state (at shutdown).

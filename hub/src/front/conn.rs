@@ -24,6 +24,7 @@ use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{Front, topic};
 use crate::ingest::{IngestError, Replication, Stored};
@@ -146,8 +147,10 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         replicated: None,
         last_ack: None,
     };
-    let reason = {
-        let _enter = span.enter();
+    // Instrumented, never entered across an await: an entered span held
+    // while the task sleeps leaks into other tasks on the same thread (and
+    // tracing-subscriber panics once it closes).
+    let reason = async {
         tracing::debug!(keep_alive = connect.keep_alive, "connected");
         let reason = conn
             .serve(&mut stream, &mut inbuf, &mut out, &mut session)
@@ -155,7 +158,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = flush(&mut stream, &mut out).await;
         tracing::debug!(reason, unacknowledged = conn.pending.len(), "disconnected");
         reason
-    };
+    }
+    .instrument(span)
+    .await;
     count_disconnect(reason);
     let _ = stream.shutdown().await;
 }
