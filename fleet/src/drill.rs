@@ -330,7 +330,7 @@ pub async fn run(
     let mut unreplicated = 0;
     let t0 = Instant::now();
     let divergence_before;
-    let mut divergence_after;
+    let divergence_after;
     if opts.lose == Lose::Secondary {
         say("kill -9: region b, the secondary (its hub and its registry follower)");
         fleet.kill_region(1).await;
@@ -367,14 +367,7 @@ pub async fn run(
             "a wrote {} records alone; b caught up in {} ms",
             steps.written_while_detached, steps.catch_up_ms
         ));
-        divergence_after = u64::MAX;
-        for _ in 0..100 {
-            divergence_after = divergence(&fleet).await?;
-            if divergence_after == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        divergence_after = converged(&fleet).await?;
     } else {
         match opts.mode {
             Mode::Forced => {
@@ -478,14 +471,7 @@ pub async fn run(
         failover(&http, &concierge, &fleet, "a", Mode::Planned).await?;
         steps.failback_ms = fb0.elapsed().as_millis() as u64;
         mark("failback");
-        divergence_after = u64::MAX;
-        for _ in 0..100 {
-            divergence_after = divergence(&fleet).await?;
-            if divergence_after == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        divergence_after = converged(&fleet).await?;
     }
 
     say("waiting for every device to deliver its outbox");
@@ -613,6 +599,19 @@ pub async fn run(
     )?;
     fleet.down().await;
     Ok(report)
+}
+
+/// Registry divergence once `follow` has had up to 10 s to converge.
+async fn converged(fleet: &Fleet) -> anyhow::Result<u64> {
+    let mut left = u64::MAX;
+    for _ in 0..100 {
+        left = divergence(fleet).await?;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(left)
 }
 
 /// The primary counts on its peer again and the peer holds everything.

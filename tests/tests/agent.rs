@@ -296,16 +296,7 @@ async fn simulate_delivers_everything_and_reports_each_device() {
     let (reg, hub, c) = fleet(&h, &refs).await;
     let keys = h.keys_file(&reg, &ids);
     let report = h.dir().join("report.ndjson");
-    let args = h.simulate_args(&c, &keys, &report, "20", "3", &[]);
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = h.command("simulate", &args);
-        move || cmd.output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(out.status.success());
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = simulate_once(&h, &c, &keys, &report, "3").await;
     assert_eq!(summary["devices"], 20);
     let generated = summary["generated"].as_u64().unwrap();
     assert!((800..=1300).contains(&generated), "{summary}");
@@ -331,15 +322,16 @@ async fn simulate_delivers_everything_and_reports_each_device() {
     }
 }
 
-/// Runs `device-agent simulate` of `keys` for 2 s into `report`, with the
-/// outboxes in the harness's `sim` directory.
+/// Runs `device-agent simulate` of `keys` at 20 msg/s for `secs` into
+/// `report`, with the outboxes in the harness's `sim` directory.
 async fn simulate_once(
     h: &tests::Harness,
     c: &ConciergeNode,
     keys: &std::path::Path,
     report: &std::path::Path,
+    secs: &str,
 ) -> serde_json::Value {
-    let args = h.simulate_args(c, keys, report, "20", "2", &[]);
+    let args = h.simulate_args(c, keys, report, "20", secs, &[]);
     let out = tokio::task::spawn_blocking({
         let mut cmd = h.command("simulate", &args);
         move || cmd.output()
@@ -370,11 +362,11 @@ async fn a_device_whose_outbox_was_wiped_numbers_above_what_the_hub_has() {
     let (reg, hub, c) = fleet(&h, &refs).await;
     let keys = h.keys_file(&reg, &ids);
     let (first, second) = (h.dir().join("first.ndjson"), h.dir().join("second.ndjson"));
-    let s1 = simulate_once(&h, &c, &keys, &first).await;
+    let s1 = simulate_once(&h, &c, &keys, &first, "2").await;
     assert_eq!(s1["in_outbox"], 0, "{s1}");
     // The devices are reflashed: their outboxes (and numbering) are gone.
     std::fs::remove_dir_all(h.dir().join("sim")).unwrap();
-    let s2 = simulate_once(&h, &c, &keys, &second).await;
+    let s2 = simulate_once(&h, &c, &keys, &second, "2").await;
     assert_eq!(s2["in_outbox"], 0, "{s2}");
     let (r1, r2) = (report_lines(&first), report_lines(&second));
     for id in &ids {

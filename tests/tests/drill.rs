@@ -4,20 +4,16 @@
 //! lost or stored twice; the RTO is reported (not asserted: timing on a
 //! shared machine varies).
 
-use fleet::drill::{DrillOptions, Lose, run};
+use fleet::drill::{DrillOptions, DrillReport, Lose, run};
 use fleet::up::Launcher;
 use fleet_api::concierge::Mode;
 
-async fn drill(name: &str, mode: Mode, replication: &str) {
+/// Runs a drill set up by `set` in this test's log directory; prints and
+/// returns its report.
+async fn run_drill(name: &str, set: impl FnOnce(&mut DrillOptions)) -> DrillReport {
     let h = tests::harness!(name);
     let mut opts = DrillOptions::new(h.logs().join("run"));
-    opts.devices = 20;
-    opts.rate = 10.0;
-    opts.duration_s = 12;
-    opts.kill_at_s = 4;
-    opts.outage_s = 4;
-    opts.mode = mode;
-    opts.replication = replication.into();
+    set(&mut opts);
     let launcher = Launcher {
         exe: env!("CARGO_BIN_EXE_fleet-node").into(),
     };
@@ -25,6 +21,20 @@ async fn drill(name: &str, mode: Mode, replication: &str) {
         .await
         .expect("the drill ran");
     println!("{}", fleet::drill::summary(&report));
+    report
+}
+
+async fn drill(name: &str, mode: Mode, replication: &str) {
+    let report = run_drill(name, |opts| {
+        opts.devices = 20;
+        opts.rate = 10.0;
+        opts.duration_s = 12;
+        opts.kill_at_s = 4;
+        opts.outage_s = 4;
+        opts.mode = mode;
+        opts.replication = replication.into();
+    })
+    .await;
     assert!(report.sent > 1000, "{report:?}");
     assert_eq!(report.lost, 0, "acknowledged but lost");
     assert_eq!(report.duplicate_records, 0, "stored twice");
@@ -74,24 +84,18 @@ async fn planned_drill_with_sync_replication() {
 /// survivor runs alone, nothing is dropped or lost, and the returning region
 /// catches up without a full resync.
 async fn long_outage(name: &str, lose: Lose, replication: &str) {
-    let h = tests::harness!(name);
-    let mut opts = DrillOptions::new(h.logs().join("run"));
-    opts.devices = 10;
-    opts.rate = 10.0;
-    opts.payload_bytes = 1000;
-    opts.max_outbox_bytes = Some(65_536);
-    opts.duration_s = 20;
-    opts.kill_at_s = 4;
-    opts.outage_s = 12;
-    opts.lose = lose;
-    opts.replication = replication.into();
-    let launcher = Launcher {
-        exe: env!("CARGO_BIN_EXE_fleet-node").into(),
-    };
-    let report = run(launcher, opts, |line| eprintln!("{name}: {line}"))
-        .await
-        .expect("the drill ran");
-    println!("{}", fleet::drill::summary(&report));
+    let report = run_drill(name, |opts| {
+        opts.devices = 10;
+        opts.rate = 10.0;
+        opts.payload_bytes = 1000;
+        opts.max_outbox_bytes = Some(65_536);
+        opts.duration_s = 20;
+        opts.kill_at_s = 4;
+        opts.outage_s = 12;
+        opts.lose = lose;
+        opts.replication = replication.into();
+    })
+    .await;
     assert!(report.sent > 1500, "{report:?}");
     assert_eq!(report.dropped, 0, "outboxes overflowed");
     assert_eq!(report.lost, 0, "acknowledged but lost");
