@@ -614,3 +614,37 @@ async fn an_implausible_mid_is_refused_and_cannot_swallow_later_publishes() {
             .contains("fleet_hub_refused_total{reason=\"mid_jump\"} 1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_gets_connack_1_and_an_oversized_connect_is_cut_before_authentication() {
+    let h = harness!("mqtt5_gets_connack_1_and_an_oversized_connect_is_cut_before_authentication");
+    let (reg, hub) = hub_with(&h, &["d1"], &[]).await;
+    // An MQTT 5 CONNECT (level 5, empty properties, client id "d1").
+    let mut v5 = RawClient::tcp(hub.mqtt).await;
+    v5.send_raw(&[
+        0x10, 0x0f, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x02,
+        b'd', b'1',
+    ])
+    .await;
+    match v5.recv(SECS).await {
+        Ok(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::RefusedProtocolVersion),
+        other => panic!("expected CONNACK 1, got {other:?}"),
+    }
+    assert!(v5.closed_within(SECS).await);
+    // A CONNECT of 8 KiB (a huge password) is refused before any key check.
+    let big = "x".repeat(8 * 1024);
+    let (mut c, code) = RawClient::connect(hub.mqtt, "d1", Some(("d1", &big))).await;
+    assert_eq!(code, None, "no CONNACK for an oversized CONNECT");
+    assert!(c.closed_within(SECS).await);
+    let m = hub.metrics().await;
+    assert!(
+        m.contains("fleet_hub_connects_total{result=\"protocol_version\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fleet_hub_disconnects_total{reason=\"too_large\"}"),
+        "{m}"
+    );
+    // A real device is unaffected.
+    connected(&hub, &reg, "d1").await;
+}

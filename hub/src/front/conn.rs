@@ -60,6 +60,9 @@ async fn read_packet<S: AsyncRead + Unpin>(
         if first && buf.first().is_some_and(|b| b >> 4 != 1) {
             return Err("protocol");
         }
+        if first && connect_level(buf).is_some_and(|level| level != 4) {
+            return Err("protocol_version");
+        }
         match Packet::read(buf, max) {
             Ok(p) => return Ok(p),
             Err(CodecError::InsufficientBytes(_)) => {}
@@ -72,6 +75,27 @@ async fn read_packet<S: AsyncRead + Unpin>(
         }
     }
 }
+
+/// The protocol level of a CONNECT at the start of `buf`, once buffered
+/// (4 is MQTT 3.1.1; 5 is MQTT 5, 3 is MQTT 3.1).
+fn connect_level(buf: &[u8]) -> Option<u8> {
+    // Fixed header: type byte, then a remaining length of 1 to 4 bytes.
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 || i > 4 {
+            break;
+        }
+    }
+    // Variable header: protocol name (length-prefixed), then the level.
+    let len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+    buf.get(i + 2 + len).copied()
+}
+
+/// The largest CONNECT read before a client has authenticated: an id, a
+/// username, a key and a little slack (a device needs no will message).
+const MAX_CONNECT: usize = 4096;
 
 async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> Result<(), Reason> {
     if out.is_empty() {
@@ -103,11 +127,20 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 
     let connect = match tokio::time::timeout(
         front.config.connect_timeout,
-        read_packet(&mut stream, &mut inbuf, max_packet, true),
+        read_packet(&mut stream, &mut inbuf, MAX_CONNECT.min(max_packet), true),
     )
     .await
     {
         Err(_) => return count_disconnect("connect_timeout"),
+        Ok(Err("protocol_version")) => {
+            // MQTT 5 or 3.1: say so with CONNACK 1, as 3.1.1 prescribes.
+            let _ = ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false).write(&mut out);
+            let _ = flush(&mut stream, &mut out).await;
+            let _ = stream.shutdown().await;
+            metrics::counter!("fleet_hub_connects_total", "result" => "protocol_version")
+                .increment(1);
+            return count_disconnect("protocol_version");
+        }
         Ok(Err(reason)) => return count_disconnect(reason),
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(_)) => return count_disconnect("protocol"),
