@@ -98,14 +98,12 @@ impl Concierge {
         });
         let token = shutdown.clone();
         let http = listeners.http;
-        tasks.spawn(async move {
-            let served = axum::serve(http, api::router(api))
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        tasks.spawn(fleet_api::serve::serve(
+            http,
+            api::router(api),
+            fleet_api::serve::HttpLimits::default(),
+            token,
+        ));
         tracing::info!(%http_addr, %dns_addr, zone = %config.zone, "concierge started");
         Ok(Concierge {
             http_addr,

@@ -8,7 +8,9 @@
 //! The one exception is [`client`] (feature `client`): the HTTP client of a
 //! hub's API, for consumers and tools that must not compile the hub; and
 //! [`process`] (feature `process`): logging and signals of server processes;
-//! and `prom` (feature `prometheus`): the process's metrics recorder.
+//! `prom` (feature `prometheus`): the process's metrics recorder; and
+//! `serve` (feature `http-server`): axum with header timeouts and a
+//! connection cap.
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -21,6 +23,8 @@ pub mod process;
 pub mod prom;
 pub mod registry;
 pub mod secret;
+#[cfg(feature = "http-server")]
+pub mod serve;
 
 pub use hub::{AckMessage, ErrorBody, ErrorCode, Role, partition_for};
 pub use ids::{DeviceId, Epoch, IdError, Mid, Offset, PartitionId, Region};

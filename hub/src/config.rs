@@ -63,6 +63,12 @@ pub struct RunArgs {
     /// Async replication lag beyond which ingest is throttled.
     #[arg(long, env = "FLEET_MAX_LAG_MS")]
     pub max_lag_ms: Option<u64>,
+    /// HTTP API: how long a client has to send a request's headers, ms [default: 10000].
+    #[arg(long, env = "FLEET_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// HTTP API: connections served at once [default: 1024].
+    #[arg(long, env = "FLEET_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
     /// Detach a peer that stays unreachable this long: the region then runs
     /// alone (acknowledgements no longer wait for the peer) until the peer
     /// has caught up again [default: off, an operator detaches].
@@ -163,6 +169,8 @@ pub struct HubConfig {
     pub max_lag: Option<Duration>,
     /// Detach a peer unreachable this long (None: only operators detach).
     pub peer_detach_after: Option<Duration>,
+    /// Header timeout and connection cap of the HTTP API.
+    pub http_limits: fleet_api::serve::HttpLimits,
 }
 
 impl HubConfig {
@@ -174,6 +182,7 @@ impl HubConfig {
             replication: Replication::Off,
             max_lag: None,
             peer_detach_after: None,
+            http_limits: fleet_api::serve::HttpLimits::default(),
             region,
             data,
             registry,
@@ -221,7 +230,7 @@ impl RunArgs {
         }
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, peer_token, role, peer, replication,
-            max_lag_ms, peer_detach_after_s, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
+            max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
         }))
     }
@@ -246,6 +255,8 @@ impl RunArgs {
             replication,
             max_lag_ms,
             peer_detach_after_s,
+            http_header_timeout_ms,
+            http_max_connections,
             partitions,
             stream,
             stream_user,
@@ -343,6 +354,18 @@ impl RunArgs {
                 bail!("--peer-detach-after-s must be at least 1");
             }
             c.peer_detach_after = Some(Duration::from_secs(s));
+        }
+        if let Some(ms) = http_header_timeout_ms {
+            if ms == 0 {
+                bail!("--http-header-timeout-ms must be at least 1");
+            }
+            c.http_limits.header_timeout = Duration::from_millis(ms);
+        }
+        if let Some(n) = http_max_connections {
+            if n == 0 {
+                bail!("--http-max-connections must be at least 1");
+            }
+            c.http_limits.max_connections = n;
         }
         c.read_token = read_token;
         c.role = role.unwrap_or(Role::Primary);

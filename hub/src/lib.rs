@@ -173,14 +173,12 @@ impl Hub {
         let router = http::router(api);
         match config.http_tls.clone() {
             None => {
-                tasks.spawn(async move {
-                    let served = axum::serve(listeners.http, router)
-                        .with_graceful_shutdown(token.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "http server failed");
-                    }
-                });
+                tasks.spawn(fleet_api::serve::serve(
+                    listeners.http,
+                    router,
+                    config.http_limits,
+                    token,
+                ));
             }
             Some(tls) => {
                 let listener = https::TlsListener::new(
@@ -188,14 +186,12 @@ impl Hub {
                     tls,
                     config.front.tls_handshake_timeout,
                 )?;
-                tasks.spawn(async move {
-                    let served = axum::serve(listener, router)
-                        .with_graceful_shutdown(token.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "https server failed");
-                    }
-                });
+                tasks.spawn(fleet_api::serve::serve(
+                    listener,
+                    router,
+                    config.http_limits,
+                    token,
+                ));
             }
         }
         tracing::info!(region = %config.region, %mqtt_addr, %http_addr, stream = ?stream_addr, role = %state.get().role, epoch = %state.get().epoch, "hub started");

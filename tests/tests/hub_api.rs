@@ -344,3 +344,52 @@ async fn the_http_api_serves_https_and_idle_handshakes_block_nobody() {
     assert!(plain.get(format!("{base}/healthz")).send().await.is_err());
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_request_headers_are_cut_and_cannot_exhaust_the_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = tests::harness!("half_sent_request_headers_are_cut_and_cannot_exhaust_the_api");
+    let reg = tests::Registry::sqlite(h.dir(), "eu").await;
+    let hub = h.hub(
+        "hub-eu",
+        "eu",
+        &reg.url,
+        &[
+            "--http-header-timeout-ms",
+            "500",
+            "--http-max-connections",
+            "20",
+        ],
+    );
+    // More half-sent requests than the API serves at once (a slow loris).
+    let mut lorises = Vec::new();
+    for _ in 0..25 {
+        let mut s = tokio::net::TcpStream::connect(hub.http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\n")
+            .await
+            .unwrap();
+        lorises.push(s);
+    }
+    // The server cuts every one of them (the last five once slots free up)…
+    for (i, s) in lorises.iter_mut().enumerate() {
+        let mut buf = [0u8; 512];
+        let cut = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(cut.is_ok(), "half-sent request {i} was never cut");
+    }
+    // …and answers a real request.
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/healthz", hub.http))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("the API still answers");
+    assert_eq!(r.status(), 200);
+}

@@ -1,0 +1,85 @@
+//! Serving an axum router with limits a hostile client cannot run past
+//! (feature `http-server`): `axum::serve` has no header timeout and no
+//! connection cap, so ~20,000 connections that each sent half a request
+//! header held a hub's file descriptors (health checks, MQTT CONNECTs and
+//! snapshots failed) while the concierge still called it healthy.
+//!
+//! Each connection must send its request headers within
+//! [`HttpLimits::header_timeout`], at most [`HttpLimits::max_connections`]
+//! are served at once (more wait in the kernel's accept queue), and a
+//! shutdown lets requests in progress finish.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Limits of one HTTP server.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// How long a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    /// 10 s for headers, 1,024 connections (well below a process's file
+    /// descriptor limit, which MQTT devices need too).
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled.
+pub async fn serve<L>(
+    mut listener: L,
+    router: axum::Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) where
+    L: axum::serve::Listener,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (io, _) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    // Requests in progress finish (each connection shuts down gracefully).
+    while connections.join_next().await.is_some() {}
+}
