@@ -862,3 +862,75 @@ async fn a_hub_with_a_peer_needs_its_own_peer_token() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_different_partition_counts_refuse_to_pair() {
+    let h = harness!("peers_with_different_partition_counts_refuse_to_pair");
+    let (ra, rb) = registries(&h, &["d1", "d2", "d3"]).await;
+    let (http_a, http_b) = (tests::reserve_port(), tests::reserve_port());
+    let (peer_of_a, peer_of_b) = (format!("http://{http_b}"), format!("http://{http_a}"));
+    let b = h.hub(
+        "hub-b",
+        "b",
+        &rb.url,
+        &[
+            "--http",
+            &http_b,
+            "--peer",
+            &peer_of_b,
+            "--role",
+            "secondary",
+            "--partitions",
+            "4",
+        ],
+    );
+    let a = h.hub(
+        "hub-a",
+        "a",
+        &ra.url,
+        &[
+            "--http",
+            &http_a,
+            "--peer",
+            &peer_of_a,
+            "--role",
+            "primary",
+            "--partitions",
+            "8",
+        ],
+    );
+    for hub in [&a, &b] {
+        wait_for(20, "the mismatch to be reported", || async {
+            status(hub)
+                .await
+                .replication
+                .is_some_and(|r| r.state == "partition_mismatch")
+        })
+        .await;
+    }
+    for id in ["d1", "d2", "d3"] {
+        let mut c = connect(&a, &ra, id).await;
+        c.publish(
+            &format!("devices/{id}/messages/events/1"),
+            QoS::AtLeastOnce,
+            1,
+            b"x",
+        )
+        .await;
+        assert!(matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))));
+    }
+    assert_eq!(stored(&a).await, 3);
+    // A pull is refused outright, and b holds nothing.
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/partitions/0/records?from=0&replica=b&epoch=1",
+            a.url()
+        ))
+        .bearer_auth(tests::PEER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(stored(&b).await, 0);
+    assert!(a.node.log_tail().contains("different partition count"));
+}

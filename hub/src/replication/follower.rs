@@ -18,6 +18,9 @@ impl Control {
         let Some(peer) = self.peer.clone() else {
             return;
         };
+        // Pull only once the peer was looked at (its partition count among
+        // other things).
+        let _ = self.looked.subscribe().wait_for(|l| *l).await;
         let mut roles = self.state.subscribe();
         let log = log_of(&self.ingest).clone();
         let mut reconciled = false;
@@ -25,6 +28,10 @@ impl Control {
             if roles.borrow_and_update().role != Role::Secondary {
                 reconciled = false;
                 let _ = roles.changed().await;
+                continue;
+            }
+            if self.partition_mismatch().is_some() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
             if !reconciled {

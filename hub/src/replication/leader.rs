@@ -41,6 +41,12 @@ impl Control {
         if now.role != Role::Primary {
             return Err(ControlError::NotPrimary);
         }
+        if let Some(theirs) = self.partition_mismatch() {
+            return Err(ControlError::Conflict(format!(
+                "the peer has {theirs} partitions and this hub {}: replication is refused",
+                self.partitions()
+            )));
+        }
         let hw = log_of(&self.ingest).high_watermark(p);
         if from > hw {
             return Err(ControlError::Conflict(format!(

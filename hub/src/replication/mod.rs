@@ -107,6 +107,10 @@ pub struct Control {
     reconciling: AtomicBool,
     /// The epoch of the peer's planned promotion this hub fenced for.
     fenced_for: Mutex<Option<Epoch>>,
+    /// The peer's partition count, when it differs from this hub's: the
+    /// pair refuses to replicate (records and de-dup state would land in
+    /// the wrong partitions).
+    mismatch: Mutex<Option<usize>>,
     throttle: watch::Sender<bool>,
     /// Set once the peer watch has looked at the peer (or failed to) once.
     looked: watch::Sender<bool>,
@@ -164,6 +168,7 @@ impl Control {
             archived: Mutex::new(Vec::new()),
             reconciling: AtomicBool::new(false),
             fenced_for: Mutex::new(None),
+            mismatch: Mutex::new(None),
             throttle: watch::Sender::new(false),
             looked: watch::Sender::new(false),
         }))
@@ -214,6 +219,26 @@ impl Control {
         });
     }
 
+    /// The peer's partition count when it differs from this hub's.
+    pub(super) fn partition_mismatch(&self) -> Option<usize> {
+        *self.mismatch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what the peer's status says about its partition count.
+    pub(super) fn check_partitions(&self, theirs: usize) {
+        let mine = self.partitions() as usize;
+        let next = (theirs != mine).then_some(theirs);
+        let mut m = self.mismatch.lock().unwrap_or_else(|e| e.into_inner());
+        if next.is_some() && *m != next {
+            tracing::error!(
+                mine,
+                theirs,
+                "the peer has a different partition count: refusing to replicate (create both logs with the same --partitions)"
+            );
+        }
+        *m = next;
+    }
+
     /// The replication part of `GET /v1/status`, and the overall lag in ms.
     pub fn status(&self) -> (Option<ReplicationStatus>, bool, u64) {
         let view = self.view().clone();
@@ -244,7 +269,9 @@ impl Control {
         let Some(peer) = self.peer.clone() else {
             return (None, false, 0);
         };
-        let state = if self.reconciling.load(Ordering::Acquire) {
+        let state = if self.partition_mismatch().is_some() {
+            "partition_mismatch"
+        } else if self.reconciling.load(Ordering::Acquire) {
             "reconciling"
         } else if self.state.detached().is_some() {
             "detached"

@@ -41,6 +41,7 @@ impl Control {
                 }
             }
             if let Some(s) = &status {
+                self.check_partitions(s.partitions.len());
                 let me = self.state.get();
                 if s.epoch > me.epoch {
                     self.learn(s.epoch, "the peer holds a higher epoch");
