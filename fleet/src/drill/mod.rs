@@ -20,6 +20,9 @@ use tokio::time::Instant;
 
 use crate::up::{Fleet, Launcher, Proc, UpOptions};
 
+mod report;
+pub use report::{Divergence, DrillReport, Percentiles, Steps, summary};
+
 /// How to drill.
 #[derive(Clone, Debug)]
 pub struct DrillOptions {
@@ -75,72 +78,6 @@ impl DrillOptions {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Percentiles {
-    pub p50: u64,
-    pub p99: u64,
-    pub max: u64,
-}
-
-/// Milliseconds from the loss of the primary to each step.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Steps {
-    pub detect_ms: u64,
-    pub promote_ms: u64,
-    pub first_publish_ms: u64,
-    pub failback_ms: u64,
-    /// From the lost region's return until the survivor counts on it again
-    /// (it caught up without a full resync).
-    pub catch_up_ms: u64,
-    /// Records the survivor wrote alone (without a second copy) meanwhile.
-    pub written_while_detached: u64,
-}
-
-/// The drill's outcome (`--json`).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct DrillReport {
-    /// Per-device reconnect time: loss of the primary → first record of the
-    /// device stored by the new primary.
-    pub rto_ms: Percentiles,
-    pub sent: u64,
-    pub acknowledged: u64,
-    /// Distinct (device, mid) in the final primary's log.
-    pub stored: u64,
-    /// Distinct (device, mid) in each region's log.
-    pub stored_by_region: HashMap<String, u64>,
-    /// Acknowledged (replicated) but not stored: must be 0.
-    pub lost: u64,
-    /// Records stored twice: must be 0.
-    pub duplicate_records: u64,
-    pub duplicates_suppressed: u64,
-    pub dropped: u64,
-    pub peak_in_outbox: u64,
-    pub devices_moved: usize,
-    pub steps: Steps,
-    pub unreplicated_at_promotion: u64,
-    pub registry_divergence: Divergence,
-    pub archived_records: u64,
-    pub archive_missing: u64,
-    pub mode: Mode,
-    pub lose: Lose,
-    pub outage_s: u64,
-    pub replication: String,
-    pub devices: usize,
-    pub duration_s: f64,
-    pub timeline: String,
-    pub html: String,
-    pub passed: bool,
-}
-
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Divergence {
-    /// Devices the registries disagreed on while the old region was away.
-    pub before_failback: u64,
-    /// After failback and `follow` catching up.
-    pub after_failback: u64,
-}
-
-/// One look at a hub.
 #[derive(Clone, Debug)]
 struct Sample {
     t: f64,
@@ -771,59 +708,4 @@ fn samples_per_second(samples: &[Sample]) -> Vec<(usize, Vec<(f64, f64)>)> {
             (region, points)
         })
         .collect()
-}
-
-/// The human report.
-pub fn summary(r: &DrillReport) -> String {
-    let lost_what = match r.lose {
-        Lose::Primary => format!("{} failover", r.mode.as_str()),
-        Lose::Secondary => "secondary lost".to_string(),
-    };
-    let mut s = format!(
-        "Fleet drill: {lost_what} ({} s outage), {} replication, {} devices, {:.0} s\n\n",
-        r.outage_s, r.replication, r.devices, r.duration_s
-    );
-    s += &format!("  sent                  {}\n", r.sent);
-    s += &format!(
-        "  acknowledged          {} (replicated, or durable in the region running alone; gone from the outboxes)\n",
-        r.acknowledged
-    );
-    s += &format!(
-        "  stored                {} in the final primary's log {:?}\n",
-        r.stored, r.stored_by_region
-    );
-    let verdict = if r.passed {
-        "(nothing acknowledged was lost)"
-    } else {
-        "FAILED"
-    };
-    s += &format!("  lost                  {} {verdict}\n", r.lost);
-    s += &format!("  stored twice          {}\n", r.duplicate_records);
-    s += &format!("  duplicates suppressed {}\n", r.duplicates_suppressed);
-    s += &format!(
-        "  dropped by outboxes   {} (peak {} messages waiting)\n\n",
-        r.dropped, r.peak_in_outbox
-    );
-    s += &format!(
-        "  detect {} ms, promote {} ms, first publish in the new region {} ms, failback {} ms\n",
-        r.steps.detect_ms, r.steps.promote_ms, r.steps.first_publish_ms, r.steps.failback_ms
-    );
-    s += &format!(
-        "  ran alone (peer detached): {} records written without a second copy; caught up {} ms after the region returned\n",
-        r.steps.written_while_detached, r.steps.catch_up_ms
-    );
-    s += &format!(
-        "  reconnect per device (RTO): p50 {} ms, p99 {} ms, max {} ms ({} devices moved)\n",
-        r.rto_ms.p50, r.rto_ms.p99, r.rto_ms.max, r.devices_moved
-    );
-    s += &format!(
-        "  registry divergence: {} before failback, {} after\n",
-        r.registry_divergence.before_failback, r.registry_divergence.after_failback
-    );
-    s += &format!(
-        "  archived at failback: {} records, {} missing from the new history\n\n",
-        r.archived_records, r.archive_missing
-    );
-    s += &format!("  timeline: {}\n  report:   {}", r.timeline, r.html);
-    s
 }
