@@ -78,6 +78,7 @@ impl DrillOptions {
     }
 }
 
+/// One look at a hub.
 #[derive(Clone, Debug)]
 struct Sample {
     t: f64,

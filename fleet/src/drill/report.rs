@@ -72,8 +72,6 @@ pub struct Divergence {
     pub after_failback: u64,
 }
 
-/// One look at a hub.
-
 /// The human report.
 pub fn summary(r: &DrillReport) -> String {
     let lost_what = match r.lose {
