@@ -63,11 +63,13 @@ impl Control {
                 metrics::counter!("fleet_hub_peer_detaches_total", "manual" => manual.to_string())
                     .increment(1);
             }
-        }
-        // Sync waiters are released and queued records count as durable
-        // here; tell their devices.
-        for (device, mid) in self.ingest.detach() {
-            self.sessions.send(&device, Outbound::Replicated(mid));
+            // Under the same lock as the persisted state, so that a change
+            // of role (which re-attaches) cannot fall in between. Sync
+            // waiters are released and queued records count as durable
+            // here; tell their devices.
+            for (device, mid) in self.ingest.detach() {
+                self.sessions.send(&device, Outbound::Replicated(mid));
+            }
         }
         Ok(self.peer_link())
     }
