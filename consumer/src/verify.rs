@@ -47,14 +47,17 @@ impl Ctx {
         if same {
             return Verify::Same(hub_epoch);
         }
-        let end = match client.epoch_end(p, cp.last_epoch).await {
-            Ok(end) => end,
+        // Found on the primary's whole epoch history, not on where the
+        // checkpoint's epoch ends alone (KIP-279: the checkpoint's epoch may
+        // be one the primary never wrote, after records of an older epoch
+        // that it holds further).
+        let to = match client.epochs(p).await {
+            Ok(history) => history.agreed_until(cp.last_epoch, cp.next),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot find where the logs agree yet");
                 return Verify::Unknown;
             }
         };
-        let to = end.min(cp.next);
         let last_epoch = if to == Offset::ZERO {
             Epoch(0)
         } else {

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use crate::hub::{EpochEnd, RecordsResponse, StatusResponse};
-use crate::{Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Secret};
+use crate::hub::{EpochHistory, RecordsResponse, StatusResponse};
+use crate::{ErrorBody, ErrorCode, Offset, PartitionId, Secret};
 
 /// Errors of the hub client.
 #[derive(Debug, thiserror::Error)]
@@ -114,19 +114,12 @@ impl HubClient {
         self.get("/v1/status").await
     }
 
-    /// `GET /v1/partitions/{p}/epoch_end`: the first offset holding a record
-    /// of a later epoch than `epoch` (where the regions' logs may diverge).
+    /// `GET /v1/partitions/{p}/epochs`: the partition's epoch history.
     ///
     /// # Errors
     /// Transport or API errors.
-    pub async fn epoch_end(&self, p: PartitionId, epoch: Epoch) -> Result<Offset, ClientError> {
-        let end: EpochEnd = self
-            .get(&format!(
-                "/v1/partitions/{}/epoch_end?epoch={}",
-                p.0, epoch.0
-            ))
-            .await?;
-        Ok(end.offset)
+    pub async fn epochs(&self, p: PartitionId) -> Result<EpochHistory, ClientError> {
+        self.get(&format!("/v1/partitions/{}/epochs", p.0)).await
     }
 
     /// Reads records from `from`, waiting up to `wait` for new ones.

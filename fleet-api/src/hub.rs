@@ -107,6 +107,19 @@ pub struct StatusResponse {
     /// The other region as this hub sees it (absent without a peer).
     #[serde(default)]
     pub peer: Option<PeerLink>,
+    /// The registry as this hub's mirror holds it: a failover compares it
+    /// between regions (identities before switching).
+    #[serde(default)]
+    pub registry: Option<RegistryStatus>,
+}
+
+/// A hub's view of its region's registry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct RegistryStatus {
+    /// Devices in the registry (enabled or not; removed ones excluded).
+    pub devices: u64,
+    /// The highest version of any record it has applied (tombstones too).
+    pub max_version: crate::registry::Version,
 }
 
 /// How a hub's peer region stands.
@@ -193,10 +206,51 @@ pub struct EpochBody {
 }
 
 /// `GET /v1/partitions/{p}/epoch_end?epoch=E`: where epoch `E` ends in this
-/// hub's history (the first offset written in a later epoch).
+/// hub's history (the first offset written in a later epoch), and the
+/// largest epoch not above `E` that this history holds (`null` when it
+/// holds none: then nothing before `offset` is known to be shared).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct EpochEnd {
     pub offset: Offset,
+    #[serde(default)]
+    pub epoch: Option<Epoch>,
+}
+
+/// `GET /v1/partitions/{p}/epochs`: the partition's epoch history in the
+/// retained log, oldest first, and its high watermark (where the last
+/// epoch ends so far).
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct EpochHistory {
+    pub epochs: Vec<EpochStart>,
+    pub high_watermark: Offset,
+}
+
+/// Where an epoch starts in a partition.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EpochStart {
+    pub epoch: Epoch,
+    pub start: Offset,
+}
+
+impl EpochHistory {
+    /// Where a reader whose last record (before `next`) was of epoch
+    /// `last_epoch` in some history can be sure both histories agree: up to
+    /// the end of that epoch here when this history holds it, otherwise up
+    /// to the start of the largest epoch below it here (records of later
+    /// epochs were written in a history this one does not share).
+    #[must_use]
+    pub fn agreed_until(&self, last_epoch: Epoch, next: Offset) -> Offset {
+        let i = self.epochs.iter().rposition(|e| e.epoch <= last_epoch);
+        let to = match i {
+            Some(i) if self.epochs[i].epoch == last_epoch => self
+                .epochs
+                .get(i + 1)
+                .map_or(self.high_watermark, |e| e.start),
+            Some(i) => self.epochs[i].start,
+            None => self.epochs.first().map_or(self.high_watermark, |e| e.start),
+        };
+        to.min(next)
+    }
 }
 
 /// A divergent tail set aside at failback.
@@ -326,6 +380,35 @@ mod b64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn agreed_until_follows_the_whole_epoch_history() {
+        use super::{EpochHistory, EpochStart};
+        use crate::{Epoch, Offset};
+        // A's history in the KIP-279 example: epoch 1 at 0..150, epoch 3 from 150.
+        let a = EpochHistory {
+            epochs: vec![
+                EpochStart {
+                    epoch: Epoch(1),
+                    start: Offset(0),
+                },
+                EpochStart {
+                    epoch: Epoch(3),
+                    start: Offset(150),
+                },
+            ],
+            high_watermark: Offset(160),
+        };
+        // A reader of B's history (epoch 2 from 80) stopped at 120: only
+        // what precedes epoch 1's start is sure (B's epoch 2 is foreign).
+        assert_eq!(a.agreed_until(Epoch(2), Offset(120)), Offset(0));
+        // A reader of epoch 1 up to 100: all of it is shared.
+        assert_eq!(a.agreed_until(Epoch(1), Offset(100)), Offset(100));
+        // A reader of an epoch-1 history longer than A's epoch 1.
+        assert_eq!(a.agreed_until(Epoch(1), Offset(170)), Offset(150));
+        assert_eq!(a.agreed_until(Epoch(3), Offset(155)), Offset(155));
+        assert_eq!(a.agreed_until(Epoch(0), Offset(5)), Offset(0));
+    }
+
     use super::*;
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Auth {
     devices: RwLock<HashMap<DeviceId, Entry>>,
     seq: std::sync::Mutex<Seq>,
     unknown: std::sync::Mutex<HashMap<DeviceId, Instant>>,
+    /// The highest record version applied.
+    max_version: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -62,8 +64,10 @@ impl Auth {
         // by the first refresh (applying a record twice is harmless).
         let seq = store.max_seq().await?;
         let mut devices = HashMap::new();
+        let mut max_version = 0;
         let mut scan = store.scan();
         while let Some(rec) = scan.try_next().await? {
+            max_version = rec.version.0.max(max_version);
             if let Some(e) = Entry::of(&rec) {
                 devices.insert(rec.device_id, e);
             }
@@ -74,6 +78,7 @@ impl Auth {
             devices: RwLock::new(devices),
             seq: std::sync::Mutex::new(seq),
             unknown: std::sync::Mutex::new(HashMap::new()),
+            max_version: std::sync::atomic::AtomicU64::new(max_version),
         }))
     }
 
@@ -143,6 +148,8 @@ impl Auth {
                 let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
                 let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
                 for (_, rec) in changes {
+                    self.max_version
+                        .fetch_max(rec.version.0, std::sync::atomic::Ordering::AcqRel);
                     let before = devices.get(&rec.device_id).copied();
                     let after = Entry::of(&rec);
                     let lost = before.is_some_and(|b| {
@@ -162,6 +169,16 @@ impl Auth {
             if !full {
                 return Ok(revoked);
             }
+        }
+    }
+
+    /// Devices in the mirror and the highest version applied.
+    pub fn registry_status(&self) -> fleet_api::hub::RegistryStatus {
+        fleet_api::hub::RegistryStatus {
+            devices: self.devices.read().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            max_version: fleet_api::registry::Version(
+                self.max_version.load(std::sync::atomic::Ordering::Acquire),
+            ),
         }
     }
 

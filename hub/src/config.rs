@@ -119,6 +119,13 @@ pub struct RunArgs {
     /// Retention: hours kept [default: unlimited].
     #[arg(long, env = "FLEET_RETENTION_HOURS")]
     pub retention_hours: Option<u64>,
+    /// How often retention looks for segments to delete (default 30000).
+    #[arg(long, env = "FLEET_RETENTION_CHECK_MS")]
+    pub retention_check_ms: Option<u64>,
+    /// How often per-device state and what the peer pulled are written
+    /// down; retention deletes only what they cover (default 60000).
+    #[arg(long, env = "FLEET_SNAPSHOT_EVERY_MS")]
+    pub snapshot_every_ms: Option<u64>,
     /// MQTT address to advertise when listening on a wildcard address.
     #[arg(long, env = "FLEET_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
@@ -150,6 +157,8 @@ pub struct HubConfig {
     pub segment_bytes: u64,
     pub retention_bytes: Option<u64>,
     pub retention_age: Option<Duration>,
+    /// How often retention looks for segments to delete.
+    pub retention_check: Duration,
     /// How often the registry mirror applies changes.
     pub auth_refresh: Duration,
     /// How often de-duplication state is snapshotted.
@@ -195,6 +204,7 @@ impl HubConfig {
             segment_bytes: 64 << 20,
             retention_bytes: None,
             retention_age: None,
+            retention_check: Duration::from_secs(30),
             auth_refresh: Duration::from_secs(1),
             snapshot_every: Duration::from_secs(60),
             advertise: None,
@@ -208,6 +218,7 @@ impl HubConfig {
         c.segment_bytes = self.segment_bytes;
         c.retention_bytes = self.retention_bytes;
         c.retention_age = self.retention_age;
+        c.retention_interval = self.retention_check;
         c
     }
 }
@@ -231,7 +242,7 @@ impl RunArgs {
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, peer_token, role, peer, replication,
             max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
-            peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, advertise,
+            peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, retention_check_ms, snapshot_every_ms, advertise,
         }))
     }
 
@@ -272,6 +283,8 @@ impl RunArgs {
             segment_bytes,
             retention_bytes,
             retention_hours,
+            retention_check_ms,
+            snapshot_every_ms,
             advertise,
             unknown: _,
         } = self;
@@ -418,6 +431,20 @@ impl RunArgs {
         }
         c.retention_bytes = retention_bytes;
         c.retention_age = retention_hours.map(|h| Duration::from_secs(h * 3600));
+        for (flag, ms) in [
+            ("--retention-check-ms", retention_check_ms),
+            ("--snapshot-every-ms", snapshot_every_ms),
+        ] {
+            if ms.is_some_and(|ms| !(50..=86_400_000).contains(&ms)) {
+                bail!("{flag} must be between 50 and 86400000");
+            }
+        }
+        if let Some(ms) = retention_check_ms {
+            c.retention_check = Duration::from_millis(ms);
+        }
+        if let Some(ms) = snapshot_every_ms {
+            c.snapshot_every = Duration::from_millis(ms);
+        }
         c.advertise = advertise;
         Ok((c, mqtt, http))
     }

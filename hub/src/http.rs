@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_api::concierge::{FailoverResponse, PromoteRequest};
 use fleet_api::hub::{DevicePut, DeviceResponse, PartitionStatus, RecordsResponse, StatusResponse};
-use fleet_api::hub::{EpochBody, EpochEnd, FailbackReport, FenceResponse, PeerLink};
+use fleet_api::hub::{EpochBody, EpochEnd, EpochHistory, FailbackReport, FenceResponse, PeerLink};
 use fleet_api::{
     DeviceId, DeviceStatus, Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Role, Secret,
 };
@@ -39,6 +39,7 @@ pub struct ApiState {
     pub peer_token: Option<Secret>,
     pub mqtt_url: String,
     pub stream_url: Option<String>,
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 impl ApiState {
@@ -230,6 +231,7 @@ pub fn router(api: Arc<ApiState>) -> Router {
         .route("/v1/fence", post(fence))
         .route("/v1/unfence", post(unfence))
         .route("/v1/partitions/{p}/epoch_end", get(epoch_end))
+        .route("/v1/partitions/{p}/epochs", get(epochs))
         .route("/v1/failback", get(failback))
         .route("/v1/peer/detach", post(peer_detach))
         .route("/v1/peer/attach", post(peer_attach))
@@ -289,6 +291,7 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
         replication,
         fenced: api.state.fenced(),
         peer: api.control.has_peer().then(|| api.control.peer_link()),
+        registry: Some(api.auth.registry_status()),
     })
 }
 
@@ -530,6 +533,18 @@ async fn epoch_end(
             .epoch_end(PartitionId(p), Epoch(q.epoch))
             .await?,
     ))
+}
+
+async fn epochs(
+    State(api): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(p): Path<u32>,
+) -> ApiResult<Json<EpochHistory>> {
+    require_reader(&api, &headers)?;
+    if p >= api.log().partitions() {
+        return Err(LogError::NoSuchPartition(PartitionId(p)).into());
+    }
+    Ok(Json(api.control.epochs(PartitionId(p)).await?))
 }
 
 async fn failback(

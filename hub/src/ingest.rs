@@ -36,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::log::{EventLog, LogError, NewRecord, ReadLimits, Record};
+use crate::peer_pulled::PeerPulled;
 use crate::state::HubState;
 
 /// Why a publish was not taken.
@@ -154,6 +155,8 @@ pub struct Ingest {
     mode: Replication,
     snapshot_dir: PathBuf,
     budget: Arc<Semaphore>,
+    /// How far the peer has durably pulled: retention's floor on a primary.
+    peer_pulled: PeerPulled,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -222,6 +225,7 @@ impl Ingest {
         let mut parts = Vec::new();
         let mut replicated = Vec::new();
         let linked = state.detached().is_none();
+        let peer_pulled = PeerPulled::load(&snapshot_dir, log.partitions());
         for p in 0..log.partitions() {
             let p = PartitionId(p);
             let hw = log.high_watermark(p);
@@ -234,7 +238,16 @@ impl Ingest {
                 None => (HashMap::new(), Offset(0)),
             };
             replay(log.as_ref(), p, covered, &mut accepted).await?;
-            log.set_retention_floor(p, covered);
+            // Before the peer's first pull, what it pulled before the
+            // restart still holds the floor.
+            log.set_retention_floor(
+                p,
+                if mode == Replication::Off || !linked {
+                    covered
+                } else {
+                    covered.min(peer_pulled.durable(p))
+                },
+            );
             parts.push(Mutex::new(PartitionLedger {
                 accepted,
                 next: hw,
@@ -262,6 +275,7 @@ impl Ingest {
             mode,
             snapshot_dir,
             budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),
+            peer_pulled,
         }))
     }
 
@@ -475,6 +489,7 @@ impl Ingest {
             return Vec::new();
         };
         let mut advanced: HashMap<DeviceId, Mid> = HashMap::new();
+        self.peer_pulled.advance(p, upto);
         let mut part = self.part(p);
         let moved = tx.send_if_modified(|c| {
             if upto > c.offset {
@@ -629,15 +644,30 @@ impl Ingest {
         part.next = self.log.high_watermark(p);
         part.unreplicated.clear();
         part.replicated_mid.clear();
+        self.peer_pulled.cut(p, part.next);
         drop(part);
         let _ = fs::remove_file(snapshot_path(&self.snapshot_dir, p));
         self.log.set_retention_floor(p, Offset(0));
         Ok(())
     }
 
+    /// Partition `p` was skipped forward to `base` (its primary no longer
+    /// holds the records in between): the next replicated record is there.
+    /// Per-device state is kept: the mids it holds were stored once.
+    pub fn skipped(&self, p: PartitionId, base: Offset) {
+        let mut part = self.part(p);
+        part.next = base;
+        part.unreplicated.clear();
+    }
+
     /// Writes a snapshot of every partition's per-device state and lets log
-    /// retention delete what the snapshots cover.
+    /// retention delete what the snapshots cover and, on a primary, what
+    /// the attached peer has durably pulled (as recorded on disk).
     pub async fn snapshot(&self) {
+        if let Err(e) = self.peer_pulled.persist() {
+            tracing::warn!(error = %e, "cannot record what the peer pulled; retention keeps the previous floor");
+        }
+        let secondary = self.state.get().role == fleet_api::Role::Secondary;
         for p in 0..self.log.partitions() {
             let p = PartitionId(p);
             let (map, upto, barrier) = {
@@ -650,12 +680,13 @@ impl Ingest {
             let path = snapshot_path(&self.snapshot_dir, p);
             match write_snapshot(&path, upto, &map) {
                 Ok(()) => {
-                    // Retention must also keep what the secondary has not pulled.
-                    // A detached peer does not hold the floor.
+                    // A primary's retention must also keep what the attached
+                    // secondary has not pulled; a detached peer does not hold
+                    // the floor, and nobody pulls from a secondary.
                     let floor = match self.mode {
                         Replication::Off => upto,
-                        _ if !self.linked(p) => upto,
-                        _ => upto.min(self.replicated_offset(p)),
+                        _ if secondary || !self.linked(p) => upto,
+                        _ => upto.min(self.peer_pulled.durable(p)),
                     };
                     self.log.set_retention_floor(p, floor);
                 }

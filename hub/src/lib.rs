@@ -15,6 +15,7 @@ pub mod http;
 pub mod https;
 pub mod ingest;
 pub mod log;
+pub mod peer_pulled;
 pub mod prom;
 pub mod replication;
 pub mod sessions;
@@ -118,7 +119,7 @@ impl Hub {
         );
         tasks.spawn(front.serve(listeners.mqtt, shutdown.clone()));
         tasks.spawn(refresh_auth(
-            auth,
+            auth.clone(),
             sessions.clone(),
             config.auth_refresh,
             shutdown.clone(),
@@ -168,6 +169,7 @@ impl Hub {
             peer_token: config.peer_token.clone(),
             mqtt_url: format!("{scheme}://{}", config.advertise.unwrap_or(mqtt_addr)),
             stream_url: stream_addr.map(|a| format!("mqtt://{a}")),
+            auth: auth.clone(),
         });
         let token = shutdown.clone();
         let router = http::router(api);

@@ -152,6 +152,11 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         archive: std::path::PathBuf,
     ) -> BoxFuture<'static, LogResult<u64>>;
 
+    /// Empties partition `p` and continues it at `base` (above its high
+    /// watermark): a secondary whose primary no longer holds the records in
+    /// between. Returns how many records were dropped.
+    fn skip_to(&self, p: PartitionId, base: Offset) -> BoxFuture<'static, LogResult<u64>>;
+
     /// Allows retention to delete records below `offset` (they are covered
     /// by a snapshot, replicated, ...). Backends without retention ignore it.
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use fleet_api::hub::RecordsResponse;
 use fleet_api::{Offset, PartitionId, Role};
 
-use super::{Control, epoch_at, log_of};
+use super::{Control, epoch_at, history, log_of};
 use crate::log::Record;
 
 impl Control {
@@ -59,7 +59,14 @@ impl Control {
                 Ok(r) => {
                     let status = r.status();
                     let text = r.text().await.unwrap_or_default();
-                    if status == reqwest::StatusCode::CONFLICT && text.contains("diverged") {
+                    if status == reqwest::StatusCode::GONE {
+                        // The primary's retention deleted what this hub has
+                        // not pulled (it was detached meanwhile): continue
+                        // where the primary's log starts now.
+                        if let Err(e) = self.skip_to_primary_start(&peer, p).await {
+                            tracing::warn!(partition = %p, error = %e, "cannot skip to the primary's retained log");
+                        }
+                    } else if status == reqwest::StatusCode::CONFLICT && text.contains("diverged") {
                         tracing::warn!(partition = %p, "this log is ahead of the primary's; reconciling");
                         reconciled = false;
                     } else {
@@ -127,8 +134,34 @@ impl Control {
         }
     }
 
+    /// Skips partition `p` forward to where the primary's retained log
+    /// starts, when it starts above this hub's high watermark.
+    async fn skip_to_primary_start(&self, peer: &str, p: PartitionId) -> Result<(), String> {
+        let status = self
+            .peer_status(peer)
+            .await
+            .ok_or_else(|| "the primary does not answer".to_string())?;
+        let start = status
+            .partitions
+            .get(p.0 as usize)
+            .map(|s| s.log_start)
+            .ok_or_else(|| format!("the primary reports no partition {p}"))?;
+        let log = log_of(&self.ingest).clone();
+        let hw = log.high_watermark(p);
+        if start <= hw {
+            return Ok(());
+        }
+        tracing::error!(partition = %p, from = %hw, to = %start, "the primary no longer holds records this hub lacks (retention passed them while the peer was detached); skipping to its retained log");
+        let dropped = log.skip_to(p, start).await.map_err(|e| e.to_string())?;
+        self.ingest.skipped(p, start);
+        metrics::counter!("fleet_hub_replication_skipped_records_total").increment(start.0 - hw.0);
+        tracing::warn!(partition = %p, dropped, "skipped forward");
+        Ok(())
+    }
+
     /// Cuts partition `p` back to the part of its history the primary
-    /// shares, archiving the rest.
+    /// shares (found on the whole epoch history, see `history`), archiving
+    /// the rest.
     async fn reconcile(&self, peer: &str, p: PartitionId) -> Result<(), String> {
         let log = log_of(&self.ingest).clone();
         loop {
@@ -142,12 +175,16 @@ impl Control {
             let Some(last_epoch) = last else {
                 return Ok(());
             };
-            let end = self.peer_epoch_end(peer, p, last_epoch).await?;
-            if end.offset >= hw {
+            let answer = self.peer_epoch_end(peer, p, last_epoch).await?;
+            let own = history::first_after(log.as_ref(), p, answer.epoch)
+                .await
+                .map_err(|e| e.to_string())?;
+            let cut =
+                history::divergence(last_epoch, hw, answer, own).map_err(|e| e.to_string())?;
+            let Some(cut) = cut else {
                 return Ok(());
-            }
-            self.archive_divergent(p, last_epoch, end.offset, hw)
-                .await?;
+            };
+            self.archive_divergent(p, last_epoch, cut, hw).await?;
         }
     }
 }

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_api::hub::EpochEnd;
+use fleet_api::hub::{EpochEnd, EpochHistory, EpochStart};
 use fleet_api::{Epoch, Offset, PartitionId, Role};
 use tokio::sync::watch;
 
-use super::{Control, ControlError, epoch_at, log_of};
+use super::{Control, ControlError, log_of};
 use crate::sessions::Outbound;
 
 impl Control {
@@ -71,7 +71,8 @@ impl Control {
     }
 
     /// `GET /v1/partitions/{p}/epoch_end?epoch=E`: the first offset written
-    /// in an epoch later than `E` (the high watermark when there is none).
+    /// in an epoch later than `E` (the high watermark when there is none),
+    /// and the largest epoch not above `E` in this history.
     ///
     /// # Errors
     /// When the log cannot be read.
@@ -81,20 +82,24 @@ impl Control {
         if self.state.get().role != Role::Primary {
             return Err(ControlError::NotPrimary);
         }
+        Ok(super::history::epoch_end(log_of(&self.ingest).as_ref(), p, epoch).await?)
+    }
+
+    /// `GET /v1/partitions/{p}/epochs`: the epoch history of `p`.
+    ///
+    /// # Errors
+    /// When the log cannot be read.
+    pub async fn epochs(&self, p: PartitionId) -> Result<EpochHistory, ControlError> {
         let log = log_of(&self.ingest);
-        let (mut lo, mut hi) = (log.log_start(p).0, log.high_watermark(p).0);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let later = epoch_at(log.as_ref(), p, Offset(mid))
-                .await?
-                .is_some_and(|e| e > epoch);
-            if later {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        Ok(EpochEnd { offset: Offset(lo) })
+        let epochs = super::history::epochs(log.as_ref(), p)
+            .await?
+            .into_iter()
+            .map(|(epoch, start)| EpochStart { epoch, start })
+            .collect();
+        Ok(EpochHistory {
+            epochs,
+            high_watermark: log.high_watermark(p),
+        })
     }
 
     /// Follows the throttle (true while async lag is over `--max-lag-ms`).

@@ -17,9 +17,11 @@
 //!   persists the new role first, then closes every device connection.
 //! - **Failback.** A hub that becomes secondary reconciles each partition
 //!   before replicating: it asks the primary where the epoch of its own last
-//!   record ends in the primary's history, and moves anything past that
-//!   point into an archive file (never deleted). Epochs never decrease along
-//!   a partition's offsets, so a binary search answers the question.
+//!   record ends in the primary's history and which epoch that is, and moves
+//!   anything past the common point into an archive file (never deleted),
+//!   repeating until its log is a prefix of the primary's (`history`).
+//!   Epochs never decrease along a partition's offsets, so binary searches
+//!   answer the questions.
 //!
 //! Role and epoch change in one place, `Control::transition` (`role`),
 //! under one lock: the epoch never decreases.
@@ -29,6 +31,7 @@
 //! - `leader`: the primary's side: pulls it serves, `replicated`, lag and
 //!   the throttle.
 //! - `follower`: the secondary's side: the pull loop and reconciling.
+//! - `history`: the epoch history and the divergence rule.
 //! - `failback`: archiving a divergent tail and the failback report.
 //! - `link`: detaching a lost peer (running alone) and taking it back.
 //! - `peer`: the HTTP calls to the peer.
@@ -36,6 +39,7 @@
 
 mod failback;
 mod follower;
+mod history;
 mod leader;
 mod link;
 mod peer;

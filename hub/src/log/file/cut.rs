@@ -1,4 +1,5 @@
-//! Cutting a partition back to an offset, after archiving the cut records.
+//! Cutting a partition back to an offset, after archiving the cut records;
+//! and skipping a partition forward past records its primary no longer has.
 //!
 //! The archive is written and fsynced before anything is cut, so the records
 //! are never only in memory: a crash between the two steps leaves them in
@@ -12,7 +13,7 @@ use std::sync::atomic::Ordering;
 use fleet_api::Offset;
 
 use super::read::read_blocking;
-use super::segment::{Active, position_of, segment_path};
+use super::segment::{Active, create_segment, position_of, segment_path};
 use super::{PartitionLog, io, sync_dir};
 use crate::log::frame;
 use crate::log::{LogError, LogResult, ReadLimits};
@@ -55,7 +56,7 @@ pub(super) fn cut_and_archive(
     }
     // 2. Cut: segments starting at or after `from` go, the one holding it shrinks.
     let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
-    let keep = segs.iter().take_while(|s| s.base < from).count();
+    let keep = segs.iter().take_while(|s| s.base <= from).count();
     if keep == 0 {
         return Err(LogError::Io(format!(
             "partition {}: offset {from} is below the retained log",
@@ -97,4 +98,36 @@ pub(super) fn cut_and_archive(
     part.hw.send_replace(from);
     tracing::warn!(partition = %part.id, %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
     Ok(records.len() as u64)
+}
+
+/// Empties the partition and continues it at `base`, above its high
+/// watermark: a secondary whose primary's retention deleted the records in
+/// between (they were never pulled, and no one has them any more). What it
+/// held is a prefix of the primary's history that the primary's retention
+/// deleted too, so it goes the way retention would delete it. Returns how
+/// many records were dropped. The old segments go first: a crash in
+/// between leaves an empty partition, and the secondary skips again.
+pub(super) fn skip_to(part: &PartitionLog, active: &mut Active, base: Offset) -> LogResult<u64> {
+    let hw = active.next;
+    if base <= hw {
+        return Err(LogError::Io(format!(
+            "partition {}: cannot skip to {base}, the log already reaches {hw}",
+            part.id
+        )));
+    }
+    let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
+    let start = segs.first().map_or(hw, |s| s.base);
+    for s in segs.drain(..) {
+        let _ = fs::remove_file(&s.path);
+        let _ = fs::remove_file(segment_path(&part.dir, s.base, "idx"));
+    }
+    sync_dir(&part.dir)?;
+    let fresh = create_segment(&part.dir, base)?;
+    segs.push(fresh.seg.clone());
+    *active = fresh;
+    drop(segs);
+    part.hw.send_replace(base);
+    let dropped = hw.0.saturating_sub(start.0);
+    tracing::warn!(partition = %part.id, from = %hw, to = %base, dropped, "skipped the log forward to where the primary's retained log starts");
+    Ok(dropped)
 }

@@ -307,6 +307,18 @@ impl EventLog for FileLog {
         async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
     }
 
+    fn skip_to(&self, p: PartitionId, base: Offset) -> BoxFuture<'static, LogResult<u64>> {
+        let part = match self.part(p) {
+            Ok(part) => part,
+            Err(e) => return futures::future::ready(Err(e)).boxed(),
+        };
+        let (done, wait) = oneshot::channel();
+        if part.tx.send(Cmd::SkipTo(base, done)).is_err() {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
+    }
+
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {
         if let Ok(part) = self.part(p) {
             part.retention_floor.store(offset.0, Ordering::Release);

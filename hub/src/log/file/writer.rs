@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use fleet_api::Offset;
 use tokio::sync::{mpsc, oneshot};
 
-use super::cut::cut_and_archive;
+use super::cut::{cut_and_archive, skip_to};
 use super::segment::{Active, INDEX_EVERY, roll};
 use super::{FileLogConfig, PartitionLog};
 use crate::log::frame;
@@ -25,6 +25,8 @@ pub(super) enum Cmd {
     Flush(oneshot::Sender<LogResult<()>>),
     /// Archive records `from..` into the file, then cut them from the log.
     CutAndArchive(Offset, PathBuf, oneshot::Sender<LogResult<u64>>),
+    /// Empty the partition and continue it at the offset.
+    SkipTo(Offset, oneshot::Sender<LogResult<u64>>),
 }
 
 pub(super) fn writer(
@@ -71,9 +73,9 @@ pub(super) fn writer(
                     }
                 }
                 Some(Cmd::Flush(done)) => flushes.push(done),
-                Some(Cmd::CutAndArchive(from, archive, done)) => {
+                Some(c @ (Cmd::CutAndArchive(..) | Cmd::SkipTo(..))) => {
                     // Finish what is queued before it first.
-                    cut = Some((from, archive, done));
+                    cut = Some(c);
                     break;
                 }
                 None => {}
@@ -140,8 +142,14 @@ pub(super) fn writer(
             };
             let _ = done.send(result);
         }
-        if let Some((from, archive, done)) = cut {
-            let _ = done.send(cut_and_archive(&part, &mut active, from, &archive));
+        match cut {
+            Some(Cmd::CutAndArchive(from, archive, done)) => {
+                let _ = done.send(cut_and_archive(&part, &mut active, from, &archive));
+            }
+            Some(Cmd::SkipTo(base, done)) => {
+                let _ = done.send(skip_to(&part, &mut active, base));
+            }
+            _ => {}
         }
     }
 }
