@@ -131,7 +131,7 @@ async fn regions(State(api): State<Arc<ApiState>>) -> Json<RegionsResponse> {
         (status = 200, body = FailoverResponse),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 409, description = "Another failover won the race", body = ErrorBody),
+        (status = 409, description = "Another failover won the race, or a check before promoting failed (target unhealthy, registry behind)", body = ErrorBody),
         (status = 502, description = "The hub refused", body = ErrorBody),
         (status = 503, description = "The hub is unreachable", body = ErrorBody)
     )
@@ -177,6 +177,10 @@ async fn failover_handler(
             ErrorCode::EpochMismatch,
             e.to_string(),
         ),
+        Err(e @ FailoverError::Check { .. }) => {
+            tracing::warn!(error = %e, "failover refused by its checks");
+            error(StatusCode::CONFLICT, ErrorCode::Conflict, e.to_string())
+        }
         Err(e @ FailoverError::Refused { .. }) => {
             tracing::error!(error = %e, "failover refused");
             error(

@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// told to come back later [default: 2000].
     #[arg(long, env = "FLEET_CONNECT_RATE")]
     pub connect_rate: Option<u32>,
+    /// How long a planned failover waits for the target region's registry
+    /// to hold what the source region's has, seconds [default: 10].
+    #[arg(long, env = "FLEET_REGISTRY_WAIT_S")]
+    pub registry_wait_s: Option<u64>,
     #[arg(skip)]
     #[serde(flatten)]
     pub unknown: BTreeMap<String, toml::Value>,
@@ -122,6 +126,8 @@ pub struct ConciergeConfig {
     pub poll: Duration,
     pub failures: u32,
     pub connect_rate: u32,
+    /// A planned failover's bound on waiting for the target's registry.
+    pub registry_wait: Duration,
 }
 
 impl ConciergeConfig {
@@ -139,6 +145,7 @@ impl ConciergeConfig {
             poll: Duration::from_millis(500),
             failures: 3,
             connect_rate: 2000,
+            registry_wait: Duration::from_secs(10),
         }
     }
 
@@ -184,6 +191,7 @@ impl RunArgs {
             poll_ms,
             failures,
             connect_rate,
+            registry_wait_s,
             unknown,
         } = self;
         Ok(RunArgs {
@@ -205,6 +213,7 @@ impl RunArgs {
             poll_ms: poll_ms.or(file.poll_ms),
             failures: failures.or(file.failures),
             connect_rate: connect_rate.or(file.connect_rate),
+            registry_wait_s: registry_wait_s.or(file.registry_wait_s),
             unknown,
         })
     }
@@ -263,6 +272,12 @@ impl RunArgs {
         c.poll = Duration::from_millis(self.poll_ms.unwrap_or(500).max(50));
         c.failures = self.failures.unwrap_or(3).max(1);
         c.connect_rate = self.connect_rate.unwrap_or(2000).max(1);
+        if let Some(s) = self.registry_wait_s {
+            if s > 3600 {
+                bail!("--registry-wait-s must be at most 3600");
+            }
+            c.registry_wait = Duration::from_secs(s);
+        }
         Ok((c, http, dns))
     }
 }

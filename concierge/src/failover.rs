@@ -24,6 +24,9 @@ pub enum FailoverError {
     Refused { region: Region, message: String },
     #[error("the hub of {region} is unreachable: {message}")]
     Unreachable { region: Region, message: String },
+    /// A check before promoting failed; nothing was promoted.
+    #[error("not failing over to {region}: {message}")]
+    Check { region: Region, message: String },
 }
 
 /// Promotes `to` and records the event.
@@ -39,6 +42,7 @@ pub async fn run(
     let spec = fleet
         .spec(to)
         .ok_or_else(|| FailoverError::UnknownRegion(to.clone()))?;
+    let checks = crate::checks::before(fleet, to, mode).await?;
     let request = PromoteRequest {
         expected_epoch: fleet.max_epoch(),
         mode,
@@ -79,6 +83,7 @@ pub async fn run(
             message: format!("unexpected answer: {e}"),
         })?;
     done.took_ms = started.elapsed().as_millis() as u64;
+    done.checks = checks;
     metrics::counter!("fleet_concierge_failovers_total", "mode" => mode.as_str(), "trigger" => trigger.to_string()).increment(1);
     fleet.record_failover(FailoverEvent {
         at_ms: std::time::SystemTime::now()

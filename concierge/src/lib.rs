@@ -4,6 +4,7 @@
 //! so any number of replicas can run side by side.
 
 pub mod api;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod dns;

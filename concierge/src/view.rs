@@ -212,7 +212,11 @@ impl Fleet {
         }
     }
 
-    async fn check(&self, spec: &HubSpec) -> Result<StatusResponse, String> {
+    /// Asks one hub for its status and health now (not from the cache).
+    ///
+    /// # Errors
+    /// Why the hub does not count as healthy.
+    pub async fn check(&self, spec: &HubSpec) -> Result<StatusResponse, String> {
         let status: StatusResponse = match self
             .http
             .get(format!("{}/v1/status", spec.http_url))

@@ -117,6 +117,20 @@ pub struct FailoverResponse {
     /// Forced mode: what the new primary had not replicated, as it last knew.
     #[serde(default)]
     pub unreplicated: Vec<UnreplicatedRange>,
+    /// What the concierge checked before promoting (empty in a hub's own
+    /// answer).
+    #[serde(default)]
+    pub checks: Vec<FailoverCheck>,
+}
+
+/// One check a failover made before promoting, and what it found.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FailoverCheck {
+    /// `target_healthy`, `replication_lag` or `registry`.
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
 }
 
 /// A failover in the concierge's timeline.

@@ -192,6 +192,7 @@ impl Control {
             mode: req.mode,
             took_ms,
             unreplicated,
+            checks: Vec::new(),
         })
     }
 
