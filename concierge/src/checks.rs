@@ -1,12 +1,14 @@
 //! What a failover checks before it promotes, and says it checked.
 //!
-//! Both modes: the target hub answers and is healthy (asked now, not from
-//! the cache). Planned: there is a healthy primary to hand over from (its
-//! replication lag is reported; the promotion itself catches up to lag 0),
-//! and the target region's registry holds what the source's holds (highest
-//! record version), waited for up to `registry_wait`: devices must not be
-//! refused by the region they are sent to. Forced: the registries'
-//! divergence is reported, never waited for.
+//! Both modes: the target hub answers and is healthy (a manual failover
+//! asks it now; an automatic one trusts the poller's view, which already
+//! tolerates single failed probes, so it is not slowed down). Planned: there
+//! is a healthy primary to hand over from (its replication lag is reported;
+//! the promotion itself catches up to lag 0), and the target region's
+//! registry holds what the source region wrote (highest version per origin
+//! region), waited for up to `registry_wait`: devices must not be refused by
+//! the region they are sent to. Forced: the registries' divergence is
+//! reported, never waited for.
 
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ fn check(name: &str, passed: bool, detail: String) -> FailoverCheck {
     }
 }
 
-fn describe(region: &Region, r: Option<RegistryStatus>) -> String {
+fn describe(region: &Region, r: Option<&RegistryStatus>) -> String {
     match r {
         Some(r) => format!(
             "{region} holds {} devices up to version {}",
@@ -36,7 +38,8 @@ fn describe(region: &Region, r: Option<RegistryStatus>) -> String {
     }
 }
 
-/// Runs the checks for promoting `to` in `mode`.
+/// Runs the checks for promoting `to` in `mode`; `live`: ask the target
+/// now (manual failovers) rather than trust the poller's view.
 ///
 /// # Errors
 /// [`FailoverError::Check`] naming the check that failed.
@@ -44,6 +47,7 @@ pub async fn before(
     fleet: &Fleet,
     to: &Region,
     mode: Mode,
+    live: bool,
 ) -> Result<Vec<FailoverCheck>, FailoverError> {
     let refused = |message: String| FailoverError::Check {
         region: to.clone(),
@@ -53,11 +57,20 @@ pub async fn before(
         .spec(to)
         .ok_or_else(|| FailoverError::UnknownRegion(to.clone()))?;
     let mut checks = Vec::new();
-    let target = fleet.check(&spec).await.map_err(|why| {
-        refused(format!(
-            "the target is not healthy ({why}); nothing was promoted"
-        ))
-    })?;
+    let target = if live {
+        fleet.check(&spec).await.map_err(|why| {
+            refused(format!(
+                "the target does not count as healthy ({why}); nothing was promoted"
+            ))
+        })?
+    } else {
+        fleet
+            .hubs()
+            .into_iter()
+            .find(|h| &h.spec.region == to && h.healthy)
+            .and_then(|h| h.status)
+            .ok_or_else(|| refused("the target is not healthy; nothing was promoted".into()))?
+    };
     checks.push(check(
         "target_healthy",
         true,
@@ -66,30 +79,24 @@ pub async fn before(
             target.role, target.epoch
         ),
     ));
-    // The source: for a planned failover the primary of another region,
-    // asked now; a forced one does not wait on a lost region (its last
-    // known status is enough for a report).
-    let mut source: Option<(Region, StatusResponse)> = None;
-    if mode == Mode::Planned {
-        for h in fleet.hubs() {
-            if &h.spec.region == to {
-                continue;
-            }
-            if let Ok(s) = fleet.check(&h.spec).await
-                && s.role == Role::Primary
-                && source.as_ref().is_none_or(|(_, o)| s.epoch > o.epoch)
-            {
-                source = Some((h.spec.region.clone(), s));
-            }
-        }
-    } else {
-        source = last_known_primary(fleet, to);
-    }
     match mode {
         Mode::Planned => {
+            // The source: the primary of another region, asked now.
+            let mut source: Option<(Region, StatusResponse)> = None;
+            for h in fleet.hubs() {
+                if &h.spec.region == to {
+                    continue;
+                }
+                if let Ok(s) = fleet.check(&h.spec).await
+                    && s.role == Role::Primary
+                    && source.as_ref().is_none_or(|(_, o)| s.epoch > o.epoch)
+                {
+                    source = Some((h.spec.region.clone(), s));
+                }
+            }
             let Some((from, src)) = source else {
                 return Err(refused(
-                    "a planned failover needs a healthy primary to hand over from; none answers (use forced)".into(),
+                    "a planned failover needs a primary to hand over from, and no other region's hub answers as a healthy primary; if the primary region is lost, use forced".into(),
                 ));
             };
             let lag = src.replication.as_ref().map_or(0, |r| r.lag_records);
@@ -102,37 +109,46 @@ pub async fn before(
                 ),
             ));
             checks.push(
-                wait_for_registry(fleet, &spec, to, &from, src.registry)
+                wait_for_registry(fleet, &spec, to, &from, src.registry.as_ref())
                     .await
                     .map_err(refused)?,
             );
         }
         Mode::Forced => {
-            let (passed, detail) = match source {
-                Some((from, src)) => {
-                    let behind = match (src.registry, target.registry) {
-                        (Some(s), Some(t)) => t.max_version < s.max_version,
-                        _ => true,
-                    };
-                    (
-                        !behind,
+            // A lost region is not waited for: its last known status is
+            // enough for a report.
+            let (passed, detail) = match last_known_primary(fleet, to) {
+                Some((from, src)) => match (&src.registry, &target.registry) {
+                    (Some(s), Some(t)) => {
+                        let holds = t.holds_writes_of(s, from.as_str());
+                        (
+                            holds,
+                            format!(
+                                "{}; {} when last seen{}",
+                                describe(to, Some(t)),
+                                describe(&from, Some(s)),
+                                if holds {
+                                    ""
+                                } else {
+                                    ": devices registered only there are refused until registry-sync merges"
+                                }
+                            ),
+                        )
+                    }
+                    (s, t) => (
+                        false,
                         format!(
-                            "{}; {}{}",
-                            describe(to, target.registry),
-                            describe(&from, src.registry),
-                            if behind {
-                                ": devices registered only there are refused until registry-sync merges"
-                            } else {
-                                ""
-                            }
+                            "{}; {}: not compared",
+                            describe(to, t.as_ref()),
+                            describe(&from, s.as_ref())
                         ),
-                    )
-                }
+                    ),
+                },
                 None => (
                     false,
                     format!(
                         "{}; no other region's registry is known",
-                        describe(to, target.registry)
+                        describe(to, target.registry.as_ref())
                     ),
                 ),
             };
@@ -153,27 +169,25 @@ fn last_known_primary(fleet: &Fleet, to: &Region) -> Option<(Region, StatusRespo
         .max_by_key(|(_, s)| s.epoch)
 }
 
-/// Waits until the target's registry reaches the source's highest version.
+/// Waits until the target's registry holds what the source region wrote.
 async fn wait_for_registry(
     fleet: &Fleet,
     spec: &crate::config::HubSpec,
     to: &Region,
     from: &Region,
-    source: Option<RegistryStatus>,
+    source: Option<&RegistryStatus>,
 ) -> Result<FailoverCheck, String> {
     let Some(source) = source else {
-        return Ok(check(
-            "registry",
-            false,
-            format!("{from} does not report its registry; not compared"),
+        return Err(format!(
+            "{from} does not report its registry, so it cannot be compared with {to}'s; nothing was promoted"
         ));
     };
     let started = Instant::now();
     let deadline = started + fleet.config.registry_wait;
     loop {
-        let target = fleet.check(spec).await.ok().and_then(|s| s.registry);
-        if let Some(t) = target
-            && t.max_version >= source.max_version
+        let target = fleet.check(spec).await;
+        if let Ok(Some(t)) = target.as_ref().map(|s| s.registry.as_ref())
+            && t.holds_writes_of(source, from.as_str())
         {
             return Ok(check(
                 "registry",
@@ -187,10 +201,13 @@ async fn wait_for_registry(
             ));
         }
         if Instant::now() >= deadline {
+            let found = match &target {
+                Ok(s) => describe(to, s.registry.as_ref()),
+                Err(why) => format!("{to} could not be asked ({why})"),
+            };
             return Err(format!(
-                "the registry of {to} is behind {from}'s after {} s ({}; {}): devices registered only in {from} would be refused; run registry-sync merge, or use forced",
+                "the registry of {to} is behind {from}'s after {} s ({found}; {}): devices registered only in {from} would be refused; run registry-sync merge, or use forced",
                 fleet.config.registry_wait.as_secs(),
-                describe(to, target),
                 describe(from, Some(source)),
             ));
         }

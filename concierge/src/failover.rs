@@ -42,7 +42,7 @@ pub async fn run(
     let spec = fleet
         .spec(to)
         .ok_or_else(|| FailoverError::UnknownRegion(to.clone()))?;
-    let checks = crate::checks::before(fleet, to, mode).await?;
+    let checks = crate::checks::before(fleet, to, mode, trigger != "automatic").await?;
     let request = PromoteRequest {
         expected_epoch: fleet.max_epoch(),
         mode,
@@ -138,6 +138,11 @@ pub async fn auto(fleet: Arc<Fleet>, after: Duration, shutdown: CancellationToke
             }
             Err(FailoverError::Lost(why)) => {
                 tracing::info!(%why, "another replica failed over first")
+            }
+            Err(e @ FailoverError::Check { .. }) => {
+                // Nothing happened: try again at the next poll.
+                tracing::warn!(error = %e, "automatic failover held back by its checks");
+                continue;
             }
             Err(e) => tracing::error!(error = %e, "automatic failover failed"),
         }

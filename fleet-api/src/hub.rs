@@ -114,12 +114,32 @@ pub struct StatusResponse {
 }
 
 /// A hub's view of its region's registry.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct RegistryStatus {
     /// Devices in the registry (enabled or not; removed ones excluded).
     pub devices: u64,
     /// The highest version of any record it has applied (tombstones too).
     pub max_version: crate::registry::Version,
+    /// The highest version per region where the record was last written:
+    /// region B holds everything A wrote when its entry for A is at least
+    /// A's own (a later write in B alone does not make it so).
+    #[serde(default)]
+    pub by_origin: std::collections::BTreeMap<String, crate::registry::Version>,
+}
+
+impl RegistryStatus {
+    /// Whether this registry holds what `source` (of region `origin`)
+    /// wrote, as far as versions tell.
+    #[must_use]
+    pub fn holds_writes_of(&self, source: &RegistryStatus, origin: &str) -> bool {
+        match source.by_origin.get(origin) {
+            Some(theirs) => self
+                .by_origin
+                .get(origin)
+                .is_some_and(|mine| mine >= theirs),
+            None => self.max_version >= source.max_version,
+        }
+    }
 }
 
 /// How a hub's peer region stands.

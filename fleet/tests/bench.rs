@@ -37,7 +37,12 @@ fn replication_bench_reports_ratios_lag_and_lossless_planned_promotions() {
         "2",
         "--window",
         "4",
+        "--catch-up-records",
+        "2000",
     ]);
+    // The returning secondary pulled at least the backlog, to lag 0.
+    assert!(r["catch_up"]["backlog"].as_u64().unwrap() >= 2000, "{r}");
+    assert!(positive(&r["catch_up"]["records_per_s"]), "{r}");
     let rows = r["throughput"].as_array().expect("throughput");
     let names: Vec<&str> = rows.iter().map(|t| t["target"].as_str().unwrap()).collect();
     assert_eq!(names, ["off", "async", "sync"]);

@@ -132,7 +132,13 @@ struct PartitionLedger {
     /// then durable here is all an acknowledgement waits for, and nothing
     /// is queued for the peer (memory stays bounded however long it lasts).
     linked: bool,
+    /// When the peer last pulled this partition: a detached peer that is
+    /// catching up holds the retention floor too.
+    pulled_at: Option<Instant>,
 }
+
+/// A peer that pulled within this long counts as pulling.
+const PULLING: Duration = Duration::from_secs(10);
 
 /// What partition's acknowledgements may count as replicated (mirrors the
 /// ledger for waiters).
@@ -254,6 +260,7 @@ impl Ingest {
                 unreplicated: VecDeque::new(),
                 replicated_mid: HashMap::new(),
                 linked,
+                pulled_at: None,
             }));
             // Until the secondary says otherwise, nothing written before a
             // restart counts as replicated (unless there is no secondary).
@@ -356,6 +363,10 @@ impl Ingest {
             let last = part.accepted.get(device).map_or(Mid(0), |(l, _)| *l);
             if m.0.saturating_sub(last.0) > MAX_MID_JUMP {
                 return Err(IngestError::MidJump { last, got: m });
+            }
+            // Agents number densely; a hole is what a full outbox dropped.
+            if last > Mid(0) && m.0 > last.0 + 1 {
+                metrics::counter!("fleet_hub_mids_skipped_total").increment(m.0 - last.0 - 1);
             }
         }
         let offset = part.next;
@@ -491,6 +502,7 @@ impl Ingest {
         let mut advanced: HashMap<DeviceId, Mid> = HashMap::new();
         self.peer_pulled.advance(p, upto);
         let mut part = self.part(p);
+        part.pulled_at = Some(Instant::now());
         let moved = tx.send_if_modified(|c| {
             if upto > c.offset {
                 c.offset = upto;
@@ -638,7 +650,8 @@ impl Ingest {
     /// When the log cannot be read.
     pub async fn rebuild(&self, p: PartitionId) -> Result<(), LogError> {
         let mut accepted = HashMap::new();
-        replay(self.log.as_ref(), p, Offset(0), &mut accepted).await?;
+        let start = self.log.log_start(p);
+        replay(self.log.as_ref(), p, start, &mut accepted).await?;
         let mut part = self.part(p);
         part.accepted = accepted;
         part.next = self.log.high_watermark(p);
@@ -681,11 +694,16 @@ impl Ingest {
             match write_snapshot(&path, upto, &map) {
                 Ok(()) => {
                     // A primary's retention must also keep what the attached
-                    // secondary has not pulled; a detached peer does not hold
-                    // the floor, and nobody pulls from a secondary.
+                    // secondary has not pulled; a detached peer holds the
+                    // floor only while it pulls (catching up), and nobody
+                    // pulls from a secondary.
+                    let held = {
+                        let part = self.part(p);
+                        part.linked || part.pulled_at.is_some_and(|t| t.elapsed() < PULLING)
+                    };
                     let floor = match self.mode {
                         Replication::Off => upto,
-                        _ if secondary || !self.linked(p) => upto,
+                        _ if secondary || !held => upto,
                         _ => upto.min(self.peer_pulled.durable(p)),
                     };
                     self.log.set_retention_floor(p, floor);

@@ -98,6 +98,8 @@ impl Hub {
         let auth = Auth::load(registry.clone())
             .await
             .context("load the registry")?;
+        crate::prom::zero_counters();
+        auth.export_metrics();
         let sessions = Arc::new(Sessions::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -250,6 +252,7 @@ async fn refresh_auth(
                     tracing::info!(device_id = %device, "device revoked, disconnecting");
                     sessions.kick(&device, Kick::Revoked);
                 }
+                auth.export_metrics();
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "registry refresh failed; keeping the last known devices")

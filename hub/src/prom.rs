@@ -65,4 +65,31 @@ fn describe() {
         "fleet_hub_peer_detaches_total",
         "detachments of the peer region, by whether an operator did it"
     );
+    describe_counter!(
+        "fleet_hub_mids_skipped_total",
+        "mids a device skipped (it sent mid n after n-k-1): its outbox dropped them when full"
+    );
+    describe_counter!(
+        "fleet_hub_replication_skipped_records_total",
+        "records a secondary never received because the primary's retention deleted them first"
+    );
+    describe_gauge!(
+        "fleet_hub_registry_devices",
+        "devices in the registry as this hub's mirror holds it"
+    );
+    describe_gauge!(
+        "fleet_hub_registry_max_version",
+        "highest registry record version this hub has applied (compare regions)"
+    );
+}
+
+/// Counters that alerts use start at zero, so that a rule sees them before
+/// the first event.
+pub fn zero_counters() {
+    for name in [
+        "fleet_hub_mids_skipped_total",
+        "fleet_hub_replication_skipped_records_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
 }

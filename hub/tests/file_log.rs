@@ -244,3 +244,100 @@ async fn the_partition_count_is_fixed_at_creation() {
         "{err}"
     );
 }
+
+fn rec_at(i: u64, epoch: u64) -> NewRecord {
+    NewRecord {
+        epoch: Epoch(epoch),
+        ..rec(i, 300)
+    }
+}
+
+#[tokio::test]
+async fn the_epoch_history_outlives_retention_cuts_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_segments(dir.path());
+    config.retention_bytes = Some(8_000);
+    let log = FileLog::open(config.clone()).unwrap();
+    for i in 0..100 {
+        log.append(P0, rec_at(i, 1)).await.unwrap();
+    }
+    for i in 100..200 {
+        log.append(P0, rec_at(i, 4)).await.unwrap();
+    }
+    let history = vec![(Epoch(1), Offset(0)), (Epoch(4), Offset(100))];
+    assert_eq!(log.epoch_history(P0), history);
+    // Retention deletes every record of epoch 1: the history keeps it.
+    log.set_retention_floor(P0, Offset(200));
+    log.enforce_retention(&config);
+    assert!(log.log_start(P0) > Offset(100));
+    assert_eq!(log.epoch_history(P0), history);
+    drop(log);
+    let log = FileLog::open(config.clone()).unwrap();
+    assert_eq!(log.epoch_history(P0), history, "kept across a restart");
+    // A cut below the retained log: everything retained is archived and
+    // the partition continues empty at the cut; the history follows.
+    let archive = dir.path().join("archive.log");
+    let moved = log
+        .cut_and_archive(P0, Offset(60), archive.clone())
+        .await
+        .unwrap();
+    assert_eq!(moved, 200 - log_start_before(&archive));
+    assert_eq!(log.high_watermark(P0), Offset(60));
+    assert_eq!(log.log_start(P0), Offset(60));
+    assert_eq!(log.epoch_history(P0), vec![(Epoch(1), Offset(0))]);
+    assert_eq!(log.append(P0, rec_at(60, 5)).await.unwrap(), Offset(60));
+    drop(log);
+    let log = FileLog::open(config).unwrap();
+    assert_eq!(
+        log.epoch_history(P0),
+        vec![(Epoch(1), Offset(0)), (Epoch(5), Offset(60))]
+    );
+    assert_eq!(log.read(P0, Offset(60), ALL).await.unwrap().len(), 1);
+}
+
+/// The first offset in an archive file.
+fn log_start_before(archive: &Path) -> u64 {
+    let bytes = std::fs::read(archive).unwrap();
+    hub::log::frame::Frames::new(&bytes)
+        .next()
+        .map_or(0, |f| f.offset.0)
+}
+
+#[tokio::test]
+async fn skipping_forward_survives_a_crash_half_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_segments(dir.path());
+    let log = FileLog::open(config.clone()).unwrap();
+    for i in 0..50 {
+        log.append(P0, rec_at(i, 2)).await.unwrap();
+    }
+    let dropped = log
+        .skip_to(P0, Offset(500), vec![(Epoch(2), Offset(0))])
+        .await
+        .unwrap();
+    assert_eq!(dropped, 50);
+    assert_eq!(
+        (log.log_start(P0), log.high_watermark(P0)),
+        (Offset(500), Offset(500))
+    );
+    assert_eq!(log.append(P0, rec_at(500, 3)).await.unwrap(), Offset(500));
+    drop(log);
+    // A crash after the marker was written and before anything was
+    // deleted: recovery finishes the reset.
+    let p0 = dir.path().join("p0");
+    let mut body = 900u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    std::fs::write(p0.join("reset-to"), &body).unwrap();
+    let log = FileLog::open(config.clone()).unwrap();
+    assert_eq!(
+        (log.log_start(P0), log.high_watermark(P0)),
+        (Offset(900), Offset(900))
+    );
+    assert!(!p0.join("reset-to").exists());
+    assert_eq!(log.append(P0, rec_at(900, 3)).await.unwrap(), Offset(900));
+    drop(log);
+    // A torn marker is refused, not guessed at.
+    std::fs::write(p0.join("reset-to"), b"torn").unwrap();
+    let err = FileLog::open(config).unwrap_err().to_string();
+    assert!(err.contains("reset-to is corrupt"), "{err}");
+}

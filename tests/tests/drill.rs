@@ -49,6 +49,9 @@ async fn drill(name: &str, mode: Mode, replication: &str) {
         "every device reached the new primary"
     );
     assert_eq!(report.registry_divergence.after_failback, 0);
+    // Measured: a device created in a reached b's hub (the wait would have
+    // failed the drill otherwise).
+    assert!(report.steps.identity_rpo_ms > 0, "{:?}", report.steps);
     assert_eq!(report.archive_missing, 0);
     assert!(report.passed);
     assert!(std::path::Path::new(&report.timeline).exists());

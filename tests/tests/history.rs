@@ -232,10 +232,11 @@ async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
     })
     .await;
     // Everything arrived in order, none skipped.
-    let metrics = b.metrics().await;
-    assert!(
-        !metrics.contains("fleet_hub_replication_skipped_records_total"),
-        "B skipped records: {metrics}"
+    assert_eq!(
+        b.metric("fleet_hub_replication_skipped_records_total")
+            .await,
+        0.0,
+        "B skipped records"
     );
     // Now both roles apply retention: the oldest segments go.
     publish(&a, &ra, "d1", 1201..=1300, "a").await;
@@ -285,9 +286,11 @@ async fn a_detached_secondary_returning_past_retention_skips_forward() {
     let r = post(format!("{}/v1/peer/detach", a.url()), serde_json::json!({})).await;
     assert_eq!(r.status(), 200);
     publish(&a, &ra, "d1", 51..=1000, "a").await;
-    wait_for(30, "retention on the primary to pass B", || async {
-        status(&a).await.partitions[0].log_start.0 > 50
-    })
+    wait_for(
+        60,
+        "retention on the primary to pass B (once B no longer pulls)",
+        || async { status(&a).await.partitions[0].log_start.0 > 50 },
+    )
     .await;
     let r = post(format!("{}/v1/peer/attach", a.url()), serde_json::json!({})).await;
     assert_eq!(r.status(), 200);
@@ -324,4 +327,83 @@ async fn retained(hub: &HubNode) -> Vec<Row> {
         .into_iter()
         .map(|r| (r.offset.0, r.mid.map(|m| m.0), r.payload, r.epoch.0))
         .collect()
+}
+
+/// The same history, but the returning region's retention has deleted the
+/// start of its foreign epoch: the common point is below its retained log.
+/// Its epoch history outlives retention, so it still finds that point,
+/// archives everything it retains, continues empty from there and pulls
+/// the primary's records (no silent hole, no endless retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_region_whose_retention_passed_the_divergence_reconciles() {
+    let h = harness!("a_returning_region_whose_retention_passed_the_divergence_reconciles");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let small = [
+        "--partitions",
+        "1",
+        "--segment-bytes",
+        "4096",
+        "--retention-bytes",
+        "16384",
+        "--snapshot-every-ms",
+        "200",
+        "--retention-check-ms",
+        "100",
+    ];
+    let (mut a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &small);
+    publish(&a, &ra, "d1", 1..=80, "a").await;
+    wait_for(20, "B to hold offsets 0..80", || async {
+        status(&b).await.partitions[0].high_watermark.0 == 80
+    })
+    .await;
+    b.node.kill9();
+    publish(&a, &ra, "d1", 81..=150, "a").await;
+    a.node.kill9();
+
+    b.restart(&h);
+    promote(&b, 1).await;
+    // Far more than B retains: its epoch 2 starts below its retained log.
+    publish(&b, &rb, "d1", 81..=1080, "b").await;
+    wait_for(30, "B's retention to pass offset 80", || async {
+        status(&b).await.partitions[0].log_start.0 > 80
+    })
+    .await;
+    b.node.kill9();
+
+    a.restart(&h);
+    let r = post(
+        format!("{}/v1/demote", a.url()),
+        serde_json::json!({"epoch": 2}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    promote(&a, 2).await;
+    publish(&a, &ra, "d1", 151..=160, "a").await;
+
+    b.restart(&h);
+    wait_for(30, "B to hold A's history", || async {
+        let s = status(&b).await;
+        s.role == Role::Secondary && s.epoch.0 == 3 && s.partitions[0].high_watermark.0 == 160
+    })
+    .await;
+    let on_b = retained(&b).await;
+    let on_a = retained(&a).await;
+    assert_eq!(
+        on_b.first().map(|r| r.0),
+        Some(80),
+        "B continues from the common point"
+    );
+    let tail_a: Vec<&Row> = on_a.iter().filter(|r| r.0 >= 80).collect();
+    let tail_b: Vec<&Row> = on_b.iter().collect();
+    assert_eq!(
+        tail_a, tail_b,
+        "B holds A's records at every offset it holds"
+    );
+    let history = epochs(&b, 0).await;
+    let starts: Vec<(u64, u64)> = history
+        .epochs
+        .iter()
+        .map(|e| (e.epoch.0, e.start.0))
+        .collect();
+    assert_eq!(starts, vec![(1, 0), (3, 150)], "B's epoch history is A's");
 }

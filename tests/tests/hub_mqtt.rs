@@ -648,3 +648,21 @@ async fn mqtt5_gets_connack_1_and_an_oversized_connect_is_cut_before_authenticat
     // A real device is unaffected.
     connected(&hub, &reg, "d1").await;
 }
+
+/// Agents number their messages densely; a hole in a device's mids is what
+/// a full outbox dropped, and the hub counts it (the outbox-drop alert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_in_a_devices_mids_are_counted_as_outbox_drops() {
+    let h = harness!("holes_in_a_devices_mids_are_counted_as_outbox_drops");
+    let (reg, hub) = hub_with(&h, &["d1"], &[]).await;
+    assert_eq!(hub.metric("fleet_hub_mids_skipped_total").await, 0.0);
+    let mut c = connected(&hub, &reg, "d1").await;
+    publish_acked(&mut c, "devices/d1/messages/events/1", 1, b"one").await;
+    publish_acked(&mut c, "devices/d1/messages/events/2", 2, b"two").await;
+    // A resend is no hole.
+    publish_acked(&mut c, "devices/d1/messages/events/2", 3, b"two").await;
+    assert_eq!(hub.metric("fleet_hub_mids_skipped_total").await, 0.0);
+    // 3, 4 and 5 were dropped by the device.
+    publish_acked(&mut c, "devices/d1/messages/events/6", 4, b"six").await;
+    assert_eq!(hub.metric("fleet_hub_mids_skipped_total").await, 3.0);
+}

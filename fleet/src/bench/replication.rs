@@ -15,6 +15,11 @@
 //! burst. A promotion's time is the wall time of `POST /v1/promote`; "first
 //! PUBACK" adds a device connecting to the new primary and getting a
 //! publish acknowledged.
+//!
+//! Last, catch-up: a fresh async pair whose secondary is killed while the
+//! primary takes `--catch-up-records` records alone; the secondary restarts
+//! on its data and pulls the backlog (from where it was, no full resync);
+//! reported as records per second and time to lag 0.
 
 use std::path::Path;
 use std::time::Duration;
@@ -54,6 +59,10 @@ pub struct ReplicationArgs {
     /// Steady load for the lag phase, as a fraction of the pair's maximum.
     #[arg(long, default_value_t = 0.5)]
     steady: f64,
+    /// Records the primary takes while its secondary is down, for the
+    /// catch-up phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    catch_up_records: u64,
 }
 
 /// A hub and, when replicating, its secondary.
@@ -63,6 +72,24 @@ struct Pair {
     primary: usize,
     hubs: Vec<HubProcess>,
     epoch: u64,
+    /// How each hub was started, to start it again on its data.
+    members: Vec<Member>,
+}
+
+/// One replicating hub's command line.
+#[derive(Clone)]
+struct Member {
+    data: std::path::PathBuf,
+    region: &'static str,
+    registry: String,
+    args: Vec<String>,
+}
+
+impl Member {
+    async fn spawn(&self) -> anyhow::Result<HubProcess> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        spawn_hub(&self.data, self.region, &self.registry, &args).await
+    }
 }
 
 impl Pair {
@@ -88,6 +115,15 @@ struct Lag {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct CatchUp {
+    /// Records the secondary lacked when it returned.
+    backlog: u64,
+    /// From its restart to the primary reporting lag 0.
+    ms: f64,
+    records_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -247,11 +283,73 @@ pub async fn run(args: ReplicationArgs, json: bool) -> anyhow::Result<()> {
         forced.unreplicated.push(unreplicated(&resp));
     }
     let promotions = [planned, forced];
-    report(json, &throughput, &lags, &promotions);
+    let catch_up = catch_up(
+        &http,
+        &dir.path().join("catch-up"),
+        &mut clients,
+        args.catch_up_records,
+        flat_out,
+    )
+    .await
+    .context("catch-up phase")?;
+    report(json, &throughput, &lags, &promotions, &catch_up);
     Ok(())
 }
 
-fn report(json: bool, throughput: &[Throughput], lags: &[Lag], promotions: &[Promotion]) {
+/// A fresh async pair: the secondary is killed, the primary takes `records`
+/// alone, the secondary returns on its data and catches up.
+async fn catch_up(
+    http: &reqwest::Client,
+    dir: &Path,
+    clients: &mut [Client],
+    records: u64,
+    load: Load,
+) -> anyhow::Result<CatchUp> {
+    let mut pair = start_pair(http, dir, "async", clients).await?;
+    let primary = pair.hubs[0].http;
+    let mut secondary = pair.hubs.remove(1);
+    secondary.process.start_kill()?;
+    secondary.process.wait().await?;
+    let chunk = Load {
+        duration: Duration::from_secs(2),
+        ..load
+    };
+    let mut written = 0;
+    while written < records {
+        written += driver::run(pair.hubs[0].mqtt, clients, chunk).await?.acked;
+    }
+    let total = |s: &StatusResponse| s.partitions.iter().map(|p| p.high_watermark.0).sum::<u64>();
+    let replicated = |s: &StatusResponse| s.partitions.iter().map(|p| p.replicated.0).sum::<u64>();
+    let before = status(http, primary).await?;
+    let backlog = total(&before) - replicated(&before);
+    let started = Instant::now();
+    let _back = pair.members[1].spawn().await?;
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let s = status(http, primary).await?;
+        if replicated(&s) >= total(&s) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the secondary did not catch up within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(CatchUp {
+        backlog,
+        ms: secs * 1e3,
+        records_per_s: backlog as f64 / secs.max(1e-9),
+    })
+}
+
+fn report(
+    json: bool,
+    throughput: &[Throughput],
+    lags: &[Lag],
+    promotions: &[Promotion],
+    catch_up: &CatchUp,
+) {
     if json {
         println!(
             "{}",
@@ -260,6 +358,7 @@ fn report(json: bool, throughput: &[Throughput], lags: &[Lag], promotions: &[Pro
                 "throughput": throughput,
                 "lag": lags,
                 "promotion": promotions,
+                "catch_up": catch_up,
             })
         );
         return;
@@ -297,6 +396,10 @@ fn report(json: bool, throughput: &[Throughput], lags: &[Lag], promotions: &[Pro
             format!("{:?}", p.unreplicated)
         );
     }
+    println!(
+        "\ncatch-up: {} records pulled by a returning secondary in {:.0} ms ({:.0} records/s) to lag 0",
+        catch_up.backlog, catch_up.ms, catch_up.records_per_s
+    );
 }
 
 fn unreplicated(resp: &FailoverResponse) -> u64 {
@@ -321,6 +424,7 @@ async fn start_pair(
             primary: 0,
             hubs: vec![hub],
             epoch: 1,
+            members: Vec::new(),
         });
     }
     let ports = [
@@ -328,31 +432,34 @@ async fn start_pair(
         crate::up::reserve([127, 0, 0, 1])?,
     ];
     let mut hubs = Vec::new();
+    let mut members = Vec::new();
     for (i, region) in ["bench-a", "bench-b"].into_iter().enumerate() {
         let registry = register(dir, region, clients).await?;
         let listen = ports[i].to_string();
         let peer = format!("http://{}", ports[1 - i]);
         let role = if i == 0 { "primary" } else { "secondary" };
-        hubs.push(
-            spawn_hub(
-                &dir.join(region),
-                region,
-                &registry,
-                &[
-                    "--http",
-                    &listen,
-                    "--role",
-                    role,
-                    "--peer",
-                    &peer,
-                    "--peer-token",
-                    BENCH_PEER_TOKEN,
-                    "--replication",
-                    name,
-                ],
-            )
-            .await?,
-        );
+        let member = Member {
+            data: dir.join(region),
+            region,
+            registry,
+            args: [
+                "--http",
+                &listen,
+                "--role",
+                role,
+                "--peer",
+                &peer,
+                "--peer-token",
+                BENCH_PEER_TOKEN,
+                "--replication",
+                name,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        };
+        hubs.push(member.spawn().await?);
+        members.push(member);
     }
     wait_until(http, hubs[0].http, |s| s.peer_reachable).await?;
     wait_until(http, hubs[1].http, |s| s.peer_reachable).await?;
@@ -361,6 +468,7 @@ async fn start_pair(
         primary: 0,
         hubs,
         epoch: 1,
+        members,
     })
 }
 

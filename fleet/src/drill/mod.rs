@@ -108,6 +108,57 @@ async fn status(http: &reqwest::Client, url: &str) -> Option<StatusResponse> {
     r.json().await.ok()
 }
 
+/// Creates a device through region a's hub and measures how long until
+/// region b's hub holds it: its registry has the record and the hub's
+/// mirror has applied that version (it would accept the device's CONNECT).
+async fn identity_rpo(
+    http: &reqwest::Client,
+    fleet: &Fleet,
+    urls: &[String],
+) -> anyhow::Result<u64> {
+    let id = "drill-identity-rpo";
+    let created: fleet_api::hub::DeviceResponse = http
+        .put(format!("{}/v1/devices/{id}", urls[0]))
+        .bearer_auth(fleet.admin_token.expose())
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .context("create a device in region a")?
+        .error_for_status()
+        .context("create a device in region a")?
+        .json()
+        .await
+        .context("the created device")?;
+    let t0 = Instant::now();
+    let version = created.device.version;
+    wait_until(
+        Duration::from_secs(60),
+        "region b's hub to hold the device created in a",
+        || async {
+            let mirrored = status(http, &urls[1])
+                .await
+                .and_then(|s| s.registry)
+                .is_some_and(|r| r.max_version >= version);
+            let stored = match http
+                .get(format!("{}/v1/devices/{id}", urls[1]))
+                .bearer_auth(fleet.admin_token.expose())
+                .timeout(Duration::from_millis(400))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r
+                    .json::<fleet_api::hub::DeviceResponse>()
+                    .await
+                    .is_ok_and(|d| d.device.version >= version),
+                _ => false,
+            };
+            mirrored && stored
+        },
+    )
+    .await?;
+    Ok(t0.elapsed().as_millis() as u64)
+}
+
 async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
@@ -262,9 +313,16 @@ pub async fn run(
         opts.devices, opts.rate, opts.duration_s
     ));
 
+    let identity_rpo_ms = identity_rpo(&http, &fleet, &urls).await?;
+    say(&format!(
+        "identity RPO: a device created in region a reached region b's hub in {identity_rpo_ms} ms"
+    ));
     tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s)).await;
     let kill_wall = wall_ms();
-    let mut steps = Steps::default();
+    let mut steps = Steps {
+        identity_rpo_ms,
+        ..Steps::default()
+    };
     let mut unreplicated = 0;
     let t0 = Instant::now();
     let divergence_before;

@@ -26,6 +26,9 @@ pub struct Steps {
     pub catch_up_ms: u64,
     /// Records the survivor wrote alone (without a second copy) meanwhile.
     pub written_while_detached: u64,
+    /// Identity RPO: from a device created in region a (its hub's API) to
+    /// region b's hub holding it (registry-sync and the hub's mirror).
+    pub identity_rpo_ms: u64,
 }
 
 /// The drill's outcome (`--json`).
@@ -114,6 +117,10 @@ pub fn summary(r: &DrillReport) -> String {
     s += &format!(
         "  reconnect per device (RTO): p50 {} ms, p99 {} ms, max {} ms ({} devices moved)\n",
         r.rto_ms.p50, r.rto_ms.p99, r.rto_ms.max, r.devices_moved
+    );
+    s += &format!(
+        "  identity RPO: a device created in region a was accepted by region b's hub after {} ms\n",
+        r.steps.identity_rpo_ms
     );
     s += &format!(
         "  registry divergence: {} before failback, {} after\n",

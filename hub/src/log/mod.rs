@@ -152,10 +152,21 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         archive: std::path::PathBuf,
     ) -> BoxFuture<'static, LogResult<u64>>;
 
+    /// The epoch history of partition `p`: `(epoch, start offset)` of every
+    /// epoch it holds or held (also where retention deleted the records),
+    /// oldest first. Epochs never decrease along a partition's offsets.
+    fn epoch_history(&self, p: PartitionId) -> Vec<(Epoch, Offset)>;
+
     /// Empties partition `p` and continues it at `base` (above its high
     /// watermark): a secondary whose primary no longer holds the records in
-    /// between. Returns how many records were dropped.
-    fn skip_to(&self, p: PartitionId, base: Offset) -> BoxFuture<'static, LogResult<u64>>;
+    /// between. `history`: the epoch history below `base` (the primary's).
+    /// Returns how many records were dropped.
+    fn skip_to(
+        &self,
+        p: PartitionId,
+        base: Offset,
+        history: Vec<(Epoch, Offset)>,
+    ) -> BoxFuture<'static, LogResult<u64>>;
 
     /// Allows retention to delete records below `offset` (they are covered
     /// by a snapshot, replicated, ...). Backends without retention ignore it.

@@ -26,6 +26,19 @@ impl Control {
     ) -> Result<(), String> {
         let log = log_of(&self.ingest).clone();
         self.reconciling.store(true, Ordering::Release);
+        let done = self.archive_divergent_inner(&log, p, epoch, from, hw).await;
+        self.reconciling.store(false, Ordering::Release);
+        done
+    }
+
+    async fn archive_divergent_inner(
+        &self,
+        log: &std::sync::Arc<dyn crate::log::EventLog>,
+        p: PartitionId,
+        epoch: Epoch,
+        from: Offset,
+        hw: Offset,
+    ) -> Result<(), String> {
         let file = self
             .archive_dir
             .join(format!("p{}-epoch{}-{}-{}.log", p.0, epoch.0, from.0, hw.0));
@@ -45,7 +58,6 @@ impl Control {
                 file: file.display().to_string(),
             });
         metrics::counter!("fleet_hub_archived_records_total").increment(moved);
-        self.reconciling.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -75,7 +87,8 @@ impl Control {
             report.archived_records += wanted.len() as u64;
             // Everything in the new history of this partition from the cut on.
             let mut have: HashSet<(DeviceId, Mid)> = HashSet::new();
-            let mut from = range.from;
+            // Retention may have passed the start of the range since.
+            let mut from = range.from.max(log.log_start(range.partition));
             loop {
                 let batch = log
                     .read(

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_api::hub::RecordsResponse;
-use fleet_api::{Offset, PartitionId, Role};
+use fleet_api::{PartitionId, Role};
 
-use super::{Control, epoch_at, history, log_of};
+use super::{Control, history, log_of};
 use crate::log::Record;
 
 impl Control {
@@ -134,6 +134,25 @@ impl Control {
         }
     }
 
+    /// Cutting or skipping this hub's log and promotions exclude each other
+    /// (the same lock): a promotion that lands while a secondary waits for
+    /// its primary's answer must not have its first acknowledged records cut.
+    /// Granted only while this hub is still a secondary at `epoch`.
+    async fn surgery(
+        &self,
+        epoch: fleet_api::Epoch,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, String> {
+        let guard = self.promotion.lock().await;
+        let now = self.state.get();
+        if now.role != Role::Secondary || now.epoch != epoch {
+            return Err(format!(
+                "the role changed meanwhile ({} at epoch {}); not cutting",
+                now.role, now.epoch
+            ));
+        }
+        Ok(guard)
+    }
+
     /// Skips partition `p` forward to where the primary's retained log
     /// starts, when it starts above this hub's high watermark.
     async fn skip_to_primary_start(&self, peer: &str, p: PartitionId) -> Result<(), String> {
@@ -146,13 +165,30 @@ impl Control {
             .get(p.0 as usize)
             .map(|s| s.log_start)
             .ok_or_else(|| format!("the primary reports no partition {p}"))?;
+        let epoch = self.state.get().epoch;
         let log = log_of(&self.ingest).clone();
         let hw = log.high_watermark(p);
         if start <= hw {
             return Ok(());
         }
+        // What this hub holds is a prefix of the primary's history (it
+        // reconciled), so below `start` the primary's epoch history is its.
+        let theirs = self.peer_epochs(peer, p).await?;
+        let history = theirs
+            .epochs
+            .iter()
+            .map(|e| (e.epoch, e.start))
+            .filter(|(_, at)| *at < start)
+            .collect();
+        let _surgery = self.surgery(epoch).await?;
+        if log.high_watermark(p) != hw {
+            return Err("the log moved meanwhile".into());
+        }
         tracing::error!(partition = %p, from = %hw, to = %start, "the primary no longer holds records this hub lacks (retention passed them while the peer was detached); skipping to its retained log");
-        let dropped = log.skip_to(p, start).await.map_err(|e| e.to_string())?;
+        let dropped = log
+            .skip_to(p, start, history)
+            .await
+            .map_err(|e| e.to_string())?;
         self.ingest.skipped(p, start);
         metrics::counter!("fleet_hub_replication_skipped_records_total").increment(start.0 - hw.0);
         tracing::warn!(partition = %p, dropped, "skipped forward");
@@ -165,25 +201,24 @@ impl Control {
     async fn reconcile(&self, peer: &str, p: PartitionId) -> Result<(), String> {
         let log = log_of(&self.ingest).clone();
         loop {
+            let epoch = self.state.get().epoch;
             let hw = log.high_watermark(p);
-            if hw == Offset(0) || hw <= log.log_start(p) {
-                return Ok(());
-            }
-            let last = epoch_at(log.as_ref(), p, Offset(hw.0 - 1))
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(last_epoch) = last else {
+            let mine = log.epoch_history(p);
+            let Some(&(last_epoch, _)) = mine.last() else {
+                // Nothing was ever written here.
                 return Ok(());
             };
             let answer = self.peer_epoch_end(peer, p, last_epoch).await?;
-            let own = history::first_after(log.as_ref(), p, answer.epoch)
-                .await
-                .map_err(|e| e.to_string())?;
+            let own = history::first_after(&mine, hw, answer.epoch);
             let cut =
                 history::divergence(last_epoch, hw, answer, own).map_err(|e| e.to_string())?;
             let Some(cut) = cut else {
                 return Ok(());
             };
+            let _surgery = self.surgery(epoch).await?;
+            if log.high_watermark(p) != hw {
+                continue;
+            }
             self.archive_divergent(p, last_epoch, cut, hw).await?;
         }
     }

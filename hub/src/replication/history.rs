@@ -2,10 +2,10 @@
 //! primary's history.
 //!
 //! Epochs never decrease along a partition's offsets (a hub appends only at
-//! its current epoch, and replicates only a prefix of the primary's log), so
-//! the log itself is the epoch history: the start offset of every epoch is
-//! found by binary search over the records' epochs, and survives anything
-//! the log survives.
+//! its current epoch, and replicates only a prefix of the primary's log).
+//! The log keeps the start offset of every epoch beyond retention
+//! ([`crate::log::EventLog::epoch_history`]): with retention on both roles,
+//! the retained records alone would not say where an old epoch began.
 //!
 //! Reconciling asks the primary about the epoch of this hub's last record,
 //! `E`. The primary answers with the *largest epoch it holds that is not
@@ -18,79 +18,33 @@
 //! until the log is a prefix of the primary's.
 
 use fleet_api::hub::EpochEnd;
-use fleet_api::{Epoch, Offset, PartitionId};
+use fleet_api::{Epoch, Offset};
 
-use super::epoch_at;
-use crate::log::{EventLog, LogError};
+/// `(epoch, start offset)` of every epoch of a partition, oldest first
+/// ([`crate::log::EventLog::epoch_history`]).
+pub type History = [(Epoch, Offset)];
 
-/// The first offset of partition `p` holding a record of an epoch above
-/// `after` (every record counts as above `None`); the high watermark when
-/// there is none.
-///
-/// # Errors
-/// When the log cannot be read.
-pub(super) async fn first_after(
-    log: &dyn EventLog,
-    p: PartitionId,
-    after: Option<Epoch>,
-) -> Result<Offset, LogError> {
-    let (mut lo, mut hi) = (log.log_start(p).0, log.high_watermark(p).0);
-    let Some(after) = after else {
-        return Ok(Offset(lo));
+/// The first offset of a record of an epoch above `after` (every record
+/// counts as above `None`); `hw` when there is none.
+pub fn first_after(history: &History, hw: Offset, after: Option<Epoch>) -> Offset {
+    let found = match after {
+        None => history.first(),
+        Some(a) => history.iter().find(|(e, _)| *e > a),
     };
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let later = epoch_at(log, p, Offset(mid))
-            .await?
-            .is_some_and(|e| e > after);
-        if later {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    Ok(Offset(lo))
+    found.map_or(hw, |(_, start)| (*start).min(hw))
 }
 
-/// The primary's answer about epoch `asked`: the largest epoch it holds that
-/// is not above `asked`, and the first offset past it.
-///
-/// # Errors
-/// When the log cannot be read.
-pub(super) async fn epoch_end(
-    log: &dyn EventLog,
-    p: PartitionId,
-    asked: Epoch,
-) -> Result<EpochEnd, LogError> {
-    let end = first_after(log, p, Some(asked)).await?;
-    let epoch = if end > log.log_start(p) {
-        epoch_at(log, p, Offset(end.0 - 1)).await?
-    } else {
-        None
-    };
-    Ok(EpochEnd { offset: end, epoch })
-}
-
-/// The epoch history of partition `p`: `(epoch, start offset)` of every
-/// epoch in the retained log, oldest first.
-///
-/// # Errors
-/// When the log cannot be read.
-pub(super) async fn epochs(
-    log: &dyn EventLog,
-    p: PartitionId,
-) -> Result<Vec<(Epoch, Offset)>, LogError> {
-    let hw = log.high_watermark(p);
-    let mut at = log.log_start(p);
-    let mut out = Vec::new();
-    while at < hw {
-        let Some(e) = epoch_at(log, p, at).await? else {
-            break;
-        };
-        out.push((e, at));
-        at = first_after(log, p, Some(e)).await?;
+/// The primary's answer about epoch `asked`: the largest epoch it holds or
+/// held that is not above `asked`, and the first offset past it.
+pub fn epoch_end(history: &History, hw: Offset, asked: Epoch) -> EpochEnd {
+    EpochEnd {
+        offset: first_after(history, hw, Some(asked)),
+        epoch: history
+            .iter()
+            .rev()
+            .find(|(e, _)| *e <= asked)
+            .map(|(e, _)| *e),
     }
-    Ok(out)
 }
 
 /// Why an answer cannot be used.

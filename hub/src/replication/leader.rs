@@ -82,7 +82,12 @@ impl Control {
         if self.state.get().role != Role::Primary {
             return Err(ControlError::NotPrimary);
         }
-        Ok(super::history::epoch_end(log_of(&self.ingest).as_ref(), p, epoch).await?)
+        let log = log_of(&self.ingest);
+        Ok(super::history::epoch_end(
+            &log.epoch_history(p),
+            log.high_watermark(p),
+            epoch,
+        ))
     }
 
     /// `GET /v1/partitions/{p}/epochs`: the epoch history of `p`.
@@ -91,8 +96,8 @@ impl Control {
     /// When the log cannot be read.
     pub async fn epochs(&self, p: PartitionId) -> Result<EpochHistory, ControlError> {
         let log = log_of(&self.ingest);
-        let epochs = super::history::epochs(log.as_ref(), p)
-            .await?
+        let epochs = log
+            .epoch_history(p)
             .into_iter()
             .map(|(epoch, start)| EpochStart { epoch, start })
             .collect();

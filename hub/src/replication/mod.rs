@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HubConfig;
 use crate::ingest::{Ingest, Replication};
-use crate::log::{EventLog, LogError, ReadLimits};
+use crate::log::{EventLog, LogError};
 use crate::sessions::Sessions;
 use crate::state::HubState;
 
@@ -308,22 +308,4 @@ impl Control {
             lag.as_millis() as u64,
         )
     }
-}
-
-/// The epoch of the record at `offset`, if it is there.
-async fn epoch_at(
-    log: &dyn EventLog,
-    p: PartitionId,
-    offset: Offset,
-) -> Result<Option<Epoch>, LogError> {
-    let one = ReadLimits {
-        max_records: 1,
-        max_bytes: 1,
-    };
-    Ok(log
-        .read(p, offset, one)
-        .await?
-        .first()
-        .filter(|r| r.offset == offset)
-        .map(|r| r.record.epoch))
 }

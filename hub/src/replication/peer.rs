@@ -100,6 +100,26 @@ impl Control {
         resp.json().await.map_err(|e| e.to_string())
     }
 
+    /// The primary's epoch history of partition `p`.
+    pub(super) async fn peer_epochs(
+        &self,
+        peer: &str,
+        p: PartitionId,
+    ) -> Result<fleet_api::hub::EpochHistory, String> {
+        let resp = self
+            .http
+            .get(format!("{peer}/v1/partitions/{}/epochs", p.0))
+            .bearer_auth(self.peer_token.expose())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("epochs answered {}", resp.status()));
+        }
+        resp.json().await.map_err(|e| e.to_string())
+    }
+
     /// One replication pull of partition `p` from `from` (a long poll of
     /// [`PULL_WAIT`]), carrying this hub's region and epoch.
     pub(super) async fn pull(

@@ -31,10 +31,17 @@ pub(super) fn cut_and_archive(
     if from >= hw {
         return Ok(0);
     }
-    // 1. Copy the tail out, durably, before anything is cut.
+    let start = part
+        .segments
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .first()
+        .map_or(hw, |s| s.base);
+    // 1. Copy the tail out, durably, before anything is cut (what retention
+    //    deleted below the retained log is gone already).
     let records = read_blocking(
         part,
-        from,
+        from.max(start),
         ReadLimits {
             max_records: usize::MAX,
             max_bytes: usize::MAX,
@@ -54,18 +61,22 @@ pub(super) fn cut_and_archive(
     if let Some(dir) = archive.parent() {
         sync_dir(dir)?;
     }
-    // 2. Cut: segments starting at or after `from` go, the one holding it shrinks.
+    part.epochs.truncate(from);
+    if from < start {
+        // The common point is below the retained log: nothing retained is
+        // shared, the partition continues empty at `from`.
+        reset_to(part, active, from)?;
+        part.epochs.persist()?;
+        tracing::warn!(partition = %part.id, %from, moved = records.len(), archive = %archive.display(), "cut the whole retained log; the partition continues empty");
+        return Ok(records.len() as u64);
+    }
+    // 2. Cut: segments starting at or after `from` go (newest first, so a
+    //    crash leaves a log without holes), the one holding it shrinks.
     let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
     let keep = segs.iter().take_while(|s| s.base <= from).count();
-    if keep == 0 {
-        return Err(LogError::Io(format!(
-            "partition {}: offset {from} is below the retained log",
-            part.id
-        )));
-    }
-    for s in segs.drain(keep..) {
-        let _ = fs::remove_file(&s.path);
-        let _ = fs::remove_file(segment_path(&part.dir, s.base, "idx"));
+    let gone: Vec<_> = segs.drain(keep..).collect();
+    for s in gone.iter().rev() {
+        remove_segment(part, s.base)?;
     }
     let seg = segs[keep - 1].clone();
     let pos = position_of(&seg, from)?;
@@ -96,6 +107,8 @@ pub(super) fn cut_and_archive(
     };
     drop(segs);
     part.hw.send_replace(from);
+    // Only now: until the cut is durable the old entries describe the log.
+    part.epochs.persist()?;
     tracing::warn!(partition = %part.id, %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
     Ok(records.len() as u64)
 }
@@ -105,9 +118,13 @@ pub(super) fn cut_and_archive(
 /// between (they were never pulled, and no one has them any more). What it
 /// held is a prefix of the primary's history that the primary's retention
 /// deleted too, so it goes the way retention would delete it. Returns how
-/// many records were dropped. The old segments go first: a crash in
-/// between leaves an empty partition, and the secondary skips again.
-pub(super) fn skip_to(part: &PartitionLog, active: &mut Active, base: Offset) -> LogResult<u64> {
+/// many records were dropped.
+pub(super) fn skip_to(
+    part: &PartitionLog,
+    active: &mut Active,
+    base: Offset,
+    history: Vec<(fleet_api::Epoch, Offset)>,
+) -> LogResult<u64> {
     let hw = active.next;
     if base <= hw {
         return Err(LogError::Io(format!(
@@ -115,19 +132,96 @@ pub(super) fn skip_to(part: &PartitionLog, active: &mut Active, base: Offset) ->
             part.id
         )));
     }
-    let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
-    let start = segs.first().map_or(hw, |s| s.base);
-    for s in segs.drain(..) {
-        let _ = fs::remove_file(&s.path);
-        let _ = fs::remove_file(segment_path(&part.dir, s.base, "idx"));
-    }
-    sync_dir(&part.dir)?;
-    let fresh = create_segment(&part.dir, base)?;
-    segs.push(fresh.seg.clone());
-    *active = fresh;
-    drop(segs);
-    part.hw.send_replace(base);
-    let dropped = hw.0.saturating_sub(start.0);
+    let dropped = reset_to(part, active, base)?;
+    part.epochs
+        .replace(history.into_iter().filter(|(_, at)| *at < base).collect());
+    part.epochs.persist()?;
     tracing::warn!(partition = %part.id, from = %hw, to = %base, dropped, "skipped the log forward to where the primary's retained log starts");
     Ok(dropped)
+}
+
+const RESET_MARKER: &str = "reset-to";
+
+/// Empties the partition and continues it at `base`. Crash-safe: a marker
+/// naming `base` is made durable before anything is deleted, and recovery
+/// finishes an interrupted reset ([`finish_reset`]). A failure half-way
+/// fails the partition (recovery finishes the job at the next start).
+/// Returns how many retained records were dropped.
+fn reset_to(part: &PartitionLog, active: &mut Active, base: Offset) -> LogResult<u64> {
+    let marker = part.dir.join(RESET_MARKER);
+    let tmp = part.dir.join("reset-to.tmp");
+    let mut body = base.0.to_le_bytes().to_vec();
+    body.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    let mut f = File::create(&tmp).map_err(|e| io(tmp.display(), e))?;
+    f.write_all(&body)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io(tmp.display(), e))?;
+    fs::rename(&tmp, &marker).map_err(|e| io(marker.display(), e))?;
+    sync_dir(&part.dir)?;
+    let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
+    let start = segs.first().map_or(active.next, |s| s.base);
+    let dropped = active.next.0.saturating_sub(start.0);
+    let result = (|| {
+        let gone: Vec<_> = segs.drain(..).collect();
+        for s in gone.iter().rev() {
+            remove_segment(part, s.base)?;
+        }
+        sync_dir(&part.dir)?;
+        let fresh = create_segment(&part.dir, base)?;
+        segs.push(fresh.seg.clone());
+        *active = fresh;
+        fs::remove_file(&marker).map_err(|e| io(marker.display(), e))?;
+        sync_dir(&part.dir)
+    })();
+    drop(segs);
+    if let Err(e) = &result {
+        part.fail(format!(
+            "emptying the partition to continue at {base} failed: {e}"
+        ));
+        return Err(e.clone());
+    }
+    part.hw.send_replace(base);
+    Ok(dropped)
+}
+
+fn remove_segment(part: &PartitionLog, base: Offset) -> LogResult<()> {
+    for ext in ["log", "idx"] {
+        let path = segment_path(&part.dir, base, ext);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(path.display(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Finishes a reset a crash interrupted: every segment goes, an empty one
+/// starts at the marker's offset.
+pub(super) fn finish_reset(dir: &Path) -> LogResult<()> {
+    let marker = dir.join(RESET_MARKER);
+    let body = match fs::read(&marker) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(marker.display(), e)),
+    };
+    let valid = body.len() == 12 && crc32fast::hash(&body[..8]).to_le_bytes()[..] == body[8..];
+    if !valid {
+        return Err(LogError::Io(format!(
+            "{} is corrupt: an interrupted reset cannot be finished",
+            marker.display()
+        )));
+    }
+    let base = Offset(u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8])));
+    tracing::warn!(dir = %dir.display(), %base, "finishing an interrupted reset of the partition");
+    for entry in fs::read_dir(dir).map_err(|e| io(dir.display(), e))? {
+        let path = entry.map_err(|e| io(dir.display(), e))?.path();
+        if path.extension().is_some_and(|x| x == "log" || x == "idx") {
+            fs::remove_file(&path).map_err(|e| io(path.display(), e))?;
+        }
+    }
+    sync_dir(dir)?;
+    create_segment(dir, base)?;
+    fs::remove_file(&marker).map_err(|e| io(marker.display(), e))?;
+    sync_dir(dir)
 }

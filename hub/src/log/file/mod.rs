@@ -18,10 +18,13 @@
 //! - `recovery`: opening a partition, telling torn tails from corruption.
 //! - `writer`: the group-commit writer thread.
 //! - `read`: reads.
-//! - `cut`: cutting a partition back, archiving what is cut.
+//! - `cut`: cutting a partition back, archiving what is cut; emptying it
+//!   to continue at another offset.
+//! - `epochs`: the partition's epoch history, kept beyond retention.
 //! - `retention`: deleting old segments.
 
 mod cut;
+mod epochs;
 mod read;
 mod recovery;
 mod retention;
@@ -35,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use fleet_api::{Offset, PartitionId};
+use fleet_api::{Epoch, Offset, PartitionId};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -92,8 +95,10 @@ struct PartitionLog {
     tx: mpsc::UnboundedSender<Cmd>,
     failed: RwLock<Option<String>>,
     /// Records below this offset may be deleted by retention (set by the
-    /// owner: everything durable, or everything replicated).
+    /// owner: everything durable, or everything replicated). 0 until then.
     retention_floor: AtomicU64,
+    /// The start offset of every epoch, also of deleted records.
+    epochs: epochs::EpochCache,
 }
 
 impl PartitionLog {
@@ -307,16 +312,27 @@ impl EventLog for FileLog {
         async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
     }
 
-    fn skip_to(&self, p: PartitionId, base: Offset) -> BoxFuture<'static, LogResult<u64>> {
+    fn skip_to(
+        &self,
+        p: PartitionId,
+        base: Offset,
+        history: Vec<(Epoch, Offset)>,
+    ) -> BoxFuture<'static, LogResult<u64>> {
         let part = match self.part(p) {
             Ok(part) => part,
             Err(e) => return futures::future::ready(Err(e)).boxed(),
         };
         let (done, wait) = oneshot::channel();
-        if part.tx.send(Cmd::SkipTo(base, done)).is_err() {
+        if part.tx.send(Cmd::SkipTo(base, history, done)).is_err() {
             return futures::future::ready(Err(LogError::Closed)).boxed();
         }
         async move { wait.await.unwrap_or(Err(LogError::Closed)) }.boxed()
+    }
+
+    fn epoch_history(&self, p: PartitionId) -> Vec<(Epoch, Offset)> {
+        self.part(p)
+            .map(|part| part.epochs.get())
+            .unwrap_or_default()
     }
 
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {

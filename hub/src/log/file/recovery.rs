@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use super::segment::{
     Active, INDEX_EVERY, Segment, create_segment, read_index, segment_path, write_index,
 };
-use super::{FileLogConfig, PartitionLog, io, writer};
+use super::{FileLogConfig, PartitionLog, cut, epochs, io, writer};
 use crate::log::LogResult;
 use crate::log::frame::{self, Decoded, Frames, Stop};
 
@@ -107,6 +107,7 @@ pub(super) fn open_partition(
 ) -> LogResult<Arc<PartitionLog>> {
     let dir = config.dir.join(format!("p{}", id.0));
     fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+    cut::finish_reset(&dir)?;
     let mut bases: Vec<Offset> = fs::read_dir(&dir)
         .map_err(|e| io(dir.display(), e))?
         .filter_map(|e| e.ok())
@@ -130,6 +131,7 @@ pub(super) fn open_partition(
     };
     segments.push(active.seg.clone());
     let hw = active.next;
+    let epochs = epochs::EpochCache::load(&dir, hw, || epochs::scan(&segments))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let part = Arc::new(PartitionLog {
         id,
@@ -138,7 +140,9 @@ pub(super) fn open_partition(
         hw: watch::Sender::new(hw),
         tx,
         failed: RwLock::new(None),
-        retention_floor: AtomicU64::new(u64::MAX),
+        // Nothing may be deleted before the owner says what it still needs.
+        retention_floor: AtomicU64::new(0),
+        epochs,
     });
     if let Some(reason) = failed {
         part.fail(reason);

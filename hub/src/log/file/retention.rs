@@ -5,7 +5,6 @@
 //! yet durable, or not yet pulled by an attached peer).
 
 use std::fs;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -32,12 +31,14 @@ pub(super) async fn retention_loop(
 }
 
 /// Deletes the oldest sealed segments beyond the size or age limit, never
-/// past the retention floor and never the active segment.
+/// past the retention floor and never the active segment. The decision and
+/// the removal (list and files) happen under one write lock, so a cut or a
+/// reset running meanwhile cannot turn the victim into the active segment.
 pub(super) fn retain(part: &PartitionLog, config: &FileLogConfig) {
     let floor = part.retention_floor.load(Ordering::Acquire);
     loop {
         let victim = {
-            let segs = part.segments.read().unwrap_or_else(|e| e.into_inner());
+            let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
             if segs.len() < 2 {
                 return;
             }
@@ -58,14 +59,12 @@ pub(super) fn retain(part: &PartitionLog, config: &FileLogConfig) {
             if !(too_big || too_old) || !below_floor {
                 return;
             }
-            oldest.clone()
+            let victim = segs.remove(0);
+            // Under the lock too: a reset may create a segment of that name.
+            let _ = fs::remove_file(&victim.path);
+            let _ = fs::remove_file(segment_path(&part.dir, victim.base, "idx"));
+            victim
         };
-        part.segments
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|s| !Arc::ptr_eq(s, &victim));
-        let _ = fs::remove_file(&victim.path);
-        let _ = fs::remove_file(segment_path(&part.dir, victim.base, "idx"));
         tracing::info!(partition = %part.id, base = %victim.base, "retention deleted a segment");
     }
 }

@@ -26,7 +26,11 @@ pub(super) enum Cmd {
     /// Archive records `from..` into the file, then cut them from the log.
     CutAndArchive(Offset, PathBuf, oneshot::Sender<LogResult<u64>>),
     /// Empty the partition and continue it at the offset.
-    SkipTo(Offset, oneshot::Sender<LogResult<u64>>),
+    SkipTo(
+        Offset,
+        Vec<(fleet_api::Epoch, Offset)>,
+        oneshot::Sender<LogResult<u64>>,
+    ),
 }
 
 pub(super) fn writer(
@@ -51,6 +55,7 @@ pub(super) fn writer(
         }
         let failure = part.failure();
         let mut cut = None;
+        let mut new_epoch = false;
         let mut next = active.next;
         let mut pos = active.len;
         let mut cmd = Some(first);
@@ -67,6 +72,7 @@ pub(super) fn writer(
                             new_index.push((next.0, pos));
                             active.last_indexed = pos;
                         }
+                        new_epoch |= part.epochs.note(rec.epoch, next);
                         pos += frame::encode(&mut buf, next, &rec) as u64;
                         next = next.next();
                         appends.push(done);
@@ -90,10 +96,21 @@ pub(super) fn writer(
         }
         if !buf.is_empty() {
             let started = tokio::time::Instant::now();
-            let written = active
-                .file
-                .write_all_at(&buf, active.len)
-                .and_then(|()| active.file.sync_data());
+            // The epoch history names a new epoch before its first record
+            // is written, so it always covers the log.
+            let history = if new_epoch {
+                part.epochs
+                    .persist()
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            } else {
+                Ok(())
+            };
+            let written = history.and_then(|()| {
+                active
+                    .file
+                    .write_all_at(&buf, active.len)
+                    .and_then(|()| active.file.sync_data())
+            });
             metrics::histogram!("fleet_hub_fsync_seconds").record(started.elapsed().as_secs_f64());
             if let Err(e) = written {
                 // Never retry a failed fsync: the page cache state is unknown.
@@ -146,8 +163,8 @@ pub(super) fn writer(
             Some(Cmd::CutAndArchive(from, archive, done)) => {
                 let _ = done.send(cut_and_archive(&part, &mut active, from, &archive));
             }
-            Some(Cmd::SkipTo(base, done)) => {
-                let _ = done.send(skip_to(&part, &mut active, base));
+            Some(Cmd::SkipTo(base, history, done)) => {
+                let _ = done.send(skip_to(&part, &mut active, base, history));
             }
             _ => {}
         }

@@ -32,16 +32,24 @@ impl Region {
         Offset(self.log.len() as u64)
     }
 
+    /// The epoch history, derived from the records (the hubs keep it in
+    /// a file; the rule reads it the same way).
+    fn history(&self) -> Vec<(Epoch, Offset)> {
+        let mut out: Vec<(Epoch, Offset)> = Vec::new();
+        for (o, (e, _)) in self.log.iter().enumerate() {
+            if out.last().is_none_or(|(last, _)| e > last) {
+                out.push((*e, Offset(o as u64)));
+            }
+        }
+        out
+    }
+
     fn first_after(&self, after: Option<Epoch>) -> Offset {
-        Offset(after.map_or(0, |a| self.log.iter().take_while(|(e, _)| *e <= a).count()) as u64)
+        super::first_after(&self.history(), self.hw(), after)
     }
 
     fn epoch_end(&self, asked: Epoch) -> EpochEnd {
-        let end = self.first_after(Some(asked));
-        EpochEnd {
-            offset: end,
-            epoch: (end.0 > 0).then(|| self.log[end.0 as usize - 1].0),
-        }
+        super::epoch_end(&self.history(), self.hw(), asked)
     }
 }
 
