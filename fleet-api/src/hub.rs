@@ -132,12 +132,17 @@ impl RegistryStatus {
     /// wrote, as far as versions tell.
     #[must_use]
     pub fn holds_writes_of(&self, source: &RegistryStatus, origin: &str) -> bool {
+        if source.by_origin.is_empty() {
+            // A hub that does not report origins (or an empty registry).
+            return self.max_version >= source.max_version;
+        }
         match source.by_origin.get(origin) {
             Some(theirs) => self
                 .by_origin
                 .get(origin)
                 .is_some_and(|mine| mine >= theirs),
-            None => self.max_version >= source.max_version,
+            // None of the source's current records was last written there.
+            None => true,
         }
     }
 }

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use fleet_api::registry::Version;
 use fleet_api::{DeviceId, DeviceKey, DeviceRecord, KeyHash};
 use futures::TryStreamExt;
 use registry_sync::store::{RegistryStore, Seq};
@@ -36,13 +35,6 @@ impl Entry {
     }
 }
 
-fn note_origin(by_origin: &mut std::collections::BTreeMap<String, Version>, rec: &DeviceRecord) {
-    let e = by_origin
-        .entry(rec.origin.to_string())
-        .or_insert(rec.version);
-    *e = (*e).max(rec.version);
-}
-
 /// How long an unknown id is answered from memory.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 
@@ -54,7 +46,7 @@ pub struct Auth {
     unknown: std::sync::Mutex<HashMap<DeviceId, Instant>>,
     /// The highest record version applied, overall and per origin region.
     max_version: std::sync::atomic::AtomicU64,
-    by_origin: std::sync::Mutex<std::collections::BTreeMap<String, Version>>,
+    origins: std::sync::Mutex<crate::origins::Origins>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -74,11 +66,11 @@ impl Auth {
         let seq = store.max_seq().await?;
         let mut devices = HashMap::new();
         let mut max_version = 0;
-        let mut by_origin = std::collections::BTreeMap::new();
+        let mut origins = crate::origins::Origins::default();
         let mut scan = store.scan();
         while let Some(rec) = scan.try_next().await? {
             max_version = rec.version.0.max(max_version);
-            note_origin(&mut by_origin, &rec);
+            origins.note(&rec);
             if let Some(e) = Entry::of(&rec) {
                 devices.insert(rec.device_id, e);
             }
@@ -90,7 +82,7 @@ impl Auth {
             seq: std::sync::Mutex::new(seq),
             unknown: std::sync::Mutex::new(HashMap::new()),
             max_version: std::sync::atomic::AtomicU64::new(max_version),
-            by_origin: std::sync::Mutex::new(by_origin),
+            origins: std::sync::Mutex::new(origins),
         }))
     }
 
@@ -159,11 +151,11 @@ impl Auth {
             {
                 let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
                 let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
-                let mut by_origin = self.by_origin.lock().unwrap_or_else(|e| e.into_inner());
+                let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
                 for (_, rec) in changes {
                     self.max_version
                         .fetch_max(rec.version.0, std::sync::atomic::Ordering::AcqRel);
-                    note_origin(&mut by_origin, &rec);
+                    origins.note(&rec);
                     let before = devices.get(&rec.device_id).copied();
                     let after = Entry::of(&rec);
                     let lost = before.is_some_and(|b| {
@@ -194,10 +186,10 @@ impl Auth {
                 self.max_version.load(std::sync::atomic::Ordering::Acquire),
             ),
             by_origin: self
-                .by_origin
+                .origins
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+                .summary(),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod https;
 pub mod ingest;
 pub mod log;
+pub mod origins;
 pub mod peer_pulled;
 pub mod prom;
 pub mod replication;

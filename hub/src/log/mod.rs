@@ -139,6 +139,12 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
     /// Follows the high watermark (for long polls and tailers).
     fn watch(&self, p: PartitionId) -> watch::Receiver<Offset>;
 
+    /// Why partition `p` refuses writes, if it does.
+    fn partition_failure(&self, p: PartitionId) -> Option<String> {
+        let _ = p;
+        None
+    }
+
     /// `Err` with the reasons when some partition refuses writes.
     fn health(&self) -> Result<(), Vec<String>>;
 

@@ -34,6 +34,13 @@ impl Control {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
+            // A failed partition (a half-done cut, a failed write) does not
+            // pull: a pull from its end would acknowledge what it may not
+            // hold. Recovery at the next start puts it right.
+            if log.partition_failure(p).is_some() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             if !reconciled {
                 match self.reconcile(&peer, p).await {
                     Ok(()) => reconciled = true,

@@ -83,11 +83,10 @@ impl Control {
             return Err(ControlError::NotPrimary);
         }
         let log = log_of(&self.ingest);
-        Ok(super::history::epoch_end(
-            &log.epoch_history(p),
-            log.high_watermark(p),
-            epoch,
-        ))
+        // The end first: an epoch is in the history before its first record
+        // moves the end, so this order never answers with a too-early end.
+        let hw = log.high_watermark(p);
+        Ok(super::history::epoch_end(&log.epoch_history(p), hw, epoch))
     }
 
     /// `GET /v1/partitions/{p}/epochs`: the epoch history of `p`.

@@ -38,7 +38,8 @@ pub(super) fn cut_and_archive(
         .first()
         .map_or(hw, |s| s.base);
     // 1. Copy the tail out, durably, before anything is cut (what retention
-    //    deleted below the retained log is gone already).
+    //    deleted below the retained log is gone already; if retention
+    //    deletes more meanwhile, the archive holds more than is cut).
     let records = read_blocking(
         part,
         from.max(start),
@@ -61,35 +62,57 @@ pub(super) fn cut_and_archive(
     if let Some(dir) = archive.parent() {
         sync_dir(dir)?;
     }
-    part.epochs.truncate(from);
-    if from < start {
+    // 2. Cut, under the segment lock (retention may have moved the start
+    //    since the archive was read: decide again here). Any failure from
+    //    now on fails the partition: the log on disk is half cut, and
+    //    recovery, not this process, puts it right.
+    let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
+    let keep = segs.iter().take_while(|s| s.base <= from).count();
+    if keep == 0 {
         // The common point is below the retained log: nothing retained is
         // shared, the partition continues empty at `from`.
+        drop(segs);
         reset_to(part, active, from)?;
-        part.epochs.persist()?;
+        part.epochs.truncate(from);
+        persist_history(part)?;
         tracing::warn!(partition = %part.id, %from, moved = records.len(), archive = %archive.display(), "cut the whole retained log; the partition continues empty");
         return Ok(records.len() as u64);
     }
-    // 2. Cut: segments starting at or after `from` go (newest first, so a
-    //    crash leaves a log without holes), the one holding it shrinks.
-    let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
-    let keep = segs.iter().take_while(|s| s.base <= from).count();
-    let gone: Vec<_> = segs.drain(keep..).collect();
-    for s in gone.iter().rev() {
-        remove_segment(part, s.base)?;
-    }
     let seg = segs[keep - 1].clone();
-    let pos = position_of(&seg, from)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg.path)
-        .map_err(|e| io(seg.path.display(), e))?;
-    file.set_len(pos)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io(seg.path.display(), e))?;
-    let _ = fs::remove_file(segment_path(&part.dir, seg.base, "idx"));
-    sync_dir(&part.dir)?;
+    let result = (|| {
+        let pos = position_of(&seg, from)?;
+        // Newer segments and the kept one's index go first, made durable,
+        // and only then is the kept segment shortened: a power cut in
+        // between leaves a log that ends later, never one with a hole.
+        for s in segs[keep..].iter().rev() {
+            remove_segment(part, s.base)?;
+        }
+        let idx = segment_path(&part.dir, seg.base, "idx");
+        match fs::remove_file(&idx) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(idx.display(), e)),
+        }
+        sync_dir(&part.dir)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&seg.path)
+            .map_err(|e| io(seg.path.display(), e))?;
+        file.set_len(pos)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io(seg.path.display(), e))?;
+        Ok((pos, file))
+    })();
+    let (pos, file) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            drop(segs);
+            part.fail(format!("cutting the log back to {from} failed: {e}"));
+            return Err(e);
+        }
+    };
+    segs.truncate(keep);
     let index: Vec<(u64, u64)> = {
         let mut ix = seg.index.write().unwrap_or_else(|e| e.into_inner());
         ix.retain(|(o, _)| *o < from.0);
@@ -108,7 +131,8 @@ pub(super) fn cut_and_archive(
     drop(segs);
     part.hw.send_replace(from);
     // Only now: until the cut is durable the old entries describe the log.
-    part.epochs.persist()?;
+    part.epochs.truncate(from);
+    persist_history(part)?;
     tracing::warn!(partition = %part.id, %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
     Ok(records.len() as u64)
 }
@@ -132,12 +156,22 @@ pub(super) fn skip_to(
             part.id
         )));
     }
-    let dropped = reset_to(part, active, base)?;
+    // The primary's history first: whichever way a crash falls, recovery
+    // keeps only the entries below the log's end, and both are right.
     part.epochs
         .replace(history.into_iter().filter(|(_, at)| *at < base).collect());
-    part.epochs.persist()?;
+    persist_history(part)?;
+    let dropped = reset_to(part, active, base)?;
     tracing::warn!(partition = %part.id, from = %hw, to = %base, dropped, "skipped the log forward to where the primary's retained log starts");
     Ok(dropped)
+}
+
+/// Writes the epoch history; a failure fails the partition (a stale file
+/// could later name epochs at offsets that hold other records).
+fn persist_history(part: &PartitionLog) -> LogResult<()> {
+    part.epochs.persist().inspect_err(|e| {
+        part.fail(format!("cannot write the epoch history: {e}"));
+    })
 }
 
 const RESET_MARKER: &str = "reset-to";

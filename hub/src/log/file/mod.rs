@@ -341,6 +341,10 @@ impl EventLog for FileLog {
         }
     }
 
+    fn partition_failure(&self, p: PartitionId) -> Option<String> {
+        self.part(p).ok().and_then(|part| part.failure())
+    }
+
     fn health(&self) -> Result<(), Vec<String>> {
         let problems: Vec<String> = self
             .parts

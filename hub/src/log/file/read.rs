@@ -114,6 +114,12 @@ pub(super) fn read_blocking(
                         .file
                         .read_at(&mut chunk, pos)
                         .map_err(|e| io(seg.path.display(), e))?;
+                    if n < need {
+                        // The file is shorter than its durable length said
+                        // when this read began: a cut shortened it. What was
+                        // read is valid; the caller asks again.
+                        return Ok(out);
+                    }
                     chunk.truncate(n);
                     continue;
                 }

@@ -65,6 +65,12 @@ pub(super) fn retain(part: &PartitionLog, config: &FileLogConfig) {
             let _ = fs::remove_file(segment_path(&part.dir, victim.base, "idx"));
             victim
         };
+        // Durable before the next deletion: unlinks must not survive a
+        // power cut out of order (a hole at the start of the log).
+        if let Err(e) = super::sync_dir(&part.dir) {
+            tracing::warn!(partition = %part.id, error = %e, "cannot sync the partition directory after retention");
+            return;
+        }
         tracing::info!(partition = %part.id, base = %victim.base, "retention deleted a segment");
     }
 }
