@@ -341,3 +341,27 @@ async fn skipping_forward_survives_a_crash_half_way() {
     let err = FileLog::open(config).unwrap_err().to_string();
     assert!(err.contains("reset-to is corrupt"), "{err}");
 }
+
+#[tokio::test]
+async fn a_cut_at_a_segments_base_keeps_it_readable_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    fill(&log, 40, 300).await;
+    let archive = dir.path().join("archive.log");
+    assert_eq!(
+        log.cut_and_archive(P0, Offset(0), archive).await.unwrap(),
+        40
+    );
+    assert_eq!(log.high_watermark(P0), Offset(0));
+    // Enough records to add sparse index entries after the cut.
+    for i in 0..60 {
+        assert_eq!(log.append(P0, rec_at(i, 2)).await.unwrap(), Offset(i));
+    }
+    let all = log.read(P0, Offset(0), ALL).await.unwrap();
+    assert_eq!(all.len(), 60);
+    assert_eq!(all[0].record.epoch, Epoch(2));
+    assert_eq!(
+        log.read(P0, Offset(31), ALL).await.unwrap()[0].offset,
+        Offset(31)
+    );
+}

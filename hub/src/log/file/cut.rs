@@ -116,6 +116,10 @@ pub(super) fn cut_and_archive(
     let index: Vec<(u64, u64)> = {
         let mut ix = seg.index.write().unwrap_or_else(|e| e.into_inner());
         ix.retain(|(o, _)| *o < from.0);
+        if ix.is_empty() {
+            // Cut at the segment's base: the first entry is always (base, 0).
+            ix.push((seg.base.0, 0));
+        }
         ix.clone()
     };
     seg.durable_len.store(pos, Ordering::Release);
