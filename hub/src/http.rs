@@ -92,7 +92,10 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(_) => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
             }
-            RegistryError::AlreadyExists(_) => {
+            RegistryError::AlreadyExists(_)
+            | RegistryError::ClockAhead { .. }
+            | RegistryError::NotApplied(_)
+            | RegistryError::ImplausibleVersion { .. } => {
                 Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, e.to_string())
             }
             _ if e.retryable() => Self::new(

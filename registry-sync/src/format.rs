@@ -219,6 +219,8 @@ impl<R: BufRead> Reader<R> {
                 return Err(FormatError::at(line, record_err.to_string()));
             }
         };
+        crate::hlc::plausible(rec.version, crate::hlc::wall_ms())
+            .map_err(|why| FormatError::at(line, format!("device {}: {why}", rec.device_id)))?;
         self.check_duplicate(&rec.device_id, line)?;
         self.count += 1;
         Ok(Some(rec))

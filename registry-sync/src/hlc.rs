@@ -21,6 +21,38 @@ pub fn observe(last: Version, remote: Version) -> Version {
     last.max(remote)
 }
 
+/// How far ahead of this machine's clock a record's version may be: the
+/// regions' clocks are assumed within an hour of each other. A version
+/// beyond it (a clock far off, or a crafted record claiming version
+/// 18446744073709551615) would stop the registry clock: every later local
+/// write would claim the same version and change nothing.
+pub const MAX_SKEW_MS: u64 = 60 * 60 * 1000;
+
+/// The highest version accepted when the wall clock reads `wall_ms`: an
+/// hour ahead, and never beyond what a signed 64-bit column holds.
+#[must_use]
+pub fn limit(wall_ms: u64) -> Version {
+    let ms = wall_ms
+        .saturating_add(MAX_SKEW_MS)
+        .min((i64::MAX as u64) >> Version::LOGICAL_BITS);
+    Version((ms << Version::LOGICAL_BITS) | ((1 << Version::LOGICAL_BITS) - 1))
+}
+
+/// Whether `v` is a version this registry may take now.
+///
+/// # Errors
+/// Why not, naming the limit.
+pub fn plausible(v: Version, wall_ms: u64) -> Result<(), String> {
+    let max = limit(wall_ms);
+    if v > max {
+        return Err(format!(
+            "version {v} is beyond this machine's clock plus {} s (at most {max}): a clock far off, or a forged record",
+            MAX_SKEW_MS / 1000
+        ));
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch from the system clock.
 pub fn wall_ms() -> u64 {
     fleet_api::UnixMillis::now().0
@@ -44,6 +76,16 @@ mod tests {
         let c = tick(b, 4_000);
         assert!(a < b && b < c);
         assert_eq!(c.millis(), 5_000);
+    }
+
+    #[test]
+    fn versions_beyond_the_clock_plus_the_skew_or_the_column_are_refused() {
+        let now = 1_800_000_000_000;
+        assert!(plausible(tick(Version(0), now), now).is_ok());
+        assert!(plausible(tick(Version(0), now + MAX_SKEW_MS), now).is_ok());
+        assert!(plausible(tick(Version(0), now + MAX_SKEW_MS + 1), now).is_err());
+        assert!(plausible(Version(u64::MAX), now).is_err());
+        assert!(limit(u64::MAX).0 <= i64::MAX as u64);
     }
 
     #[test]

@@ -251,6 +251,18 @@ async fn bad_import_files_are_refused_whole_with_their_line() {
         ),
         ("empty", String::new(), "line 1: empty file"),
     ];
+    // A version no clock will reach: it would stop the registry clock.
+    let v: Value = json(lines[3]);
+    let poisoned = lines[3].replace(
+        &format!("\"version\":{}", v["version"]),
+        "\"version\":18446744073709551615",
+    );
+    assert_ne!(poisoned, lines[3]);
+    cases.push((
+        "version from the future",
+        join(&[&lines[..3], &[poisoned.as_str()], &lines[4..]].concat()),
+        "line 4: device d002: version 18446744073709551615 is beyond this machine's clock",
+    ));
     let bad_id = lines[3].replace("\"d002\"", "\"d 002\"");
     cases.push((
         "invalid device_id",

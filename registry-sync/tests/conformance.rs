@@ -263,10 +263,16 @@ async fn apply_rolls_back_whole(s: Arc<dyn RegistryStore>) {
     assert_eq!(s.follow_watermark("src").await.unwrap(), Seq(5));
 }
 
+/// Now plus `ms`, as a version.
+fn ahead(ms: u64) -> u64 {
+    (registry_sync::hlc::wall_ms() + ms) << Version::LOGICAL_BITS
+}
+
 async fn a_local_write_beats_every_merged_version(s: Arc<dyn RegistryStore>) {
     s.claim_region(&region("a")).await.unwrap();
-    // A record from a region whose clock runs far ahead of ours.
-    let future = remote("d", 1 << 62, "z", false);
+    // A record from a region whose clock runs ahead of ours (within the
+    // allowed skew).
+    let future = remote("d", ahead(30 * 60 * 1000), "z", false);
     let mut tx = s.begin_apply().await.unwrap();
     tx.apply(std::slice::from_ref(&future)).await.unwrap();
     tx.commit().await.unwrap();
@@ -282,6 +288,24 @@ async fn a_local_write_beats_every_merged_version(s: Arc<dyn RegistryStore>) {
         .unwrap();
     assert!(mine.supersedes(&future));
     assert_eq!(s.get(&id("d")).await.unwrap().unwrap(), mine);
+}
+
+/// A version beyond the clock plus the skew (or the column) is refused with
+/// the device named, and nothing of the batch is applied.
+async fn apply_refuses_versions_from_the_future(s: Arc<dyn RegistryStore>) {
+    for bad in [u64::MAX, 1 << 63, ahead(2 * 3600 * 1000)] {
+        let mut tx = s.begin_apply().await.unwrap();
+        let err = tx
+            .apply(&[remote("ok", 10, "x", false), remote("bad", bad, "x", false)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::ImplausibleVersion { device_id, .. } if device_id.as_str() == "bad"),
+            "{err}"
+        );
+        drop(tx);
+        assert!(all(&*s).await.is_empty(), "nothing applied for {bad}");
+    }
 }
 
 async fn concurrent_writers_get_distinct_sequences(s: Arc<dyn RegistryStore>) {
@@ -406,6 +430,7 @@ conformance!(
     apply_enforces_the_merge_rule,
     apply_rolls_back_whole,
     a_local_write_beats_every_merged_version,
+    apply_refuses_versions_from_the_future,
     concurrent_writers_get_distinct_sequences,
     store_ids_are_stable_and_distinct,
     heads_and_compare_match_apply,
@@ -423,6 +448,46 @@ async fn versions_survive_a_clock_going_back(kind: Kind) {
     let b = s.create(vec![new_device("b", 1)]).await.unwrap().remove(0);
     let a2 = s.update(&id("a"), Patch::default()).await.unwrap();
     assert!(a.version < b.version && b.version < a2.version);
+}
+
+/// A registry whose clock is far ahead of the machine's (a record written
+/// by a machine hours in the future, or stored before versions were
+/// bounded) refuses local writes instead of printing success for a write
+/// that changes nothing.
+async fn a_clock_far_ahead_refuses_writes_instead_of_losing_them(kind: Kind) {
+    let real = registry_sync::hlc::wall_ms();
+    let now = Arc::new(AtomicU64::new(real + 10 * 3600 * 1000));
+    let clock = now.clone();
+    let f = fixture(kind, Some(Arc::new(move || clock.load(Ordering::SeqCst)))).await;
+    let s = f.store;
+    s.claim_region(&region("a")).await.unwrap();
+    s.create(vec![new_device("d", 1)]).await.unwrap();
+    now.store(real, Ordering::SeqCst);
+    let err = s
+        .update(
+            &id("d"),
+            Patch {
+                status: Some(DeviceStatus::Disabled),
+                ..Patch::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::ClockAhead { .. }), "{err}");
+    assert_eq!(
+        s.get(&id("d")).await.unwrap().unwrap().status,
+        DeviceStatus::Enabled
+    );
+}
+
+#[tokio::test]
+async fn sqlite_a_clock_far_ahead_refuses_writes() {
+    a_clock_far_ahead_refuses_writes_instead_of_losing_them(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_a_clock_far_ahead_refuses_writes() {
+    a_clock_far_ahead_refuses_writes_instead_of_losing_them(Kind::Postgres).await;
 }
 
 #[tokio::test]

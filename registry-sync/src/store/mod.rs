@@ -50,6 +50,14 @@ pub enum RegistryError {
     BadUrl(String),
     #[error("stored record {device_id:?} is invalid: {reason}")]
     Corrupt { device_id: String, reason: String },
+    #[error("device {device_id}: {reason}; nothing was applied")]
+    ImplausibleVersion { device_id: DeviceId, reason: String },
+    #[error(
+        "the registry clock is at version {clock}, beyond this machine's clock plus the allowed skew: a record from the future is in it; nothing was written (find it with `registry-sync export`)"
+    )]
+    ClockAhead { clock: fleet_api::Version },
+    #[error("the write to device {0} did not take effect (a newer record is stored)")]
+    NotApplied(DeviceId),
     #[error("database")]
     Db(#[from] sqlx::Error),
     #[error("database schema migration")]

@@ -202,10 +202,15 @@ impl<DB: Database> fmt::Debug for SqlTx<DB> {
 }
 
 impl<DB: Database> SqlTx<DB> {
-    fn next_version(&mut self) -> Version {
-        self.hlc = hlc::tick(self.hlc, (self.wall)());
+    fn next_version(&mut self) -> Result<Version> {
+        let wall = (self.wall)();
+        let next = hlc::tick(self.hlc, wall);
+        if hlc::plausible(next, wall).is_err() {
+            return Err(RegistryError::ClockAhead { clock: self.hlc });
+        }
+        self.hlc = next;
         self.dirty = true;
-        self.hlc
+        Ok(next)
     }
 
     fn now(&self) -> UnixMillis {
@@ -386,7 +391,10 @@ macro_rules! impl_store {
 
             async fn write_one(mut self, rec: DeviceRecord) -> Result<DeviceRecord> {
                 let n = self.write(&[&rec]).await?;
-                debug_assert_eq!(n, 1, "a local write always supersedes the stored record");
+                if n != 1 {
+                    // Rolled back when `self` drops.
+                    return Err(RegistryError::NotApplied(rec.device_id));
+                }
                 self.finish().await?;
                 Ok(rec)
             }
@@ -403,6 +411,15 @@ macro_rules! impl_store {
         #[async_trait]
         impl ApplyTx for SqlTx<$db> {
             async fn apply(&mut self, batch: &[DeviceRecord]) -> Result<Vec<Outcome>> {
+                let wall = (self.wall)();
+                for rec in batch {
+                    hlc::plausible(rec.version, wall).map_err(|reason| {
+                        RegistryError::ImplausibleVersion {
+                            device_id: rec.device_id.clone(),
+                            reason,
+                        }
+                    })?;
+                }
                 let ids: Vec<&DeviceId> = batch.iter().map(|r| &r.device_id).collect();
                 let mut current = self.fetch_heads(&ids).await?;
                 let mut latest: HashMap<&DeviceId, &DeviceRecord> = HashMap::new();
@@ -525,20 +542,20 @@ macro_rules! impl_store {
                     }
                 }
                 let now = tx.now();
-                let records: Vec<DeviceRecord> = devices
-                    .into_iter()
-                    .map(|d| DeviceRecord {
+                let mut records: Vec<DeviceRecord> = Vec::with_capacity(devices.len());
+                for d in devices {
+                    records.push(DeviceRecord {
                         device_id: d.device_id,
                         key_sha256: d.key_sha256,
                         status: d.status,
                         tags: d.tags,
                         created_at: now,
                         updated_at: now,
-                        version: tx.next_version(),
+                        version: tx.next_version()?,
                         origin: region.clone(),
                         deleted: false,
-                    })
-                    .collect();
+                    });
+                }
                 let refs: Vec<&DeviceRecord> = records.iter().collect();
                 let n = tx.write(&refs).await?;
                 debug_assert_eq!(n, records.len() as u64);
@@ -564,7 +581,7 @@ macro_rules! impl_store {
                 if let Some(k) = key_sha256 {
                     rec.key_sha256 = k;
                 }
-                rec.version = tx.next_version();
+                rec.version = tx.next_version()?;
                 rec.updated_at = tx.now();
                 rec.origin = region;
                 tx.write_one(rec).await
@@ -577,7 +594,7 @@ macro_rules! impl_store {
                 rec.deleted = true;
                 rec.status = DeviceStatus::Disabled;
                 rec.tags = Tags::default();
-                rec.version = tx.next_version();
+                rec.version = tx.next_version()?;
                 rec.updated_at = tx.now();
                 rec.origin = region;
                 tx.write_one(rec).await
