@@ -387,8 +387,11 @@ impl RunArgs {
             bail!("--partitions must be between 1 and 1024");
         }
         if let Some(limit) = payload_limit {
-            if !(1..=64 << 20).contains(&limit) {
-                bail!("--payload-limit must be between 1 byte and 64 MiB");
+            let max = crate::log::frame::MAX_PAYLOAD;
+            if !(1..=max).contains(&limit) {
+                bail!(
+                    "--payload-limit must be between 1 and {max} bytes (a log record holds at most that much payload)"
+                );
             }
             c.front.payload_limit = limit;
         }

@@ -92,12 +92,15 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(_) => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
             }
-            RegistryError::AlreadyExists(_)
-            | RegistryError::ClockAhead { .. }
-            | RegistryError::NotApplied(_)
-            | RegistryError::ImplausibleVersion { .. } => {
+            RegistryError::AlreadyExists(_) | RegistryError::ImplausibleVersion { .. } => {
                 Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, e.to_string())
             }
+            // The registry's state, not the request, is the problem.
+            RegistryError::ClockAhead { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                format!("registry: {e}"),
+            ),
             _ if e.retryable() => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,

@@ -226,8 +226,7 @@ impl Ingest {
         mode: Replication,
     ) -> Result<Arc<Ingest>, LogError> {
         let snapshot_dir = data_dir.join("dedup");
-        fs::create_dir_all(&snapshot_dir)
-            .map_err(|e| LogError::Io(format!("{}: {e}", snapshot_dir.display())))?;
+        crate::log::file::create_dir_durable(&snapshot_dir)?;
         let mut parts = Vec::new();
         let mut replicated = Vec::new();
         let linked = state.detached().is_none();

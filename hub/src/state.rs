@@ -87,7 +87,8 @@ impl HubState {
             path: path.clone(),
             source,
         };
-        fs::create_dir_all(dir).map_err(io)?;
+        crate::log::file::create_dir_durable(dir)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         let mut detached = None;
         let current = match fs::read(&path) {
             Ok(bytes) => {

@@ -368,6 +368,13 @@ pub async fn follow(
                 tracing::warn!(error = %format!("{e:#}"), "follow round failed, retrying");
                 options.retry
             }
+            // A record from the future: exiting would only restart on the
+            // same batch; staying up keeps saying which record (and a clock
+            // that is merely ahead catches up on its own).
+            Err(e @ RegistryError::ImplausibleVersion { .. }) => {
+                tracing::error!(error = %e, "follow is held up by a record with an implausible version; fix the source's clock or the record");
+                options.retry
+            }
             Err(e) => return Err(e.into()),
         };
         tokio::select! {

@@ -385,3 +385,58 @@ async fn operators_detach_and_attach_with_the_admin_token_only() {
     })
     .await;
 }
+
+/// A primary that restarts while its peer does not answer stays fenced: an
+/// unanswered look proves nothing (the other region may have taken over
+/// during a partition). An operator's detach lets it run alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_that_cannot_see_its_peer_stays_fenced_until_detached() {
+    let h = harness!("a_restarted_primary_that_cannot_see_its_peer_stays_fenced_until_detached");
+    let (ra, rb) = registries(&h, &["d1"]).await;
+    let (mut a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    b.node.kill9();
+    a.restart(&h);
+    // Looks at the peer have failed (it is reported unreachable) ...
+    wait_for(20, "a to find its peer unreachable", || async {
+        peer_state(&status(&a).await) == Some(PeerState::Unreachable)
+    })
+    .await;
+    // ... and still nothing is accepted.
+    let s = status(&a).await;
+    assert_eq!(s.role, Role::Primary);
+    assert!(
+        s.fenced,
+        "a restarted primary unfenced without seeing its peer"
+    );
+    let (_, code) = RawClient::connect(a.mqtt, "d1", Some(("d1", &ra.key("d1")))).await;
+    assert_eq!(code, Some(ConnectReturnCode::ServiceUnavailable));
+    // The operator decides the peer is lost: a runs alone.
+    let r = post(format!("{}/v1/peer/detach", a.url()), serde_json::json!({})).await;
+    assert_eq!(r.status(), 200);
+    wait_for(20, "a to accept writes", || async {
+        !status(&a).await.fenced
+    })
+    .await;
+    let (mut c, code) = RawClient::connect(a.mqtt, "d1", Some(("d1", &ra.key("d1")))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    c.publish(
+        "devices/d1/messages/events/1",
+        QoS::AtLeastOnce,
+        1,
+        b"alone",
+    )
+    .await;
+    loop {
+        match c.recv(Duration::from_secs(10)).await {
+            Ok(Packet::PubAck(_)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("no PUBACK after the detach: {e:?}"),
+        }
+    }
+    // The peer returns: it is looked at, and a keeps its role.
+    b.restart(&h);
+    wait_for(20, "a to see b again", || async {
+        status(&a).await.peer_reachable
+    })
+    .await;
+}

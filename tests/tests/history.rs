@@ -204,19 +204,37 @@ async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
         "--retention-check-ms",
         "100",
     ];
-    let (mut a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &small);
+    // B pulls through a proxy that can be cut; A watches B directly (a
+    // restarted primary waits until it sees its peer).
+    let (http_a, http_b) = (tests::reserve_port(), tests::reserve_port());
+    let to_a = tests::proxy::Proxy::start(http_a.parse().unwrap()).await;
+    let (peer_of_b, peer_of_a) = (to_a.url(), format!("http://{http_b}"));
+    let mut args_b = vec![
+        "--http",
+        &http_b,
+        "--peer",
+        &peer_of_b,
+        "--role",
+        "secondary",
+    ];
+    args_b.extend_from_slice(&small);
+    let b = h.hub("hub-b", "b", &rb.url, &args_b);
+    let mut args_a = vec!["--http", &http_a, "--peer", &peer_of_a, "--role", "primary"];
+    args_a.extend_from_slice(&small);
+    let mut a = h.hub("hub-a", "a", &ra.url, &args_a);
     publish(&a, &ra, "d1", 1..=100, "a").await;
     wait_for(20, "B to hold the first records", || async {
         status(&b).await.partitions[0].high_watermark.0 == 100
     })
     .await;
-    b.node.kill9();
-    // Far more than the retention limit while B is away, and a restart of
-    // A in the middle (it must remember how far B had pulled).
+    to_a.cut();
+    // Far more than the retention limit while B cannot pull, and a restart
+    // of A in the middle (it must remember how far B had pulled).
     publish(&a, &ra, "d1", 101..=600, "a").await;
     a.restart(&h);
     wait_for(20, "A to accept writes again", || async {
-        status(&a).await.role == Role::Primary
+        let s = status(&a).await;
+        s.role == Role::Primary && !s.fenced
     })
     .await;
     publish(&a, &ra, "d1", 601..=1200, "a").await;
@@ -226,7 +244,7 @@ async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
         start <= 100,
         "A deleted records up to {start}, which the attached secondary has not pulled (it holds 0..100)"
     );
-    b.restart(&h);
+    to_a.heal();
     wait_for(60, "B to catch up", || async {
         status(&b).await.partitions[0].high_watermark.0 == 1200
     })

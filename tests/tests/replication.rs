@@ -832,6 +832,13 @@ async fn a_hub_with_a_peer_needs_its_own_peer_token() {
             false,
             "--read-token must differ",
         ),
+        // A payload the log's frames cannot hold would be acknowledged,
+        // then never read back.
+        (
+            &["--payload-limit", "67108864"][..],
+            false,
+            "a log record holds at most that much payload",
+        ),
     ] {
         let mut child = h
             .command("bad-peer-token", &base(extra, with_peer))

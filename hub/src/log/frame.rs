@@ -22,6 +22,10 @@ pub const MAGIC: u8 = 0xF1;
 pub const HEADER: usize = 9;
 /// Larger bodies are never written, so a larger length means a bad frame.
 pub const MAX_BODY: usize = 64 << 20;
+/// The largest payload a frame holds with room for the largest device id,
+/// region and fixed fields: a larger payload could be acknowledged, then
+/// never read back.
+pub const MAX_PAYLOAD: usize = MAX_BODY - 4096;
 
 /// Appends the frame of `rec` at `offset` to `out`; returns its length.
 pub fn encode(out: &mut Vec<u8>, offset: Offset, rec: &NewRecord) -> usize {

@@ -1,6 +1,7 @@
 //! Watching the peer: this hub learns a higher epoch from it, and tells a
 //! stale primary to demote. A hub that restarts as primary stays fenced
-//! until the first look, since someone may have taken over meanwhile.
+//! until a look at the peer succeeds (or the peer is detached), since
+//! someone may have taken over meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,9 +52,16 @@ impl Control {
                     self.tell_peer_to_demote(peer.clone(), me.epoch).await;
                 }
             }
-            if first {
-                // A restarted primary waited for this first look (see `fence_until_checked`).
+            // A restarted primary waits for a look that *succeeds* (see
+            // `fence_until_checked`): an unanswered one proves nothing, and
+            // during a partition the other region may have taken over. A
+            // detached peer (an operator's decision, or
+            // `--peer-detach-after-s`) no longer counts: it runs alone.
+            if first && (status.is_some() || self.state.detached().is_some()) {
                 first = false;
+                if self.state.fenced() && self.state.get().role == Role::Primary {
+                    tracing::info!("the peer was looked at (or is detached): accepting writes");
+                }
                 self.state.set_fenced(false);
                 self.looked.send_replace(true);
             }

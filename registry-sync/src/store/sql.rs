@@ -558,7 +558,10 @@ macro_rules! impl_store {
                 }
                 let refs: Vec<&DeviceRecord> = records.iter().collect();
                 let n = tx.write(&refs).await?;
-                debug_assert_eq!(n, records.len() as u64);
+                if n != records.len() as u64 {
+                    // Rolled back when `tx` drops.
+                    return Err(RegistryError::NotApplied(records[0].device_id.clone()));
+                }
                 tx.finish().await?;
                 Ok(records)
             }

@@ -53,7 +53,7 @@ pub(super) fn cut_and_archive(
         frame::encode(&mut buf, r.offset, &r.record);
     }
     if let Some(dir) = archive.parent() {
-        fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
+        super::create_dir_durable(dir)?;
     }
     let mut f = File::create(archive).map_err(|e| io(archive.display(), e))?;
     f.write_all(&buf)

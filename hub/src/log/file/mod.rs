@@ -140,6 +140,22 @@ fn io(what: impl std::fmt::Display, e: std::io::Error) -> LogError {
     LogError::Io(format!("{what}: {e}"))
 }
 
+/// Creates `dir` and any missing parents so that they survive a power cut:
+/// each new directory's entry is fsynced into its parent.
+///
+/// # Errors
+/// When a directory cannot be created or synced.
+pub fn create_dir_durable(dir: &Path) -> LogResult<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> LogResult<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -160,7 +176,7 @@ impl FileLog {
                 config.partitions
             )));
         }
-        fs::create_dir_all(&config.dir).map_err(|e| io(config.dir.display(), e))?;
+        create_dir_durable(&config.dir)?;
         let meta_path = config.dir.join("meta.json");
         match fs::read(&meta_path) {
             Ok(bytes) => {

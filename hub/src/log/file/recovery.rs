@@ -106,7 +106,7 @@ pub(super) fn open_partition(
     id: PartitionId,
 ) -> LogResult<Arc<PartitionLog>> {
     let dir = config.dir.join(format!("p{}", id.0));
-    fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
+    super::create_dir_durable(&dir)?;
     cut::finish_reset(&dir)?;
     let mut bases: Vec<Offset> = fs::read_dir(&dir)
         .map_err(|e| io(dir.display(), e))?
