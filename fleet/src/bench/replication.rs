@@ -461,7 +461,9 @@ async fn start_pair(
         hubs.push(member.spawn().await?);
         members.push(member);
     }
-    wait_until(http, hubs[0].http, |s| s.peer_reachable).await?;
+    // A primary accepts writes once it has seen its peer (not merely been
+    // pulled from).
+    wait_until(http, hubs[0].http, |s| s.peer_reachable && !s.fenced).await?;
     wait_until(http, hubs[1].http, |s| s.peer_reachable).await?;
     Ok(Pair {
         name,
