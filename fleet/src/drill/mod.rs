@@ -532,9 +532,12 @@ pub async fn run(
         report.duplicate_records += (mids.len() - set.len()) as u64;
         let acked_here = (first..=acked.min(last)).count() as u64;
         report.acknowledged += acked_here.saturating_sub(dropped);
-        report.lost += (first..=acked.min(last))
+        // Mids up to the acknowledged one that are not stored: the ones a
+        // full outbox dropped (never sent; counted apart) and the lost.
+        let missing = (first..=acked.min(last))
             .filter(|m| !set.contains(m))
             .count() as u64;
+        report.lost += missing.saturating_sub(dropped);
         report.stored += set.len() as u64;
         if let Some(t) = first_new.get(&id) {
             rtos.push(t.saturating_sub(kill_wall));
