@@ -162,7 +162,7 @@ pub struct Ingest {
     snapshot_dir: PathBuf,
     budget: Arc<Semaphore>,
     /// How far the peer has durably pulled: retention's floor on a primary.
-    peer_pulled: PeerPulled,
+    peer_pulled: Arc<PeerPulled>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -230,7 +230,7 @@ impl Ingest {
         let mut parts = Vec::new();
         let mut replicated = Vec::new();
         let linked = state.detached().is_none();
-        let peer_pulled = PeerPulled::load(&snapshot_dir, log.partitions());
+        let peer_pulled = Arc::new(PeerPulled::load(&snapshot_dir, log.partitions()));
         for p in 0..log.partitions() {
             let p = PartitionId(p);
             let hw = log.high_watermark(p);
@@ -676,8 +676,14 @@ impl Ingest {
     /// retention delete what the snapshots cover and, on a primary, what
     /// the attached peer has durably pulled (as recorded on disk).
     pub async fn snapshot(&self) {
-        if let Err(e) = self.peer_pulled.persist() {
-            tracing::warn!(error = %e, "cannot record what the peer pulled; retention keeps the previous floor");
+        // File writes and fsyncs run off the runtime's threads.
+        let pulled = self.peer_pulled.clone();
+        match tokio::task::spawn_blocking(move || pulled.persist()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot record what the peer pulled; retention keeps the previous floor");
+            }
+            Err(e) => tracing::warn!(error = %e, "recording what the peer pulled did not finish"),
         }
         let secondary = self.state.get().role == fleet_api::Role::Secondary;
         for p in 0..self.log.partitions() {
@@ -690,7 +696,10 @@ impl Ingest {
                 continue;
             }
             let path = snapshot_path(&self.snapshot_dir, p);
-            match write_snapshot(&path, upto, &map) {
+            let written = tokio::task::spawn_blocking(move || write_snapshot(&path, upto, &map))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match written {
                 Ok(()) => {
                     // A primary's retention must also keep what the attached
                     // secondary has not pulled; a detached peer holds the
