@@ -23,7 +23,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +34,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
+use crate::dedup_snapshot::{read_snapshot, snapshot_path, write_snapshot};
 use crate::log::{EventLog, LogError, NewRecord, ReadLimits, Record};
 use crate::peer_pulled::PeerPulled;
 use crate::state::HubState;
@@ -85,7 +85,7 @@ pub enum Replication {
 }
 
 /// Per device: the highest accepted mid and the offset of that record.
-type Accepted = HashMap<DeviceId, (Mid, Offset)>;
+pub(crate) type Accepted = HashMap<DeviceId, (Mid, Offset)>;
 
 /// What became of a publish once it is safe to acknowledge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -729,91 +729,5 @@ impl Ingest {
             tick.tick().await;
             self.snapshot().await;
         }
-    }
-}
-
-fn snapshot_path(dir: &Path, p: PartitionId) -> PathBuf {
-    dir.join(format!("p{}.snap", p.0))
-}
-
-const SNAP_MAGIC: &[u8; 4] = b"FDS2";
-
-fn write_snapshot(path: &Path, upto: Offset, map: &Accepted) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(16 + map.len() * 48);
-    buf.extend_from_slice(SNAP_MAGIC);
-    buf.extend_from_slice(&upto.0.to_le_bytes());
-    buf.extend_from_slice(&(map.len() as u32).to_le_bytes());
-    for (id, (mid, at)) in map {
-        let b = id.as_str().as_bytes();
-        buf.push(b.len() as u8);
-        buf.extend_from_slice(b);
-        buf.extend_from_slice(&mid.0.to_le_bytes());
-        buf.extend_from_slice(&at.0.to_le_bytes());
-    }
-    let crc = crc32fast::hash(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
-    let tmp = path.with_extension("snap.tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn read_snapshot(path: &Path) -> Option<(Offset, Accepted)> {
-    let bytes = fs::read(path).ok()?;
-    let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
-    if crc32fast::hash(body).to_le_bytes() != crc || !body.starts_with(SNAP_MAGIC) {
-        tracing::warn!(path = %path.display(), "ignoring an invalid dedup snapshot");
-        return None;
-    }
-    let mut b = &body[4..];
-    let mut take = |n: usize| -> Option<Vec<u8>> {
-        if b.len() < n {
-            return None;
-        }
-        let (h, t) = b.split_at(n);
-        b = t;
-        Some(h.to_vec())
-    };
-    let u64_of = |v: Vec<u8>| v.try_into().ok().map(u64::from_le_bytes);
-    let upto = Offset(u64_of(take(8)?)?);
-    let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
-    let mut map = HashMap::with_capacity(count as usize);
-    for _ in 0..count {
-        let n = usize::from(take(1)?[0]);
-        let id = DeviceId::new(String::from_utf8(take(n)?).ok()?).ok()?;
-        let mid = Mid(u64_of(take(8)?)?);
-        let at = Offset(u64_of(take(8)?)?);
-        map.insert(id, (mid, at));
-    }
-    Some((upto, map))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_round_trip_and_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p0.snap");
-        let map: Accepted = (0..100)
-            .map(|i| {
-                (
-                    DeviceId::new(format!("d{i}")).unwrap(),
-                    (Mid(i * 3), Offset(i * 7)),
-                )
-            })
-            .collect();
-        write_snapshot(&path, Offset(77), &map).unwrap();
-        assert_eq!(read_snapshot(&path), Some((Offset(77), map)));
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[20] ^= 1;
-        fs::write(&path, &bytes).unwrap();
-        assert_eq!(read_snapshot(&path), None);
     }
 }

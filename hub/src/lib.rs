@@ -10,6 +10,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+mod dedup_snapshot;
 pub mod front;
 pub mod http;
 pub mod https;
