@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Child, Stdio};
 
-use fleet_api::hub::StatusResponse;
+use fleet_api::hub::{FailbackReport, StatusResponse};
 
 use crate::{ADMIN_TOKEN, ConciergeNode, Harness, HubNode, Registry};
 
@@ -22,6 +22,31 @@ pub async fn registries<S: AsRef<str>>(h: &Harness, devices: &[S]) -> (Registry,
 /// `GET /v1/status` of `hub`.
 pub async fn status(hub: &HubNode) -> StatusResponse {
     hub.client().status().await.expect("status")
+}
+
+/// `GET /v1/failback` of `hub`.
+pub async fn failback_report(hub: &HubNode) -> FailbackReport {
+    reqwest::Client::new()
+        .get(format!("{}/v1/failback", hub.url()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("failback report")
+        .json()
+        .await
+        .expect("failback report JSON")
+}
+
+/// A stored record as a comparable row: offset, mid, payload, epoch.
+pub type Row = (u64, Option<u64>, Vec<u8>, u64);
+
+/// The records of `device` on `hub` (8 partitions) as [`Row`]s.
+pub async fn rows(hub: &HubNode, device: &str) -> Vec<Row> {
+    hub.records_of(device, 8)
+        .await
+        .into_iter()
+        .map(|r| (r.offset.0, r.mid.map(|m| m.0), r.payload, r.epoch.0))
+        .collect()
 }
 
 /// `POST url` with the admin token and a JSON body.

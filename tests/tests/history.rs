@@ -4,23 +4,28 @@
 
 use std::time::Duration;
 
-use fleet_api::hub::{EpochHistory, FailbackReport};
+use fleet_api::hub::EpochHistory;
 use fleet_api::{DeviceId, Role, partition_for};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use tests::load::{admin_post as post, registries, status};
+use tests::load::{Row, admin_post as post, failback_report, registries, rows as records, status};
 use tests::mqtt::RawClient;
 use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
 
-type Row = (u64, Option<u64>, Vec<u8>, u64);
-
-async fn records(hub: &HubNode, device: &str) -> Vec<Row> {
-    hub.records_of(device, 8)
-        .await
-        .into_iter()
-        .map(|r| (r.offset.0, r.mid.map(|m| m.0), r.payload, r.epoch.0))
-        .collect()
-}
+/// One partition, 4 KiB segments, 16 KiB retained, snapshots and retention
+/// checks every few hundred milliseconds: retention acts within a test.
+const SMALL: [&str; 10] = [
+    "--partitions",
+    "1",
+    "--segment-bytes",
+    "4096",
+    "--retention-bytes",
+    "16384",
+    "--snapshot-every-ms",
+    "200",
+    "--retention-check-ms",
+    "100",
+];
 
 /// Publishes mids `mids` of `id` to `hub` with `tag` in the payload and
 /// waits for every PUBACK.
@@ -136,15 +141,7 @@ async fn a_returning_region_reconciles_on_the_whole_epoch_history() {
         "B must hold A's records at every offset (its epoch-2 records at 80..120 are foreign); first difference (A, B): {differ:?}"
     );
     // B set aside exactly its epoch-2 records.
-    let fb: FailbackReport = reqwest::Client::new()
-        .get(format!("{}/v1/failback", b.url()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fb = failback_report(&b).await;
     let p = partition_for(&DeviceId::new("d1").unwrap(), 8);
     let ranges: Vec<(u64, u64, u64)> = fb
         .archived
@@ -192,18 +189,6 @@ fn segment_files(hub_dir: &std::path::Path) -> usize {
 async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
     let h = harness!("retention_keeps_what_the_secondary_needs_and_runs_on_both_roles");
     let (ra, rb) = registries(&h, &["d1"]).await;
-    let small = [
-        "--partitions",
-        "1",
-        "--segment-bytes",
-        "4096",
-        "--retention-bytes",
-        "16384",
-        "--snapshot-every-ms",
-        "200",
-        "--retention-check-ms",
-        "100",
-    ];
     // B pulls through a proxy that can be cut; A watches B directly (a
     // restarted primary waits until it sees its peer).
     let (http_a, http_b) = (tests::reserve_port(), tests::reserve_port());
@@ -217,10 +202,10 @@ async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
         "--role",
         "secondary",
     ];
-    args_b.extend_from_slice(&small);
+    args_b.extend_from_slice(&SMALL);
     let b = h.hub("hub-b", "b", &rb.url, &args_b);
     let mut args_a = vec!["--http", &http_a, "--peer", &peer_of_a, "--role", "primary"];
-    args_a.extend_from_slice(&small);
+    args_a.extend_from_slice(&SMALL);
     let mut a = h.hub("hub-a", "a", &ra.url, &args_a);
     publish(&a, &ra, "d1", 1..=100, "a").await;
     wait_for(20, "B to hold the first records", || async {
@@ -282,19 +267,7 @@ async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
 async fn a_detached_secondary_returning_past_retention_skips_forward() {
     let h = harness!("a_detached_secondary_returning_past_retention_skips_forward");
     let (ra, rb) = registries(&h, &["d1"]).await;
-    let small = [
-        "--partitions",
-        "1",
-        "--segment-bytes",
-        "4096",
-        "--retention-bytes",
-        "16384",
-        "--snapshot-every-ms",
-        "200",
-        "--retention-check-ms",
-        "100",
-    ];
-    let (a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &small);
+    let (a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &SMALL);
     publish(&a, &ra, "d1", 1..=50, "a").await;
     wait_for(20, "B to hold the first records", || async {
         status(&b).await.partitions[0].high_watermark.0 == 50
@@ -356,19 +329,7 @@ async fn retained(hub: &HubNode) -> Vec<Row> {
 async fn a_returning_region_whose_retention_passed_the_divergence_reconciles() {
     let h = harness!("a_returning_region_whose_retention_passed_the_divergence_reconciles");
     let (ra, rb) = registries(&h, &["d1"]).await;
-    let small = [
-        "--partitions",
-        "1",
-        "--segment-bytes",
-        "4096",
-        "--retention-bytes",
-        "16384",
-        "--snapshot-every-ms",
-        "200",
-        "--retention-check-ms",
-        "100",
-    ];
-    let (mut a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &small);
+    let (mut a, mut b) = h.pair(("a", &ra), ("b", &rb), None, &SMALL);
     publish(&a, &ra, "d1", 1..=80, "a").await;
     wait_for(20, "B to hold offsets 0..80", || async {
         status(&b).await.partitions[0].high_watermark.0 == 80

@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fleet_api::hub::{FailbackReport, StatusResponse};
+use fleet_api::hub::StatusResponse;
 use fleet_api::{DeviceId, Role, partition_for};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use tests::load::{admin_post as post, registries, status};
+use tests::load::{admin_post as post, failback_report, registries, rows as records, status};
 use tests::mqtt::RawClient;
 use tests::{ADMIN_TOKEN, HubNode, Registry, harness, wait_for};
 
@@ -22,27 +22,6 @@ async fn stored(hub: &HubNode) -> u64 {
         .iter()
         .map(|p| p.high_watermark.0)
         .sum()
-}
-
-async fn failback_report(hub: &HubNode) -> FailbackReport {
-    reqwest::Client::new()
-        .get(format!("{}/v1/failback", hub.url()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("failback report")
-        .json()
-        .await
-        .expect("failback report JSON")
-}
-
-/// Records of `device` as comparable tuples.
-async fn records(hub: &HubNode, device: &str) -> Vec<(u64, Option<u64>, Vec<u8>, u64)> {
-    hub.records_of(device, 8)
-        .await
-        .into_iter()
-        .map(|r| (r.offset.0, r.mid.map(|m| m.0), r.payload, r.epoch.0))
-        .collect()
 }
 
 async fn connect(hub: &HubNode, reg: &Registry, id: &str) -> RawClient {
@@ -517,15 +496,7 @@ async fn an_isolated_old_primary_loses_no_acknowledged_telemetry() {
     })
     .await;
     wait_for(20, "the failback report to reconcile", || async {
-        let fb: FailbackReport = reqwest::Client::new()
-            .get(format!("{}/v1/failback", a.url()))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let fb = failback_report(&a).await;
         fb.missing_count == 0
     })
     .await;

@@ -78,6 +78,26 @@ impl Control {
         }
     }
 
+    /// A GET of `path` on the peer with the peer token, as JSON.
+    async fn peer_get<T: serde::de::DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+    ) -> Result<T, String> {
+        let resp = self
+            .http
+            .get(format!("{peer}{path}"))
+            .bearer_auth(self.peer_token.expose())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("{path} answered {}", resp.status()));
+        }
+        resp.json().await.map_err(|e| e.to_string())
+    }
+
     /// Where `epoch` ends in the primary's history of partition `p`.
     pub(super) async fn peer_epoch_end(
         &self,
@@ -85,19 +105,8 @@ impl Control {
         p: PartitionId,
         epoch: Epoch,
     ) -> Result<EpochEnd, String> {
-        let url = format!("{peer}/v1/partitions/{}/epoch_end?epoch={}", p.0, epoch.0);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(self.peer_token.expose())
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("epoch_end answered {}", resp.status()));
-        }
-        resp.json().await.map_err(|e| e.to_string())
+        let path = format!("/v1/partitions/{}/epoch_end?epoch={}", p.0, epoch.0);
+        self.peer_get(peer, &path).await
     }
 
     /// The primary's epoch history of partition `p`.
@@ -106,18 +115,8 @@ impl Control {
         peer: &str,
         p: PartitionId,
     ) -> Result<fleet_api::hub::EpochHistory, String> {
-        let resp = self
-            .http
-            .get(format!("{peer}/v1/partitions/{}/epochs", p.0))
-            .bearer_auth(self.peer_token.expose())
-            .timeout(Duration::from_secs(10))
-            .send()
+        self.peer_get(peer, &format!("/v1/partitions/{}/epochs", p.0))
             .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("epochs answered {}", resp.status()));
-        }
-        resp.json().await.map_err(|e| e.to_string())
     }
 
     /// One replication pull of partition `p` from `from` (a long poll of
