@@ -1,9 +1,10 @@
 //! The concierge's HTTP API. Domain errors become HTTP responses here only;
 //! `/openapi.json` is generated from these handlers.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +14,7 @@ use fleet_api::{DeviceId, ErrorBody, ErrorCode};
 use utoipa::OpenApi;
 
 use crate::failover::{self, FailoverError};
-use crate::pacing::Pacer;
+use crate::pacing::{Paced, Pacer};
 use crate::view::Fleet;
 
 /// What the handlers share.
@@ -80,7 +81,11 @@ pub fn router(api: Arc<ApiState>) -> Router {
          headers(("Retry-After" = u64, description = "seconds to wait")))
     )
 )]
-async fn endpoint(State(api): State<Arc<ApiState>>, Path(device_id): Path<String>) -> Response {
+async fn endpoint(
+    State(api): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(device_id): Path<String>,
+) -> Response {
     let Ok(device_id) = DeviceId::new(&device_id) else {
         metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "bad_request")
             .increment(1);
@@ -95,11 +100,23 @@ async fn endpoint(State(api): State<Arc<ApiState>>, Path(device_id): Path<String
             .increment(1);
         return unavailable(api.fleet.config.ttl_s.into(), "no hub is active right now");
     };
-    if let Err(wait) = api.pacer.admit() {
-        metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "paced")
-            .increment(1);
-        let secs = wait.as_secs() + 1;
-        return unavailable(secs, format!("reconnect pacing: come back in {secs} s"));
+    match api.pacer.admit(peer.ip(), &device_id) {
+        Ok(()) => {}
+        Err(Paced::Fleet(wait)) => {
+            metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "paced")
+                .increment(1);
+            let secs = wait.as_secs() + 1;
+            return unavailable(secs, format!("reconnect pacing: come back in {secs} s"));
+        }
+        Err(Paced::Source(wait)) => {
+            metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "source_paced")
+                .increment(1);
+            let secs = wait.as_secs() + 1;
+            return unavailable(
+                secs,
+                format!("too many lookups from {}: come back in {secs} s", peer.ip()),
+            );
+        }
     }
     metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "ok").increment(1);
     Json(EndpointResponse {

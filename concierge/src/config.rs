@@ -33,7 +33,7 @@ pub struct RunArgs {
     /// The hubs' admin token, when it differs from --admin-token.
     #[arg(long, env = "FLEET_HUB_TOKEN", hide_env_values = true)]
     pub hub_token: Option<Secret>,
-    /// PEM CA certificate(s) to trust for HTTPS hubs, besides the public roots.
+    /// PEM CA certificate(s) to trust for HTTPS hubs and replicas, besides the public roots.
     #[arg(long, env = "FLEET_HUB_CA")]
     pub hub_ca: Option<PathBuf>,
     /// A region's hub: `REGION=HUB_HTTP_URL,MQTT_URL` (repeat per region).
@@ -63,6 +63,22 @@ pub struct RunArgs {
     /// to hold what the source region's has, seconds [default: 10].
     #[arg(long, env = "FLEET_REGISTRY_WAIT_S")]
     pub registry_wait_s: Option<u64>,
+    /// Endpoint lookups per second one client address (IPv6: one /64) may
+    /// make before it is told to come back later [default: 50].
+    #[arg(long, env = "FLEET_LOOKUPS_PER_SOURCE")]
+    pub lookups_per_source: Option<u32>,
+    /// Time a client has to send request headers, ms [default: 10000].
+    #[arg(long, env = "FLEET_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// HTTP connections served at once [default: 1024].
+    #[arg(long, env = "FLEET_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// Serve HTTPS with this PEM certificate chain (agents verify it with --ca).
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[arg(skip)]
     #[serde(flatten)]
     pub unknown: BTreeMap<String, toml::Value>,
@@ -126,8 +142,13 @@ pub struct ConciergeConfig {
     pub poll: Duration,
     pub failures: u32,
     pub connect_rate: u32,
+    /// Endpoint lookups per second per client address.
+    pub lookups_per_source: u32,
     /// A planned failover's bound on waiting for the target's registry.
     pub registry_wait: Duration,
+    pub http_limits: fleet_api::serve::HttpLimits,
+    /// HTTPS instead of HTTP.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl ConciergeConfig {
@@ -145,7 +166,10 @@ impl ConciergeConfig {
             poll: Duration::from_millis(500),
             failures: 3,
             connect_rate: 2000,
+            lookups_per_source: 50,
             registry_wait: Duration::from_secs(10),
+            http_limits: fleet_api::serve::HttpLimits::default(),
+            tls: None,
         }
     }
 
@@ -192,6 +216,11 @@ impl RunArgs {
             failures,
             connect_rate,
             registry_wait_s,
+            lookups_per_source,
+            http_header_timeout_ms,
+            http_max_connections,
+            tls_cert,
+            tls_key,
             unknown,
         } = self;
         Ok(RunArgs {
@@ -214,6 +243,11 @@ impl RunArgs {
             failures: failures.or(file.failures),
             connect_rate: connect_rate.or(file.connect_rate),
             registry_wait_s: registry_wait_s.or(file.registry_wait_s),
+            lookups_per_source: lookups_per_source.or(file.lookups_per_source),
+            http_header_timeout_ms: http_header_timeout_ms.or(file.http_header_timeout_ms),
+            http_max_connections: http_max_connections.or(file.http_max_connections),
+            tls_cert: tls_cert.or(file.tls_cert),
+            tls_key: tls_key.or(file.tls_key),
             unknown,
         })
     }
@@ -277,6 +311,32 @@ impl RunArgs {
                 bail!("--registry-wait-s must be at most 3600");
             }
             c.registry_wait = Duration::from_secs(s);
+        }
+        if let Some(n) = self.lookups_per_source {
+            if n == 0 {
+                bail!("--lookups-per-source must be at least 1");
+            }
+            c.lookups_per_source = n;
+        }
+        if let Some(ms) = self.http_header_timeout_ms {
+            if ms == 0 {
+                bail!("--http-header-timeout-ms must be at least 1");
+            }
+            c.http_limits.header_timeout = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.http_max_connections {
+            if n == 0 {
+                bail!("--http-max-connections must be at least 1");
+            }
+            c.http_limits.max_connections = n;
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                c.tls =
+                    Some(fleet_api::https::load_tls(cert, key).context("--tls-cert/--tls-key")?);
+            }
+            (None, None) => {}
+            _ => bail!("--tls-cert and --tls-key go together"),
         }
         Ok((c, http, dns))
     }

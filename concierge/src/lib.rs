@@ -84,8 +84,16 @@ impl Concierge {
             config.replicas.clone()
         };
         backends.set(replicas.iter().map(SocketAddr::ip).collect());
+        let reach = match config.tls {
+            None => replicas::Reach::Http,
+            Some(_) => replicas::Reach::Https {
+                host: config.host().trim_end_matches('.').to_string(),
+                roots: config.hub_roots.clone(),
+            },
+        };
         tasks.spawn(replicas::watch(
             replicas,
+            reach,
             backends.clone(),
             config.poll.max(Duration::from_millis(200)),
             shutdown.clone(),
@@ -95,16 +103,31 @@ impl Concierge {
         let rate = f64::from(config.connect_rate) / config.replicas.len().max(1) as f64;
         let api = Arc::new(api::ApiState {
             fleet: fleet.clone(),
-            pacer: pacing::Pacer::new(rate),
+            pacer: pacing::Pacer::new(rate, f64::from(config.lookups_per_source)),
         });
         let token = shutdown.clone();
         let http = listeners.http;
-        tasks.spawn(fleet_api::serve::serve(
-            http,
-            api::router(api),
-            fleet_api::serve::HttpLimits::default(),
-            token,
-        ));
+        let limits = config.http_limits;
+        match &config.tls {
+            None => {
+                tasks.spawn(fleet_api::serve::serve(
+                    http,
+                    api::router(api),
+                    limits,
+                    token,
+                ));
+            }
+            Some(tls) => {
+                let https =
+                    fleet_api::https::TlsListener::new(http, tls.clone(), Duration::from_secs(5))?;
+                tasks.spawn(fleet_api::serve::serve(
+                    https,
+                    api::router(api),
+                    limits,
+                    token,
+                ));
+            }
+        }
         tracing::info!(%http_addr, %dns_addr, zone = %config.zone, "concierge started");
         Ok(Concierge {
             http_addr,

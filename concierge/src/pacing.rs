@@ -4,42 +4,97 @@
 //! gives every device beyond that its own `Retry-After`, spread one slot
 //! apart (a GCRA meter with reservations), so hub connects stay under the
 //! configured rate without any coordination between replicas.
+//!
+//! The budget is shared, so no one client may spend it: each client address
+//! has its own rate (checked first, so what it is refused costs the fleet
+//! nothing), and a device that asks again before its slot gets the same
+//! slot back instead of a new one further out.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use fleet_api::DeviceId;
+use fleet_api::limit::{KeyedBuckets, source_key};
 use tokio::time::Instant;
+
+/// Client addresses remembered by the per-source rate.
+const MAX_SOURCES: usize = 100_000;
+/// Devices waiting for their slot remembered at once.
+const MAX_WAITING: usize = 1_000_000;
+
+/// Why an answer is put off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paced {
+    /// This client address asks faster than its own rate.
+    Source(Duration),
+    /// The fleet's reconnect rate: this device's slot is this far out.
+    Fleet(Duration),
+}
+
+#[derive(Debug)]
+struct Meter {
+    next_free: Instant,
+    /// Devices told to wait, and the slot reserved for them.
+    waiting: HashMap<DeviceId, Instant>,
+}
 
 /// Admits at `rate` per second, with a one-second burst.
 #[derive(Debug)]
 pub struct Pacer {
     interval: Duration,
     burst: Duration,
-    next_free: Mutex<Instant>,
+    meter: Mutex<Meter>,
+    sources: KeyedBuckets<IpAddr>,
 }
 
 impl Pacer {
-    pub fn new(rate_per_s: f64) -> Pacer {
+    pub fn new(rate_per_s: f64, per_source: f64) -> Pacer {
         let interval = Duration::from_secs_f64(1.0 / rate_per_s.max(0.001));
         Pacer {
             interval,
             burst: Duration::from_secs(1),
-            next_free: Mutex::new(Instant::now()),
+            meter: Mutex::new(Meter {
+                next_free: Instant::now(),
+                waiting: HashMap::new(),
+            }),
+            sources: KeyedBuckets::new(per_source, per_source, MAX_SOURCES),
         }
     }
 
-    /// `Ok` to answer now, or how long this device should wait first.
-    pub fn admit(&self) -> Result<(), Duration> {
+    /// `Ok` to answer `device` (asking from `source`) now, or how long it
+    /// should wait first.
+    ///
+    /// # Errors
+    /// When the client or the fleet is over its rate.
+    pub fn admit(&self, source: IpAddr, device: &DeviceId) -> Result<(), Paced> {
+        self.sources
+            .try_take(&source_key(source))
+            .map_err(Paced::Source)?;
         let now = Instant::now();
-        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (*next).max(now);
-        *next = slot + self.interval;
+        let mut meter = self.meter.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&slot) = meter.waiting.get(device) {
+            if slot > now + self.burst {
+                return Err(Paced::Fleet(slot.duration_since(now)));
+            }
+            // Its slot has come; it was counted when it was reserved.
+            meter.waiting.remove(device);
+            return Ok(());
+        }
+        let slot = meter.next_free.max(now);
+        meter.next_free = slot + self.interval;
         let wait = slot.duration_since(now);
         if wait <= self.burst {
-            Ok(())
-        } else {
-            Err(wait)
+            return Ok(());
         }
+        if meter.waiting.len() >= MAX_WAITING {
+            meter.waiting.retain(|_, s| *s > now);
+        }
+        if meter.waiting.len() < MAX_WAITING {
+            meter.waiting.insert(device.clone(), slot);
+        }
+        Err(Paced::Fleet(wait))
     }
 }
 
@@ -47,13 +102,24 @@ impl Pacer {
 mod tests {
     use super::*;
 
+    fn id(i: usize) -> DeviceId {
+        DeviceId::new(format!("d{i}")).unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_storm_is_spread_at_the_rate() {
-        let p = Pacer::new(100.0);
-        let results: Vec<Result<(), Duration>> = (0..1000).map(|_| p.admit()).collect();
+        let p = Pacer::new(100.0, 1e9);
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let results: Vec<Result<(), Paced>> = (0..1000).map(|i| p.admit(ip, &id(i))).collect();
         let admitted = results.iter().filter(|r| r.is_ok()).count();
         assert_eq!(admitted, 101, "one second of burst");
-        let waits: Vec<Duration> = results.iter().filter_map(|r| r.err()).collect();
+        let waits: Vec<Duration> = results
+            .iter()
+            .filter_map(|r| match r {
+                Err(Paced::Fleet(w)) => Some(*w),
+                _ => None,
+            })
+            .collect();
         assert!(
             waits.windows(2).all(|w| w[0] < w[1]),
             "every device gets its own slot"
@@ -61,6 +127,40 @@ mod tests {
         assert!(waits.last().unwrap() <= &Duration::from_secs(10));
         // After the storm drains, answers are immediate again.
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(p.admit().is_ok());
+        assert!(p.admit(ip, &id(5000)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_address_cannot_spend_the_fleets_budget() {
+        let p = Pacer::new(10.0, 5.0);
+        let noisy: IpAddr = [10, 0, 0, 9].into();
+        let device: IpAddr = [10, 0, 0, 1].into();
+        let refused = (0..1000)
+            .filter(|i| matches!(p.admit(noisy, &id(*i)), Err(Paced::Source(_))))
+            .count();
+        assert_eq!(refused, 995, "five a second for the noisy address");
+        assert_eq!(p.admit(device, &id(7777)), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_asking_again_keeps_its_slot() {
+        let p = Pacer::new(1.0, 1e9);
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        for i in 0..5 {
+            let _ = p.admit(ip, &id(i));
+        }
+        let Err(Paced::Fleet(first)) = p.admit(ip, &id(99)) else {
+            panic!("not paced")
+        };
+        for _ in 0..100 {
+            assert_eq!(p.admit(ip, &id(99)), Err(Paced::Fleet(first)));
+        }
+        // Its asking did not push the next device further out.
+        let Err(Paced::Fleet(next)) = p.admit(ip, &id(100)) else {
+            panic!("not paced")
+        };
+        assert_eq!(next, first + Duration::from_secs(1));
+        tokio::time::advance(first).await;
+        assert_eq!(p.admit(ip, &id(99)), Ok(()));
     }
 }

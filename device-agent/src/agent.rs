@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub backoff_cap: Duration,
     /// For `mqtts://` endpoints.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Connect to `mqtt://` endpoints (loopback drills, trusted networks);
+    /// off by default: a plaintext endpoint is refused.
+    pub allow_plaintext: bool,
 }
 
 impl AgentConfig {
@@ -51,6 +54,7 @@ impl AgentConfig {
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(30),
             tls: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -216,6 +220,7 @@ impl Agent {
                 &self.config.key,
                 self.config.keep_alive,
                 self.config.tls.as_ref(),
+                self.config.allow_plaintext,
             )
             .await
             {
@@ -225,6 +230,9 @@ impl Agent {
                     match &e {
                         ConnectError::Refused(code) => {
                             tracing::warn!(?code, url = %ep.mqtt_url, "connect refused")
+                        }
+                        ConnectError::Plaintext(_) => {
+                            tracing::error!(error = %e, "endpoint refused")
                         }
                         other => {
                             tracing::info!(error = %other, url = %ep.mqtt_url, "cannot connect")

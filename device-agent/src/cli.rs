@@ -43,7 +43,7 @@ enum Command {
 #[derive(Debug, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct Common {
-    /// The concierge, e.g. `http://concierge.fleet.test:7070`.
+    /// The concierge, e.g. `https://concierge.fleet.test:7070`.
     #[arg(long, env = "FLEET_CONCIERGE")]
     concierge: Option<String>,
     /// DNS server(s) that resolve the concierge's name (repeat).
@@ -58,9 +58,15 @@ struct Common {
     /// `always` (every message, survives power loss), `never`, or a period in ms.
     #[arg(long, env = "FLEET_FSYNC")]
     fsync: Option<String>,
-    /// CA certificate (PEM) for mqtts:// hubs; default: the public web roots.
+    /// CA certificate (PEM) for the https:// concierge and mqtts:// hubs;
+    /// default: the public web roots.
     #[arg(long, env = "FLEET_CA")]
     ca: Option<PathBuf>,
+    /// Accept an http:// concierge and mqtt:// hubs (loopback drills,
+    /// trusted networks only). Without it a plaintext endpoint is refused,
+    /// whatever the concierge answers.
+    #[arg(long, env = "FLEET_ALLOW_PLAINTEXT")]
+    allow_plaintext: bool,
     /// MQTT keep-alive, seconds [default: 30].
     #[arg(long, env = "FLEET_KEEP_ALIVE_S")]
     keep_alive_s: Option<u64>,
@@ -181,6 +187,7 @@ fn merged(mut c: Common) -> anyhow::Result<Common> {
         max_outbox_bytes: c.max_outbox_bytes.or(f.max_outbox_bytes),
         fsync: c.fsync.or(f.fsync),
         ca: c.ca.or(f.ca),
+        allow_plaintext: c.allow_plaintext || f.allow_plaintext,
         keep_alive_s: c.keep_alive_s.or(f.keep_alive_s),
         ack_timeout_s: c.ack_timeout_s.or(f.ack_timeout_s),
         config: None,
@@ -238,13 +245,14 @@ fn prepare(
     let c = merged(c)?;
     let concierge = c
         .concierge
-        .context("--concierge is required (e.g. http://concierge.fleet.test:7070)")?;
+        .context("--concierge is required (e.g. https://concierge.fleet.test:7070)")?;
     if c.dns.is_empty() {
         bail!(
             "--dns is required: the DNS server(s) that resolve the concierge (the system resolver is never used)"
         );
     }
-    let discovery = Discovery::new(&concierge, &c.dns)?;
+    let tls = tls_config(c.ca.as_deref())?;
+    let discovery = Discovery::new(&concierge, &c.dns, tls.clone(), c.allow_plaintext)?;
     let outbox_dir = c
         .outbox
         .or(default_outbox)
@@ -258,7 +266,8 @@ fn prepare(
             keep_alive: Duration::from_secs(c.keep_alive_s.unwrap_or(30).max(1)),
             ack_timeout: Duration::from_secs(c.ack_timeout_s.unwrap_or(30).max(1)),
             window: 32,
-            tls: Some(tls_config(c.ca.as_deref())?),
+            tls: Some(tls),
+            allow_plaintext: c.allow_plaintext,
         },
     })
 }
@@ -280,6 +289,7 @@ async fn run(args: RunArgs, json: bool) -> anyhow::Result<()> {
     config.keep_alive = r.tuning.keep_alive;
     config.ack_timeout = r.tuning.ack_timeout;
     config.tls = r.tuning.tls;
+    config.allow_plaintext = r.tuning.allow_plaintext;
     let agent = Agent::new(config, r.discovery, shared.clone());
     let progress = agent.progress();
     let (stop_tx, stop) = watch::channel(false);

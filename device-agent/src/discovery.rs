@@ -26,8 +26,12 @@ pub enum Lookup {
 /// Errors of discovery: all of them mean "keep the last good endpoint".
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("invalid concierge URL {0:?}: expected http://HOST:PORT")]
+    #[error("invalid concierge URL {0:?}: expected https://HOST:PORT")]
     BadUrl(String),
+    #[error(
+        "refusing plaintext concierge {0:?}: use https:// (pass --allow-plaintext only on a trusted network)"
+    )]
+    Plaintext(String),
     #[error("concierge: {0}")]
     Http(String),
     #[error("concierge answered {status}: {message}")]
@@ -87,19 +91,34 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// `concierge` like `http://concierge.fleet.test:7070`; its host is
-    /// resolved through `dns` only.
+    /// `concierge` like `https://concierge.fleet.test:7070`; its host is
+    /// resolved through `dns` only, its certificate verified against `tls`.
+    /// An `http://` concierge is refused unless `allow_plaintext`.
     ///
     /// # Errors
-    /// When the URL is not http(s)://HOST:PORT.
-    pub fn new(concierge: &str, dns: &[SocketAddr]) -> Result<Discovery, DiscoveryError> {
+    /// When the URL is not https://HOST:PORT (or http:// when allowed).
+    pub fn new(
+        concierge: &str,
+        dns: &[SocketAddr],
+        tls: Arc<rustls::ClientConfig>,
+        allow_plaintext: bool,
+    ) -> Result<Discovery, DiscoveryError> {
         let ok = (concierge.starts_with("http://") || concierge.starts_with("https://"))
             && reqwest::Url::parse(concierge).is_ok_and(|u| u.host_str().is_some());
         if !ok {
             return Err(DiscoveryError::BadUrl(concierge.to_string()));
         }
+        if concierge.starts_with("http://") && !allow_plaintext {
+            return Err(DiscoveryError::Plaintext(concierge.to_string()));
+        }
         let resolver = Arc::new(resolver(dns));
+        let mut tls = (*tls).clone();
+        // reqwest speaks HTTP/1.1 and HTTP/2 over a preconfigured TLS config
+        // only if it is offered them by ALPN.
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(!allow_plaintext)
             .dns_resolver(Arc::new(PinnedDns(resolver)))
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
@@ -125,7 +144,7 @@ impl Discovery {
             .get(&url)
             .send()
             .await
-            .map_err(|e| DiscoveryError::Http(format!("{e:#}")))?;
+            .map_err(|e| DiscoveryError::Http(fleet_api::error_chain(&e)))?;
         let status = resp.status();
         let retry_after = resp
             .headers()

@@ -29,6 +29,10 @@ pub enum ConnectError {
     Refused(ConnectReturnCode),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error(
+        "refusing plaintext endpoint {0:?}: the hub must be mqtts:// (pass --allow-plaintext only on a trusted network)"
+    )]
+    Plaintext(String),
 }
 
 /// TCP or TLS.
@@ -127,8 +131,13 @@ pub async fn connect(
     key: &DeviceKey,
     keep_alive: Duration,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    allow_plaintext: bool,
 ) -> Result<Connection, ConnectError> {
     let (use_tls, host, port) = parse_url(url)?;
+    // Whatever the concierge answers, it cannot talk this agent out of TLS.
+    if !use_tls && !allow_plaintext {
+        return Err(ConnectError::Plaintext(url.to_string()));
+    }
     let attempt = async {
         let tcp = TcpStream::connect((host.as_str(), port))
             .await

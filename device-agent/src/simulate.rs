@@ -40,6 +40,7 @@ pub struct AgentTuning {
     pub ack_timeout: Duration,
     pub window: usize,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub allow_plaintext: bool,
 }
 
 /// The `--json` summary of DESIGN.md.
@@ -115,6 +116,7 @@ pub async fn run(
         config.ack_timeout = opts.agent.ack_timeout;
         config.window = opts.agent.window;
         config.tls = opts.agent.tls.clone();
+        config.allow_plaintext = opts.agent.allow_plaintext;
         let agent = Agent::new(config, discovery.clone(), shared.clone());
         let progress = agent.progress();
         tasks.push(tokio::spawn(agent.run(stop.clone())));

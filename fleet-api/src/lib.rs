@@ -10,13 +10,18 @@
 //! [`process`] (feature `process`): logging and signals of server processes;
 //! `prom` (feature `prometheus`): the process's metrics recorder; and
 //! `serve` (feature `http-server`): axum with header timeouts and a
-//! connection cap.
+//! connection cap; `https` (feature `https-server`): its TLS listener;
+//! `limit` (feature `limits`): rate limits per client address.
 
 #[cfg(feature = "client")]
 pub mod client;
 pub mod concierge;
+#[cfg(feature = "https-server")]
+pub mod https;
 pub mod hub;
 pub mod ids;
+#[cfg(feature = "limits")]
+pub mod limit;
 #[cfg(feature = "process")]
 pub mod process;
 #[cfg(feature = "prometheus")]
@@ -32,3 +37,20 @@ pub use registry::{
     DeviceKey, DeviceRecord, DeviceStatus, KeyError, KeyHash, Tags, TagsError, UnixMillis, Version,
 };
 pub use secret::Secret;
+
+/// An error and its causes on one line ("error sending request …: client
+/// error (Connect): invalid peer certificate: UnknownIssuer"): reqwest's
+/// and hyper's own messages leave the causes out.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

@@ -1,11 +1,14 @@
 //! What every Fleet server process does the same way: log to stderr under
 //! `FLEET_LOG`, and stop on Ctrl-C or SIGTERM (feature `process`).
 
-/// Logs to stderr; `FLEET_LOG` filters (else `default`), `FLEET_LOG_FORMAT=json`
-/// for JSON lines. A second call does nothing.
+/// Logs to stderr; `FLEET_LOG` filters (else, or when empty, `default`),
+/// `FLEET_LOG_FORMAT=json` for JSON lines. A second call does nothing.
 pub fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = std::env::var("FLEET_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -46,6 +46,7 @@ pub async fn serve<L>(
     shutdown: CancellationToken,
 ) where
     L: axum::serve::Listener,
+    L::Addr: Clone + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut connections = tokio::task::JoinSet::new();
@@ -57,11 +58,15 @@ pub async fn serve<L>(
                 Err(_) => break,
             },
         };
-        let (io, _) = tokio::select! {
+        let (io, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers see the client's address as `ConnectInfo` (per-source limits).
+        let service = TowerToHyperService::new(tower::Layer::layer(
+            &axum::Extension(axum::extract::ConnectInfo(peer)),
+            router.clone(),
+        ));
         let stop = shutdown.clone();
         connections.spawn(async move {
             let conn = http1::Builder::new()

@@ -139,7 +139,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     if matches!(cli.command, Command::Bench(_)) {
         // Benchmarks print their own report; components only warn.
-        hub::cli::init_tracing_default("warn,rumqttd=off");
+        hub::cli::init_tracing_default("warn,rumqttd=off,hickory_server=error");
     } else {
         hub::cli::init_tracing();
     }

@@ -494,7 +494,7 @@ impl Fleet {
             self.regions[0].registry
         );
         s += &format!(
-            "  echo '{{\"t\":21.5}}' | FLEET_KEY=<key> fleet device-agent run --device-id my-device --concierge {} --dns {} --outbox /tmp/my-device --exit-when-drained\n",
+            "  echo '{{\"t\":21.5}}' | FLEET_KEY=<key> fleet device-agent run --device-id my-device --concierge {} --allow-plaintext --dns {} --outbox /tmp/my-device --exit-when-drained\n",
             self.concierge_url, self.dns[0]
         );
         s += &format!(

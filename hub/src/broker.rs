@@ -56,8 +56,9 @@ fn router_config() -> RouterConfig {
         // Far above real use: hitting the limit poisons the listener (rumqtt #991).
         max_connections: 100_000,
         max_outgoing_packet_count: 200,
-        // A view keeps little history per filter.
-        max_segment_size: 4 << 20,
+        // A view keeps little history per filter; rumqttd never frees a
+        // filter's log, so the gate bounds how many filters there are.
+        max_segment_size: 1 << 20,
         max_segment_count: 2,
         custom_segment: None,
         initialized_filters: None,

@@ -52,7 +52,7 @@ where
 /// Logs to stderr; `FLEET_LOG` filters (default `info`), `FLEET_LOG_FORMAT=json` for JSON lines.
 pub fn init_tracing() {
     // rumqttd logs every closed probe connection as an error.
-    init_tracing_default("info,rumqttd=warn,rumqttd::server::broker=off");
+    init_tracing_default("info,rumqttd=warn,rumqttd::server::broker=off,hickory_server=error");
 }
 
 /// [`init_tracing`] with another filter when `FLEET_LOG` is unset.

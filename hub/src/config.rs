@@ -107,9 +107,26 @@ pub struct RunArgs {
     /// Time a new connection has to send CONNECT, in ms [default: 10000].
     #[arg(long, env = "FLEET_CONNECT_TIMEOUT_MS")]
     pub connect_timeout_ms: Option<u64>,
-    /// Accepted CONNECTs per second [default: 2000].
+    /// Authenticated CONNECTs per second, in all [default: 2000].
     #[arg(long, env = "FLEET_CONNECT_RATE")]
     pub connect_rate: Option<u32>,
+    /// MQTT connections accepted per second from one address (IPv6: one
+    /// /64); a failed login costs 10 [default: 200].
+    #[arg(long, env = "FLEET_CONNECT_RATE_PER_SOURCE")]
+    pub connect_rate_per_source: Option<u32>,
+    /// Distinct subscription filters the live stream serves over its life;
+    /// each costs up to 2 MiB of memory [default: 32].
+    #[arg(long, env = "FLEET_STREAM_MAX_FILTERS")]
+    pub stream_max_filters: Option<usize>,
+    /// MQTT connections open at once [default: 100000].
+    #[arg(long, env = "FLEET_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// MQTT connections not yet authenticated, in all [default: 4096].
+    #[arg(long, env = "FLEET_MAX_PENDING_CONNECTS")]
+    pub max_pending_connects: Option<usize>,
+    /// MQTT connections not yet authenticated, per address [default: 64].
+    #[arg(long, env = "FLEET_MAX_PENDING_PER_SOURCE")]
+    pub max_pending_per_source: Option<usize>,
     /// Segment file size in bytes [default: 67108864].
     #[arg(long, env = "FLEET_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
@@ -140,6 +157,8 @@ pub struct StreamConfig {
     pub listen: SocketAddr,
     pub user: String,
     pub password: Secret,
+    /// Distinct subscription filters the stream serves over its life.
+    pub max_filters: usize,
 }
 
 /// A validated hub configuration.
@@ -242,7 +261,7 @@ impl RunArgs {
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, peer_token, role, peer, replication,
             max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
-            peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, segment_bytes, retention_bytes, retention_hours, retention_check_ms, snapshot_every_ms, advertise,
+            peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, connect_rate_per_source, max_connections, max_pending_connects, max_pending_per_source, stream_max_filters, segment_bytes, retention_bytes, retention_hours, retention_check_ms, snapshot_every_ms, advertise,
         }))
     }
 
@@ -280,6 +299,11 @@ impl RunArgs {
             payload_limit,
             connect_timeout_ms,
             connect_rate,
+            connect_rate_per_source,
+            max_connections,
+            max_pending_connects,
+            max_pending_per_source,
+            stream_max_filters,
             segment_bytes,
             retention_bytes,
             retention_hours,
@@ -407,12 +431,43 @@ impl RunArgs {
             }
             c.front.connect_rate = rate;
         }
+        if let Some(rate) = connect_rate_per_source {
+            if rate == 0 {
+                bail!("--connect-rate-per-source must be at least 1");
+            }
+            c.front.connect_rate_per_source = rate;
+        }
+        for (flag, value, field) in [
+            (
+                "--max-connections",
+                max_connections,
+                &mut c.front.max_connections,
+            ),
+            (
+                "--max-pending-connects",
+                max_pending_connects,
+                &mut c.front.max_pending,
+            ),
+            (
+                "--max-pending-per-source",
+                max_pending_per_source,
+                &mut c.front.max_pending_per_source,
+            ),
+        ] {
+            if let Some(n) = value {
+                if n == 0 {
+                    bail!("{flag} must be at least 1");
+                }
+                *field = n;
+            }
+        }
         if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-            c.front.tls = Some(crate::front::load_tls(&cert, &key)?);
+            c.front.tls = Some(fleet_api::https::load_tls(&cert, &key)?);
         }
         if let (Some(cert), Some(key)) = (http_tls_cert, http_tls_key) {
             c.http_tls = Some(
-                crate::front::load_tls(&cert, &key).context("--http-tls-cert/--http-tls-key")?,
+                fleet_api::https::load_tls(&cert, &key)
+                    .context("--http-tls-cert/--http-tls-key")?,
             );
         }
         c.stream = match stream_password {
@@ -420,6 +475,11 @@ impl RunArgs {
                 listen: stream.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
                 user: stream_user.unwrap_or_else(|| "stream".into()),
                 password,
+                max_filters: match stream_max_filters {
+                    Some(0) => bail!("--stream-max-filters must be at least 1"),
+                    Some(n) => n,
+                    None => 32,
+                },
             }),
             None if stream.is_some() => {
                 bail!("--stream needs --stream-password (no anonymous watchers)")

@@ -13,7 +13,6 @@ pub mod config;
 mod dedup_snapshot;
 pub mod front;
 pub mod http;
-pub mod https;
 pub mod ingest;
 pub mod log;
 pub mod origins;
@@ -22,13 +21,14 @@ pub mod prom;
 pub mod replication;
 pub mod sessions;
 pub mod state;
+pub mod stream_gate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fleet_api::{Offset, PartitionId};
+use fleet_api::{Offset, PartitionId, Secret};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -135,12 +135,33 @@ impl Hub {
 
         let stream = match &config.stream {
             Some(s) => {
-                let (listen, user, password) = (s.listen, s.user.clone(), s.password.clone());
+                // rumqttd on loopback, behind the read-only gate, with a
+                // login only the gate knows.
+                let internal = Secret::new(registry_sync::keys::generate().expose());
+                let (user, password) = ("fleet-gate".to_string(), internal.clone());
                 let started = tokio::task::spawn_blocking(move || {
-                    LiveStream::start(listen, &user, password.expose())
+                    LiveStream::start(
+                        SocketAddr::from(([127, 0, 0, 1], 0)),
+                        &user,
+                        password.expose(),
+                    )
                 })
                 .await
                 .context("start live stream")??;
+                let listener = TcpListener::bind(s.listen)
+                    .await
+                    .with_context(|| format!("bind live stream {}", s.listen))?;
+                let gate_addr = listener.local_addr()?;
+                let gate = stream_gate::StreamGate::new(stream_gate::GateConfig {
+                    upstream: started.local_addr(),
+                    user: s.user.clone(),
+                    password: s.password.clone(),
+                    internal_user: "fleet-gate".into(),
+                    internal_password: internal,
+                    max_filters: s.max_filters,
+                    tls: config.front.tls.clone(),
+                });
+                tasks.spawn(gate.serve(listener, shutdown.clone()));
                 for p in 0..log.partitions() {
                     tasks.spawn(until(
                         shutdown.clone(),
@@ -152,11 +173,11 @@ impl Hub {
                         ),
                     ));
                 }
-                Some(started)
+                Some((started, gate_addr))
             }
             None => None,
         };
-        let stream_addr = stream.as_ref().map(LiveStream::local_addr);
+        let stream_addr = stream.as_ref().map(|(_, addr)| *addr);
         let scheme = if config.front.tls.is_some() {
             "mqtts"
         } else {
@@ -172,7 +193,7 @@ impl Hub {
             read_token: config.read_token.clone(),
             peer_token: config.peer_token.clone(),
             mqtt_url: format!("{scheme}://{}", config.advertise.unwrap_or(mqtt_addr)),
-            stream_url: stream_addr.map(|a| format!("mqtt://{a}")),
+            stream_url: stream_addr.map(|a| format!("{scheme}://{a}")),
             auth: auth.clone(),
         });
         let token = shutdown.clone();
@@ -187,7 +208,7 @@ impl Hub {
                 ));
             }
             Some(tls) => {
-                let listener = https::TlsListener::new(
+                let listener = fleet_api::https::TlsListener::new(
                     listeners.http,
                     tls,
                     config.front.tls_handshake_timeout,
@@ -208,7 +229,7 @@ impl Hub {
             shutdown,
             tasks,
             ingest,
-            _stream: stream,
+            _stream: stream.map(|(s, _)| s),
         })
     }
 

@@ -33,6 +33,7 @@ pub struct Harness {
     exe: PathBuf,
     logs: PathBuf,
     dir: tempfile::TempDir,
+    default_logs: bool,
 }
 
 /// A [`Harness`] for the calling test, named after it.
@@ -56,7 +57,15 @@ impl Harness {
             exe: PathBuf::from(exe),
             logs,
             dir: tempfile::tempdir().expect("temp dir"),
+            default_logs: false,
         }
+    }
+
+    /// Processes log with their own default filter, as an operator's would
+    /// (not the tests' verbose one).
+    pub fn with_default_logs(mut self) -> Harness {
+        self.default_logs = true;
+        self
     }
 
     /// A self-signed certificate for `localhost` and `127.0.0.1`, its PEM
@@ -71,6 +80,33 @@ impl Harness {
             pem: c.cert.pem(),
             cert: cert.display().to_string(),
             key: key.display().to_string(),
+        }
+    }
+
+    /// A private CA and a certificate it signed for `names`: PEM files
+    /// `ca.pem`, `leaf.pem` and `leaf-key.pem` in the scratch directory.
+    pub fn private_ca(&self, names: &[&str]) -> PrivateCa {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "Fleet test CA");
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = CertificateParams::new(names)
+            .expect("leaf params")
+            .signed_by(&leaf_key, &ca)
+            .expect("leaf certificate");
+        let path = |name: &str| self.dir().join(name).display().to_string();
+        std::fs::write(path("ca.pem"), ca.pem()).expect("write CA");
+        std::fs::write(path("leaf.pem"), leaf.pem()).expect("write cert");
+        std::fs::write(path("leaf-key.pem"), leaf_key.serialize_pem()).expect("write key");
+        PrivateCa {
+            ca: path("ca.pem"),
+            cert: path("leaf.pem"),
+            key: path("leaf-key.pem"),
         }
     }
 
@@ -117,8 +153,13 @@ impl Harness {
             .args(args)
             .env(
                 "FLEET_LOG",
-                std::env::var("FLEET_LOG")
-                    .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off".into()),
+                if self.default_logs {
+                    // Empty: the process's own default.
+                    String::new()
+                } else {
+                    std::env::var("FLEET_LOG")
+                        .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off".into())
+                },
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -194,6 +235,8 @@ impl Harness {
         args.push(format!("--key={key}"));
         args.push("--concierge".into());
         args.push(format!("http://concierge.fleet.test:{}", c.http.port()));
+        // Loopback, plain HTTP and MQTT: said explicitly.
+        args.push("--allow-plaintext".into());
         args.push("--dns".into());
         args.push(c.dns.to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -239,6 +282,8 @@ impl Harness {
         .collect();
         args.push("--concierge".into());
         args.push(format!("http://concierge.fleet.test:{}", c.http.port()));
+        // Loopback, plain HTTP and MQTT: said explicitly.
+        args.push("--allow-plaintext".into());
         for (flag, path) in [
             ("--keys", keys.to_path_buf()),
             ("--outbox", self.dir().join("sim")),
@@ -627,6 +672,21 @@ impl Harness {
         hubs: &[(&str, &H)],
         extra: &[&str],
     ) -> ConciergeNode {
+        let specs: Vec<String> = hubs
+            .iter()
+            .map(|(region, hub)| format!("{region}={},mqtt://{}", hub.http_url(), hub.mqtt_addr()))
+            .collect();
+        self.concierge_specs(label, http, &specs, extra)
+    }
+
+    /// A concierge for hubs given as `REGION=HUB_HTTP_URL,MQTT_URL`.
+    pub fn concierge_specs(
+        &self,
+        label: &str,
+        http: &str,
+        specs: &[String],
+        extra: &[&str],
+    ) -> ConciergeNode {
         let mut args: Vec<String> = [
             "concierge",
             "--json",
@@ -645,13 +705,9 @@ impl Harness {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        for (region, hub) in hubs {
+        for spec in specs {
             args.push("--hub".into());
-            args.push(format!(
-                "{region}={},mqtt://{}",
-                hub.http_url(),
-                hub.mqtt_addr()
-            ));
+            args.push(spec.clone());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let node = self.spawn(label, &args);
@@ -659,6 +715,14 @@ impl Harness {
         let dns = node.addr("dns");
         ConciergeNode { node, http, dns }
     }
+}
+
+/// PEM files of [`Harness::private_ca`].
+#[derive(Debug, Clone)]
+pub struct PrivateCa {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
 }
 
 /// A plain blocking HTTP GET (for metrics and health in tests).

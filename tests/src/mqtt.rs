@@ -33,6 +33,47 @@ impl RawClient {
         }
     }
 
+    /// Opens TCP only, from `local` (another loopback address, say
+    /// 127.0.0.2, to play a second client machine).
+    pub async fn tcp_from(addr: SocketAddr, local: std::net::IpAddr) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .expect("bind the local address");
+        RawClient {
+            stream: socket.connect(addr).await.expect("tcp connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// [`RawClient::connect`] from `local`.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        local: std::net::IpAddr,
+        id: &str,
+        login: Option<(&str, &str)>,
+    ) -> (RawClient, Option<ConnectReturnCode>) {
+        let c = RawClient::tcp_from(addr, local).await;
+        c.handshake(id, login, 30).await
+    }
+
+    async fn handshake(
+        mut self,
+        id: &str,
+        login: Option<(&str, &str)>,
+        keep_alive: u16,
+    ) -> (RawClient, Option<ConnectReturnCode>) {
+        let mut connect = Connect::new(id);
+        connect.keep_alive = keep_alive;
+        connect.login = login.map(|(u, p)| Login::new(u, p));
+        self.send(Packet::Connect(connect)).await;
+        let code = match self.recv(Duration::from_secs(10)).await {
+            Ok(Packet::ConnAck(ack)) => Some(ack.code),
+            _ => None,
+        };
+        (self, code)
+    }
+
     /// Connects and returns the CONNACK code (`None` if closed without one).
     pub async fn connect(
         addr: SocketAddr,
@@ -49,16 +90,10 @@ impl RawClient {
         login: Option<(&str, &str)>,
         keep_alive: u16,
     ) -> (RawClient, Option<ConnectReturnCode>) {
-        let mut c = RawClient::tcp(addr).await;
-        let mut connect = Connect::new(id);
-        connect.keep_alive = keep_alive;
-        connect.login = login.map(|(u, p)| Login::new(u, p));
-        c.send(Packet::Connect(connect)).await;
-        let code = match c.recv(Duration::from_secs(10)).await {
-            Ok(Packet::ConnAck(ack)) => Some(ack.code),
-            _ => None,
-        };
-        (c, code)
+        RawClient::tcp(addr)
+            .await
+            .handshake(id, login, keep_alive)
+            .await
     }
 
     pub async fn send(&mut self, packet: Packet) {

@@ -117,6 +117,7 @@ pub async fn run(args: AgentArgs, json: bool) -> anyhow::Result<()> {
     let device = &clients[0];
     let mut one = Command::new(&agent)
         .args(["run", "--device-id", &device.id, "--concierge", &concierge])
+        .arg("--allow-plaintext")
         .args(["--dns", &dns, "--outbox"])
         .arg(dir.path().join("outbox-one"))
         .env("FLEET_KEY", device.password.as_deref().unwrap_or_default())
@@ -181,6 +182,7 @@ pub async fn run(args: AgentArgs, json: bool) -> anyhow::Result<()> {
             "30",
             "--concierge",
             &concierge,
+            "--allow-plaintext",
             "--dns",
             &dns,
         ])

@@ -291,6 +291,8 @@ pub async fn run(
         "5",
         "--concierge",
         &fleet.concierge_url,
+        // The drill's fleet is plain HTTP and MQTT on loopback.
+        "--allow-plaintext",
         "--dns",
         &format!("{},{}", fleet.dns[0], fleet.dns[1]),
         "--outbox",

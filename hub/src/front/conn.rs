@@ -7,11 +7,12 @@
 //! awaited in the same order (`FuturesOrdered`), so PUBACKs go out in order
 //! as MQTT requires, and only after the ingest pipeline says "durable".
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use fleet_api::hub::AckMessage;
+use fleet_api::limit::Slot;
 use fleet_api::{DeviceId, Mid};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
@@ -118,6 +119,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     front: &Front,
     peer: SocketAddr,
+    pending: Slot<IpAddr>,
 ) {
     // Remaining length = topic (a device topic is < 200 bytes) + pkid + payload;
     // anything larger is refused before its body is buffered.
@@ -145,7 +147,10 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(_)) => return count_disconnect("protocol"),
     };
-    let device = match front.admit(&connect).await {
+    let admitted = front.admit(&connect, peer).await;
+    // Authenticated or refused: no longer a pending connection.
+    drop(pending);
+    let device = match admitted {
         Ok(d) => d,
         Err(refusal) => {
             metrics::counter!("fleet_hub_connects_total", "result" => refusal.1).increment(1);

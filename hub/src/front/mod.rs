@@ -11,17 +11,17 @@
 mod conn;
 pub mod topic;
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleet_api::limit::{KeyedBuckets, Slot, Slots, TokenBucket, source_key};
 use fleet_api::{DeviceId, DeviceKey};
 use registry_sync::AuthOutcome;
 use rumqttc::mqttbytes::Protocol;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use tokio::net::TcpListener;
-use tokio::time::Instant;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
@@ -40,10 +40,27 @@ pub struct FrontConfig {
     pub connect_timeout: Duration,
     /// Time allowed for a TLS handshake.
     pub tls_handshake_timeout: Duration,
-    /// Accepted CONNECTs per second (a token bucket with a one-second burst).
+    /// Authenticated CONNECTs per second in all (a token bucket with a
+    /// one-second burst); spent only by CONNECTs with a valid key, so
+    /// wrong passwords cannot use it up.
     pub connect_rate: u32,
+    /// Connections accepted per second from one source address (IPv6: one
+    /// /64), with a one-second burst; a failed login costs its source
+    /// [`FAILED_LOGIN_COST`] more.
+    pub connect_rate_per_source: u32,
+    /// Connections open at once, in all (file descriptors are finite).
+    pub max_connections: usize,
+    /// Connections that have not authenticated yet, in all.
+    pub max_pending: usize,
+    /// Connections that have not authenticated yet, per source address.
+    pub max_pending_per_source: usize,
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// What a failed login costs its source, in connections of its rate: six
+/// clients looping on a wrong password pay for their own attempts instead
+/// of everyone's.
+pub const FAILED_LOGIN_COST: f64 = 10.0;
 
 impl Default for FrontConfig {
     fn default() -> Self {
@@ -53,65 +70,11 @@ impl Default for FrontConfig {
             connect_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(5),
             connect_rate: 2000,
+            connect_rate_per_source: 200,
+            max_connections: 100_000,
+            max_pending: 4096,
+            max_pending_per_source: 64,
             tls: None,
-        }
-    }
-}
-
-/// Loads a rustls server configuration from PEM files (certificate chain and
-/// private key).
-///
-/// # Errors
-/// When a file is unreadable or holds no usable certificate or key.
-pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("read TLS certificate {}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parse TLS certificate {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("read TLS key {}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("TLS certificate and key do not match")?;
-    Ok(Arc::new(config))
-}
-
-/// A token bucket on tokio time (pausable in tests); `governor` keeps its
-/// own clock, which paused-time tests cannot drive.
-#[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32) -> Self {
-        Self {
-            rate: f64::from(rate.max(1)),
-            tokens: f64::from(rate.max(1)),
-            last: Instant::now(),
-        }
-    }
-
-    fn try_take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 }
@@ -145,8 +108,19 @@ pub struct Front {
     sessions: Arc<Sessions>,
     state: Arc<HubState>,
     bucket: Mutex<TokenBucket>,
+    sources: KeyedBuckets<IpAddr>,
+    pending: Slots<IpAddr>,
+    connections: Arc<Semaphore>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// Counts a connection turned away before its CONNECT was read.
+fn count_refused(reason: &'static str) {
+    metrics::counter!("fleet_hub_connects_total", "result" => reason).increment(1);
+}
+
+/// Source addresses remembered by the per-source limits.
+const MAX_SOURCES: usize = 100_000;
 
 impl std::fmt::Debug for Front {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,7 +146,17 @@ impl Front {
         Arc::new(Front {
             metrics: FrontMetrics::new(),
             throttle,
-            bucket: Mutex::new(TokenBucket::new(config.connect_rate)),
+            bucket: Mutex::new(TokenBucket::new(
+                f64::from(config.connect_rate),
+                f64::from(config.connect_rate),
+            )),
+            sources: KeyedBuckets::new(
+                f64::from(config.connect_rate_per_source),
+                f64::from(config.connect_rate_per_source),
+                MAX_SOURCES,
+            ),
+            pending: Slots::new(config.max_pending_per_source, config.max_pending),
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             config,
             ingest,
             auth,
@@ -191,9 +175,29 @@ impl Front {
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    // Refused here, the cheapest place: before any byte is read.
+                    let Ok(open) = self.connections.clone().try_acquire_owned() else {
+                        count_refused("connections_total");
+                        continue;
+                    };
+                    let source = source_key(peer.ip());
+                    if self.sources.try_take(&source).is_err() {
+                        count_refused("source_rate");
+                        continue;
+                    }
+                    let pending = match self.pending.take(&source) {
+                        Ok(slot) => slot,
+                        Err(full) => {
+                            count_refused(full.reason());
+                            continue;
+                        }
+                    };
                     let _ = tcp.set_nodelay(true);
                     let front = self.clone();
-                    tokio::spawn(async move { front.handle(tcp, peer).await });
+                    tokio::spawn(async move {
+                        front.handle(tcp, peer, pending).await;
+                        drop(open);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -205,14 +209,19 @@ impl Front {
         self.sessions.kick_all(crate::sessions::Kick::Shutdown);
     }
 
-    async fn handle(self: Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    async fn handle(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        pending: Slot<IpAddr>,
+    ) {
         match &self.tls {
-            None => conn::run(tcp, &self, peer).await,
+            None => conn::run(tcp, &self, peer, pending).await,
             Some(acceptor) => {
                 match tokio::time::timeout(self.config.tls_handshake_timeout, acceptor.accept(tcp))
                     .await
                 {
-                    Ok(Ok(tls)) => conn::run(tls, &self, peer).await,
+                    Ok(Ok(tls)) => conn::run(tls, &self, peer, pending).await,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "tls handshake failed");
                         metrics::counter!("fleet_hub_disconnects_total", "reason" => "tls_handshake").increment(1);
@@ -227,7 +236,7 @@ impl Front {
     }
 
     /// Decides whether a CONNECT may proceed.
-    async fn admit(&self, c: &Connect) -> Result<DeviceId, Refusal> {
+    async fn admit(&self, c: &Connect, peer: SocketAddr) -> Result<DeviceId, Refusal> {
         use ConnectReturnCode::*;
         if c.protocol != Protocol::V4 {
             return Err(Refusal(RefusedProtocolVersion, "protocol_version"));
@@ -240,50 +249,40 @@ impl Front {
         if login.username != c.client_id {
             return Err(Refusal(BadClientId, "client_id_not_username"));
         }
-        if !self
+        if !self.state.accepting() {
+            return Err(Refusal(ServiceUnavailable, "not_primary"));
+        }
+        let outcome = match DeviceKey::parse(&login.password) {
+            Err(_) => AuthOutcome::WrongKey,
+            Ok(key) => match self.auth.verify(&device, &key).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::warn!(device_id = %device, error = %format!("{e:#}"), "registry unavailable for connect");
+                    return Err(Refusal(ServiceUnavailable, "registry_unavailable"));
+                }
+            },
+        };
+        match outcome {
+            AuthOutcome::Enabled => {}
+            AuthOutcome::Disabled => return Err(Refusal(NotAuthorized, "disabled")),
+            AuthOutcome::Unknown | AuthOutcome::WrongKey => {
+                // The offender pays, not the fleet: its source's bucket.
+                self.sources
+                    .charge(&source_key(peer.ip()), FAILED_LOGIN_COST);
+                return Err(Refusal(BadUserNamePassword, "bad_credentials"));
+            }
+        }
+        // The fleet-wide rate protects the hub from a storm of real devices;
+        // only CONNECTs that authenticated spend it.
+        if self
             .bucket
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .try_take()
+            .is_err()
         {
             return Err(Refusal(ServiceUnavailable, "rate_limited"));
         }
-        if !self.state.accepting() {
-            return Err(Refusal(ServiceUnavailable, "not_primary"));
-        }
-        let Ok(key) = DeviceKey::parse(&login.password) else {
-            return Err(Refusal(BadUserNamePassword, "bad_credentials"));
-        };
-        match self.auth.verify(&device, &key).await {
-            Ok(AuthOutcome::Enabled) => Ok(device),
-            Ok(AuthOutcome::Disabled) => Err(Refusal(NotAuthorized, "disabled")),
-            Ok(AuthOutcome::Unknown | AuthOutcome::WrongKey) => {
-                Err(Refusal(BadUserNamePassword, "bad_credentials"))
-            }
-            Err(e) => {
-                tracing::warn!(device_id = %device, error = %format!("{e:#}"), "registry unavailable for connect");
-                Err(Refusal(ServiceUnavailable, "registry_unavailable"))
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket_limits_the_rate() {
-        let mut b = TokenBucket::new(10);
-        let taken = (0..100).filter(|_| b.try_take()).count();
-        assert_eq!(taken, 10, "one second of burst");
-        tokio::time::advance(Duration::from_millis(500)).await;
-        assert_eq!((0..100).filter(|_| b.try_take()).count(), 5);
-        tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(
-            (0..100).filter(|_| b.try_take()).count(),
-            10,
-            "burst stays capped"
-        );
+        Ok(device)
     }
 }

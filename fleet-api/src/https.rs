@@ -1,10 +1,12 @@
-//! HTTPS for the HTTP API: an `axum::serve` listener that hands over only
-//! connections whose TLS handshake finished. Handshakes run in their own
+//! HTTPS for the HTTP APIs (hub, concierge): loading a certificate and key,
+//! and an `axum::serve` listener that hands over only connections whose TLS
+//! handshake finished. Handshakes run in their own
 //! tasks with a deadline, so one slow or silent client never holds up the
 //! accept loop (axum's own `TcpListener` path accepts inline).
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +15,35 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+/// Loads a rustls server configuration from PEM files (certificate chain and
+/// private key).
+///
+/// # Errors
+/// When a file is unreadable or holds no usable certificate or key.
+pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("read TLS certificate {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parse TLS certificate {}", cert.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert.display());
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("read TLS key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate and key do not match")?;
+    Ok(Arc::new(config))
+}
+
+/// TLS handshakes one listener runs at once.
+const MAX_HANDSHAKES: usize = 512;
 
 /// A TLS listener for [`axum::serve`].
 #[derive(Debug)]
@@ -36,6 +67,9 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(128);
+        // Handshakes in progress at once: a flood of silent clients costs
+        // at most this many tasks until their deadline.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let accepting = tokio::spawn(async move {
             while !tx.is_closed() {
                 let (stream, peer) = match tcp.accept().await {
@@ -47,8 +81,14 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "https handshake refused: too many in progress");
+                    drop(stream);
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;

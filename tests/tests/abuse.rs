@@ -1,0 +1,437 @@
+//! Floods and abuse from one address (127.0.0.2, a second "machine" on
+//! loopback) while a real device on 127.0.0.1 connects, looks up its
+//! endpoint and publishes; and the live stream's read-only gate.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::mqtt::{RawClient, RecvError};
+use tests::{HubNode, Registry, harness, wait_for};
+
+const SECS: Duration = Duration::from_secs(10);
+const ATTACKER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+const DEVICE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
+
+async fn hub_with(h: &tests::Harness, devices: &[&str], extra: &[&str]) -> (Registry, HubNode) {
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(devices).await;
+    let hub = h.hub("hub-eu", "eu", &reg.url, extra);
+    (reg, hub)
+}
+
+/// Six clients on 127.0.0.2 looping on a wrong password until `stop`.
+fn wrong_password_flood(hub: &HubNode, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..6)
+        .map(|_| {
+            let (addr, stop) = (hub.mqtt, stop.clone());
+            tokio::spawn(async move {
+                let mut tries = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = RawClient::connect_from(
+                        addr,
+                        ATTACKER,
+                        "d",
+                        Some(("d", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")),
+                    )
+                    .await;
+                    tries += 1;
+                }
+                tries
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_from_one_address_cost_only_that_address() {
+    let h = harness!("wrong_passwords_from_one_address_cost_only_that_address");
+    // A small fleet-wide rate, so that spending it on failed logins (as it
+    // once was) would lock the real device out.
+    let (reg, hub) = hub_with(&h, &["d"], &["--connect-rate", "20"]).await;
+    let key = reg.key("d");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = wrong_password_flood(&hub, stop.clone());
+    wait_for(10, "the flood to be refused", || async {
+        hub.metric("fleet_hub_connects_total{result=\"bad_credentials\"}")
+            .await
+            >= 20.0
+    })
+    .await;
+    let mut refused = Vec::new();
+    for i in 0..30 {
+        let (mut c, code) = RawClient::connect_from(hub.mqtt, DEVICE, "d", Some(("d", &key))).await;
+        if code != Some(ConnectReturnCode::Success) {
+            refused.push((i, code));
+            continue;
+        }
+        c.publish(
+            &format!("devices/d/messages/events/{}", i + 1),
+            QoS::AtLeastOnce,
+            1,
+            b"x",
+        )
+        .await;
+        assert!(
+            matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))),
+            "no PUBACK during the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut tries = 0;
+    for f in flood {
+        tries += f.await.unwrap();
+    }
+    assert!(
+        refused.is_empty(),
+        "the real device was refused: {refused:?}"
+    );
+    // The offender paid: most of its attempts never reached a password check.
+    let source = hub
+        .metric("fleet_hub_connects_total{result=\"source_rate\"}")
+        .await;
+    assert!(
+        source > 0.0,
+        "no attempt was refused by the per-source rate ({tries} tries)"
+    );
+    assert_eq!(
+        hub.metric("fleet_hub_connects_total{result=\"rate_limited\"}")
+            .await,
+        0.0,
+        "failed logins spent the fleet-wide rate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_capped_per_address_and_in_all() {
+    let h = harness!("silent_connections_are_capped_per_address_and_in_all");
+    let (reg, hub) = hub_with(
+        &h,
+        &["d"],
+        &[
+            "--max-pending-per-source",
+            "8",
+            "--max-pending-connects",
+            "20",
+            "--connect-timeout-ms",
+            "60000",
+        ],
+    )
+    .await;
+    let key = reg.key("d");
+    // 40 connections from one address that never send CONNECT.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(RawClient::tcp_from(hub.mqtt, ATTACKER).await);
+    }
+    wait_for(10, "32 refusals for the one address", || async {
+        hub.metric("fleet_hub_connects_total{result=\"pending_per_source\"}")
+            .await
+            == 32.0
+    })
+    .await;
+    // The real device is not affected.
+    let (_c, code) = RawClient::connect_from(hub.mqtt, DEVICE, "d", Some(("d", &key))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    // Twelve more addresses, two silent connections each: 8 + 12 fill the 20
+    // places in all; the rest are refused.
+    for i in 3..15u8 {
+        for _ in 0..2 {
+            silent.push(RawClient::tcp_from(hub.mqtt, IpAddr::from([127, 0, 0, i])).await);
+        }
+    }
+    wait_for(10, "refusals once all places are taken", || async {
+        hub.metric("fleet_hub_connects_total{result=\"pending_total\"}")
+            .await
+            == 12.0
+    })
+    .await;
+    // Closing them frees the places.
+    drop(silent);
+    wait_for(10, "the device to get in again", || async {
+        RawClient::connect_from(hub.mqtt, DEVICE, "d", Some(("d", &key)))
+            .await
+            .1
+            == Some(ConnectReturnCode::Success)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_connection_cap_refuses_before_reading() {
+    let h = harness!("the_total_connection_cap_refuses_before_reading");
+    let (reg, hub) = hub_with(&h, &["d"], &["--max-connections", "5"]).await;
+    let key = reg.key("d");
+    // Five silent connections from five addresses take every place.
+    let mut silent = Vec::new();
+    for i in 3..8u8 {
+        silent.push(RawClient::tcp_from(hub.mqtt, IpAddr::from([127, 0, 0, i])).await);
+    }
+    let mut sixth = RawClient::tcp_from(hub.mqtt, IpAddr::from([127, 0, 0, 9])).await;
+    assert!(
+        sixth.closed_within(SECS).await,
+        "a connection beyond the cap stayed open"
+    );
+    assert_eq!(
+        hub.metric("fleet_hub_connects_total{result=\"connections_total\"}")
+            .await,
+        1.0
+    );
+    drop(silent);
+    wait_for(10, "the device to get in once places are free", || async {
+        RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await.1
+            == Some(ConnectReturnCode::Success)
+    })
+    .await;
+}
+
+/// A stream client with a client id of its own (rumqttd takes a session
+/// over when an id comes back).
+async fn stream_client(hub: &HubNode, password: &str) -> (RawClient, Option<ConnectReturnCode>) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = format!("watcher-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    RawClient::connect(
+        hub.stream.expect("stream address"),
+        &id,
+        Some(("stream", password)),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_stream_is_read_only_and_its_filters_are_bounded() {
+    let h = harness!("the_live_stream_is_read_only_and_its_filters_are_bounded");
+    let (reg, hub) = hub_with(
+        &h,
+        &["d"],
+        &[
+            "--stream-password",
+            "watch-me-please",
+            "--stream-max-filters",
+            "4",
+        ],
+    )
+    .await;
+    let key = reg.key("d");
+    let (_, code) = stream_client(&hub, "not-the-password").await;
+    assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+
+    // A watcher of everything.
+    let (mut watcher, code) = stream_client(&hub, "watch-me-please").await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    watcher.subscribe(1, "fleet/#").await;
+    assert!(matches!(watcher.recv(SECS).await, Ok(Packet::SubAck(_))));
+
+    // A stream client that publishes forged telemetry is cut off.
+    let (mut forger, code) = RawClient::connect(
+        hub.stream.unwrap(),
+        "forger",
+        Some(("stream", "watch-me-please")),
+    )
+    .await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    forger
+        .publish("fleet/eu/devices/d/events", QoS::AtLeastOnce, 1, b"forged")
+        .await;
+    assert!(forger.closed_within(SECS).await, "a publish was accepted");
+    assert_eq!(
+        hub.metric("fleet_hub_stream_refused_total{reason=\"publish\"}")
+            .await,
+        1.0
+    );
+
+    // What the watcher sees is the device's real record, not the forgery.
+    let (mut device, code) = RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    device
+        .publish("devices/d/messages/events/1", QoS::AtLeastOnce, 1, b"real")
+        .await;
+    let first = loop {
+        match watcher.recv(SECS).await {
+            Ok(Packet::Publish(p)) => break p,
+            Ok(_) => {}
+            Err(e) => panic!("the watcher saw nothing: {e:?}"),
+        }
+    };
+    assert_eq!(&first.payload[..], b"real");
+
+    // Filters: "fleet/#" is one of 4; three more distinct ones fit, the
+    // fifth is refused (and closes that client), already-known ones are fine.
+    for (i, filter) in [
+        "fleet/eu/devices/a/events",
+        "fleet/eu/devices/b/events",
+        "fleet/eu/devices/c/events",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (mut c, _) = stream_client(&hub, "watch-me-please").await;
+        c.subscribe(u16::try_from(i + 1).unwrap(), filter).await;
+        assert!(
+            matches!(c.recv(SECS).await, Ok(Packet::SubAck(_))),
+            "{filter}"
+        );
+    }
+    let (mut c, _) = stream_client(&hub, "watch-me-please").await;
+    c.subscribe(1, "fleet/eu/devices/e/events").await;
+    assert_eq!(c.recv(SECS).await.unwrap_err(), RecvError::Closed);
+    let (mut c, _) = stream_client(&hub, "watch-me-please").await;
+    c.subscribe(1, "fleet/#").await;
+    assert!(matches!(c.recv(SECS).await, Ok(Packet::SubAck(_))));
+    assert_eq!(
+        hub.metric("fleet_hub_stream_refused_total{reason=\"filters_total\"}")
+            .await,
+        1.0
+    );
+    // A topic outside the stream's namespace is refused too.
+    let (mut c, _) = stream_client(&hub, "watch-me-please").await;
+    c.subscribe(1, "$SYS/#").await;
+    assert_eq!(c.recv(SECS).await.unwrap_err(), RecvError::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_looping_on_lookups_cannot_starve_a_device() {
+    let h = harness!("one_address_looping_on_lookups_cannot_starve_a_device");
+    let (_reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let c = h.concierge(
+        "concierge",
+        "127.0.0.1:0",
+        &[("eu", &hub)],
+        &["--connect-rate", "10", "--lookups-per-source", "4"],
+    );
+    let port = c.http.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .local_address(ATTACKER)
+                    .build()
+                    .unwrap();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let _ = http
+                        .get(format!(
+                            "http://127.0.0.1:{port}/v1/devices/x{t}-{i}/endpoint"
+                        ))
+                        .send()
+                        .await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    wait_for(10, "the flood to be under way", || async {
+        sent.load(Ordering::Relaxed) > 200
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .local_address(DEVICE)
+        .build()
+        .unwrap();
+    let mut refused = Vec::new();
+    for i in 0..12 {
+        let resp = http
+            .get(format!("http://127.0.0.1:{port}/v1/devices/d/endpoint"))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != 200 {
+            refused.push((i, resp.status()));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    assert!(
+        refused.is_empty(),
+        "the device was turned away: {refused:?}"
+    );
+    let metrics = tests::http_get(&format!("http://127.0.0.1:{port}/metrics"));
+    let paced = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fleet_concierge_endpoint_requests_total{result=\"source_paced\"}")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    assert!(paced > 100.0, "the flood was not paced per source: {paced}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_junk_is_counted_not_logged() {
+    let h = harness!("dns_junk_is_counted_not_logged").with_default_logs();
+    let (_reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    // Valid queries in and out of the zone, and garbage.
+    let query = |name: &str, id: u16| {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            q.push(u8::try_from(label.len()).unwrap());
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    };
+    for i in 0..3000u16 {
+        let packet = match i % 3 {
+            0 => query("concierge.fleet.test", i),
+            1 => query("example.com", i),
+            _ => vec![
+                0xde,
+                0xad,
+                0xbe,
+                0xef,
+                u8::try_from(i % 251).unwrap(),
+                0,
+                0,
+                1,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0xff,
+            ],
+        };
+        socket.send_to(&packet, c.dns).await.unwrap();
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let url = format!("http://{}/metrics", c.http);
+    wait_for(10, "the queries to be counted", || {
+        let url = url.clone();
+        async move {
+            let m = tokio::task::spawn_blocking(move || tests::http_get(&url))
+                .await
+                .unwrap();
+            let answered: f64 = m
+                .lines()
+                .filter(|l| l.starts_with("fleet_concierge_dns_queries_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            answered >= 1000.0
+        }
+    })
+    .await;
+    let log = std::fs::read_to_string(h.logs().join("concierge.log")).unwrap();
+    assert!(
+        log.len() < 16 * 1024,
+        "3000 DNS packets wrote {} bytes of log:\n{}",
+        log.len(),
+        &log[..log.len().min(2000)]
+    );
+}
