@@ -46,8 +46,36 @@ pub struct Proc {
     launcher: Launcher,
 }
 
+/// Flags whose values are secrets, and the variables that carry them
+/// instead: a process's argv is readable by every user of the machine
+/// (`ps`), its environment only by its owner.
+const SECRET_FLAGS: [(&str, &str); 4] = [
+    ("--admin-token", "FLEET_ADMIN_TOKEN"),
+    ("--read-token", "FLEET_READ_TOKEN"),
+    ("--peer-token", "FLEET_PEER_TOKEN"),
+    ("--stream-password", "FLEET_STREAM_PASSWORD"),
+];
+
+/// `args` without secret flags, and those as environment variables.
+fn split_secrets(args: &[String]) -> (Vec<String>, Vec<(&'static str, String)>) {
+    let (mut argv, mut env) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match SECRET_FLAGS.iter().find(|(flag, _)| a == flag) {
+            Some((_, var)) => {
+                if let Some(value) = it.next() {
+                    env.push((*var, value.clone()));
+                }
+            }
+            None => argv.push(a.clone()),
+        }
+    }
+    (argv, env)
+}
+
 impl Proc {
     /// Starts `args` and, when `ready` is set, waits for its JSON ready line.
+    /// Secret flags among `args` are passed in the environment instead.
     ///
     /// # Errors
     /// When the process cannot start or exits before it is ready.
@@ -63,8 +91,10 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&log)?;
+        let (argv, secrets) = split_secrets(&args);
         let mut child = Command::new(&launcher.exe)
-            .args(&args)
+            .args(&argv)
+            .envs(secrets)
             .env(
                 "FLEET_LOG",
                 std::env::var("FLEET_LOG")
@@ -503,5 +533,42 @@ impl Fleet {
         );
         s += "\nCtrl-C stops everything.\n";
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_leave_argv_for_the_environment() {
+        let args: Vec<String> = [
+            "hub",
+            "run",
+            "--admin-token",
+            "admin-secret-0123456789",
+            "--region",
+            "a",
+            "--peer-token",
+            "peer-secret-0123456789",
+            "--stream-password",
+            "stream-secret-0123456789",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (argv, env) = split_secrets(&args);
+        assert_eq!(argv, ["hub", "run", "--region", "a"]);
+        assert_eq!(
+            env,
+            [
+                ("FLEET_ADMIN_TOKEN", "admin-secret-0123456789".to_string()),
+                ("FLEET_PEER_TOKEN", "peer-secret-0123456789".to_string()),
+                (
+                    "FLEET_STREAM_PASSWORD",
+                    "stream-secret-0123456789".to_string()
+                ),
+            ]
+        );
     }
 }

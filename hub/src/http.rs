@@ -40,6 +40,7 @@ pub struct ApiState {
     pub mqtt_url: String,
     pub stream_url: Option<String>,
     pub auth: Arc<crate::auth::Auth>,
+    pub accept_health: Arc<crate::front::AcceptHealth>,
 }
 
 impl ApiState {
@@ -245,13 +246,16 @@ pub fn router(api: Arc<ApiState>) -> Router {
 }
 
 async fn healthz(State(api): State<Arc<ApiState>>) -> Response {
-    match api.log().health() {
-        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
-        Err(problems) => (
+    let mut problems = api.log().health().err().unwrap_or_default();
+    problems.extend(api.accept_health.problem());
+    if problems.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "unhealthy", "problems": problems})),
         )
-            .into_response(),
+            .into_response()
     }
 }
 

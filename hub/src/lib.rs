@@ -121,6 +121,7 @@ impl Hub {
             state.clone(),
             control.throttle(),
         );
+        let accept_health = front.accept_health.clone();
         tasks.spawn(front.serve(listeners.mqtt, shutdown.clone()));
         tasks.spawn(refresh_auth(
             auth.clone(),
@@ -195,6 +196,7 @@ impl Hub {
             mqtt_url: format!("{scheme}://{}", config.advertise.unwrap_or(mqtt_addr)),
             stream_url: stream_addr.map(|a| format!("{scheme}://{a}")),
             auth: auth.clone(),
+            accept_health,
         });
         let token = shutdown.clone();
         let router = http::router(api);

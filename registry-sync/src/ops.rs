@@ -375,6 +375,10 @@ pub async fn follow(
                 tracing::error!(error = %e, "follow is held up by a record with an implausible version; fix the source's clock or the record");
                 options.retry
             }
+            Err(e @ RegistryError::ImplausibleSeq { .. }) => {
+                tracing::error!(error = %e, "follow is held up by a change numbered beyond the source's sequence");
+                options.retry
+            }
             Err(e) => return Err(e.into()),
         };
         tokio::select! {
@@ -391,9 +395,21 @@ async fn follow_round(
     source: &str,
     status: &mut FollowStatus,
 ) -> Result<bool, RegistryError> {
+    // Read first: every change of the batch must be within it. A change
+    // numbered beyond it (a forged or corrupt row, or a negative sequence
+    // read as a huge one) would move the watermark past everything the
+    // source will ever write, silencing follow for good.
+    let max = from.max_seq().await?;
     let changes = from
         .changes_since(Seq(status.watermark), BATCH as u32)
         .await?;
+    if let Some((seq, r)) = changes.iter().find(|(seq, _)| *seq > max) {
+        return Err(RegistryError::ImplausibleSeq {
+            device_id: r.device_id.clone(),
+            seq: seq.0,
+            max: max.0,
+        });
+    }
     status.round = changes.len() as u64;
     if let Some(&(last, _)) = changes.last() {
         let records: Vec<DeviceRecord> = changes.into_iter().map(|(_, r)| r).collect();

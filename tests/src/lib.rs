@@ -34,6 +34,7 @@ pub struct Harness {
     logs: PathBuf,
     dir: tempfile::TempDir,
     default_logs: bool,
+    open_files: Option<u32>,
 }
 
 /// A [`Harness`] for the calling test, named after it.
@@ -58,7 +59,15 @@ impl Harness {
             logs,
             dir: tempfile::tempdir().expect("temp dir"),
             default_logs: false,
+            open_files: None,
         }
+    }
+
+    /// Processes may open at most `n` files (RLIMIT_NOFILE), so a test can
+    /// run one out of file descriptors.
+    pub fn with_open_files(mut self, n: u32) -> Harness {
+        self.open_files = Some(n);
+        self
     }
 
     /// Processes log with their own default filter, as an operator's would
@@ -138,16 +147,22 @@ impl Harness {
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut command = match max_file_kib {
-            None => Command::new(&self.exe),
-            Some(kib) => {
-                // bash counts `ulimit -f` in KiB; an ignored signal stays ignored across exec.
-                let mut c = Command::new("bash");
-                c.arg("-c")
-                    .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
-                    .arg(&self.exe);
-                c
-            }
+        let mut limits = String::new();
+        if let Some(kib) = max_file_kib {
+            // bash counts `ulimit -f` in KiB; an ignored signal stays ignored across exec.
+            limits += &format!("trap '' XFSZ; ulimit -f {kib}; ");
+        }
+        if let Some(n) = self.open_files {
+            limits += &format!("ulimit -n {n}; ");
+        }
+        let mut command = if limits.is_empty() {
+            Command::new(&self.exe)
+        } else {
+            let mut c = Command::new("bash");
+            c.arg("-c")
+                .arg(format!("{limits}exec \"$0\" \"$@\""))
+                .arg(&self.exe);
+            c
         };
         let mut child = command
             .args(args)

@@ -435,3 +435,62 @@ async fn dns_junk_is_counted_not_logged() {
         &log[..log.len().min(2000)]
     );
 }
+
+/// Whether the concierge at `port` calls region `eu` healthy.
+async fn eu_healthy(port: u16) -> bool {
+    let regions: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/v1/regions"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["region"] == "eu" && r["healthy"] == true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_cannot_accept_is_reported_unhealthy() {
+    // 128 file descriptors: a few hundred silent connections use them up.
+    let h = harness!("a_hub_that_cannot_accept_is_reported_unhealthy").with_open_files(128);
+    let (reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let key = reg.key("d");
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    let port = c.http.port();
+    wait_for(10, "eu to be healthy", || eu_healthy(port)).await;
+    // A health checker whose connection to the hub is already open (as the
+    // concierge's pooled one is): it still gets answers once the hub is out
+    // of file descriptors.
+    let pooled = reqwest::Client::new();
+    let healthz = format!("{}/healthz", hub.url());
+    assert_eq!(pooled.get(&healthz).send().await.unwrap().status(), 200);
+    let mut silent = Vec::new();
+    for i in 3..40u8 {
+        for _ in 0..8 {
+            silent.push(RawClient::tcp_from(hub.mqtt, IpAddr::from([127, 0, 0, i])).await);
+        }
+    }
+    wait_for(20, "the hub to say it cannot accept", || async {
+        let Ok(resp) = pooled.get(&healthz).send().await else {
+            return false;
+        };
+        resp.status() == 503
+            && resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .contains("cannot accept")
+    })
+    .await;
+    wait_for(20, "the concierge to take eu for down", || async {
+        !eu_healthy(port).await
+    })
+    .await;
+    // Freed descriptors: healthy again, and the device gets in.
+    drop(silent);
+    wait_for(30, "eu to be healthy again", || eu_healthy(port)).await;
+    let (_c, code) = RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+}

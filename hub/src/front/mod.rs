@@ -22,6 +22,7 @@ use rumqttc::mqttbytes::Protocol;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
@@ -111,7 +112,38 @@ pub struct Front {
     sources: KeyedBuckets<IpAddr>,
     pending: Slots<IpAddr>,
     connections: Arc<Semaphore>,
+    pub(crate) accept_health: Arc<AcceptHealth>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Whether the device listener can accept: the last time `accept` failed
+/// (out of file descriptors and the like). `/healthz` reports a hub whose
+/// listener failed recently as unhealthy, so the concierge stops sending
+/// devices to a hub that cannot take them.
+#[derive(Debug, Default)]
+pub struct AcceptHealth {
+    last_failure: Mutex<Option<(Instant, String)>>,
+}
+
+/// How long a failed `accept` keeps the hub unhealthy.
+const ACCEPT_FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+impl AcceptHealth {
+    fn failed(&self, error: &std::io::Error) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), error.to_string()));
+    }
+
+    /// The error of an `accept` that failed within the last few seconds.
+    pub fn problem(&self) -> Option<String> {
+        let last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((at, error)) if at.elapsed() < ACCEPT_FAILURE_HOLD => Some(format!(
+                "the MQTT listener cannot accept connections: {error}"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Counts a connection turned away before its CONNECT was read.
@@ -157,6 +189,7 @@ impl Front {
             ),
             pending: Slots::new(config.max_pending_per_source, config.max_pending),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            accept_health: Arc::default(),
             config,
             ingest,
             auth,
@@ -200,7 +233,10 @@ impl Front {
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
+                    // Out of file descriptors and the like: back off, keep
+                    // serving, and say so in /healthz.
+                    self.accept_health.failed(&e);
+                    metrics::counter!("fleet_hub_accept_errors_total").increment(1);
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }

@@ -53,6 +53,14 @@ pub enum RegistryError {
     #[error("device {device_id}: {reason}; nothing was applied")]
     ImplausibleVersion { device_id: DeviceId, reason: String },
     #[error(
+        "the source's change {seq} (device {device_id}) is beyond its own change sequence {max}: the source is corrupt or forged; nothing was applied"
+    )]
+    ImplausibleSeq {
+        device_id: DeviceId,
+        seq: u64,
+        max: u64,
+    },
+    #[error(
         "the registry clock is at version {clock}, beyond this machine's clock plus the allowed skew: a record from the future is in it; nothing was written (find it with `registry-sync export`)"
     )]
     ClockAhead { clock: fleet_api::Version },
