@@ -134,6 +134,16 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// What an ack's `replicated` acknowledges in this outbox (whose mid `m`
+/// went out as `base + m`): the outbox mid through which messages are
+/// stored in both regions, 0 for one below `base`. `None` for an ack that
+/// claims more than this device has durably written (a confused or hostile
+/// hub): it must not delete messages nobody received.
+pub(crate) fn acked_through(replicated: Mid, base: u64, durable: Mid) -> Option<Mid> {
+    let here = replicated.0.saturating_sub(base);
+    (here <= durable.0).then_some(Mid(here))
+}
+
 fn same_hub(a: &EndpointResponse, b: &EndpointResponse) -> bool {
     a.mqtt_url == b.mqtt_url && a.region == b.region
 }
@@ -424,8 +434,12 @@ impl Agent {
                                     tracing::warn!("ignoring an ack that is not JSON");
                                     continue;
                                 };
+                                let durable = self.outbox.lock().durable();
+                                let Some(acked_here) = acked_through(ack.replicated, base, durable) else {
+                                    tracing::warn!(replicated = %ack.replicated, "ignoring an ack for more than this device has written");
+                                    continue;
+                                };
                                 self.progress.committed.fetch_max(ack.committed.0, Ordering::Relaxed);
-                                let acked_here = Mid(ack.replicated.0.saturating_sub(base));
                                 if acked_here > replicated {
                                     replicated = acked_here;
                                     last_progress = Instant::now();
@@ -480,5 +494,56 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => *stop.borrow(),
         _ = stop.changed() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any ack a hub (or anyone who can publish to the acks topic)
+        /// sends, parsed as the agent parses it, acknowledges at most what
+        /// this device has written.
+        #[test]
+        fn an_ack_never_acknowledges_more_than_was_written(
+            committed in any::<u64>(),
+            replicated in any::<u64>(),
+            epoch in any::<u64>(),
+            region in "[a-z]{0,8}",
+            extra in prop::option::of(any::<bool>()),
+            base in 0..=crate::outbox::MAX_BASE,
+            durable in any::<u64>(),
+        ) {
+            let mut text = format!(
+                r#"{{"committed":{committed},"replicated":{replicated},"epoch":{epoch},"region":"{region}""#
+            );
+            if let Some(d) = extra {
+                text += &format!(r#","detached":{d}"#);
+            }
+            text.push('}');
+            if let Ok(ack) = serde_json::from_str::<AckMessage>(&text)
+                && let Some(m) = acked_through(ack.replicated, base, Mid(durable))
+            {
+                prop_assert!(m.0 <= durable);
+                prop_assert!(ack.replicated.0 >= base || m == Mid(0));
+            }
+        }
+
+        /// Random bytes on the acks topic: no panic.
+        #[test]
+        fn garbage_acks_are_ignored(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(ack) = serde_json::from_slice::<AckMessage>(&bytes) {
+                let _ = acked_through(ack.replicated, 0, Mid(0));
+            }
+        }
+    }
+
+    #[test]
+    fn an_ack_beyond_what_was_written_deletes_nothing() {
+        assert_eq!(acked_through(Mid(u64::MAX), 0, Mid(10)), None);
+        assert_eq!(acked_through(Mid(15), 5, Mid(10)), Some(Mid(10)));
+        assert_eq!(acked_through(Mid(3), 5, Mid(10)), Some(Mid(0)));
     }
 }

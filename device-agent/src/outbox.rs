@@ -22,6 +22,8 @@ use fleet_api::Mid;
 use serde::{Deserialize, Serialize};
 
 const MAGIC: u8 = 0xA7;
+/// The highest numbering base accepted from a hub (half of u64).
+pub const MAX_BASE: u64 = u64::MAX / 2;
 const HEADER: usize = 9;
 const FIXED: usize = 16;
 
@@ -48,6 +50,10 @@ pub enum OutboxError {
     },
     #[error("payload of {0} bytes is larger than the outbox can hold")]
     TooLarge(usize),
+    #[error(
+        "the hub says this device's messages stand at mid {0}, which leaves no room to number new ones; refusing to publish under it"
+    )]
+    ImplausibleBase(u64),
     #[error(
         "{path} is unreadable ({reason}): refusing to guess where this device's message numbers stand; repair it, or start over with --reset-state (the agent then learns its numbering from the hub)"
     )]
@@ -244,7 +250,7 @@ impl Outbox {
                 .map_err(io(&path))?;
             let (mut pos, mut last, mut records) = (0usize, Mid(first.0.saturating_sub(1)), 0u64);
             while let Some((mid, _, len)) = decode(&bytes[pos..]) {
-                if mid.0 != last.0 + 1 {
+                if last.0.checked_add(1) != Some(mid.0) {
                     break;
                 }
                 pos += len;
@@ -565,6 +571,12 @@ impl Outbox {
     pub fn set_base(&mut self, committed: Mid) -> Result<()> {
         if self.state.base.is_some() {
             return Ok(());
+        }
+        // Numbers above it must last: a base near the top of u64 would make
+        // every new mid saturate into a "duplicate" the hub acknowledges
+        // and drops.
+        if committed.0 > MAX_BASE {
+            return Err(OutboxError::ImplausibleBase(committed.0));
         }
         // In memory only once it is on disk: nothing may be published under
         // a base a restart would not know.
