@@ -337,6 +337,13 @@ impl Fleet {
                 "127.0.0.1:0".into(),
                 "--stream-password".into(),
                 stream_password.expose().to_string(),
+                // On loopback every device comes from one address: the
+                // per-address limits (there for fleets on many machines)
+                // would pace the whole fleet as one client.
+                "--connect-rate-per-source".into(),
+                "1000000".into(),
+                "--max-pending-per-source".into(),
+                "1000000".into(),
             ];
             if let Some(s) = opts.peer_detach_after_s {
                 args.extend(["--peer-detach-after-s".into(), s.to_string()]);
@@ -418,6 +425,8 @@ impl Fleet {
                 &opts.ttl_s.to_string(),
                 "--poll-ms",
                 "250",
+                "--lookups-per-source",
+                "1000000",
             ]);
             for r in &regions {
                 args.push("--hub".into());

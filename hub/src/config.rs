@@ -111,7 +111,7 @@ pub struct RunArgs {
     #[arg(long, env = "FLEET_CONNECT_RATE")]
     pub connect_rate: Option<u32>,
     /// MQTT connections accepted per second from one address (IPv6: one
-    /// /64); a failed login costs 10 [default: 200].
+    /// /64); a failed login costs 10 [default: 500].
     #[arg(long, env = "FLEET_CONNECT_RATE_PER_SOURCE")]
     pub connect_rate_per_source: Option<u32>,
     /// Distinct subscription filters the live stream serves over its life;
@@ -124,7 +124,7 @@ pub struct RunArgs {
     /// MQTT connections not yet authenticated, in all [default: 4096].
     #[arg(long, env = "FLEET_MAX_PENDING_CONNECTS")]
     pub max_pending_connects: Option<usize>,
-    /// MQTT connections not yet authenticated, per address [default: 64].
+    /// MQTT connections not yet authenticated, per address [default: 256].
     #[arg(long, env = "FLEET_MAX_PENDING_PER_SOURCE")]
     pub max_pending_per_source: Option<usize>,
     /// Segment file size in bytes [default: 67108864].

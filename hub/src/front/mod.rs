@@ -71,10 +71,10 @@ impl Default for FrontConfig {
             connect_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(5),
             connect_rate: 2000,
-            connect_rate_per_source: 200,
+            connect_rate_per_source: 500,
             max_connections: 100_000,
             max_pending: 4096,
-            max_pending_per_source: 64,
+            max_pending_per_source: 256,
             tls: None,
         }
     }
