@@ -94,6 +94,8 @@ pub async fn run(args: AgentArgs, json: bool) -> anyhow::Result<()> {
         &format!("bench=http://{},mqtt://{}", hub.http, hub.mqtt),
         "--connect-rate",
         "100000",
+        "--lookups-per-source",
+        "100000",
     ])
     .await
     .context("start the concierge")?;

@@ -88,6 +88,9 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
         &format!("bench=http://{},mqtt://{}", hub.http, hub.mqtt),
         "--connect-rate",
         "1000000000",
+        // The load generator is one address.
+        "--lookups-per-source",
+        "1000000000",
     ])
     .await
     .context("start the concierge")?;
