@@ -64,7 +64,7 @@ pub struct RunArgs {
     #[arg(long, env = "FLEET_REGISTRY_WAIT_S")]
     pub registry_wait_s: Option<u64>,
     /// Endpoint lookups per second one client address (IPv6: one /64) may
-    /// make before it is told to come back later [default: 500].
+    /// make before it is told to come back later [default: 100].
     #[arg(long, env = "FLEET_LOOKUPS_PER_SOURCE")]
     pub lookups_per_source: Option<u32>,
     /// Time a client has to send request headers, ms [default: 10000].
@@ -166,7 +166,7 @@ impl ConciergeConfig {
             poll: Duration::from_millis(500),
             failures: 3,
             connect_rate: 2000,
-            lookups_per_source: 500,
+            lookups_per_source: 100,
             registry_wait: Duration::from_secs(10),
             http_limits: fleet_api::serve::HttpLimits::default(),
             tls: None,

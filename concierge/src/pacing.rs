@@ -22,7 +22,11 @@ use tokio::time::Instant;
 /// Client addresses remembered by the per-source rate.
 const MAX_SOURCES: usize = 100_000;
 /// Devices waiting for their slot remembered at once.
-const MAX_WAITING: usize = 1_000_000;
+const MAX_WAITING: usize = 100_000;
+/// The furthest out a slot is given: beyond it devices are told to come
+/// back then without a reservation, so no client can push the fleet's
+/// slots hours away.
+const MAX_WAIT: Duration = Duration::from_secs(120);
 
 /// Why an answer is put off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +40,8 @@ pub enum Paced {
 #[derive(Debug)]
 struct Meter {
     next_free: Instant,
+    /// When expired reservations were last dropped.
+    pruned: Instant,
     /// Devices told to wait, and the slot reserved for them.
     waiting: HashMap<DeviceId, Instant>,
 }
@@ -57,6 +63,7 @@ impl Pacer {
             burst: Duration::from_secs(1),
             meter: Mutex::new(Meter {
                 next_free: Instant::now(),
+                pruned: Instant::now(),
                 waiting: HashMap::new(),
             }),
             sources: KeyedBuckets::new(per_source, per_source, MAX_SOURCES),
@@ -83,13 +90,19 @@ impl Pacer {
             return Ok(());
         }
         let slot = meter.next_free.max(now);
-        meter.next_free = slot + self.interval;
         let wait = slot.duration_since(now);
+        if wait > MAX_WAIT {
+            return Err(Paced::Fleet(MAX_WAIT));
+        }
+        meter.next_free = slot + self.interval;
         if wait <= self.burst {
             return Ok(());
         }
-        if meter.waiting.len() >= MAX_WAITING {
+        if meter.waiting.len() >= MAX_WAITING
+            && now.duration_since(meter.pruned) >= Duration::from_secs(1)
+        {
             meter.waiting.retain(|_, s| *s > now);
+            meter.pruned = now;
         }
         if meter.waiting.len() < MAX_WAITING {
             meter.waiting.insert(device.clone(), slot);
@@ -125,8 +138,17 @@ mod tests {
             "every device gets its own slot"
         );
         assert!(waits.last().unwrap() <= &Duration::from_secs(10));
+        // However many ask, no slot is further out than MAX_WAIT.
+        let far = (0..100_000)
+            .filter_map(|i| match p.admit(ip, &id(10_000 + i)) {
+                Err(Paced::Fleet(w)) => Some(w),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        assert_eq!(far, MAX_WAIT);
         // After the storm drains, answers are immediate again.
-        tokio::time::advance(Duration::from_secs(11)).await;
+        tokio::time::advance(MAX_WAIT + Duration::from_secs(2)).await;
         assert!(p.admit(ip, &id(5000)).is_ok());
     }
 

@@ -435,18 +435,22 @@ impl Agent {
                                     continue;
                                 };
                                 let durable = self.outbox.lock().durable();
-                                let Some(acked_here) = acked_through(ack.replicated, base, durable) else {
-                                    tracing::warn!(replicated = %ack.replicated, "ignoring an ack for more than this device has written");
-                                    continue;
-                                };
-                                self.progress.committed.fetch_max(ack.committed.0, Ordering::Relaxed);
-                                if acked_here > replicated {
-                                    replicated = acked_here;
-                                    last_progress = Instant::now();
-                                    useful = true;
-                                    self.progress.replicated.fetch_max(ack.replicated.0, Ordering::Relaxed);
-                                    if let Err(e) = self.outbox.lock().ack(replicated) {
-                                        tracing::error!(error = %e, "cannot record an acknowledgement");
+                                match acked_through(ack.replicated, base, durable) {
+                                    None => {
+                                        // Deletes nothing; its epoch is still looked at.
+                                        tracing::warn!(replicated = %ack.replicated, "ignoring an ack for more than this device has written");
+                                    }
+                                    Some(acked_here) => {
+                                        self.progress.committed.fetch_max(ack.committed.0, Ordering::Relaxed);
+                                        if acked_here > replicated {
+                                            replicated = acked_here;
+                                            last_progress = Instant::now();
+                                            useful = true;
+                                            self.progress.replicated.fetch_max(ack.replicated.0, Ordering::Relaxed);
+                                            if let Err(e) = self.outbox.lock().ack(replicated) {
+                                                tracing::error!(error = %e, "cannot record an acknowledgement");
+                                            }
+                                        }
                                     }
                                 }
                                 if ack.epoch > endpoint.epoch {

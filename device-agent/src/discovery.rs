@@ -15,6 +15,9 @@ use hickory_resolver::config::{
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 
+/// The longest `Retry-After` honoured, in seconds.
+pub const MAX_RETRY_AFTER_S: u64 = 300;
+
 /// What asking the concierge gave.
 #[derive(Debug)]
 pub enum Lookup {
@@ -151,7 +154,9 @@ impl Discovery {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            // A concierge (or whoever answers for it) cannot put a device
+            // to sleep for hours.
+            .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_S)));
         if status.is_success() {
             return resp
                 .json::<EndpointResponse>()

@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::limit::{Slots, source_key};
+
 /// Loads a rustls server configuration from PEM files (certificate chain and
 /// private key).
 ///
@@ -44,6 +46,8 @@ pub fn load_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerCon
 
 /// TLS handshakes one listener runs at once.
 const MAX_HANDSHAKES: usize = 512;
+/// Of those, from one client address.
+const HANDSHAKES_PER_SOURCE: usize = 32;
 
 /// A TLS listener for [`axum::serve`].
 #[derive(Debug)]
@@ -70,6 +74,7 @@ impl TlsListener {
         // Handshakes in progress at once: a flood of silent clients costs
         // at most this many tasks until their deadline.
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let per_source: Slots<std::net::IpAddr> = Slots::new(HANDSHAKES_PER_SOURCE, MAX_HANDSHAKES);
         let accepting = tokio::spawn(async move {
             while !tx.is_closed() {
                 let (stream, peer) = match tcp.accept().await {
@@ -86,9 +91,14 @@ impl TlsListener {
                     drop(stream);
                     continue;
                 };
+                let Ok(slot) = per_source.take(&source_key(peer.ip())) else {
+                    tracing::debug!(%peer, "https handshake refused: too many from this address");
+                    drop(stream);
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _permit = (permit, slot);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;

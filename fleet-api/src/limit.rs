@@ -87,6 +87,9 @@ pub struct KeyedBuckets<K> {
 struct Keyed<K> {
     buckets: HashMap<K, TokenBucket>,
     overflow: TokenBucket,
+    /// When full buckets were last forgotten (a scan of every key: at most
+    /// once a second).
+    pruned: Instant,
 }
 
 impl<K: Eq + Hash + Clone> KeyedBuckets<K> {
@@ -98,26 +101,42 @@ impl<K: Eq + Hash + Clone> KeyedBuckets<K> {
             inner: Mutex::new(Keyed {
                 buckets: HashMap::new(),
                 overflow: TokenBucket::new(rate_per_s, burst),
+                pruned: Instant::now(),
             }),
         }
     }
 
-    fn with<T>(&self, key: &K, f: impl FnOnce(&mut TokenBucket) -> T) -> T {
+    /// Runs `f` on `key`'s bucket; a key not remembered while the map is
+    /// full gets the overflow bucket, or `None` without `overflow`.
+    fn with<T>(
+        &self,
+        key: &K,
+        overflow_too: bool,
+        f: impl FnOnce(&mut TokenBucket) -> T,
+    ) -> Option<T> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Keyed { buckets, overflow } = &mut *inner;
-        if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
+        let Keyed {
+            buckets,
+            overflow,
+            pruned,
+        } = &mut *inner;
+        if !buckets.contains_key(key)
+            && buckets.len() >= self.max_keys
+            && pruned.elapsed() >= Duration::from_secs(1)
+        {
             // Forget keys whose buckets are full again: they owe nothing.
             buckets.retain(|_, b| !b.is_full());
+            *pruned = Instant::now();
         }
         if let Some(b) = buckets.get_mut(key) {
-            return f(b);
+            return Some(f(b));
         }
         if buckets.len() >= self.max_keys {
-            return f(overflow);
+            return overflow_too.then(|| f(overflow));
         }
-        f(buckets
+        Some(f(buckets
             .entry(key.clone())
-            .or_insert_with(|| TokenBucket::new(self.rate, self.burst)))
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))))
     }
 
     /// Takes one token of `key`'s bucket.
@@ -125,12 +144,15 @@ impl<K: Eq + Hash + Clone> KeyedBuckets<K> {
     /// # Errors
     /// How long `key` should wait.
     pub fn try_take(&self, key: &K) -> Result<(), Duration> {
-        self.with(key, TokenBucket::try_take)
+        self.with(key, true, TokenBucket::try_take)
+            .unwrap_or(Ok(()))
     }
 
-    /// Charges `key` `cost` more tokens (say, for a failed login).
+    /// Charges `key` `cost` more tokens (say, for a failed login); a key
+    /// that shares the overflow bucket is not charged (that would make
+    /// every newcomer pay for it).
     pub fn charge(&self, key: &K, cost: f64) {
-        self.with(key, |b| b.charge(cost));
+        self.with(key, false, |b| b.charge(cost));
     }
 
     /// Keys remembered now.
@@ -305,6 +327,8 @@ mod tests {
         let admitted = (10..1000).filter(|key| k.try_take(key).is_ok()).count();
         assert_eq!(admitted, 2);
         assert_eq!(k.len(), 10, "memory stays bounded");
+        // A failed login of an overflowing key costs the newcomers nothing.
+        k.charge(&77_777, 1000.0);
         // Once the remembered buckets are full again they are forgotten.
         tokio::time::advance(Duration::from_secs(10)).await;
         k.try_take(&5000).unwrap();

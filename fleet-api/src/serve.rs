@@ -9,8 +9,11 @@
 //! are served at once (more wait in the kernel's accept queue), and a
 //! shutdown lets requests in progress finish.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::limit::{Slots, source_key};
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,6 +28,9 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Of those, from one client address (an IPv6 /64), so that one client
+    /// cannot hold them all.
+    pub max_per_source: usize,
 }
 
 impl Default for HttpLimits {
@@ -34,6 +40,7 @@ impl Default for HttpLimits {
         Self {
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_per_source: 256,
         }
     }
 }
@@ -45,10 +52,10 @@ pub async fn serve<L>(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) where
-    L: axum::serve::Listener,
-    L::Addr: Clone + Send + Sync + 'static,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_source: Slots<IpAddr> = Slots::new(limits.max_per_source, limits.max_connections);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let permit = tokio::select! {
@@ -61,6 +68,10 @@ pub async fn serve<L>(
         let (io, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
+        };
+        let Ok(held) = per_source.take(&source_key(peer.ip())) else {
+            tracing::debug!(%peer, "http connection refused: too many from this address");
+            continue;
         };
         // Handlers see the client's address as `ConnectInfo` (per-source limits).
         let service = TowerToHyperService::new(tower::Layer::layer(
@@ -82,6 +93,7 @@ pub async fn serve<L>(
                 }
             }
             drop(permit);
+            drop(held);
         });
         while connections.try_join_next().is_some() {}
     }

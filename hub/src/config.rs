@@ -159,6 +159,8 @@ pub struct StreamConfig {
     pub password: Secret,
     /// Distinct subscription filters the stream serves over its life.
     pub max_filters: usize,
+    /// Watchers connected at once.
+    pub max_watchers: usize,
 }
 
 /// A validated hub configuration.
@@ -437,6 +439,11 @@ impl RunArgs {
             }
             c.front.connect_rate_per_source = rate;
         }
+        let asked = crate::fd_budget::Asked {
+            mqtt: max_connections,
+            pending: max_pending_connects,
+            http: http_max_connections,
+        };
         for (flag, value, field) in [
             (
                 "--max-connections",
@@ -480,6 +487,7 @@ impl RunArgs {
                     Some(n) => n,
                     None => 32,
                 },
+                max_watchers: 1024,
             }),
             None if stream.is_some() => {
                 bail!("--stream needs --stream-password (no anonymous watchers)")
@@ -509,6 +517,26 @@ impl RunArgs {
             c.snapshot_every = Duration::from_millis(ms);
         }
         c.advertise = advertise;
+        // Caps not given are sized under the file-descriptor limit.
+        let limit = crate::fd_budget::open_files_limit();
+        let budget = crate::fd_budget::derive(limit, asked);
+        c.front.max_connections = budget.mqtt;
+        c.front.max_pending = budget.pending;
+        c.http_limits.max_connections = budget.http;
+        if let Some(s) = &mut c.stream {
+            s.max_watchers = budget.stream;
+        }
+        if let Some(limit) = limit {
+            let wanted = (budget.mqtt + budget.http + budget.stream) as u64 + budget.reserve;
+            if wanted > limit {
+                tracing::warn!(
+                    limit,
+                    wanted,
+                    "the connection caps exceed the open-files limit: raise it (LimitNOFILE) or lower --max-connections/--http-max-connections"
+                );
+            }
+        }
+        tracing::info!(open_files = ?limit, mqtt = budget.mqtt, pending = budget.pending, http = budget.http, stream = budget.stream, "connection caps");
         Ok((c, mqtt, http))
     }
 }

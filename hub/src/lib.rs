@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 mod dedup_snapshot;
+pub mod fd_budget;
 pub mod front;
 pub mod http;
 pub mod ingest;
@@ -160,6 +161,7 @@ impl Hub {
                     internal_user: "fleet-gate".into(),
                     internal_password: internal,
                     max_filters: s.max_filters,
+                    max_watchers: s.max_watchers,
                     tls: config.front.tls.clone(),
                 });
                 tasks.spawn(gate.serve(listener, shutdown.clone()));

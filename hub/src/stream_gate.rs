@@ -17,12 +17,13 @@
 //! machine can go around it through rumqttd's loopback port.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use fleet_api::Secret;
+use fleet_api::limit::{KeyedBuckets, Slot, Slots, source_key};
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Login, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, PacketType, Protocol, check};
 use subtle::ConstantTimeEq;
@@ -38,8 +39,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Filters one connection may hold.
 const FILTERS_PER_CLIENT: usize = 16;
-/// Watchers connected at once.
-const MAX_WATCHERS: usize = 1024;
+/// Connections per second one address may open (a failed login costs
+/// [`crate::front::FAILED_LOGIN_COST`] more).
+const RATE_PER_SOURCE: f64 = 20.0;
+/// Connections one address may hold before they have logged in.
+const PENDING_PER_SOURCE: usize = 16;
 
 /// Settings of the gate.
 #[derive(Clone, Debug)]
@@ -55,6 +59,9 @@ pub struct GateConfig {
     /// Distinct filters the stream ever serves (rumqttd keeps a log per
     /// filter for its lifetime, so this bounds its memory).
     pub max_filters: usize,
+    /// Watchers connected at once; also the size of the pool of client ids
+    /// the gate gives rumqttd (which remembers every client id it saw).
+    pub max_watchers: usize,
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -65,6 +72,25 @@ pub struct StreamGate {
     /// Every filter ever forwarded to rumqttd.
     filters: Mutex<HashSet<String>>,
     watchers: Arc<Semaphore>,
+    /// Client ids (`fleet-watcher-N`) free for the next watcher.
+    ids: Arc<Mutex<Vec<usize>>>,
+    sources: KeyedBuckets<IpAddr>,
+    pending: Slots<IpAddr>,
+}
+
+/// A client id of the pool, given back when the watcher leaves.
+struct WatcherId {
+    n: usize,
+    pool: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Drop for WatcherId {
+    fn drop(&mut self) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.n);
+    }
 }
 
 impl std::fmt::Debug for StreamGate {
@@ -90,11 +116,15 @@ enum Verdict {
 
 impl StreamGate {
     pub fn new(config: GateConfig) -> Arc<StreamGate> {
+        let watchers = config.max_watchers.max(1);
         Arc::new(StreamGate {
             tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             config,
             filters: Mutex::new(HashSet::new()),
-            watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
+            watchers: Arc::new(Semaphore::new(watchers)),
+            ids: Arc::new(Mutex::new((0..watchers).rev().collect())),
+            sources: KeyedBuckets::new(RATE_PER_SOURCE, RATE_PER_SOURCE, 100_000),
+            pending: Slots::new(PENDING_PER_SOURCE, watchers),
         })
     }
 
@@ -117,11 +147,23 @@ impl StreamGate {
                 refuse("too_many_watchers");
                 continue;
             };
+            let source = source_key(peer.ip());
+            if self.sources.try_take(&source).is_err() {
+                refuse("source_rate");
+                continue;
+            }
+            let pending = match self.pending.take(&source) {
+                Ok(slot) => slot,
+                Err(full) => {
+                    refuse(full.reason());
+                    continue;
+                }
+            };
             let gate = self.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    reason = gate.handle(tcp) => {
+                    reason = gate.handle(tcp, source, pending) => {
                         if let Err(reason) = reason {
                             tracing::debug!(%peer, reason, "live stream watcher refused");
                         }
@@ -133,12 +175,17 @@ impl StreamGate {
         }
     }
 
-    async fn handle(&self, tcp: TcpStream) -> Result<(), &'static str> {
+    async fn handle(
+        &self,
+        tcp: TcpStream,
+        source: IpAddr,
+        pending: Slot<IpAddr>,
+    ) -> Result<(), &'static str> {
         let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => self.watch(tcp).await,
+            None => self.watch(tcp, source, pending).await,
             Some(acceptor) => match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => self.watch(tls).await,
+                Ok(Ok(tls)) => self.watch(tls, source, pending).await,
                 Ok(Err(_)) => {
                     refuse("tls_handshake");
                     Err("tls_handshake")
@@ -155,9 +202,13 @@ impl StreamGate {
     async fn watch<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: S,
+        source: IpAddr,
+        pending: Slot<IpAddr>,
     ) -> Result<(), &'static str> {
         let (mut from_client, mut to_client) = tokio::io::split(client);
-        let result = self.session(&mut from_client, &mut to_client).await;
+        let result = self
+            .session(&mut from_client, &mut to_client, source, pending)
+            .await;
         if let Err(reason) = result {
             refuse(reason);
         }
@@ -170,6 +221,8 @@ impl StreamGate {
         &self,
         from_client: &mut R,
         to_client: &mut W,
+        source: IpAddr,
+        pending: Slot<IpAddr>,
     ) -> Result<(), &'static str>
     where
         R: AsyncRead + Unpin,
@@ -201,10 +254,35 @@ impl StreamGate {
             bool::from(user & pass)
         });
         if !authorised {
+            // The offender pays for guessing, not the other watchers.
+            self.sources
+                .charge(&source, crate::front::FAILED_LOGIN_COST);
             let out = connack(ConnectReturnCode::BadUserNamePassword);
             let _ = to_client.write_all(&out).await;
             return Err("bad_credentials");
         }
+        drop(pending);
+        // A will is a publish rumqttd would make on the watcher's behalf
+        // when it leaves: refused like any publish.
+        if connect.last_will.is_some() {
+            let out = connack(ConnectReturnCode::NotAuthorized);
+            let _ = to_client.write_all(&out).await;
+            return Err("will");
+        }
+        // rumqttd remembers every client id (and persistent session) it ever
+        // saw: it only ever sees a clean session under one of the pool's ids.
+        let id = {
+            let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+            ids.pop().map(|n| WatcherId {
+                n,
+                pool: self.ids.clone(),
+            })
+        };
+        let Some(id) = id else {
+            return Err("too_many_watchers");
+        };
+        connect.client_id = format!("fleet-watcher-{}", id.n);
+        connect.clean_session = true;
         connect.login = Some(Login::new(
             self.config.internal_user.as_str(),
             self.config.internal_password.expose(),
@@ -332,6 +410,7 @@ mod tests {
             internal_user: "gate".into(),
             internal_password: Secret::new("internal-0123456789"),
             max_filters,
+            max_watchers: 16,
             tls: None,
         })
     }

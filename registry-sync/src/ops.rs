@@ -395,14 +395,15 @@ async fn follow_round(
     source: &str,
     status: &mut FollowStatus,
 ) -> Result<bool, RegistryError> {
-    // Read first: every change of the batch must be within it. A change
-    // numbered beyond it (a forged or corrupt row, or a negative sequence
-    // read as a huge one) would move the watermark past everything the
-    // source will ever write, silencing follow for good.
-    let max = from.max_seq().await?;
     let changes = from
         .changes_since(Seq(status.watermark), BATCH as u32)
         .await?;
+    // Read after the batch (so a change committed in between is within
+    // it): every change must be numbered within the source's sequence. One
+    // beyond it (a forged or corrupt row, or a negative sequence read as a
+    // huge one) would move the watermark past everything the source will
+    // ever write, silencing follow for good.
+    let max = from.max_seq().await?;
     if let Some((seq, r)) = changes.iter().find(|(seq, _)| *seq > max) {
         return Err(RegistryError::ImplausibleSeq {
             device_id: r.device_id.clone(),
@@ -422,6 +423,6 @@ async fn follow_round(
         }
         status.watermark = last.0;
     }
-    status.lag = from.max_seq().await?.0.saturating_sub(status.watermark);
+    status.lag = max.0.saturating_sub(status.watermark);
     Ok(status.round == BATCH as u64)
 }

@@ -23,6 +23,45 @@ async fn hub_with(h: &tests::Harness, devices: &[&str], extra: &[&str]) -> (Regi
     (reg, hub)
 }
 
+/// What a real device does, from 127.0.0.1: looks up its endpoint at the
+/// concierge on `port`, connects there and publishes `mid`, acknowledged.
+/// `Err` says which step failed.
+async fn device_round(port: u16, key: &str, mid: u64) -> Result<(), String> {
+    let http = reqwest::Client::builder()
+        .local_address(DEVICE)
+        .build()
+        .unwrap();
+    let resp = http
+        .get(format!("http://127.0.0.1:{port}/v1/devices/d/endpoint"))
+        .send()
+        .await
+        .map_err(|e| format!("lookup: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("lookup: {}", resp.status()));
+    }
+    let endpoint: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    let url = endpoint["mqtt_url"].as_str().unwrap_or_default();
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("mqtt://")
+        .parse()
+        .map_err(|_| format!("endpoint {url}"))?;
+    let (mut c, code) = RawClient::connect_from(addr, DEVICE, "d", Some(("d", key))).await;
+    if code != Some(ConnectReturnCode::Success) {
+        return Err(format!("connect: {code:?}"));
+    }
+    c.publish(
+        &format!("devices/d/messages/events/{mid}"),
+        QoS::AtLeastOnce,
+        1,
+        b"x",
+    )
+    .await;
+    match c.recv(SECS).await {
+        Ok(Packet::PubAck(_)) => Ok(()),
+        other => Err(format!("publish: {other:?}")),
+    }
+}
+
 /// Six clients on 127.0.0.2 looping on a wrong password until `stop`.
 fn wrong_password_flood(hub: &HubNode, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>> {
     (0..6)
@@ -52,6 +91,7 @@ async fn wrong_passwords_from_one_address_cost_only_that_address() {
     // A small fleet-wide rate, so that spending it on failed logins (as it
     // once was) would lock the real device out.
     let (reg, hub) = hub_with(&h, &["d"], &["--connect-rate", "20"]).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
     let key = reg.key("d");
     let stop = Arc::new(AtomicBool::new(false));
     let flood = wrong_password_flood(&hub, stop.clone());
@@ -63,22 +103,9 @@ async fn wrong_passwords_from_one_address_cost_only_that_address() {
     .await;
     let mut refused = Vec::new();
     for i in 0..30 {
-        let (mut c, code) = RawClient::connect_from(hub.mqtt, DEVICE, "d", Some(("d", &key))).await;
-        if code != Some(ConnectReturnCode::Success) {
-            refused.push((i, code));
-            continue;
+        if let Err(why) = device_round(c.http.port(), &key, i + 1).await {
+            refused.push((i, why));
         }
-        c.publish(
-            &format!("devices/d/messages/events/{}", i + 1),
-            QoS::AtLeastOnce,
-            1,
-            b"x",
-        )
-        .await;
-        assert!(
-            matches!(c.recv(SECS).await, Ok(Packet::PubAck(_))),
-            "no PUBACK during the flood"
-        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -244,6 +271,26 @@ async fn the_live_stream_is_read_only_and_its_filters_are_bounded() {
         1.0
     );
 
+    // A will is a publish made on the watcher's behalf: refused too.
+    let mut will = rumqttc::mqttbytes::v4::Connect::new("willing");
+    will.login = Some(rumqttc::mqttbytes::v4::Login::new(
+        "stream",
+        "watch-me-please",
+    ));
+    will.last_will = Some(rumqttc::mqttbytes::v4::LastWill::new(
+        "fleet/eu/devices/d/events",
+        "forged by a will",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let mut willing = RawClient::tcp(hub.stream.unwrap()).await;
+    willing.send(Packet::Connect(will)).await;
+    match willing.recv(SECS).await {
+        Ok(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("a CONNECT with a will got {other:?}"),
+    }
+    assert!(willing.closed_within(SECS).await);
+
     // What the watcher sees is the device's real record, not the forgery.
     let (mut device, code) = RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
@@ -296,7 +343,7 @@ async fn the_live_stream_is_read_only_and_its_filters_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_looping_on_lookups_cannot_starve_a_device() {
     let h = harness!("one_address_looping_on_lookups_cannot_starve_a_device");
-    let (_reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let (reg, hub) = hub_with(&h, &["d"], &[]).await;
     let c = h.concierge(
         "concierge",
         "127.0.0.1:0",
@@ -332,19 +379,11 @@ async fn one_address_looping_on_lookups_cannot_starve_a_device() {
         sent.load(Ordering::Relaxed) > 200
     })
     .await;
-    let http = reqwest::Client::builder()
-        .local_address(DEVICE)
-        .build()
-        .unwrap();
+    let key = reg.key("d");
     let mut refused = Vec::new();
     for i in 0..12 {
-        let resp = http
-            .get(format!("http://127.0.0.1:{port}/v1/devices/d/endpoint"))
-            .send()
-            .await
-            .unwrap();
-        if resp.status() != 200 {
-            refused.push((i, resp.status()));
+        if let Err(why) = device_round(port, &key, i + 1).await {
+            refused.push((i, why));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -453,9 +492,21 @@ async fn eu_healthy(port: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_that_cannot_accept_is_reported_unhealthy() {
-    // 128 file descriptors: a few hundred silent connections use them up.
+    // 128 file descriptors: a few hundred silent connections use them up,
+    // when the connection cap is set above the limit (by default the caps
+    // are sized under it; see below).
     let h = harness!("a_hub_that_cannot_accept_is_reported_unhealthy").with_open_files(128);
-    let (reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let (reg, hub) = hub_with(
+        &h,
+        &["d"],
+        &[
+            "--max-connections",
+            "1000",
+            "--max-pending-connects",
+            "1000",
+        ],
+    )
+    .await;
     let key = reg.key("d");
     let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
     let port = c.http.port();
@@ -493,4 +544,45 @@ async fn a_hub_that_cannot_accept_is_reported_unhealthy() {
     wait_for(30, "eu to be healthy again", || eu_healthy(port)).await;
     let (_c, code) = RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_sized_under_the_descriptor_limit_keep_a_flooded_hub_healthy() {
+    let h = harness!("caps_sized_under_the_descriptor_limit_keep_a_flooded_hub_healthy")
+        .with_open_files(128);
+    let (reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let key = reg.key("d");
+    let mut silent = Vec::new();
+    for i in 3..40u8 {
+        for _ in 0..8 {
+            silent.push(RawClient::tcp_from(hub.mqtt, IpAddr::from([127, 0, 0, i])).await);
+        }
+    }
+    wait_for(10, "connections beyond the cap to be refused", || async {
+        hub.metric("fleet_hub_connects_total{result=\"connections_total\"}")
+            .await
+            + hub
+                .metric("fleet_hub_connects_total{result=\"pending_total\"}")
+                .await
+            > 100.0
+    })
+    .await;
+    // The hub never ran out of descriptors: healthy, and it can open new
+    // connections (an HTTP one here).
+    let resp = reqwest::get(format!("{}/healthz", hub.url()))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+    assert_eq!(hub.metric("fleet_hub_accept_errors_total").await, 0.0);
+    drop(silent);
+    wait_for(20, "the device to get in", || async {
+        RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await.1
+            == Some(ConnectReturnCode::Success)
+    })
+    .await;
 }

@@ -144,7 +144,12 @@ fn mqtt_corpus(key: &str) -> Vec<Vec<u8>> {
 /// Sends `input` on a fresh connection, closes the sending side, and reads
 /// every packet the hub answers until it closes (at most 5 s).
 async fn exchange(addr: SocketAddr, input: &[u8]) -> Vec<Packet> {
-    let mut c = RawClient::tcp(addr).await;
+    exchange_from(addr, std::net::IpAddr::from([127, 0, 0, 1]), input).await
+}
+
+/// [`exchange`] from another loopback address.
+async fn exchange_from(addr: SocketAddr, from: std::net::IpAddr, input: &[u8]) -> Vec<Packet> {
+    let mut c = RawClient::tcp_from(addr, from).await;
     let _ = c.stream.write_all(input).await;
     let _ = c.stream.shutdown().await;
     let mut raw = Vec::new();
@@ -233,6 +238,89 @@ async fn the_mqtt_front_survives_random_and_mutated_packet_streams() {
             || refused.contains("fleet_hub_disconnects_total{reason=\"protocol\"}"),
         "no refusal was counted"
     );
+    log_has_no_panic(&h, "hub-eu");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_gate_survives_random_and_mutated_packet_streams() {
+    let h = harness!("the_stream_gate_survives_random_and_mutated_packet_streams");
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&["d"]).await;
+    let hub = h.hub(
+        "hub-eu",
+        "eu",
+        &reg.url,
+        &["--stream-password", "watch-me-please"],
+    );
+    let stream = hub.stream.expect("stream");
+    let mut connect = Connect::new("w");
+    connect.login = Some(Login::new("stream", "watch-me-please"));
+    let connect = packet(Packet::Connect(connect));
+    let subscribe = packet(Packet::Subscribe(Subscribe::new(
+        "fleet/#",
+        QoS::AtLeastOnce,
+    )));
+    let mut forged = Publish::new(
+        "fleet/eu/devices/d/events",
+        QoS::AtLeastOnce,
+        b"forged".to_vec(),
+    );
+    forged.pkid = 1;
+    forged.retain = true;
+    let corpus = [
+        [
+            connect.clone(),
+            subscribe.clone(),
+            packet(Packet::PingReq),
+            packet(Packet::Disconnect),
+        ]
+        .concat(),
+        [connect.clone(), packet(Packet::Publish(forged))].concat(),
+        [connect, subscribe].concat(),
+    ];
+    let mut rng = rng("stream");
+    let inputs: Vec<Vec<u8>> = (0..cases())
+        .map(|i| {
+            if i % 4 == 0 {
+                random_bytes(&mut rng, 300)
+            } else {
+                let seed = rng.random_range(0..corpus.len());
+                mutate(&mut rng, &corpus[seed])
+            }
+        })
+        .collect();
+    // Spread over many addresses: the gate's per-address rate is not the
+    // subject here.
+    for (b, batch) in inputs.chunks(8).enumerate() {
+        let from = std::net::IpAddr::from([127, 0, 1, u8::try_from(b % 250).unwrap() + 1]);
+        futures::future::join_all(batch.iter().map(|i| exchange_from(stream, from, i))).await;
+    }
+    // Still a working, read-only view: a watcher sees the device's record
+    // and nothing forged.
+    let (mut watcher, code) =
+        RawClient::connect(stream, "w", Some(("stream", "watch-me-please"))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    watcher.subscribe(1, "fleet/#").await;
+    assert!(matches!(
+        watcher.recv(Duration::from_secs(10)).await,
+        Ok(Packet::SubAck(_))
+    ));
+    let key = reg.key("d");
+    let (mut device, code) = RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    device
+        .publish("devices/d/messages/events/1", QoS::AtLeastOnce, 1, b"real")
+        .await;
+    loop {
+        match watcher.recv(Duration::from_secs(10)).await {
+            Ok(Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], b"real", "the view carried something forged");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the watcher saw nothing: {e:?}"),
+        }
+    }
     log_has_no_panic(&h, "hub-eu");
 }
 

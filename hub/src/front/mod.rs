@@ -233,9 +233,13 @@ impl Front {
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep
-                    // serving, and say so in /healthz.
-                    self.accept_health.failed(&e);
+                    // Out of file descriptors or memory: back off, keep
+                    // serving, and say so in /healthz. (Other errors, say a
+                    // connection reset before it was accepted, are the
+                    // client's.) EMFILE 24, ENFILE 23, ENOMEM 12, ENOBUFS 105.
+                    if matches!(e.raw_os_error(), Some(24 | 23 | 12 | 105)) {
+                        self.accept_health.failed(&e);
+                    }
                     metrics::counter!("fleet_hub_accept_errors_total").increment(1);
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
