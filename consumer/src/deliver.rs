@@ -29,7 +29,7 @@ impl Ctx {
         stop: &CancellationToken,
     ) -> Outcome {
         let group = self.group();
-        match self.handler.handle(batch).await {
+        match self.call(batch).await {
             Ok(()) => {
                 self.processed(batch.len());
                 if probing {
@@ -53,7 +53,7 @@ impl Ctx {
             let mut attempts = 0u32;
             loop {
                 attempts += 1;
-                let result = self.handler.handle(std::slice::from_ref(record)).await;
+                let result = self.call(std::slice::from_ref(record)).await;
                 match result {
                     Ok(()) => {
                         self.processed(1);
@@ -92,6 +92,32 @@ impl Ctx {
             }
         }
         Outcome::Done
+    }
+
+    /// The handler, with a panic taken as a failed attempt on `records`:
+    /// retried, then dead-lettered like any rejected record (a panic that
+    /// ended the worker was redelivered, and panicked, forever).
+    async fn call(&self, records: &[WireRecord]) -> Result<(), HandlerError> {
+        use futures::FutureExt;
+        match std::panic::AssertUnwindSafe(self.handler.handle(records))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                tracing::error!(records = records.len(), panic = %what, "the handler panicked");
+                metrics::counter!("fleet_consumer_handler_panics_total", "group" => self.group())
+                    .increment(1);
+                Err(HandlerError::Record(format!(
+                    "the handler panicked: {what}"
+                )))
+            }
+        }
     }
 
     pub(crate) fn processed(&self, n: usize) {

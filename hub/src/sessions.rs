@@ -46,6 +46,10 @@ struct Handle {
     id: u64,
     kick: watch::Sender<Option<Kick>>,
     out: mpsc::Sender<Outbound>,
+    /// The highest mid the other region holds: a watch, not a queue, so a
+    /// connection that is busy for a moment misses nothing (only the
+    /// highest matters) and a burst of notices cannot fill anything.
+    replicated: watch::Sender<Mid>,
 }
 
 /// Every connected device.
@@ -70,6 +74,8 @@ pub struct Session<'a> {
     pub kicked: watch::Receiver<Option<Kick>>,
     pub outbound: mpsc::Receiver<Outbound>,
     pub sender: mpsc::Sender<Outbound>,
+    /// [`Outbound::Replicated`] notices, the highest only.
+    pub replicated: watch::Receiver<Mid>,
     device: DeviceId,
     sessions: &'a Sessions,
 }
@@ -99,6 +105,7 @@ impl Sessions {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = watch::channel(None);
         let (out, outbound) = mpsc::channel(64);
+        let (replicated_tx, replicated) = watch::channel(Mid(0));
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let old = map.insert(
             device.clone(),
@@ -106,6 +113,7 @@ impl Sessions {
                 id,
                 kick,
                 out: out.clone(),
+                replicated: replicated_tx,
             },
         );
         metrics::gauge!("fleet_hub_connections").set(map.len() as f64);
@@ -118,6 +126,7 @@ impl Sessions {
             kicked,
             outbound,
             sender: out,
+            replicated,
             device: device.clone(),
             sessions: self,
         }
@@ -142,7 +151,9 @@ impl Sessions {
         }
     }
 
-    /// Delivers `msg` to `device`'s connection if it is connected and keeping up.
+    /// Delivers `msg` to `device`'s connection if it is connected.
+    /// `Replicated` notices are never lost (the highest is kept); an
+    /// `Acked` answer is dropped only if 64 are already waiting.
     pub fn send(&self, device: &DeviceId, msg: Outbound) {
         if let Some(h) = self
             .map
@@ -150,7 +161,20 @@ impl Sessions {
             .unwrap_or_else(|e| e.into_inner())
             .get(device)
         {
-            let _ = h.out.try_send(msg);
+            match msg {
+                Outbound::Replicated(m) => {
+                    h.replicated.send_if_modified(|cur| {
+                        let higher = m > *cur;
+                        if higher {
+                            *cur = m;
+                        }
+                        higher
+                    });
+                }
+                Outbound::Acked { .. } => {
+                    let _ = h.out.try_send(msg);
+                }
+            }
         }
     }
 
@@ -175,5 +199,21 @@ mod tests {
         assert_eq!(s.count(), 1);
         drop(second);
         assert_eq!(s.count(), 0);
+    }
+
+    #[test]
+    fn a_burst_of_replicated_notices_loses_none() {
+        let s = Sessions::default();
+        let d = DeviceId::new("d").unwrap();
+        let mut session = s.register(&d);
+        // The connection is busy: a thousand notices arrive unread.
+        for m in 1..=1000 {
+            s.send(&d, Outbound::Replicated(Mid(m)));
+        }
+        assert!(session.replicated.has_changed().unwrap());
+        assert_eq!(*session.replicated.borrow_and_update(), Mid(1000));
+        // Late, lower notices change nothing.
+        s.send(&d, Outbound::Replicated(Mid(7)));
+        assert!(!session.replicated.has_changed().unwrap());
     }
 }

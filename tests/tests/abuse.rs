@@ -161,9 +161,9 @@ async fn silent_connections_are_capped_per_address_and_in_all() {
             == 32.0
     })
     .await;
-    // The real device is not affected.
-    let (_c, code) = RawClient::connect_from(hub.mqtt, DEVICE, "d", Some(("d", &key))).await;
-    assert_eq!(code, Some(ConnectReturnCode::Success));
+    // The real device is not affected: it looks up, connects and publishes.
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    device_round(c.http.port(), &key, 1).await.unwrap();
     // Twelve more addresses, two silent connections each: 8 + 12 fill the 20
     // places in all; the rest are refused.
     for i in 3..15u8 {
@@ -409,7 +409,7 @@ async fn one_address_looping_on_lookups_cannot_starve_a_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_junk_is_counted_not_logged() {
     let h = harness!("dns_junk_is_counted_not_logged").with_default_logs();
-    let (_reg, hub) = hub_with(&h, &["d"], &[]).await;
+    let (reg, hub) = hub_with(&h, &["d"], &[]).await;
     let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
     let socket = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
     // Valid queries in and out of the zone, and garbage.
@@ -423,33 +423,39 @@ async fn dns_junk_is_counted_not_logged() {
         q.extend_from_slice(&[0, 0, 1, 0, 1]);
         q
     };
-    for i in 0..3000u16 {
-        let packet = match i % 3 {
-            0 => query("concierge.fleet.test", i),
-            1 => query("example.com", i),
-            _ => vec![
-                0xde,
-                0xad,
-                0xbe,
-                0xef,
-                u8::try_from(i % 251).unwrap(),
-                0,
-                0,
-                1,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0xff,
-            ],
-        };
-        socket.send_to(&packet, c.dns).await.unwrap();
-        if i % 100 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    let dns = c.dns;
+    let flood = tokio::spawn(async move {
+        for i in 0..3000u16 {
+            let packet = match i % 3 {
+                0 => query("concierge.fleet.test", i),
+                1 => query("example.com", i),
+                _ => vec![
+                    0xde,
+                    0xad,
+                    0xbe,
+                    0xef,
+                    u8::try_from(i % 251).unwrap(),
+                    0,
+                    0,
+                    1,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0xff,
+                ],
+            };
+            socket.send_to(&packet, dns).await.unwrap();
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-    }
+    });
+    // A real device looks up, connects and publishes meanwhile.
+    device_round(c.http.port(), &reg.key("d"), 1).await.unwrap();
+    flood.await.unwrap();
     let url = format!("http://{}/metrics", c.http);
     wait_for(10, "the queries to be counted", || {
         let url = url.clone();

@@ -244,7 +244,8 @@ async fn reconnect_pacing_spreads_a_storm() {
         "concierge",
         "127.0.0.1:0",
         &[("eu", &hub)],
-        &["--connect-rate", "20"],
+        // The storm's 200 devices all ask from this one address.
+        &["--connect-rate", "20", "--lookups-per-source", "100000"],
     );
     let url = format!("{}/v1/devices/d/endpoint", c.url());
     wait_for(10, "an active hub", || async {

@@ -337,6 +337,73 @@ impl Handler for Flaky {
     }
 }
 
+/// Panics on records whose payload starts with `panic`.
+#[derive(Default)]
+struct Panicky {
+    accepted: Mutex<Vec<u64>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Panicky {
+    async fn handle(&self, batch: &[WireRecord]) -> Result<(), HandlerError> {
+        if let Some(r) = batch.iter().find(|r| r.payload.starts_with(b"panic")) {
+            panic!("cannot handle offset {}", r.offset);
+        }
+        self.accepted
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|r| r.offset.0));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_handler_is_a_failed_attempt_then_a_dead_letter() {
+    let h = harness!("a_panicking_handler_is_a_failed_attempt_then_a_dead_letter");
+    let (hub, reg) = hub_with(&h, &["d1"]).await;
+    let payloads: Vec<String> = (1..=10)
+        .map(|i| {
+            if i == 4 {
+                format!("panic-{i}")
+            } else {
+                format!("ok-{i}")
+            }
+        })
+        .collect();
+    publish(&hub, &reg, "d1", 1, &payloads).await;
+    let store = sqlite_url(&h, "consumer.db");
+    let config = fast(ConsumerConfig::new("panicky", vec![hub.url()], &store));
+    let handler = Arc::new(Panicky::default());
+    let consumer = Consumer::start(config, handler.clone())
+        .await
+        .expect("start");
+    let hw = high_watermarks(&hub).await;
+    let s = ConsumerStore::open(&store, "panicky").await.unwrap();
+    wait_for(60, "checkpoints at the high watermarks", || async {
+        let cps = s.checkpoints().await.unwrap();
+        cps.iter().map(|(_, cp)| cp.next.0).sum::<u64>() == hw.iter().sum::<u64>()
+    })
+    .await;
+    let letters = s.dead_letters(true, 100).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].record.payload, b"panic-4");
+    assert_eq!(letters[0].attempts, 3);
+    assert!(
+        letters[0].reason.contains("panicked"),
+        "{}",
+        letters[0].reason
+    );
+    let mut accepted = handler.accepted.lock().unwrap().clone();
+    accepted.sort_unstable();
+    accepted.dedup();
+    assert_eq!(
+        accepted.len(),
+        9,
+        "every other record handled: {accepted:?}"
+    );
+    consumer.shutdown().await;
+}
+
 fn fast(mut c: ConsumerConfig) -> ConsumerConfig {
     c.hub_token = Some(fleet_api::Secret::new(ADMIN_TOKEN));
     c.retry = RetryPolicy {

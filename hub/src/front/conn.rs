@@ -298,6 +298,10 @@ impl Conn<'_> {
                     }
                 }
                 Some(msg) = session.outbound.recv() => self.outbound(msg),
+                Ok(()) = session.replicated.changed() => {
+                    let m = *session.replicated.borrow_and_update();
+                    self.outbound(Outbound::Replicated(m));
+                }
                 permit = budget.acquire_many_owned(need), if self.blocked.is_some() => {
                     if let Some((p, mid)) = self.blocked.take()
                         && let Err(reason) = self.submit(p, mid, permit.ok())
