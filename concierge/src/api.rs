@@ -3,14 +3,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_api::concierge::{EndpointResponse, FailoverRequest, FailoverResponse, RegionsResponse};
-use fleet_api::{DeviceId, ErrorBody, ErrorCode};
+use fleet_api::{DeviceId, Epoch, ErrorBody, ErrorCode};
 use utoipa::OpenApi;
 
 use crate::failover::{self, FailoverError};
@@ -69,15 +71,29 @@ pub fn router(api: Arc<ApiState>) -> Router {
         .with_state(api)
 }
 
+/// The longest long poll of an endpoint lookup, seconds.
+const MAX_WAIT_S: u64 = 30;
+
+/// The query of an endpoint lookup.
+#[derive(Debug, serde::Deserialize)]
+struct EndpointQuery {
+    wait_for_epoch: Option<u64>,
+    wait_s: Option<u64>,
+}
+
 /// Where a device should connect.
 #[utoipa::path(
     get,
     path = "/v1/devices/{device_id}/endpoint",
-    params(("device_id" = String, Path, description = "1–128 of [A-Za-z0-9._:-]")),
+    params(
+        ("device_id" = String, Path, description = "1–128 of [A-Za-z0-9._:-]"),
+        ("wait_for_epoch" = Option<u64>, Query, description = "answer only with a hub whose epoch is above this one, waiting for it (long poll)"),
+        ("wait_s" = Option<u64>, Query, description = "how long to wait for it, seconds (at most 30; default 10)")
+    ),
     responses(
         (status = 200, description = "The active hub", body = EndpointResponse),
-        (status = 400, description = "Invalid device id", body = ErrorBody),
-        (status = 503, description = "No hub is active, or reconnect pacing: see Retry-After", body = ErrorBody,
+        (status = 400, description = "Invalid device id or query", body = ErrorBody),
+        (status = 503, description = "No hub is active (above the epoch waited for), or reconnect pacing: see Retry-After", body = ErrorBody,
          headers(("Retry-After" = u64, description = "seconds to wait")))
     )
 )]
@@ -85,7 +101,17 @@ async fn endpoint(
     State(api): State<Arc<ApiState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(device_id): Path<String>,
+    query: Result<Query<EndpointQuery>, QueryRejection>,
 ) -> Response {
+    let Ok(Query(query)) = query else {
+        metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "bad_request")
+            .increment(1);
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "wait_for_epoch and wait_s are whole numbers",
+        );
+    };
     let Ok(device_id) = DeviceId::new(&device_id) else {
         metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "bad_request")
             .increment(1);
@@ -95,10 +121,21 @@ async fn endpoint(
             format!("invalid device id {device_id:?}"),
         );
     };
-    let Some(active) = api.fleet.active() else {
+    let active = match query.wait_for_epoch {
+        None => api.fleet.active(),
+        Some(e) => {
+            let wait = Duration::from_secs(query.wait_s.unwrap_or(10).min(MAX_WAIT_S));
+            api.fleet.active_above(Epoch(e), wait).await
+        }
+    };
+    let Some(active) = active else {
         metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "no_active_hub")
             .increment(1);
-        return unavailable(api.fleet.config.ttl_s.into(), "no hub is active right now");
+        let why = match query.wait_for_epoch {
+            Some(e) => format!("no hub above epoch {e} is active yet"),
+            None => "no hub is active right now".into(),
+        };
+        return unavailable(api.fleet.config.ttl_s.into(), why);
     };
     match api.pacer.admit(peer.ip(), &device_id) {
         Ok(()) => {}

@@ -46,6 +46,8 @@ pub struct Fleet {
     hubs: RwLock<Vec<HubState>>,
     timeline: Mutex<VecDeque<FailoverEvent>>,
     http: reqwest::Client,
+    /// Bumped after every look at the hubs (long polls wait on it).
+    looked: tokio::sync::watch::Sender<u64>,
 }
 
 impl Fleet {
@@ -82,6 +84,7 @@ impl Fleet {
             hubs: RwLock::new(hubs),
             timeline: Mutex::new(VecDeque::new()),
             http,
+            looked: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -109,6 +112,23 @@ impl Fleet {
                 })
             })
             .max_by_key(|a| a.epoch)
+    }
+
+    /// The active hub once its epoch is above `epoch`, waiting at most
+    /// `wait` for one (a device that saw its hub go away asks for the next
+    /// primary and is answered the moment this replica sees it).
+    pub async fn active_above(&self, epoch: Epoch, wait: Duration) -> Option<Active> {
+        let mut looked = self.looked.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(a) = self.active().filter(|a| a.epoch > epoch) {
+                return Some(a);
+            }
+            match tokio::time::timeout_at(deadline, looked.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
     }
 
     /// The highest epoch any hub has reported.
@@ -173,6 +193,7 @@ impl Fleet {
         let specs = self.config.hubs.clone();
         let results = futures::future::join_all(specs.iter().map(|s| self.check(s))).await;
         self.apply(results);
+        self.looked.send_modify(|n| *n = n.wrapping_add(1));
         if let Some(a) = self.active() {
             metrics::gauge!("fleet_concierge_active_epoch").set(a.epoch.0 as f64);
         }

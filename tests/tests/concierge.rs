@@ -430,3 +430,44 @@ async fn the_status_page_renders_in_a_browser() {
     );
     assert!(dom.contains("no failover yet"), "{dom}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_lookup_can_wait_for_the_next_epoch() {
+    let h = harness!("an_endpoint_lookup_can_wait_for_the_next_epoch");
+    let (ra, rb) = tests::load::registries(&h, &["d1"]).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("a", &a), ("b", &b)], &[]);
+    let url = |q: &str| format!("{}/v1/devices/d1/endpoint{q}", c.url());
+    wait_for(10, "a to be active", || async {
+        get(&url("")).await.status() == 200
+    })
+    .await;
+    // Above epoch 0: a (epoch 1) answers at once.
+    let now: EndpointResponse = get(&url("?wait_for_epoch=0")).await.json().await.unwrap();
+    assert_eq!((now.region.as_str(), now.epoch.0), ("a", 1));
+    // Above epoch 1: nothing yet; after wait_s, 503 saying so.
+    let none = get(&url("?wait_for_epoch=1&wait_s=1")).await;
+    assert_eq!(none.status(), 503);
+    assert!(none.headers().contains_key("retry-after"));
+    let text = none.text().await.unwrap();
+    assert!(text.contains("above epoch 1"), "{text}");
+    // A device waiting for the next epoch is answered with b once it is
+    // promoted, without asking again.
+    let waiting = tokio::spawn({
+        let url = url("?wait_for_epoch=1&wait_s=30");
+        async move { get(&url).await }
+    });
+    let r = tests::load::admin_post(
+        format!("{}/v1/failover", c.url()),
+        serde_json::json!({"to": "b", "mode": "forced"}),
+    )
+    .await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let next: EndpointResponse = answer.json().await.unwrap();
+    assert_eq!(next.region.as_str(), "b");
+    assert!(next.epoch.0 >= 2);
+    // A bad query is a client error.
+    assert_eq!(get(&url("?wait_for_epoch=soon")).await.status(), 400);
+}
