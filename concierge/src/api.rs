@@ -24,6 +24,8 @@ use crate::view::Fleet;
 pub struct ApiState {
     pub fleet: Arc<Fleet>,
     pub pacer: Pacer,
+    /// Long-polling lookups in progress, per address and in all.
+    pub long_polls: fleet_api::limit::Slots<std::net::IpAddr>,
 }
 
 #[derive(Debug, OpenApi)]
@@ -69,6 +71,17 @@ pub fn router(api: Arc<ApiState>) -> Router {
         .route("/v1/regions", get(regions))
         .route("/v1/failover", post(failover_handler))
         .with_state(api)
+}
+
+/// 503 for an address over its lookup rate.
+fn source_paced(peer: SocketAddr, wait: Duration) -> Response {
+    metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "source_paced")
+        .increment(1);
+    let secs = wait.as_secs() + 1;
+    unavailable(
+        secs,
+        format!("too many lookups from {}: come back in {secs} s", peer.ip()),
+    )
 }
 
 /// The longest long poll of an endpoint lookup, seconds.
@@ -121,11 +134,27 @@ async fn endpoint(
             format!("invalid device id {device_id:?}"),
         );
     };
+    // The address pays before any waiting; the fleet's slot is taken only
+    // once there is a hub to send the device to.
+    if let Err(Paced::Source(wait)) = api.pacer.source(peer.ip()) {
+        return source_paced(peer, wait);
+    }
     let active = match query.wait_for_epoch {
         None => api.fleet.active(),
         Some(e) => {
-            let wait = Duration::from_secs(query.wait_s.unwrap_or(10).min(MAX_WAIT_S));
-            api.fleet.active_above(Epoch(e), wait).await
+            // Long polls hold a connection: a few per address, half the
+            // server's in all; beyond that the answer is given at once.
+            let held = api
+                .long_polls
+                .take(&fleet_api::limit::source_key(peer.ip()))
+                .ok();
+            match held {
+                Some(_slot) => {
+                    let wait = Duration::from_secs(query.wait_s.unwrap_or(10).min(MAX_WAIT_S));
+                    api.fleet.active_above(Epoch(e), wait).await
+                }
+                None => api.fleet.active().filter(|a| a.epoch > Epoch(e)),
+            }
         }
     };
     let Some(active) = active else {
@@ -137,7 +166,7 @@ async fn endpoint(
         };
         return unavailable(api.fleet.config.ttl_s.into(), why);
     };
-    match api.pacer.admit(peer.ip(), &device_id) {
+    match api.pacer.fleet(peer.ip(), &device_id) {
         Ok(()) => {}
         Err(Paced::Fleet(wait)) => {
             metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "paced")
@@ -145,15 +174,7 @@ async fn endpoint(
             let secs = wait.as_secs() + 1;
             return unavailable(secs, format!("reconnect pacing: come back in {secs} s"));
         }
-        Err(Paced::Source(wait)) => {
-            metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "source_paced")
-                .increment(1);
-            let secs = wait.as_secs() + 1;
-            return unavailable(
-                secs,
-                format!("too many lookups from {}: come back in {secs} s", peer.ip()),
-            );
-        }
+        Err(Paced::Source(wait)) => return source_paced(peer, wait),
     }
     metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "ok").increment(1);
     Json(EndpointResponse {

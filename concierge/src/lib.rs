@@ -104,6 +104,7 @@ impl Concierge {
         let api = Arc::new(api::ApiState {
             fleet: fleet.clone(),
             pacer: pacing::Pacer::new(rate, f64::from(config.lookups_per_source)),
+            long_polls: fleet_api::limit::Slots::new(8, config.http_limits.max_connections / 2),
         });
         let token = shutdown.clone();
         let http = listeners.http;

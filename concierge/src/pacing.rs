@@ -28,6 +28,9 @@ const MAX_WAITING: usize = 100_000;
 /// slots hours away.
 const MAX_WAIT: Duration = Duration::from_secs(120);
 
+/// What a reservation of a future slot costs its source, in lookups.
+pub const RESERVATION_COST: f64 = 5.0;
+
 /// Why an answer is put off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Paced {
@@ -71,14 +74,32 @@ impl Pacer {
     }
 
     /// `Ok` to answer `device` (asking from `source`) now, or how long it
-    /// should wait first.
+    /// should wait first: [`Pacer::source`], then [`Pacer::fleet`].
     ///
     /// # Errors
     /// When the client or the fleet is over its rate.
     pub fn admit(&self, source: IpAddr, device: &DeviceId) -> Result<(), Paced> {
+        self.source(source)?;
+        self.fleet(source, device)
+    }
+
+    /// Charges `source` one lookup.
+    ///
+    /// # Errors
+    /// When it asks faster than its rate.
+    pub fn source(&self, source: IpAddr) -> Result<(), Paced> {
         self.sources
             .try_take(&source_key(source))
-            .map_err(Paced::Source)?;
+            .map_err(Paced::Source)
+    }
+
+    /// A slot of the fleet's reconnect rate for `device`; a reservation in
+    /// the future costs its source [`RESERVATION_COST`] lookups, so a few
+    /// addresses asking for made-up devices cannot fill the schedule.
+    ///
+    /// # Errors
+    /// How long the device should wait.
+    pub fn fleet(&self, source: IpAddr, device: &DeviceId) -> Result<(), Paced> {
         let now = Instant::now();
         let mut meter = self.meter.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&slot) = meter.waiting.get(device) {
@@ -107,6 +128,9 @@ impl Pacer {
         if meter.waiting.len() < MAX_WAITING {
             meter.waiting.insert(device.clone(), slot);
         }
+        drop(meter);
+        self.sources
+            .charge(&source_key(source), RESERVATION_COST - 1.0);
         Err(Paced::Fleet(wait))
     }
 }

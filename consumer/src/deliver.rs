@@ -8,6 +8,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Ctx, HandlerError};
 
+/// A failed call of the handler.
+struct Failed {
+    error: HandlerError,
+    /// It panicked (the error says so too).
+    panicked: bool,
+}
+
 /// How processing a batch ended.
 pub(crate) enum Outcome {
     /// Every record is done (handled or dead-lettered).
@@ -37,10 +44,16 @@ impl Ctx {
                 }
                 return Outcome::Done;
             }
-            Err(e) => {
+            Err(Failed { error: e, panicked }) => {
                 self.failure(&e).await;
                 if let HandlerError::Unavailable(reason) = &e {
                     tracing::warn!(reason = %reason, records = batch.len(), "downstream unavailable; the batch waits");
+                    return Outcome::Stalled { done: 0 };
+                }
+                if probing && panicked {
+                    // A handler that panics proves nothing about the
+                    // downstream: the breaker stays open, the batch waits
+                    // (rather than the log draining into dead letters).
                     return Outcome::Stalled { done: 0 };
                 }
                 if probing {
@@ -53,7 +66,10 @@ impl Ctx {
             let mut attempts = 0u32;
             loop {
                 attempts += 1;
-                let result = self.call(std::slice::from_ref(record)).await;
+                let result = self
+                    .call(std::slice::from_ref(record))
+                    .await
+                    .map_err(|f| f.error);
                 match result {
                     Ok(()) => {
                         self.processed(1);
@@ -97,13 +113,16 @@ impl Ctx {
     /// The handler, with a panic taken as a failed attempt on `records`:
     /// retried, then dead-lettered like any rejected record (a panic that
     /// ended the worker was redelivered, and panicked, forever).
-    async fn call(&self, records: &[WireRecord]) -> Result<(), HandlerError> {
+    async fn call(&self, records: &[WireRecord]) -> Result<(), Failed> {
         use futures::FutureExt;
         match std::panic::AssertUnwindSafe(self.handler.handle(records))
             .catch_unwind()
             .await
         {
-            Ok(result) => result,
+            Ok(result) => result.map_err(|error| Failed {
+                error,
+                panicked: false,
+            }),
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -113,9 +132,10 @@ impl Ctx {
                 tracing::error!(records = records.len(), panic = %what, "the handler panicked");
                 metrics::counter!("fleet_consumer_handler_panics_total", "group" => self.group())
                     .increment(1);
-                Err(HandlerError::Record(format!(
-                    "the handler panicked: {what}"
-                )))
+                Err(Failed {
+                    error: HandlerError::Record(format!("the handler panicked: {what}")),
+                    panicked: true,
+                })
             }
         }
     }

@@ -527,7 +527,8 @@ impl RunArgs {
             s.max_watchers = budget.stream;
         }
         if let Some(limit) = limit {
-            let wanted = (budget.mqtt + budget.http + budget.stream) as u64 + budget.reserve;
+            let wanted =
+                (budget.mqtt + 2 * budget.http + 3 * budget.stream) as u64 + budget.reserve;
             if wanted > limit {
                 tracing::warn!(
                     limit,

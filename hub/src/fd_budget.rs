@@ -36,7 +36,8 @@ pub struct Budget {
     pub pending: usize,
     /// HTTP connections.
     pub http: usize,
-    /// Live-stream watchers.
+    /// Live-stream watchers (each holds three descriptors: the watcher's,
+    /// the gate's to rumqttd, rumqttd's accepted one).
     pub stream: usize,
     /// Descriptors left for everything else.
     pub reserve: u64,
@@ -63,12 +64,14 @@ pub fn derive(limit: Option<u64>, asked: Asked) -> Budget {
     // peers, the runtime: a fixed part and a share of larger limits.
     let reserve = 64 + limit / 16;
     let usable = usize::try_from(limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
-    let http = asked.http.unwrap_or((usable / 8).clamp(8, HTTP_DEFAULT));
-    let stream = (usable / 8).clamp(8, STREAM_DEFAULT);
+    // HTTP: its connections, and as many again for TLS handshakes and
+    // handshaken connections waiting to be served.
+    let http = asked.http.unwrap_or((usable / 16).clamp(8, HTTP_DEFAULT));
+    let stream = (usable / 24).clamp(8, STREAM_DEFAULT);
     let mqtt = asked.mqtt.unwrap_or(
         usable
-            .saturating_sub(http)
-            .saturating_sub(stream)
+            .saturating_sub(2 * http)
+            .saturating_sub(3 * stream)
             .clamp(16, MQTT_DEFAULT),
     );
     let pending = asked
@@ -91,13 +94,13 @@ mod tests {
     fn caps_fit_under_the_limit_with_a_reserve() {
         for limit in [128u64, 1024, 4096, 65_536, 1_048_576] {
             let b = derive(Some(limit), Asked::default());
-            let used = (b.mqtt + b.http + b.stream) as u64 + b.reserve;
+            let used = (b.mqtt + 2 * b.http + 3 * b.stream) as u64 + b.reserve;
             assert!(used <= limit.max(128 + 16), "{limit}: {b:?}");
             assert!(b.pending <= b.mqtt);
         }
         // systemd's default soft limit: a few hundred devices.
         let b = derive(Some(1024), Asked::default());
-        assert_eq!((b.mqtt, b.http, b.stream), (672, 112, 112));
+        assert_eq!((b.mqtt, b.http, b.stream), (673, 56, 37));
         // The deploy unit's LimitNOFILE: the full defaults.
         let b = derive(Some(1_048_576), Asked::default());
         assert_eq!(

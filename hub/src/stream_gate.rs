@@ -16,7 +16,7 @@
 //! in to rumqttd with a random secret of its own, so nobody on the hub's
 //! machine can go around it through rumqttd's loopback port.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,7 +73,7 @@ pub struct StreamGate {
     filters: Mutex<HashSet<String>>,
     watchers: Arc<Semaphore>,
     /// Client ids (`fleet-watcher-N`) free for the next watcher.
-    ids: Arc<Mutex<Vec<usize>>>,
+    ids: Arc<Mutex<VecDeque<usize>>>,
     sources: KeyedBuckets<IpAddr>,
     pending: Slots<IpAddr>,
 }
@@ -81,7 +81,7 @@ pub struct StreamGate {
 /// A client id of the pool, given back when the watcher leaves.
 struct WatcherId {
     n: usize,
-    pool: Arc<Mutex<Vec<usize>>>,
+    pool: Arc<Mutex<VecDeque<usize>>>,
 }
 
 impl Drop for WatcherId {
@@ -89,7 +89,10 @@ impl Drop for WatcherId {
         self.pool
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(self.n);
+            // At the back: reused last, so rumqttd has long finished with
+            // the connection that had it (a quick reuse could let the old
+            // link's disconnect remove the new watcher).
+            .push_back(self.n);
     }
 }
 
@@ -122,7 +125,7 @@ impl StreamGate {
             config,
             filters: Mutex::new(HashSet::new()),
             watchers: Arc::new(Semaphore::new(watchers)),
-            ids: Arc::new(Mutex::new((0..watchers).rev().collect())),
+            ids: Arc::new(Mutex::new((0..watchers).collect())),
             sources: KeyedBuckets::new(RATE_PER_SOURCE, RATE_PER_SOURCE, 100_000),
             pending: Slots::new(PENDING_PER_SOURCE, watchers),
         })
@@ -273,7 +276,7 @@ impl StreamGate {
         // saw: it only ever sees a clean session under one of the pool's ids.
         let id = {
             let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-            ids.pop().map(|n| WatcherId {
+            ids.pop_front().map(|n| WatcherId {
                 n,
                 pool: self.ids.clone(),
             })
