@@ -6,6 +6,7 @@
 //! Use [`harness!`] in an integration test of this crate to get a
 //! [`Harness`] bound to the built binary.
 
+pub mod certs;
 pub mod load;
 pub mod mqtt;
 pub mod proxy;
@@ -21,6 +22,8 @@ use std::time::Duration;
 use fleet_api::{DeviceId, DeviceKey, DeviceStatus, Region, Tags};
 use registry_sync::RegistryStore;
 use registry_sync::store::{NewDevice, Patch};
+
+pub use certs::{PrivateCa, TestCert};
 
 /// The admin token every test hub uses.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -75,48 +78,6 @@ impl Harness {
     pub fn with_default_logs(mut self) -> Harness {
         self.default_logs = true;
         self
-    }
-
-    /// A self-signed certificate for `localhost` and `127.0.0.1`, its PEM
-    /// files in the scratch directory.
-    pub fn self_signed(&self) -> TestCert {
-        let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("certificate");
-        let (cert, key) = (self.dir().join("cert.pem"), self.dir().join("key.pem"));
-        std::fs::write(&cert, c.cert.pem()).expect("write cert");
-        std::fs::write(&key, c.signing_key.serialize_pem()).expect("write key");
-        TestCert {
-            pem: c.cert.pem(),
-            cert: cert.display().to_string(),
-            key: key.display().to_string(),
-        }
-    }
-
-    /// A private CA and a certificate it signed for `names`: PEM files
-    /// `ca.pem`, `leaf.pem` and `leaf-key.pem` in the scratch directory.
-    pub fn private_ca(&self, names: &[&str]) -> PrivateCa {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "Fleet test CA");
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
-            .expect("CA certificate");
-        let leaf_key = KeyPair::generate().expect("leaf key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let leaf = CertificateParams::new(names)
-            .expect("leaf params")
-            .signed_by(&leaf_key, &ca)
-            .expect("leaf certificate");
-        let path = |name: &str| self.dir().join(name).display().to_string();
-        std::fs::write(path("ca.pem"), ca.pem()).expect("write CA");
-        std::fs::write(path("leaf.pem"), leaf.pem()).expect("write cert");
-        std::fs::write(path("leaf-key.pem"), leaf_key.serialize_pem()).expect("write key");
-        PrivateCa {
-            ca: path("ca.pem"),
-            cert: path("leaf.pem"),
-            key: path("leaf-key.pem"),
-        }
     }
 
     /// A scratch directory removed with the harness.
@@ -732,14 +693,6 @@ impl Harness {
     }
 }
 
-/// PEM files of [`Harness::private_ca`].
-#[derive(Debug, Clone)]
-pub struct PrivateCa {
-    pub ca: String,
-    pub cert: String,
-    pub key: String,
-}
-
 /// A plain blocking HTTP GET (for metrics and health in tests).
 pub fn http_get(url: &str) -> String {
     use std::io::{Read, Write};
@@ -854,25 +807,5 @@ where
             "timed out after {secs} s waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A certificate from [`Harness::self_signed`].
-#[derive(Debug, Clone)]
-pub struct TestCert {
-    pub pem: String,
-    /// Paths of the PEM files, as arguments.
-    pub cert: String,
-    pub key: String,
-}
-
-impl TestCert {
-    /// An HTTP client that trusts this certificate.
-    pub fn https_client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(self.pem.as_bytes()).expect("pem"))
-            .timeout(std::time::Duration::from_secs(10))
-            .build()
-            .expect("client")
     }
 }
