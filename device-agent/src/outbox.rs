@@ -13,12 +13,13 @@
 //! Frame: `magic u8 | len u32 | crc32 u32 | mid u64 | enqueued_ms u64 | payload`.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use fleet_api::Mid;
+use fleet_api::storage::{self, Open, Storage, StorageFile};
 use serde::{Deserialize, Serialize};
 
 const MAGIC: u8 = 0xA7;
@@ -126,12 +127,14 @@ pub struct OutboxStats {
 /// A durable outbox in one directory.
 #[derive(Debug)]
 pub struct Outbox {
+    fs: Arc<dyn Storage>,
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
     fsync: Fsync,
     segments: VecDeque<Segment>,
-    active: File,
+    /// The last segment, written at its length.
+    active: Option<Arc<dyn StorageFile>>,
     state: State,
     next_mid: Mid,
     /// The highest mid fsynced (or written, without fsync).
@@ -210,11 +213,26 @@ impl Outbox {
     /// # Errors
     /// When the directory cannot be used.
     pub fn open(dir: &Path, max_bytes: u64, fsync: Fsync) -> Result<Outbox> {
-        fs::create_dir_all(dir).map_err(io(dir))?;
+        Self::open_on(storage::real(), dir, max_bytes, fsync)
+    }
+
+    /// [`Outbox::open`] on the given disk (a simulated one in tests).
+    ///
+    /// # Errors
+    /// When the directory cannot be used.
+    pub fn open_on(
+        fs: Arc<dyn Storage>,
+        dir: &Path,
+        max_bytes: u64,
+        fsync: Fsync,
+    ) -> Result<Outbox> {
+        storage::create_dir_durable(&*fs, dir).map_err(io(dir))?;
+        // It may have been made by a process that died before syncing it.
+        fs.sync_dir(dir).map_err(io(dir))?;
         let state_path = dir.join("state.json");
         // A missing state file is a fresh start; an unreadable one is never
         // taken for one (that would restart the numbering at 1).
-        let state: State = match fs::read(&state_path) {
+        let state: State = match fs.read(&state_path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| OutboxError::BadState {
                 path: state_path.clone(),
                 reason: e.to_string(),
@@ -227,11 +245,11 @@ impl Outbox {
                 });
             }
         };
-        let mut firsts: Vec<Mid> = fs::read_dir(dir)
+        let mut firsts: Vec<Mid> = fs
+            .list(dir)
             .map_err(io(dir))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
+            .iter()
+            .filter_map(|name| {
                 name.strip_prefix("seg-")?
                     .strip_suffix(".log")?
                     .parse()
@@ -244,10 +262,7 @@ impl Outbox {
         let mut dropped = 0;
         for first in firsts {
             let path = segment_path(dir, first);
-            let mut bytes = Vec::new();
-            File::open(&path)
-                .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(io(&path))?;
+            let bytes = fs.read(&path).map_err(io(&path))?;
             let (mut pos, mut last, mut records) = (0usize, Mid(first.0.saturating_sub(1)), 0u64);
             while let Some((mid, _, len)) = decode(&bytes[pos..]) {
                 if last.0.checked_add(1) != Some(mid.0) {
@@ -264,12 +279,9 @@ impl Outbox {
                 if decode(&bytes[pos..]).is_some() || pos + HEADER < bytes.len() {
                     dropped += 1;
                 }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io(&path))?;
+                let f = fs.open(&path, Open::ReadWrite).map_err(io(&path))?;
                 f.set_len(pos as u64)
-                    .and_then(|()| f.sync_all())
+                    .and_then(|()| f.sync_data())
                     .map_err(io(&path))?;
             }
             segments.push_back(Segment {
@@ -291,11 +303,12 @@ impl Outbox {
         // Drop segments that are entirely acknowledged or empty-and-old.
         let segment_bytes = (max_bytes / 8).clamp(4096, 1 << 20);
         let mut outbox = Outbox {
+            fs,
             dir: dir.to_path_buf(),
             max_bytes,
             segment_bytes,
             fsync,
-            active: File::open(dir).map_err(io(dir))?, // replaced below
+            active: None, // opened below
             segments,
             state,
             next_mid,
@@ -317,14 +330,16 @@ impl Outbox {
             .is_none_or(|s| s.bytes >= self.segment_bytes);
         if need_new {
             let path = segment_path(&self.dir, self.next_mid);
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io(&path))?;
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.dir))?;
+            let f = match self.fs.open(&path, Open::CreateNew) {
+                Ok(f) => f,
+                // Made by an earlier attempt whose directory sync failed:
+                // it is empty (no record was written to it).
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    self.fs.open(&path, Open::ReadWrite).map_err(io(&path))?
+                }
+                Err(e) => return Err(io(&path)(e)),
+            };
+            self.fs.sync_dir(&self.dir).map_err(io(&self.dir))?;
             self.segments.push_back(Segment {
                 path,
                 first: self.next_mid,
@@ -332,17 +347,14 @@ impl Outbox {
                 bytes: 0,
                 records: 0,
             });
-            self.active = f;
-        } else if reopen {
+            self.active = Some(f);
+        } else if reopen || self.active.is_none() {
             let path = &self
                 .segments
                 .back()
                 .map(|s| s.path.clone())
                 .unwrap_or_default();
-            self.active = OpenOptions::new()
-                .append(true)
-                .open(path)
-                .map_err(io(path))?;
+            self.active = Some(self.fs.open(path, Open::ReadWrite).map_err(io(path))?);
         }
         Ok(())
     }
@@ -351,17 +363,16 @@ impl Outbox {
         let path = self.dir.join("state.json");
         let tmp = self.dir.join("state.json.tmp");
         let body = serde_json::to_vec(&self.state).unwrap_or_default();
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&body).map_err(io(&tmp))?;
-        // Always: a rename of unsynced data can leave an empty state file
-        // after a power cut, which the next start refuses. Only the
+        let f = self.fs.open(&tmp, Open::Truncate).map_err(io(&tmp))?;
+        // Always synced: a rename of unsynced data can leave an empty state
+        // file after a power cut, which the next start refuses. Only the
         // directory entry may lag when `durable` is false.
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+        f.write_all_at(&body, 0)
+            .and_then(|()| f.sync_data())
+            .map_err(io(&tmp))?;
+        self.fs.rename(&tmp, &path).map_err(io(&path))?;
         if durable {
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.dir))?;
+            self.fs.sync_dir(&self.dir).map_err(io(&self.dir))?;
         }
         self.acks_since_save = 0;
         Ok(())
@@ -377,7 +388,7 @@ impl Outbox {
             self.save_state(true)?;
         }
         let front = self.segments.pop_front().expect("front exists");
-        fs::remove_file(&front.path).map_err(io(&front.path))?;
+        self.fs.remove_file(&front.path).map_err(io(&front.path))?;
         if self.cursor.is_some_and(|(seg, _, _)| seg == front.first) {
             self.cursor = None;
         }
@@ -428,14 +439,17 @@ impl Outbox {
         let mut frame = Vec::with_capacity(size as usize);
         encode(&mut frame, mid, now_ms(), payload);
         let seg = self.segments.back_mut().expect("active segment");
-        self.active.write_all(&frame).map_err(io(&seg.path))?;
+        let active = self.active.as_ref().expect("active segment open");
+        active
+            .write_all_at(&frame, seg.bytes)
+            .map_err(io(&seg.path))?;
         seg.last = mid;
         seg.bytes += size;
         seg.records += 1;
         self.next_mid = mid.next();
         match self.fsync {
             Fsync::Always => {
-                self.active.sync_data().map_err(io(&seg.path))?;
+                active.sync_data().map_err(io(&seg.path))?;
                 self.durable = mid;
             }
             Fsync::Never => self.durable = mid,
@@ -455,7 +469,9 @@ impl Outbox {
                 .back()
                 .map(|s| s.path.clone())
                 .unwrap_or_default();
-            self.active.sync_data().map_err(io(&path))?;
+            if let Some(active) = &self.active {
+                active.sync_data().map_err(io(&path))?;
+            }
             self.durable = Mid(self.next_mid.0 - 1);
             self.dirty = false;
         }
@@ -516,12 +532,10 @@ impl Outbox {
                 }
                 _ => (0, seg.first),
             };
-            let mut f = File::open(&seg.path).map_err(io(&seg.path))?;
-            f.seek(SeekFrom::Start(pos)).map_err(io(&seg.path))?;
-            let mut buf = Vec::new();
-            f.take(seg.bytes - pos)
-                .read_to_end(&mut buf)
-                .map_err(io(&seg.path))?;
+            let f = self.fs.open(&seg.path, Open::Read).map_err(io(&seg.path))?;
+            let mut buf = vec![0u8; (seg.bytes - pos) as usize];
+            let n = f.read_at(&mut buf, pos).map_err(io(&seg.path))?;
+            buf.truncate(n);
             let mut at = 0;
             while out.len() < max {
                 let Some((mid, payload, len)) = decode(&buf[at..]) else {

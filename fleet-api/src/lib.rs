@@ -11,7 +11,9 @@
 //! `prom` (feature `prometheus`): the process's metrics recorder; and
 //! `serve` (feature `http-server`): axum with header timeouts and a
 //! connection cap; `https` (feature `https-server`): its TLS listener;
-//! `limit` (feature `limits`): rate limits per client address.
+//! `limit` (feature `limits`): rate limits per client address; `storage`
+//! (feature `storage`): the file operations of durable structures, on the
+//! real disk or a simulated one that loses power.
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -30,6 +32,8 @@ pub mod registry;
 pub mod secret;
 #[cfg(feature = "http-server")]
 pub mod serve;
+#[cfg(feature = "storage")]
+pub mod storage;
 
 pub use hub::{AckMessage, ErrorBody, ErrorCode, Role, partition_for};
 pub use ids::{DeviceId, Epoch, IdError, Mid, Offset, PartitionId, Region};

@@ -56,6 +56,8 @@ enum Command {
     /// Benchmarks that report ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Seeded power cuts under every durable structure, on a simulated disk.
+    Torture(crate::torture::TortureArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,7 +139,11 @@ pub fn main() -> ExitCode {
         _ => {}
     }
     let cli = Cli::parse_from(args);
-    if matches!(cli.command, Command::Bench(_)) {
+    if matches!(cli.command, Command::Torture(_)) {
+        // Power cuts make the log and the outbox complain by design; a
+        // failing seed says what went wrong, and replays it.
+        hub::cli::init_tracing_default("off");
+    } else if matches!(cli.command, Command::Bench(_)) {
         // Benchmarks print their own report; components only warn.
         hub::cli::init_tracing_default("warn,rumqttd=off,hickory_server=error");
     } else {
@@ -154,6 +160,7 @@ pub fn main() -> ExitCode {
             unreachable!("dispatched above")
         }
         Command::Bench(cmd) => runtime().block_on(crate::bench::run(cmd, cli.json)),
+        Command::Torture(args) => crate::torture::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

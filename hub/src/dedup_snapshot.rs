@@ -5,21 +5,30 @@
 //! replayed instead).
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use fleet_api::storage::{self, Storage};
 
 use fleet_api::{DeviceId, Mid, Offset, PartitionId};
 
 use crate::ingest::Accepted;
 
-pub(crate) fn snapshot_path(dir: &Path, p: PartitionId) -> PathBuf {
+pub fn snapshot_path(dir: &Path, p: PartitionId) -> PathBuf {
     dir.join(format!("p{}.snap", p.0))
 }
 
 const SNAP_MAGIC: &[u8; 4] = b"FDS2";
 
-pub(crate) fn write_snapshot(path: &Path, upto: Offset, map: &Accepted) -> std::io::Result<()> {
+/// Writes a snapshot durably (old or new after a power cut, never a mix).
+///
+/// # Errors
+/// When it cannot be written (the previous snapshot stays).
+pub fn write_snapshot(
+    fs: &dyn Storage,
+    path: &Path,
+    upto: Offset,
+    map: &Accepted,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(16 + map.len() * 48);
     buf.extend_from_slice(SNAP_MAGIC);
     buf.extend_from_slice(&upto.0.to_le_bytes());
@@ -33,19 +42,12 @@ pub(crate) fn write_snapshot(path: &Path, upto: Offset, map: &Accepted) -> std::
     }
     let crc = crc32fast::hash(&buf);
     buf.extend_from_slice(&crc.to_le_bytes());
-    let tmp = path.with_extension("snap.tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    storage::replace_durable(fs, path, &buf)
 }
 
-pub(crate) fn read_snapshot(path: &Path) -> Option<(Offset, Accepted)> {
-    let bytes = fs::read(path).ok()?;
+/// Reads a snapshot: `None` when missing or invalid.
+pub fn read_snapshot(fs: &dyn Storage, path: &Path) -> Option<(Offset, Accepted)> {
+    let bytes = fs.read(path).ok()?;
     let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
     if crc32fast::hash(body).to_le_bytes() != crc || !body.starts_with(SNAP_MAGIC) {
         tracing::warn!(path = %path.display(), "ignoring an invalid dedup snapshot");
@@ -90,11 +92,12 @@ mod tests {
                 )
             })
             .collect();
-        write_snapshot(&path, Offset(77), &map).unwrap();
-        assert_eq!(read_snapshot(&path), Some((Offset(77), map)));
-        let mut bytes = fs::read(&path).unwrap();
+        let fs = storage::real();
+        write_snapshot(&*fs, &path, Offset(77), &map).unwrap();
+        assert_eq!(read_snapshot(&*fs, &path), Some((Offset(77), map)));
+        let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
-        fs::write(&path, &bytes).unwrap();
-        assert_eq!(read_snapshot(&path), None);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_snapshot(&*fs, &path), None);
     }
 }

@@ -85,7 +85,8 @@ pub enum Replication {
 }
 
 /// Per device: the highest accepted mid and the offset of that record.
-pub(crate) type Accepted = HashMap<DeviceId, (Mid, Offset)>;
+/// Per device: the highest accepted mid and the offset of its record.
+pub type Accepted = HashMap<DeviceId, (Mid, Offset)>;
 
 /// What became of a publish once it is safe to acknowledge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,7 +235,10 @@ impl Ingest {
         for p in 0..log.partitions() {
             let p = PartitionId(p);
             let hw = log.high_watermark(p);
-            let (mut accepted, covered) = match read_snapshot(&snapshot_path(&snapshot_dir, p)) {
+            let (mut accepted, covered) = match read_snapshot(
+                &*fleet_api::storage::real(),
+                &snapshot_path(&snapshot_dir, p),
+            ) {
                 Some((upto, map)) if upto <= hw => (map, upto),
                 Some((upto, _)) => {
                     tracing::warn!(partition = %p, snapshot = %upto, log = %hw, "dedup snapshot is ahead of the log; rebuilding from the log");
@@ -696,9 +700,11 @@ impl Ingest {
                 continue;
             }
             let path = snapshot_path(&self.snapshot_dir, p);
-            let written = tokio::task::spawn_blocking(move || write_snapshot(&path, upto, &map))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let written = tokio::task::spawn_blocking(move || {
+                write_snapshot(&*fleet_api::storage::real(), &path, upto, &map)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
             match written {
                 Ok(()) => {
                     // A primary's retention must also keep what the attached

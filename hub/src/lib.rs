@@ -10,7 +10,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
-mod dedup_snapshot;
+pub mod dedup_snapshot;
 pub mod fd_budget;
 pub mod front;
 pub mod http;

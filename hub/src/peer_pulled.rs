@@ -7,11 +7,10 @@
 //! written (temporary file, fsync, rename, fsync of the directory) before
 //! retention may rely on it.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use fleet_api::storage::{self, Storage};
 use fleet_api::{Offset, PartitionId};
 
 const MAGIC: &[u8; 4] = b"FPP1";
@@ -23,16 +22,22 @@ pub struct PeerPulled {
     offsets: Vec<AtomicU64>,
     /// What was last written to disk.
     persisted: std::sync::Mutex<Vec<u64>>,
+    fs: std::sync::Arc<dyn Storage>,
 }
 
 impl PeerPulled {
     /// Reads `dir/peer-pulled` (all zeros when missing or unreadable: the
     /// safe direction, retention then waits for the peer's next pulls).
     pub fn load(dir: &Path, partitions: u32) -> PeerPulled {
+        Self::load_on(storage::real(), dir, partitions)
+    }
+
+    /// [`PeerPulled::load`] on the given disk.
+    pub fn load_on(fs: std::sync::Arc<dyn Storage>, dir: &Path, partitions: u32) -> PeerPulled {
         let path = dir.join("peer-pulled");
         let n = partitions as usize;
-        let read = fs::read(&path).ok().and_then(|b| decode(&b, n));
-        if read.is_none() && path.exists() {
+        let read = fs.read(&path).ok().and_then(|b| decode(&b, n));
+        if read.is_none() && fs.exists(&path) {
             tracing::warn!(path = %path.display(), "unreadable record of what the peer pulled; retention waits for its next pulls");
         }
         let values = read.unwrap_or_else(|| vec![0; n]);
@@ -40,6 +45,7 @@ impl PeerPulled {
             path,
             offsets: values.iter().map(|v| AtomicU64::new(*v)).collect(),
             persisted: std::sync::Mutex::new(values),
+            fs,
         }
     }
 
@@ -92,15 +98,7 @@ impl PeerPulled {
         }
         let crc = crc32fast::hash(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
-        let tmp = self.path.with_extension("tmp");
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir)?.sync_all()?;
-        }
+        storage::replace_durable(&*self.fs, &self.path, &buf)?;
         *persisted = now;
         Ok(())
     }
@@ -161,9 +159,9 @@ mod tests {
             Offset(0)
         );
         let path = dir.path().join("peer-pulled");
-        let mut b = fs::read(&path).unwrap();
+        let mut b = std::fs::read(&path).unwrap();
         b[10] ^= 1;
-        fs::write(&path, b).unwrap();
+        std::fs::write(&path, b).unwrap();
         assert_eq!(
             PeerPulled::load(dir.path(), 2).durable(PartitionId(1)),
             Offset(0)

@@ -9,10 +9,10 @@
 //! alone: acknowledgements are local), so a restart does not bring back a
 //! stalled pairing with a region that is gone.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use fleet_api::storage::{self, Storage};
 use fleet_api::{Epoch, Region, Role};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -60,11 +60,14 @@ pub enum StateError {
     Invalid { path: PathBuf, reason: String },
     #[error("the data directory belongs to region {found}, not {expected}")]
     WrongRegion { found: Region, expected: Region },
+    #[error("refusing to move the epoch back from {current} to {next}")]
+    EpochBackwards { current: Epoch, next: Epoch },
 }
 
 /// The current role and epoch, observable.
 #[derive(Debug)]
 pub struct HubState {
+    fs: Arc<dyn Storage>,
     path: PathBuf,
     region: Region,
     current: watch::Sender<RoleEpoch>,
@@ -82,15 +85,27 @@ impl HubState {
     /// # Errors
     /// When the file is unreadable, invalid, or names another region.
     pub fn open(dir: &Path, region: &Region, initial: Role) -> Result<HubState, StateError> {
+        Self::open_on(storage::real(), dir, region, initial)
+    }
+
+    /// [`HubState::open`] on the given disk.
+    ///
+    /// # Errors
+    /// As [`HubState::open`].
+    pub fn open_on(
+        fs: Arc<dyn Storage>,
+        dir: &Path,
+        region: &Region,
+        initial: Role,
+    ) -> Result<HubState, StateError> {
         let path = dir.join("state.json");
         let io = |source| StateError::Io {
             path: path.clone(),
             source,
         };
-        crate::log::file::create_dir_durable(dir)
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        storage::create_dir_durable(&*fs, dir).map_err(io)?;
         let mut detached = None;
-        let current = match fs::read(&path) {
+        let current = match fs.read(&path) {
             Ok(bytes) => {
                 let f: File = serde_json::from_slice(&bytes).map_err(|e| StateError::Invalid {
                     path: path.clone(),
@@ -121,12 +136,13 @@ impl HubState {
                     role: initial,
                     epoch: Epoch(1),
                 };
-                write(&path, region, re, None).map_err(io)?;
+                write(&*fs, &path, region, re, None).map_err(io)?;
                 re
             }
             Err(e) => return Err(io(e)),
         };
         Ok(HubState {
+            fs,
             path,
             region: region.clone(),
             current: watch::Sender::new(current),
@@ -170,10 +186,21 @@ impl HubState {
     /// When the state cannot be written durably (nothing changes then).
     pub fn set(&self, next: RoleEpoch) -> Result<(), StateError> {
         let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the write lock: no two changes can interleave, and none
+        // moves the epoch back (a stale decision loses here, visibly).
+        let current = self.get().epoch;
+        if next.epoch < current {
+            return Err(StateError::EpochBackwards {
+                current,
+                next: next.epoch,
+            });
+        }
         let detached = self.detached.borrow().clone();
-        write(&self.path, &self.region, next, detached).map_err(|source| StateError::Io {
-            path: self.path.clone(),
-            source,
+        write(&*self.fs, &self.path, &self.region, next, detached).map_err(|source| {
+            StateError::Io {
+                path: self.path.clone(),
+                source,
+            }
         })?;
         self.current.send_replace(next);
         Ok(())
@@ -194,11 +221,16 @@ impl HubState {
     /// When the state cannot be written durably (nothing changes then).
     pub fn set_detached(&self, next: Option<Detached>) -> Result<(), StateError> {
         let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        write(&self.path, &self.region, self.get(), next.clone()).map_err(|source| {
-            StateError::Io {
-                path: self.path.clone(),
-                source,
-            }
+        write(
+            &*self.fs,
+            &self.path,
+            &self.region,
+            self.get(),
+            next.clone(),
+        )
+        .map_err(|source| StateError::Io {
+            path: self.path.clone(),
+            source,
         })?;
         self.detached.send_replace(next);
         Ok(())
@@ -206,12 +238,12 @@ impl HubState {
 }
 
 fn write(
+    fs: &dyn Storage,
     path: &Path,
     region: &Region,
     re: RoleEpoch,
     detached: Option<Detached>,
 ) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(&File {
         region: region.clone(),
         role: re.role,
@@ -219,14 +251,7 @@ fn write(
         detached,
     })
     .map_err(std::io::Error::other)?;
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    storage::replace_durable(fs, path, &body)
 }
 
 #[cfg(test)]

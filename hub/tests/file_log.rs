@@ -60,8 +60,12 @@ async fn a_torn_last_record_is_truncated_at_every_byte() {
         hub::log::frame::encode(&mut b, Offset(1), &rec(1, 40));
         b.len()
     };
+    let mark = dir.path().join("p0/durable");
     for cut in two..full.len() {
         std::fs::write(&seg, &full[..cut]).unwrap();
+        // A torn write was never acknowledged, so the durable mark never
+        // covered it (here: there is none, and the old rule decides).
+        std::fs::remove_file(&mark).unwrap();
         let log = open(dir.path());
         assert_eq!(log.high_watermark(P0), Offset(2), "cut at byte {cut}");
         assert!(log.health().is_ok());
@@ -77,6 +81,28 @@ async fn a_torn_last_record_is_truncated_at_every_byte() {
         drop(log);
         std::fs::write(&seg, &full).unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_cut_below_the_durable_mark_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    // One write each, the disk idle after each: the mark moves every 8th,
+    // so it covers records 0..16 after 20.
+    fill(&open(dir.path()), 20, 100).await;
+    let seg = segments(dir.path()).remove(0);
+    let full = std::fs::read(&seg).unwrap();
+    let frame = full.len() / 20;
+    // Records 12.. gone, 12 cut short: damage to synced, acknowledged data.
+    let cut = 12 * frame + frame / 2;
+    std::fs::write(&seg, &full[..cut]).unwrap();
+    let log = open(dir.path());
+    let problems = log.health().unwrap_err();
+    assert!(
+        problems[0].contains("corrupt record at offset 12"),
+        "{problems:?}"
+    );
+    drop(log);
+    assert_eq!(std::fs::read(&seg).unwrap().len(), cut, "nothing cut");
 }
 
 #[tokio::test]

@@ -2,13 +2,17 @@
 //!
 //! ```text
 //! magic u8 = 0xF1 | body_len u32 LE | crc32 u32 LE (of body) | body
-//! body: offset u64 | enqueued_at u64 | epoch u64 | flags u8 (bit 0: mid)
+//! body: offset u64 | enqueued_at u64 | epoch u64
+//!       | flags u8 (bit 0: mid follows; bit 1: first frame of a write)
 //!       | [mid u64] | device_len u8 | device | region_len u8 | region
 //!       | payload_len u32 | payload                    (all integers LE)
 //! ```
-//! The magic byte lets recovery look past a bad frame for a later good one,
-//! which tells a torn tail (nothing valid follows: truncate) from corruption
-//! inside acknowledged data (something valid follows: stop and report).
+//! The magic byte lets recovery look past a bad frame for a later good one.
+//! The log's writer marks the first frame of each group-commit write: a
+//! write starts only after the previous one was synced, so a valid first
+//! frame of a later write after a bad frame proves the bad frame was
+//! acknowledged (corruption: stop and report), while valid frames of the
+//! same write only show that write was torn by a power cut (truncate).
 //!
 //! [`Frames`] is the one walk over the frames in a buffer: recovery, reads,
 //! cutting the log and failback reports all use it.
@@ -20,6 +24,8 @@ use super::NewRecord;
 
 pub const MAGIC: u8 = 0xF1;
 pub const HEADER: usize = 9;
+/// The smallest frame: the header and the smallest body.
+pub const MIN_FRAME: usize = HEADER + 27;
 /// Larger bodies are never written, so a larger length means a bad frame.
 pub const MAX_BODY: usize = 64 << 20;
 /// The largest payload a frame holds with room for the largest device id,
@@ -27,8 +33,23 @@ pub const MAX_BODY: usize = 64 << 20;
 /// never read back.
 pub const MAX_PAYLOAD: usize = MAX_BODY - 4096;
 
+const FLAG_MID: u8 = 1;
+const FLAG_STARTS_WRITE: u8 = 2;
+
 /// Appends the frame of `rec` at `offset` to `out`; returns its length.
 pub fn encode(out: &mut Vec<u8>, offset: Offset, rec: &NewRecord) -> usize {
+    encode_flagged(out, offset, rec, false)
+}
+
+/// [`encode`], marking the frame as the first of a write when
+/// `starts_write`.
+pub fn encode_flagged(
+    out: &mut Vec<u8>,
+    offset: Offset,
+    rec: &NewRecord,
+    starts_write: bool,
+) -> usize {
+    let write_flag = if starts_write { FLAG_STARTS_WRITE } else { 0 };
     let start = out.len();
     out.put_u8(MAGIC);
     out.put_u32_le(0); // length, patched below
@@ -39,10 +60,10 @@ pub fn encode(out: &mut Vec<u8>, offset: Offset, rec: &NewRecord) -> usize {
     out.put_u64_le(rec.epoch.0);
     match rec.mid {
         Some(m) => {
-            out.put_u8(1);
+            out.put_u8(FLAG_MID | write_flag);
             out.put_u64_le(m.0);
         }
-        None => out.put_u8(0),
+        None => out.put_u8(write_flag),
     }
     let id = rec.device_id.as_str().as_bytes();
     out.put_u8(id.len() as u8);
@@ -67,6 +88,8 @@ pub enum Decoded {
         offset: Offset,
         record: NewRecord,
         len: usize,
+        /// The first frame of a group-commit write.
+        starts_write: bool,
     },
     /// The bytes end inside the frame: `need` bytes in total are required.
     Short { need: usize },
@@ -95,10 +118,11 @@ pub fn decode(buf: &[u8]) -> Decoded {
         return Decoded::Bad("checksum mismatch");
     }
     match parse_body(body) {
-        Some((offset, record)) => Decoded::Frame {
+        Some((offset, record, starts_write)) => Decoded::Frame {
             offset,
             record,
             len: HEADER + len,
+            starts_write,
         },
         None => Decoded::Bad("malformed body"),
     }
@@ -175,6 +199,7 @@ impl Iterator for Frames<'_> {
                 offset,
                 record,
                 len,
+                ..
             } => {
                 let pos = self.pos;
                 self.pos += len;
@@ -196,7 +221,7 @@ impl Iterator for Frames<'_> {
     }
 }
 
-fn parse_body(mut b: &[u8]) -> Option<(Offset, NewRecord)> {
+fn parse_body(mut b: &[u8]) -> Option<(Offset, NewRecord, bool)> {
     fn need(b: &[u8], n: usize) -> Option<()> {
         (b.remaining() >= n).then_some(())
     }
@@ -204,13 +229,15 @@ fn parse_body(mut b: &[u8]) -> Option<(Offset, NewRecord)> {
     let offset = Offset(b.get_u64_le());
     let enqueued_at = UnixMillis(b.get_u64_le());
     let epoch = Epoch(b.get_u64_le());
-    let mid = match b.get_u8() {
-        0 => None,
-        1 => {
-            need(b, 8)?;
-            Some(Mid(b.get_u64_le()))
-        }
-        _ => return None,
+    let flags = b.get_u8();
+    if flags & !(FLAG_MID | FLAG_STARTS_WRITE) != 0 {
+        return None;
+    }
+    let mid = if flags & FLAG_MID != 0 {
+        need(b, 8)?;
+        Some(Mid(b.get_u64_le()))
+    } else {
+        None
     };
     need(b, 1)?;
     let n = usize::from(b.get_u8());
@@ -238,6 +265,7 @@ fn parse_body(mut b: &[u8]) -> Option<(Offset, NewRecord)> {
             epoch,
             payload,
         },
+        flags & FLAG_STARTS_WRITE != 0,
     ))
 }
 
@@ -259,17 +287,20 @@ mod tests {
     #[test]
     fn round_trip() {
         for (payload, mid) in [(&b"hello"[..], Some(7)), (&b""[..], None)] {
-            let mut buf = Vec::new();
-            let n = encode(&mut buf, Offset(42), &rec(payload, mid));
-            assert_eq!(n, buf.len());
-            assert_eq!(
-                decode(&buf),
-                Decoded::Frame {
-                    offset: Offset(42),
-                    record: rec(payload, mid),
-                    len: n
-                }
-            );
+            for starts_write in [false, true] {
+                let mut buf = Vec::new();
+                let n = encode_flagged(&mut buf, Offset(42), &rec(payload, mid), starts_write);
+                assert_eq!(n, buf.len());
+                assert_eq!(
+                    decode(&buf),
+                    Decoded::Frame {
+                        offset: Offset(42),
+                        record: rec(payload, mid),
+                        len: n,
+                        starts_write,
+                    }
+                );
+            }
         }
     }
 

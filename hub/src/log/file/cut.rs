@@ -5,16 +5,16 @@
 //! are never only in memory: a crash between the two steps leaves them in
 //! both places, never in neither.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use fleet_api::Offset;
+use fleet_api::storage::{self, Open, Storage};
 
+use super::mark::Mark;
 use super::read::read_blocking;
 use super::segment::{Active, create_segment, position_of, segment_path};
-use super::{PartitionLog, io, sync_dir};
+use super::{PartitionLog, helper, io, sync_dir};
 use crate::log::frame;
 use crate::log::{LogError, LogResult, ReadLimits};
 
@@ -52,16 +52,11 @@ pub(super) fn cut_and_archive(
     for r in &records {
         frame::encode(&mut buf, r.offset, &r.record);
     }
+    let fs = &*part.fs;
     if let Some(dir) = archive.parent() {
-        super::create_dir_durable(dir)?;
+        super::create_dir_durable_on(fs, dir)?;
     }
-    let mut f = File::create(archive).map_err(|e| io(archive.display(), e))?;
-    f.write_all(&buf)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io(archive.display(), e))?;
-    if let Some(dir) = archive.parent() {
-        sync_dir(dir)?;
-    }
+    storage::write_new_durable(fs, archive, &buf).map_err(helper)?;
     // 2. Cut, under the segment lock (retention may have moved the start
     //    since the archive was read: decide again here). Any failure from
     //    now on fails the partition: the log on disk is half cut, and
@@ -80,7 +75,7 @@ pub(super) fn cut_and_archive(
     }
     let seg = segs[keep - 1].clone();
     let result = (|| {
-        let pos = position_of(&seg, from)?;
+        let pos = position_of(fs, &seg, from)?;
         // Newer segments and the kept one's index go first, made durable,
         // and only then is the kept segment shortened: a power cut in
         // between leaves a log that ends later, never one with a hole.
@@ -88,19 +83,22 @@ pub(super) fn cut_and_archive(
             remove_segment(part, s.base)?;
         }
         let idx = segment_path(&part.dir, seg.base, "idx");
-        match fs::remove_file(&idx) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(idx.display(), e)),
-        }
-        sync_dir(&part.dir)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&seg.path)
+        storage::remove_if_present(fs, &idx).map_err(helper)?;
+        sync_dir(fs, &part.dir)?;
+        // The mark must not claim what is about to be cut: a later torn
+        // write there would pass for damage.
+        part.mark
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lower(Mark {
+                base: seg.base,
+                len: pos,
+            })?;
+        let file = fs
+            .open(&seg.path, Open::ReadWrite)
             .map_err(|e| io(seg.path.display(), e))?;
         file.set_len(pos)
-            .and_then(|()| file.sync_all())
+            .and_then(|()| file.sync_data())
             .map_err(|e| io(seg.path.display(), e))?;
         Ok((pos, file))
     })();
@@ -186,16 +184,27 @@ const RESET_MARKER: &str = "reset-to";
 /// fails the partition (recovery finishes the job at the next start).
 /// Returns how many retained records were dropped.
 fn reset_to(part: &PartitionLog, active: &mut Active, base: Offset) -> LogResult<u64> {
+    let fs = &*part.fs;
     let marker = part.dir.join(RESET_MARKER);
-    let tmp = part.dir.join("reset-to.tmp");
     let mut body = base.0.to_le_bytes().to_vec();
     body.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    let mut f = File::create(&tmp).map_err(|e| io(tmp.display(), e))?;
-    f.write_all(&body)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io(tmp.display(), e))?;
-    fs::rename(&tmp, &marker).map_err(|e| io(marker.display(), e))?;
-    sync_dir(&part.dir)?;
+    // Once the marker may be on disk, the reset is decided (recovery
+    // finishes it): any failure from here on must stop further appends to
+    // the old log, which the next start would wipe.
+    let prepared = storage::replace_durable(fs, &marker, &body)
+        .map_err(helper)
+        .and_then(|()| {
+            part.mark
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lower(Mark { base, len: 0 })
+        });
+    if let Err(e) = prepared {
+        part.fail(format!(
+            "preparing to empty the partition to continue at {base} failed: {e}"
+        ));
+        return Err(e);
+    }
     let mut segs = part.segments.write().unwrap_or_else(|e| e.into_inner());
     let start = segs.first().map_or(active.next, |s| s.base);
     let dropped = active.next.0.saturating_sub(start.0);
@@ -204,12 +213,13 @@ fn reset_to(part: &PartitionLog, active: &mut Active, base: Offset) -> LogResult
         for s in gone.iter().rev() {
             remove_segment(part, s.base)?;
         }
-        sync_dir(&part.dir)?;
-        let fresh = create_segment(&part.dir, base)?;
+        sync_dir(fs, &part.dir)?;
+        let fresh = create_segment(fs, &part.dir, base)?;
         segs.push(fresh.seg.clone());
         *active = fresh;
-        fs::remove_file(&marker).map_err(|e| io(marker.display(), e))?;
-        sync_dir(&part.dir)
+        fs.remove_file(&marker)
+            .map_err(|e| io(marker.display(), e))?;
+        sync_dir(fs, &part.dir)
     })();
     drop(segs);
     if let Err(e) = &result {
@@ -224,21 +234,17 @@ fn reset_to(part: &PartitionLog, active: &mut Active, base: Offset) -> LogResult
 
 fn remove_segment(part: &PartitionLog, base: Offset) -> LogResult<()> {
     for ext in ["log", "idx"] {
-        let path = segment_path(&part.dir, base, ext);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(path.display(), e)),
-        }
+        storage::remove_if_present(&*part.fs, &segment_path(&part.dir, base, ext))
+            .map_err(helper)?;
     }
     Ok(())
 }
 
 /// Finishes a reset a crash interrupted: every segment goes, an empty one
 /// starts at the marker's offset.
-pub(super) fn finish_reset(dir: &Path) -> LogResult<()> {
+pub(super) fn finish_reset(fs: &dyn Storage, dir: &Path) -> LogResult<()> {
     let marker = dir.join(RESET_MARKER);
-    let body = match fs::read(&marker) {
+    let body = match fs.read(&marker) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(marker.display(), e)),
@@ -252,14 +258,15 @@ pub(super) fn finish_reset(dir: &Path) -> LogResult<()> {
     }
     let base = Offset(u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8])));
     tracing::warn!(dir = %dir.display(), %base, "finishing an interrupted reset of the partition");
-    for entry in fs::read_dir(dir).map_err(|e| io(dir.display(), e))? {
-        let path = entry.map_err(|e| io(dir.display(), e))?.path();
-        if path.extension().is_some_and(|x| x == "log" || x == "idx") {
-            fs::remove_file(&path).map_err(|e| io(path.display(), e))?;
+    for name in fs.list(dir).map_err(|e| io(dir.display(), e))? {
+        if name.ends_with(".log") || name.ends_with(".idx") {
+            let path = dir.join(name);
+            fs.remove_file(&path).map_err(|e| io(path.display(), e))?;
         }
     }
-    sync_dir(dir)?;
-    create_segment(dir, base)?;
-    fs::remove_file(&marker).map_err(|e| io(marker.display(), e))?;
-    sync_dir(dir)
+    sync_dir(fs, dir)?;
+    create_segment(fs, dir, base)?;
+    fs.remove_file(&marker)
+        .map_err(|e| io(marker.display(), e))?;
+    sync_dir(fs, dir)
 }

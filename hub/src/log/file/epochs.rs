@@ -10,15 +10,14 @@
 //! without the file (made before it existed) or with an unreadable one gets
 //! it rebuilt from its retained records, once.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use fleet_api::storage::{self, Storage};
 use fleet_api::{Epoch, Offset};
 
 use super::segment::Segment;
-use super::{io, sync_dir};
+use super::{helper, io};
 use crate::log::LogResult;
 use crate::log::frame::Frames;
 
@@ -28,6 +27,7 @@ const MAGIC: &[u8; 4] = b"FEH1";
 pub(super) type History = Vec<(Epoch, Offset)>;
 
 pub(super) struct EpochCache {
+    fs: Arc<dyn Storage>,
     path: PathBuf,
     entries: Mutex<History>,
 }
@@ -36,16 +36,17 @@ impl EpochCache {
     /// Loads `dir/epochs`, keeping only entries below `hw`; `rebuild` scans
     /// the retained records when there is no usable file.
     pub(super) fn load(
+        fs: Arc<dyn Storage>,
         dir: &Path,
         hw: Offset,
         rebuild: impl FnOnce() -> LogResult<History>,
     ) -> LogResult<EpochCache> {
         let path = dir.join("epochs");
-        let read = fs::read(&path).ok().and_then(|b| decode(&b));
+        let read = fs.read(&path).ok().and_then(|b| decode(&b));
         let (mut entries, fresh) = match read {
             Some(e) => (e, false),
             None => {
-                if path.exists() {
+                if fs.exists(&path) {
                     tracing::warn!(path = %path.display(), "unreadable epoch history; rebuilding it from the retained records");
                 }
                 (rebuild()?, true)
@@ -54,6 +55,7 @@ impl EpochCache {
         let before = entries.len();
         entries.retain(|(_, start)| *start < hw);
         let cache = EpochCache {
+            fs,
             path,
             entries: Mutex::new(entries),
         };
@@ -113,26 +115,16 @@ impl EpochCache {
         }
         let crc = crc32fast::hash(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
-        let tmp = self.path.with_extension("tmp");
-        let mut f = File::create(&tmp).map_err(|e| io(tmp.display(), e))?;
-        f.write_all(&buf)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io(tmp.display(), e))?;
-        drop(f);
-        fs::rename(&tmp, &self.path).map_err(|e| io(self.path.display(), e))?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
-        Ok(())
+        storage::replace_durable(&*self.fs, &self.path, &buf).map_err(helper)
     }
 }
 
 /// The epoch history of the retained records (segments oldest first).
-pub(super) fn scan(segments: &[std::sync::Arc<Segment>]) -> LogResult<History> {
+pub(super) fn scan(fs: &dyn Storage, segments: &[Arc<Segment>]) -> LogResult<History> {
     let mut out: History = Vec::new();
     for seg in segments {
         let len = seg.durable_len.load(std::sync::atomic::Ordering::Acquire) as usize;
-        let bytes = fs::read(&seg.path).map_err(|e| io(seg.path.display(), e))?;
+        let bytes = fs.read(&seg.path).map_err(|e| io(seg.path.display(), e))?;
         for f in Frames::new(&bytes[..len.min(bytes.len())]) {
             if out.last().is_none_or(|(e, _)| f.record.epoch > *e) {
                 out.push((f.record.epoch, f.offset));
@@ -173,18 +165,25 @@ mod tests {
     #[test]
     fn the_history_survives_reloads_and_drops_what_never_became_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let c = EpochCache::load(dir.path(), Offset(0), || Ok(Vec::new())).unwrap();
+        let c =
+            EpochCache::load(storage::real(), dir.path(), Offset(0), || Ok(Vec::new())).unwrap();
         assert!(c.note(Epoch(1), Offset(0)));
         assert!(!c.note(Epoch(1), Offset(5)));
         assert!(c.note(Epoch(3), Offset(10)));
         c.persist().unwrap();
-        let again = EpochCache::load(dir.path(), Offset(20), || panic!("not rebuilt")).unwrap();
+        let again = EpochCache::load(storage::real(), dir.path(), Offset(20), || {
+            panic!("not rebuilt")
+        })
+        .unwrap();
         assert_eq!(
             again.get(),
             vec![(Epoch(1), Offset(0)), (Epoch(3), Offset(10))]
         );
         // The records of epoch 3 never became durable.
-        let short = EpochCache::load(dir.path(), Offset(10), || panic!("not rebuilt")).unwrap();
+        let short = EpochCache::load(storage::real(), dir.path(), Offset(10), || {
+            panic!("not rebuilt")
+        })
+        .unwrap();
         assert_eq!(short.get(), vec![(Epoch(1), Offset(0))]);
         assert!(short.truncate(Offset(0)));
         assert!(short.get().is_empty());
@@ -193,11 +192,16 @@ mod tests {
     #[test]
     fn a_corrupt_file_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("epochs"), b"FEH1garbage").unwrap();
-        let c =
-            EpochCache::load(dir.path(), Offset(9), || Ok(vec![(Epoch(2), Offset(4))])).unwrap();
+        std::fs::write(dir.path().join("epochs"), b"FEH1garbage").unwrap();
+        let c = EpochCache::load(storage::real(), dir.path(), Offset(9), || {
+            Ok(vec![(Epoch(2), Offset(4))])
+        })
+        .unwrap();
         assert_eq!(c.get(), vec![(Epoch(2), Offset(4))]);
-        let again = EpochCache::load(dir.path(), Offset(9), || panic!("not rebuilt")).unwrap();
+        let again = EpochCache::load(storage::real(), dir.path(), Offset(9), || {
+            panic!("not rebuilt")
+        })
+        .unwrap();
         assert_eq!(again.get(), vec![(Epoch(2), Offset(4))]);
     }
 }

@@ -7,12 +7,13 @@
 //! one `write` and one `fdatasync`, and only then resolves their futures and
 //! advances the high watermark that readers see.
 //!
-//! Recovery scans the active (last) segment. An invalid frame with nothing
-//! valid after it is a torn tail (an unsynced write cut short): it is
-//! truncated. An invalid frame followed by valid ones is corruption of data
-//! that was acknowledged: the partition stops there, refuses writes and says
-//! so, and readers get an error at that offset. Sealed segments are checked
-//! by CRC on every read.
+//! Recovery scans the active (last) segment. An invalid frame below the
+//! durable mark (`mark`), or followed by the valid first frame of a later
+//! write, is corruption of data that was acknowledged: the partition stops
+//! there, refuses writes and says so, and readers get an error at that
+//! offset. Otherwise it is a torn tail (an unsynced write, cut short or with
+//! sectors missing): it is truncated. Sealed segments are checked by CRC on
+//! every read.
 //!
 //! - `segment`: segment files and their indexes.
 //! - `recovery`: opening a partition, telling torn tails from corruption.
@@ -21,23 +22,24 @@
 //! - `cut`: cutting a partition back, archiving what is cut; emptying it
 //!   to continue at another offset.
 //! - `epochs`: the partition's epoch history, kept beyond retention.
+//! - `mark`: how far the active segment is known to be synced.
 //! - `retention`: deleting old segments.
 
 mod cut;
 mod epochs;
+mod mark;
 mod read;
 mod recovery;
 mod retention;
 mod segment;
 mod writer;
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use fleet_api::storage::Storage;
 use fleet_api::{Epoch, Offset, PartitionId};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -63,6 +65,8 @@ pub struct FileLogConfig {
     pub retention_age: Option<Duration>,
     /// How often retention runs.
     pub retention_interval: Duration,
+    /// The disk: the real one, or a simulated one in power-cut tests.
+    pub storage: Arc<dyn Storage>,
 }
 
 impl FileLogConfig {
@@ -75,9 +79,14 @@ impl FileLogConfig {
             retention_bytes: None,
             retention_age: None,
             retention_interval: Duration::from_secs(30),
+            storage: fleet_api::storage::real(),
         }
     }
 }
+
+/// The on-disk format: 2 added the write flag to frames and the durable
+/// mark (format 1 logs are read, and upgraded).
+const FORMAT: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Meta {
@@ -90,6 +99,7 @@ struct Meta {
 struct PartitionLog {
     id: PartitionId,
     dir: PathBuf,
+    fs: Arc<dyn Storage>,
     segments: RwLock<Vec<Arc<Segment>>>,
     hw: watch::Sender<Offset>,
     tx: mpsc::UnboundedSender<Cmd>,
@@ -99,6 +109,8 @@ struct PartitionLog {
     retention_floor: AtomicU64,
     /// The start offset of every epoch, also of deleted records.
     epochs: epochs::EpochCache,
+    /// How far the active segment is known to be synced (writer and cuts).
+    mark: Mutex<mark::DurableMark>,
 }
 
 impl PartitionLog {
@@ -114,6 +126,12 @@ impl PartitionLog {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
+
+/// While alive, a partition's writer waits ([`FileLog::hold`]).
+#[derive(Debug)]
+pub struct Hold {
+    _release: std::sync::mpsc::Sender<()>,
 }
 
 /// The embedded event log.
@@ -140,26 +158,27 @@ fn io(what: impl std::fmt::Display, e: std::io::Error) -> LogError {
     LogError::Io(format!("{what}: {e}"))
 }
 
-/// Creates `dir` and any missing parents so that they survive a power cut:
-/// each new directory's entry is fsynced into its parent.
+/// Creates `dir` and any missing parents on the real disk so that they
+/// survive a power cut: each new directory's entry is fsynced into its parent.
 ///
 /// # Errors
 /// When a directory cannot be created or synced.
 pub fn create_dir_durable(dir: &Path) -> LogResult<()> {
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
-    for d in missing.iter().rev() {
-        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
-    }
-    Ok(())
+    create_dir_durable_on(&*fleet_api::storage::real(), dir)
 }
 
-fn sync_dir(dir: &Path) -> LogResult<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+fn create_dir_durable_on(fs: &dyn Storage, dir: &Path) -> LogResult<()> {
+    fleet_api::storage::create_dir_durable(fs, dir).map_err(|e| LogError::Io(e.to_string()))
+}
+
+fn sync_dir(fs: &dyn Storage, dir: &Path) -> LogResult<()> {
+    fs.sync_dir(dir)
         .map_err(|e| io(format_args!("sync directory {}", dir.display()), e))
+}
+
+/// Errors of the storage helpers, which name their path already.
+fn helper(e: std::io::Error) -> LogError {
+    LogError::Io(e.to_string())
 }
 
 impl FileLog {
@@ -176,9 +195,12 @@ impl FileLog {
                 config.partitions
             )));
         }
-        create_dir_durable(&config.dir)?;
+        let fs = &*config.storage;
+        create_dir_durable_on(fs, &config.dir)?;
+        // It may have been made by a process that died before syncing it.
+        sync_dir(fs, &config.dir)?;
         let meta_path = config.dir.join("meta.json");
-        match fs::read(&meta_path) {
+        match fs.read(&meta_path) {
             Ok(bytes) => {
                 let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| {
                     LogError::Io(format!(
@@ -194,19 +216,31 @@ impl FileLog {
                         config.partitions
                     )));
                 }
+                if meta.format > FORMAT {
+                    return Err(LogError::Io(format!(
+                        "the log in {} has format {}, newer than this hub's {FORMAT}: run the newer hub (downgrades are not supported)",
+                        config.dir.display(),
+                        meta.format
+                    )));
+                }
+                if meta.format < FORMAT {
+                    // Older frames stay readable; new ones carry write flags
+                    // (see `frame`), which an older hub cannot read.
+                    let body = serde_json::to_vec(&Meta {
+                        format: FORMAT,
+                        partitions: meta.partitions,
+                    })
+                    .unwrap_or_default();
+                    fleet_api::storage::replace_durable(fs, &meta_path, &body).map_err(helper)?;
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let meta = Meta {
-                    format: 1,
+                    format: FORMAT,
                     partitions: config.partitions,
                 };
-                let tmp = config.dir.join("meta.json.tmp");
-                let mut f = File::create(&tmp).map_err(|e| io(tmp.display(), e))?;
-                f.write_all(&serde_json::to_vec(&meta).unwrap_or_default())
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| io(tmp.display(), e))?;
-                fs::rename(&tmp, &meta_path).map_err(|e| io(meta_path.display(), e))?;
-                sync_dir(&config.dir)?;
+                let body = serde_json::to_vec(&meta).unwrap_or_default();
+                fleet_api::storage::replace_durable(fs, &meta_path, &body).map_err(helper)?;
             }
             Err(e) => return Err(io(meta_path.display(), e)),
         }
@@ -225,6 +259,21 @@ impl FileLog {
         self.parts
             .get(p.0 as usize)
             .ok_or(LogError::NoSuchPartition(p))
+    }
+
+    /// Holds partition `p`'s writer until the returned guard is dropped:
+    /// appends queued meanwhile go into one write (as far as the batch size
+    /// allows). For deterministic tests of group commit.
+    ///
+    /// # Errors
+    /// When there is no such partition or the log is closed.
+    pub fn hold(&self, p: PartitionId) -> LogResult<Hold> {
+        let (release, held) = std::sync::mpsc::channel();
+        self.part(p)?
+            .tx
+            .send(Cmd::Hold(held))
+            .map_err(|_| LogError::Closed)?;
+        Ok(Hold { _release: release })
     }
 
     /// Runs one retention pass now (normally it runs on a timer).

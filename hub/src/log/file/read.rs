@@ -1,6 +1,5 @@
 //! Reading durable records of a partition, checking every frame's CRC.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 

@@ -4,9 +4,7 @@
 //! above the partition's retention floor (what the owner still needs: not
 //! yet durable, or not yet pulled by an attached peer).
 
-use std::fs;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
 use super::segment::segment_path;
 use super::{FileLogConfig, PartitionLog};
@@ -48,26 +46,24 @@ pub(super) fn retain(part: &PartitionLog, config: &FileLogConfig) {
                 .sum();
             let oldest = &segs[0];
             let too_big = config.retention_bytes.is_some_and(|max| total > max);
-            let too_old = config.retention_age.is_some_and(|age| {
-                fs::metadata(&oldest.path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .is_some_and(|a| a > age)
-            });
+            let too_old = config
+                .retention_age
+                .is_some_and(|age| part.fs.age(&oldest.path).is_ok_and(|a| a > age));
             let below_floor = oldest.next.load(Ordering::Acquire) <= floor;
             if !(too_big || too_old) || !below_floor {
                 return;
             }
             let victim = segs.remove(0);
             // Under the lock too: a reset may create a segment of that name.
-            let _ = fs::remove_file(&victim.path);
-            let _ = fs::remove_file(segment_path(&part.dir, victim.base, "idx"));
+            let _ = part.fs.remove_file(&victim.path);
+            let _ = part
+                .fs
+                .remove_file(&segment_path(&part.dir, victim.base, "idx"));
             victim
         };
         // Durable before the next deletion: unlinks must not survive a
         // power cut out of order (a hole at the start of the log).
-        if let Err(e) = super::sync_dir(&part.dir) {
+        if let Err(e) = super::sync_dir(&*part.fs, &part.dir) {
             tracing::warn!(partition = %part.id, error = %e, "cannot sync the partition directory after retention");
             return;
         }

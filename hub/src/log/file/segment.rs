@@ -5,13 +5,12 @@
 //! position)` pairs (CRC-checked; rebuilt by scanning when it is missing or
 //! bad). The first index entry is always `(base, 0)`.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use fleet_api::Offset;
+use fleet_api::storage::{Open, Storage, StorageFile};
 
 use super::{PartitionLog, io, sync_dir};
 use crate::log::frame::Frames;
@@ -23,8 +22,8 @@ pub(super) const INDEX_EVERY: u64 = 4096;
 pub(super) struct Segment {
     pub(super) base: Offset,
     pub(super) path: PathBuf,
-    /// Read handle (`read_at` needs only `&self`).
-    pub(super) file: File,
+    /// The file (positional reads need only `&self`).
+    pub(super) file: Arc<dyn StorageFile>,
     /// Sparse `(offset, position)` pairs, first entry `(base, 0)`.
     pub(super) index: RwLock<Vec<(u64, u64)>>,
     /// Bytes that are durable and valid.
@@ -48,7 +47,7 @@ impl Segment {
 /// The writer's view of the active segment.
 pub(super) struct Active {
     pub(super) seg: Arc<Segment>,
-    pub(super) file: File,
+    pub(super) file: Arc<dyn StorageFile>,
     pub(super) len: u64,
     pub(super) next: Offset,
     pub(super) last_indexed: u64,
@@ -59,8 +58,8 @@ pub(super) fn segment_path(dir: &Path, base: Offset, ext: &str) -> PathBuf {
     dir.join(format!("{:020}.{ext}", base.0))
 }
 
-pub(super) fn read_index(path: &Path, base: Offset) -> Option<Vec<(u64, u64)>> {
-    let bytes = fs::read(path).ok()?;
+pub(super) fn read_index(fs: &dyn Storage, path: &Path, base: Offset) -> Option<Vec<(u64, u64)>> {
+    let bytes = fs.read(path).ok()?;
     let (body, crc) = bytes.split_at(bytes.len().checked_sub(4)?);
     if crc32fast::hash(body).to_le_bytes() != crc || body.len() % 16 != 0 {
         return None;
@@ -76,7 +75,7 @@ pub(super) fn read_index(path: &Path, base: Offset) -> Option<Vec<(u64, u64)>> {
     (entries.first() == Some(&(base.0, 0))).then_some(entries)
 }
 
-pub(super) fn write_index(path: &Path, entries: &[(u64, u64)]) -> LogResult<()> {
+pub(super) fn write_index(fs: &dyn Storage, path: &Path, entries: &[(u64, u64)]) -> LogResult<()> {
     let mut body = Vec::with_capacity(entries.len() * 16 + 4);
     for (o, p) in entries {
         body.extend_from_slice(&o.to_le_bytes());
@@ -84,26 +83,26 @@ pub(super) fn write_index(path: &Path, entries: &[(u64, u64)]) -> LogResult<()> 
     }
     let crc = crc32fast::hash(&body);
     body.extend_from_slice(&crc.to_le_bytes());
-    let mut f = File::create(path).map_err(|e| io(path.display(), e))?;
-    f.write_all(&body)
-        .and_then(|()| f.sync_all())
+    // An index is only a hint (rebuilt by a scan when missing or bad), so
+    // its directory entry need not be synced.
+    let f = fs
+        .open(path, Open::Truncate)
+        .map_err(|e| io(path.display(), e))?;
+    f.write_all_at(&body, 0)
+        .and_then(|()| f.sync_data())
         .map_err(|e| io(path.display(), e))
 }
 
-pub(super) fn create_segment(dir: &Path, base: Offset) -> LogResult<Active> {
+pub(super) fn create_segment(fs: &dyn Storage, dir: &Path, base: Offset) -> LogResult<Active> {
     let path = segment_path(dir, base, "log");
-    let file = OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(&path)
+    let file = fs
+        .open(&path, Open::CreateNew)
         .map_err(|e| io(path.display(), e))?;
-    sync_dir(dir)?;
-    let read = File::open(&path).map_err(|e| io(path.display(), e))?;
+    sync_dir(fs, dir)?;
     let seg = Arc::new(Segment {
         base,
         path,
-        file: read,
+        file: file.clone(),
         index: RwLock::new(vec![(base.0, 0)]),
         durable_len: AtomicU64::new(0),
         next: AtomicU64::new(base.0),
@@ -121,10 +120,11 @@ pub(super) fn create_segment(dir: &Path, base: Offset) -> LogResult<Active> {
 /// Seals the active segment (index file) and starts the next one.
 pub(super) fn roll(part: &PartitionLog, active: &mut Active) -> LogResult<()> {
     write_index(
+        &*part.fs,
         &segment_path(&part.dir, active.seg.base, "idx"),
         &active.index,
     )?;
-    let fresh = create_segment(&part.dir, active.next)?;
+    let fresh = create_segment(&*part.fs, &part.dir, active.next)?;
     part.segments
         .write()
         .unwrap_or_else(|e| e.into_inner())
@@ -134,8 +134,8 @@ pub(super) fn roll(part: &PartitionLog, active: &mut Active) -> LogResult<()> {
 }
 
 /// Byte position of record `offset` in `seg` (which must hold it).
-pub(super) fn position_of(seg: &Segment, offset: Offset) -> LogResult<u64> {
-    let bytes = fs::read(&seg.path).map_err(|e| io(seg.path.display(), e))?;
+pub(super) fn position_of(fs: &dyn Storage, seg: &Segment, offset: Offset) -> LogResult<u64> {
+    let bytes = fs.read(&seg.path).map_err(|e| io(seg.path.display(), e))?;
     let start = seg.seek(offset) as usize;
     Frames::at(&bytes, start)
         .find(|f| f.offset == offset)

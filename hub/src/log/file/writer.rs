@@ -6,7 +6,6 @@
 //! or fsync fails the partition for good: it is never retried, because the
 //! state of the page cache is unknown after it.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -14,6 +13,7 @@ use fleet_api::Offset;
 use tokio::sync::{mpsc, oneshot};
 
 use super::cut::{cut_and_archive, skip_to};
+use super::mark::Mark;
 use super::segment::{Active, INDEX_EVERY, roll};
 use super::{FileLogConfig, PartitionLog};
 use crate::log::frame;
@@ -25,6 +25,9 @@ pub(super) enum Cmd {
     Flush(oneshot::Sender<LogResult<()>>),
     /// Archive records `from..` into the file, then cut them from the log.
     CutAndArchive(Offset, PathBuf, oneshot::Sender<LogResult<u64>>),
+    /// Wait until the sender is dropped (deterministic tests: every
+    /// append queued meanwhile goes into the next write together).
+    Hold(std::sync::mpsc::Receiver<()>),
     /// Empty the partition and continue it at the offset.
     SkipTo(
         Offset,
@@ -59,6 +62,9 @@ pub(super) fn writer(
         let mut next = active.next;
         let mut pos = active.len;
         let mut cmd = Some(first);
+        // Whether this write took everything that was queued (decided when
+        // the batch is formed, so the same appends make the same writes).
+        let mut drained = false;
         loop {
             match cmd.take() {
                 Some(Cmd::Append(rec, done)) => {
@@ -73,12 +79,17 @@ pub(super) fn writer(
                             active.last_indexed = pos;
                         }
                         new_epoch |= part.epochs.note(rec.epoch, next);
-                        pos += frame::encode(&mut buf, next, &rec) as u64;
+                        let starts_write = buf.is_empty();
+                        pos += frame::encode_flagged(&mut buf, next, &rec, starts_write) as u64;
                         next = next.next();
                         appends.push(done);
                     }
                 }
                 Some(Cmd::Flush(done)) => flushes.push(done),
+                Some(c @ Cmd::Hold(_)) => {
+                    cut = Some(c);
+                    break;
+                }
                 Some(c @ (Cmd::CutAndArchive(..) | Cmd::SkipTo(..))) => {
                     // Finish what is queued before it first.
                     cut = Some(c);
@@ -91,7 +102,10 @@ pub(super) fn writer(
             }
             match rx.try_recv() {
                 Ok(c) => cmd = Some(c),
-                Err(_) => break,
+                Err(_) => {
+                    drained = true;
+                    break;
+                }
             }
         }
         if !buf.is_empty() {
@@ -148,6 +162,21 @@ pub(super) fn writer(
             for (i, done) in appends.drain(..).enumerate() {
                 let _ = done.send(Ok(Offset(first_offset.0 + i as u64)));
             }
+            // After the acknowledgements: the mark only helps recovery tell
+            // damage from a torn write, it acknowledges nothing.
+            let synced = Mark {
+                base: active.seg.base,
+                len: pos,
+            };
+            let idle = drained;
+            let moved = part
+                .mark
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .advance(synced, idle);
+            if let Err(e) = moved {
+                tracing::warn!(partition = %part.id, error = %e, "cannot move the durable mark");
+            }
         }
         for done in flushes.drain(..) {
             let result = match part.failure() {
@@ -165,6 +194,10 @@ pub(super) fn writer(
             }
             Some(Cmd::SkipTo(base, history, done)) => {
                 let _ = done.send(skip_to(&part, &mut active, base, history));
+            }
+            Some(Cmd::Hold(released)) => {
+                drop(part);
+                let _ = released.recv();
             }
             _ => {}
         }
