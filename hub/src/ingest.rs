@@ -323,6 +323,24 @@ impl Ingest {
         }
     }
 
+    /// Once writes are stopped (fenced or demoted): waits for every publish
+    /// that was decided before, in partition `p`, to be durable. Returns the
+    /// high watermark then: nothing decided before the stop is above it,
+    /// and nothing after the stop is appended.
+    ///
+    /// # Errors
+    /// When the partition cannot be flushed.
+    pub async fn barrier(&self, p: PartitionId) -> Result<Offset, LogError> {
+        let flushed = {
+            // Taking the lock waits out a publish that is between its check
+            // and its append; the flush queues behind that append.
+            let _part = self.part(p);
+            self.log.flush(p)
+        };
+        flushed.await?;
+        Ok(self.log.high_watermark(p))
+    }
+
     /// Decides and enqueues one publish, synchronously, so that a device's
     /// publishes reach the log in the order they were read. The returned
     /// future resolves when the publish may be acknowledged; `permit` is
@@ -337,12 +355,15 @@ impl Ingest {
         payload: Bytes,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<Pending, IngestError> {
+        let p = partition_for(device, self.log.partitions());
+        let mut part = self.part(p);
+        // Decided under the partition's lock, which a fence takes after it
+        // stops writes ([`Ingest::barrier`]): no publish that saw this hub
+        // accepting can reach the log after the fence's flush.
         let re = self.state.get();
         if !self.state.accepting() {
             return Err(IngestError::NotPrimary);
         }
-        let p = partition_for(device, self.log.partitions());
-        let mut part = self.part(p);
         let sync = self.mode == Replication::Sync && part.linked;
         if let Some(m) = mid
             && let Some(&(last, at)) = part.accepted.get(device)

@@ -51,11 +51,9 @@ impl Control {
         self.state.set_fenced(true);
         self.sessions.kick_all(Kick::Demoted);
         tracing::warn!("fenced: no more writes while the peer takes over");
-        let log = log_of(&self.ingest);
         let mut high_watermarks = Vec::new();
-        for p in 0..log.partitions() {
-            log.flush(PartitionId(p)).await?;
-            high_watermarks.push(log.high_watermark(PartitionId(p)));
+        for p in 0..self.partitions() {
+            high_watermarks.push(self.ingest.barrier(PartitionId(p)).await?);
         }
         Ok(FenceResponse { high_watermarks })
     }
