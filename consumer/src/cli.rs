@@ -159,6 +159,12 @@ pub struct ConsumeRunArgs {
     /// Records per handler call at most (default 500).
     #[arg(long, env = "FLEET_BATCH")]
     pub batch: Option<usize>,
+    /// How far to read: `replicated` (default: only what is stored in both
+    /// regions, which no failover takes back) or `committed` (everything
+    /// durable in the primary's region; a forced failover can take the
+    /// unreplicated part out of the history after it was handled).
+    #[arg(long, env = "FLEET_READ_UPTO")]
+    pub read_upto: Option<String>,
     /// Attempts per rejected record before it is dead-lettered (default 3).
     #[arg(long, env = "FLEET_ATTEMPTS")]
     pub attempts: Option<u32>,
@@ -218,7 +224,7 @@ impl ConsumeRunArgs {
             tracing::warn!(field = %key, file = %path.display(), "unknown config field, ignored");
         }
         Ok(fleet_api::merge_args!(ConsumeRunArgs, self, file, {
-            group, hubs, hub_token, hub_ca, store, sink, sink_table, instance, http, admin_token, batch,
+            group, hubs, hub_token, hub_ca, store, sink, sink_table, instance, http, admin_token, batch, read_upto,
             attempts, breaker_failures, breaker_window_s, breaker_cooldown_s, lease_ttl_ms, start,
         }))
     }
@@ -260,6 +266,11 @@ impl ConsumeRunArgs {
             c.hub_roots = fleet_api::client::load_ca(ca).context("--hub-ca")?;
         }
         c.instance = self.instance;
+        c.upto = match self.read_upto.as_deref() {
+            None | Some("replicated") => fleet_api::hub::ReadUpto::Replicated,
+            Some("committed") => fleet_api::hub::ReadUpto::Committed,
+            Some(other) => bail!("--read-upto {other:?}: expected replicated or committed"),
+        };
         if let Some(b) = self.batch {
             if b == 0 || b > 10_000 {
                 bail!("--batch {b}: expected 1 to 10000");

@@ -153,6 +153,8 @@ pub struct ConsumerConfig {
     pub instance: Option<String>,
     /// Records per handler call at most.
     pub batch: usize,
+    /// How far reads go: the replicated prefix (default) or the committed.
+    pub upto: fleet_api::hub::ReadUpto,
     pub retry: RetryPolicy,
     pub breaker: BreakerPolicy,
     /// How long a lease lasts without renewal; renewed every third of it.
@@ -171,6 +173,7 @@ impl std::fmt::Debug for ConsumerConfig {
             .field("store", &fleet_api::secret::redact_url(&self.store))
             .field("instance", &self.instance)
             .field("batch", &self.batch)
+            .field("upto", &self.upto)
             .field("retry", &self.retry)
             .field("breaker", &self.breaker)
             .field("lease_ttl", &self.lease_ttl)
@@ -191,6 +194,7 @@ impl ConsumerConfig {
             store: store.to_string(),
             instance: None,
             batch: 500,
+            upto: fleet_api::hub::ReadUpto::Replicated,
             retry: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             lease_ttl: Duration::from_secs(10),

@@ -82,7 +82,7 @@ impl Ctx {
                 };
                 let fetched = tokio::select! {
                     () = stop.cancelled() => return,
-                    r = client.records(p, cp.next, self.config.batch, wait) => r,
+                    r = client.records_upto(p, cp.next, self.config.batch, wait, self.config.upto) => r,
                 };
                 match fetched {
                     Ok(resp) => {

@@ -79,6 +79,21 @@ impl SharedOutbox {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` on the outbox on a blocking thread: whoever holds the lock
+    /// may be in an fsync (an append, an ack deleting a segment, the state
+    /// file), and an async worker must never wait for that.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Outbox) -> T + Send + 'static,
+    ) -> T {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || f(&mut me.lock())).await {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("outbox task cancelled: {e}"),
+        }
+    }
+
     /// Appends, and wakes the sender when the record is durable.
     ///
     /// # Errors
@@ -288,7 +303,7 @@ impl Agent {
                 }
             }
         }
-        let _ = self.outbox.lock().sync();
+        let _ = self.outbox.run(|o| o.sync()).await;
     }
 
     /// One connection. Returns why it ended and whether it made progress.
@@ -327,7 +342,8 @@ impl Agent {
                         let Ok(ack) = serde_json::from_slice::<AckMessage>(&p.payload) else {
                             continue;
                         };
-                        if let Err(e) = self.outbox.lock().set_base(ack.committed) {
+                        let committed = ack.committed;
+                        if let Err(e) = self.outbox.run(move |o| o.set_base(committed)).await {
                             tracing::error!(error = %e, "cannot record the numbering base");
                             return Err(Leave::Lost(e.to_string()));
                         }
@@ -353,20 +369,18 @@ impl Agent {
         let acks_topic = format!("devices/{device}/acks");
         let topic_prefix = format!("devices/{device}/messages/events/");
         conn.subscribe(1, &acks_topic);
-        if self.outbox.lock().base().is_none()
+        if self.outbox.run(|o| o.base()).await.is_none()
             && let Err(leave) = self.learn_base(&mut conn, &acks_topic, stop).await
         {
             return (leave, false);
         }
         // Outbox mid `m` is `base + m` on the wire.
-        let base = self.outbox.lock().base().unwrap_or(0);
+        let base = self.outbox.run(|o| o.base()).await.unwrap_or(0);
         let wire = |m: Mid| Mid(m.0.saturating_add(base));
         let mut pkid: u16 = 1;
         let mut inflight: VecDeque<(u16, Mid)> = VecDeque::new();
-        let (mut replicated, mut next_send) = {
-            let o = self.outbox.lock();
-            (o.acked(), o.acked().next())
-        };
+        let acked = self.outbox.run(|o| o.acked()).await;
+        let (mut replicated, mut next_send) = (acked, acked.next());
         let mut useful = false;
         let mut last_progress = Instant::now();
         let mut last_rx = Instant::now();
@@ -376,11 +390,8 @@ impl Agent {
         loop {
             // Fill the window from the outbox (durable records only).
             if inflight.len() < self.config.window {
-                let records = match self
-                    .outbox
-                    .lock()
-                    .read_from(next_send, self.config.window - inflight.len())
-                {
+                let want = self.config.window - inflight.len();
+                let records = match self.outbox.run(move |o| o.read_from(next_send, want)).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the outbox");
@@ -434,7 +445,7 @@ impl Agent {
                                     tracing::warn!("ignoring an ack that is not JSON");
                                     continue;
                                 };
-                                let durable = self.outbox.lock().durable();
+                                let durable = self.outbox.run(|o| o.durable()).await;
                                 match acked_through(ack.replicated, base, durable) {
                                     None => {
                                         // Deletes nothing; its epoch is still looked at.
@@ -447,7 +458,8 @@ impl Agent {
                                             last_progress = Instant::now();
                                             useful = true;
                                             self.progress.replicated.fetch_max(ack.replicated.0, Ordering::Relaxed);
-                                            if let Err(e) = self.outbox.lock().ack(replicated) {
+                                            let upto = replicated;
+                                            if let Err(e) = self.outbox.run(move |o| o.ack(upto)).await {
                                                 tracing::error!(error = %e, "cannot record an acknowledgement");
                                             }
                                         }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::hub::{EpochHistory, RecordsResponse, StatusResponse};
+use crate::hub::{EpochHistory, ReadUpto, RecordsResponse, StatusResponse};
 use crate::{ErrorBody, ErrorCode, Offset, PartitionId, Secret};
 
 /// Errors of the hub client.
@@ -122,7 +122,8 @@ impl HubClient {
         self.get(&format!("/v1/partitions/{}/epochs", p.0)).await
     }
 
-    /// Reads records from `from`, waiting up to `wait` for new ones.
+    /// Reads replicated records from `from`, waiting up to `wait` for new
+    /// ones.
     ///
     /// # Errors
     /// Transport or API errors (`offset_gone` when retention passed `from`).
@@ -133,11 +134,29 @@ impl HubClient {
         max: usize,
         wait: Duration,
     ) -> Result<RecordsResponse, ClientError> {
+        self.records_upto(p, from, max, wait, ReadUpto::Replicated)
+            .await
+    }
+
+    /// Reads records from `from` up to the replicated or the committed
+    /// end, waiting up to `wait` for new ones.
+    ///
+    /// # Errors
+    /// Transport or API errors (`offset_gone` when retention passed `from`).
+    pub async fn records_upto(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        max: usize,
+        wait: Duration,
+        upto: ReadUpto,
+    ) -> Result<RecordsResponse, ClientError> {
         self.get(&format!(
-            "/v1/partitions/{}/records?from={}&max={max}&wait_ms={}",
+            "/v1/partitions/{}/records?from={}&max={max}&wait_ms={}&upto={}",
             p.0,
             from.0,
-            wait.as_millis()
+            wait.as_millis(),
+            upto.as_str()
         ))
         .await
     }

@@ -194,7 +194,29 @@ pub struct WireRecord {
     pub payload: Vec<u8>,
 }
 
-/// `GET /v1/partitions/{p}/records`.
+/// How far a read of `GET /v1/partitions/{p}/records` goes (`?upto=`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadUpto {
+    /// The prefix stored in both regions: it survives any failover.
+    #[default]
+    Replicated,
+    /// Everything durable in this region: a forced failover can take the
+    /// part beyond `replicated` out of the history.
+    Committed,
+}
+
+impl ReadUpto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadUpto::Replicated => "replicated",
+            ReadUpto::Committed => "committed",
+        }
+    }
+}
+
+/// `GET /v1/partitions/{p}/records`. `high_watermark` is the end of what
+/// the read may see (the replicated one by default).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct RecordsResponse {
     pub records: Vec<WireRecord>,

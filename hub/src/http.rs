@@ -10,16 +10,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_api::concierge::{FailoverResponse, PromoteRequest};
-use fleet_api::hub::{DevicePut, DeviceResponse, PartitionStatus, RecordsResponse, StatusResponse};
-use fleet_api::hub::{EpochBody, EpochEnd, EpochHistory, FailbackReport, FenceResponse, PeerLink};
-use fleet_api::{
-    DeviceId, DeviceStatus, Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Role, Secret,
+use fleet_api::hub::{
+    DevicePut, DeviceResponse, PartitionStatus, ReadUpto, RecordsResponse, StatusResponse,
 };
+use fleet_api::hub::{EpochBody, EpochEnd, EpochHistory, FailbackReport, FenceResponse, PeerLink};
+use fleet_api::{DeviceId, DeviceStatus, Epoch, ErrorBody, ErrorCode, Offset, PartitionId, Secret};
 use registry_sync::RegistryError;
 use registry_sync::store::{NewDevice, Patch, RegistryStore};
 use serde::Deserialize;
 
-use crate::ingest::{Ingest, Replication};
+use crate::ingest::Ingest;
 use crate::log::{EventLog, LogError, ReadLimits};
 use crate::replication::{Control, ControlError};
 use crate::sessions::Sessions;
@@ -273,12 +273,7 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
     let partitions = (0..log.partitions())
         .map(|p| {
             let hw = log.high_watermark(PartitionId(p));
-            let replicated = match (api.ingest.mode(), re.role) {
-                (Replication::Off, _) | (_, Role::Secondary) => hw,
-                // Detached: durable here is what `replicated` means.
-                _ if !api.ingest.linked(PartitionId(p)) => hw,
-                _ => api.ingest.replicated_offset(PartitionId(p)).min(hw),
-            };
+            let replicated = api.ingest.readable(PartitionId(p));
             PartitionStatus {
                 id: PartitionId(p),
                 high_watermark: hw,
@@ -319,6 +314,11 @@ struct RecordsQuery {
     /// The puller's epoch.
     #[serde(default)]
     epoch: Option<u64>,
+    /// `replicated` (default): only the prefix stored in both regions;
+    /// `committed`: everything durable here, which a forced failover can
+    /// take out of the history.
+    #[serde(default)]
+    upto: ReadUpto,
 }
 
 const MAX_RECORDS: usize = 10_000;
@@ -351,15 +351,37 @@ async fn records(
         max_records: q.max.unwrap_or(1000).clamp(1, MAX_RECORDS),
         max_bytes: 8 << 20,
     };
-    let mut watch = log.watch(p);
-    let mut recs = log.read(p, from, limits).await?;
+    // The replica reads everything committed; readers the replicated
+    // prefix unless they ask for more.
+    let committed = replication || q.upto == ReadUpto::Committed;
+    let bound = |api: &ApiState| {
+        if committed {
+            log.high_watermark(p)
+        } else {
+            api.ingest.readable(p)
+        }
+    };
+    let read = |end: Offset| {
+        let log = log.clone();
+        async move {
+            let mut recs = log.read(p, from, limits).await?;
+            recs.retain(|r| r.offset < end);
+            Ok::<_, LogError>(recs)
+        }
+    };
+    let mut recs = read(bound(&api)).await?;
     if recs.is_empty() && q.wait_ms > 0 {
         let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
-        if tokio::time::timeout(wait, watch.wait_for(|hw| *hw > from))
-            .await
-            .is_ok()
-        {
-            recs = log.read(p, from, limits).await?;
+        let arrived = if committed {
+            let mut watch = log.watch(p);
+            tokio::time::timeout(wait, watch.wait_for(|hw| *hw > from))
+                .await
+                .is_ok()
+        } else {
+            api.ingest.wait_readable(p, from, wait).await
+        };
+        if arrived {
+            recs = read(bound(&api)).await?;
         }
     }
     // Read after the records: an epoch change (which precedes any
@@ -368,7 +390,7 @@ async fn records(
     let epoch = api.state.get().epoch;
     Ok(Json(RecordsResponse {
         records: recs.iter().map(|r| r.to_wire()).collect(),
-        high_watermark: log.high_watermark(p),
+        high_watermark: bound(&api),
         epoch: Some(epoch),
     }))
 }

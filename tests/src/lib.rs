@@ -524,7 +524,13 @@ impl HubNode {
         let mut from = fleet_api::Offset(0);
         loop {
             let page = client
-                .records(p, from, 10_000, Duration::ZERO)
+                .records_upto(
+                    p,
+                    from,
+                    10_000,
+                    Duration::ZERO,
+                    fleet_api::hub::ReadUpto::Committed,
+                )
                 .await
                 .expect("read records");
             let Some(last) = page.records.last() else {

@@ -701,7 +701,13 @@ async fn read_log(
         let mut from = Offset(0);
         loop {
             let page = client
-                .records(PartitionId(p), from, 10_000, Duration::ZERO)
+                .records_upto(
+                    PartitionId(p),
+                    from,
+                    10_000,
+                    Duration::ZERO,
+                    fleet_api::hub::ReadUpto::Committed,
+                )
                 .await?;
             let Some(last) = page.records.last() else {
                 break;

@@ -21,6 +21,8 @@
 //! lost a torn tail) is discarded, never trusted: trusting it would
 //! acknowledge resends that are not stored.
 
+mod readable;
+
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
