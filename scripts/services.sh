@@ -85,9 +85,19 @@ promtool_check() {
   log "promtool ok"
 }
 
+fuse() {
+  # The process-level power-cut test mounts a FUSE file system (fleet-lazyfs).
+  if ! command -v fusermount3 >/dev/null 2>&1; then apt_install fuse3; fi
+  if [ ! -c /dev/fuse ]; then
+    echo "services: /dev/fuse is missing: the power-cut test (tests/tests/power_cut.rs) needs FUSE" >&2
+    exit 1
+  fi
+  log "fuse ok"
+}
+
 case "${1:-all}" in
   postgres) postgres ;;
   nats) nats ;;
-  all) postgres; nats; mqtt_clients; dig_tool; browser; bench_tools; promtool_check ;;
+  all) postgres; nats; mqtt_clients; dig_tool; browser; bench_tools; promtool_check; fuse ;;
   *) echo "usage: $0 [all|postgres|nats]" >&2; exit 2 ;;
 esac

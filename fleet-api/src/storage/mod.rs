@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use real::RealStorage;
-pub use sim::{CutReport, SimDisk};
+pub use sim::{CutReport, NodeInfo, NodeKind, SimDisk};
 
 /// How [`Storage::open`] opens a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -610,3 +610,6 @@ impl Storage for Mount {
         Ok(std::time::Duration::ZERO)
     }
 }
+
+mod inodes;
+pub use inodes::{NodeInfo, NodeKind};
