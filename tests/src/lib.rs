@@ -7,6 +7,7 @@
 //! [`Harness`] bound to the built binary.
 
 pub mod certs;
+pub mod consumers;
 pub mod load;
 pub mod mqtt;
 pub mod proxy;

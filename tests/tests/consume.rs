@@ -11,63 +11,17 @@ use std::time::Duration;
 use consumer::breaker::{BreakerPolicy, State};
 use consumer::sink::SqlSink;
 use consumer::store::{Checkpoint, ConsumerStore};
-use consumer::{Consumer, ConsumerConfig, Handler, HandlerError, RetryPolicy};
+use consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
 use fleet_api::hub::WireRecord;
 use fleet_api::{DeviceId, Epoch, Mid, Offset, PartitionId, Region, UnixMillis};
 use registry_sync::testing::TempPg;
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use tests::mqtt::RawClient;
+use tests::consumers::{
+    batch, checkpoints_at, fast, high_watermarks, hub_with, publish, sqlite_url,
+};
 use tests::proxy::Proxy;
 use tests::{ADMIN_TOKEN, Harness, HubNode, Node, Registry, harness, wait_for};
 
 // ------------------------------------------------------------- helpers
-
-/// Publishes `payloads` from `device` as QoS 1 with mids `first..`, and waits
-/// for every PUBACK (the records are durable in the hub's log).
-async fn publish(hub: &HubNode, reg: &Registry, device: &str, first_mid: u64, payloads: &[String]) {
-    let key = reg.key(device);
-    let (mut c, code) = RawClient::connect(hub.mqtt, device, Some((device, &key))).await;
-    assert_eq!(
-        code,
-        Some(ConnectReturnCode::Success),
-        "{device} could not connect"
-    );
-    for (i, body) in payloads.iter().enumerate() {
-        let mid = first_mid + i as u64;
-        c.publish(
-            &format!("devices/{device}/messages/events/{mid}"),
-            QoS::AtLeastOnce,
-            (i % 60_000) as u16 + 1,
-            body.as_bytes(),
-        )
-        .await;
-    }
-    let mut acked = 0;
-    while acked < payloads.len() {
-        match c.recv(Duration::from_secs(10)).await {
-            Ok(Packet::PubAck(_)) => acked += 1,
-            Ok(_) => {}
-            Err(e) => panic!("{device}: PUBACKs stopped at {acked}: {e:?}"),
-        }
-    }
-}
-
-async fn hub_with(h: &Harness, devices: &[&str]) -> (HubNode, Registry) {
-    let mut reg = Registry::sqlite(h.dir(), "a").await;
-    reg.add(devices).await;
-    let hub = h.hub("hub-a", "a", &reg.url, &[]);
-    (hub, reg)
-}
-
-async fn high_watermarks(hub: &HubNode) -> Vec<u64> {
-    let s = hub.client().status().await.expect("status");
-    s.partitions.iter().map(|p| p.high_watermark.0).collect()
-}
-
-fn sqlite_url(h: &Harness, name: &str) -> String {
-    format!("sqlite://{}", h.dir().join(name).display())
-}
 
 fn record(p: u32, offset: u64, epoch: u64, device: &str, mid: Option<u64>) -> WireRecord {
     WireRecord {
@@ -337,86 +291,6 @@ impl Handler for Flaky {
     }
 }
 
-/// Panics on records whose payload starts with `panic`.
-#[derive(Default)]
-struct Panicky {
-    accepted: Mutex<Vec<u64>>,
-}
-
-#[async_trait::async_trait]
-impl Handler for Panicky {
-    async fn handle(&self, batch: &[WireRecord]) -> Result<(), HandlerError> {
-        if let Some(r) = batch.iter().find(|r| r.payload.starts_with(b"panic")) {
-            panic!("cannot handle offset {}", r.offset);
-        }
-        self.accepted
-            .lock()
-            .unwrap()
-            .extend(batch.iter().map(|r| r.offset.0));
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_panicking_handler_is_a_failed_attempt_then_a_dead_letter() {
-    let h = harness!("a_panicking_handler_is_a_failed_attempt_then_a_dead_letter");
-    let (hub, reg) = hub_with(&h, &["d1"]).await;
-    let payloads: Vec<String> = (1..=10)
-        .map(|i| {
-            if i == 4 {
-                format!("panic-{i}")
-            } else {
-                format!("ok-{i}")
-            }
-        })
-        .collect();
-    publish(&hub, &reg, "d1", 1, &payloads).await;
-    let store = sqlite_url(&h, "consumer.db");
-    let config = fast(ConsumerConfig::new("panicky", vec![hub.url()], &store));
-    let handler = Arc::new(Panicky::default());
-    let consumer = Consumer::start(config, handler.clone())
-        .await
-        .expect("start");
-    let hw = high_watermarks(&hub).await;
-    let s = ConsumerStore::open(&store, "panicky").await.unwrap();
-    wait_for(60, "checkpoints at the high watermarks", || async {
-        let cps = s.checkpoints().await.unwrap();
-        cps.iter().map(|(_, cp)| cp.next.0).sum::<u64>() == hw.iter().sum::<u64>()
-    })
-    .await;
-    let letters = s.dead_letters(true, 100).await.unwrap();
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!(letters[0].record.payload, b"panic-4");
-    assert_eq!(letters[0].attempts, 3);
-    assert!(
-        letters[0].reason.contains("panicked"),
-        "{}",
-        letters[0].reason
-    );
-    let mut accepted = handler.accepted.lock().unwrap().clone();
-    accepted.sort_unstable();
-    accepted.dedup();
-    assert_eq!(
-        accepted.len(),
-        9,
-        "every other record handled: {accepted:?}"
-    );
-    consumer.shutdown().await;
-}
-
-fn fast(mut c: ConsumerConfig) -> ConsumerConfig {
-    c.hub_token = Some(fleet_api::Secret::new(ADMIN_TOKEN));
-    c.retry = RetryPolicy {
-        attempts: 3,
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(200),
-    };
-    c.jitter = Arc::new(|d| d);
-    c.lease_ttl = Duration::from_millis(900);
-    c.breaker_poll = Duration::from_millis(50);
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flaky_handler_retries_then_dead_letters_without_skipping_or_reordering() {
     let h = harness!("flaky_handler_retries_then_dead_letters_without_skipping_or_reordering");
@@ -565,16 +439,6 @@ async fn get_json(url: String) -> serde_json::Value {
         .expect("json")
 }
 
-/// Whether every checkpoint of `store` stands at its partition's high watermark.
-async fn checkpoints_at(store: &ConsumerStore, hw: &[u64]) -> bool {
-    store
-        .checkpoints()
-        .await
-        .expect("checkpoints")
-        .iter()
-        .all(|(p, c)| c.next.0 == hw[p.0 as usize])
-}
-
 async fn sink_count(sink: &SqlSink) -> u64 {
     sink.count().await.unwrap_or(0)
 }
@@ -589,12 +453,6 @@ async fn distinct_messages(url: &str) -> (i64, i64) {
     .await
     .unwrap();
     (row.try_get(0).unwrap(), row.try_get(1).unwrap())
-}
-
-fn batch(device: &str, from: u64, n: u64) -> Vec<String> {
-    (from..from + n)
-        .map(|i| format!("{{\"device\":\"{device}\",\"n\":{i}}}"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -691,7 +549,13 @@ async fn downstream_outage_opens_the_shared_breaker_then_the_probe_resumes_all_w
     // records the sink holds.
     let sum = |cps: Vec<(PartitionId, Checkpoint)>| cps.iter().map(|(_, c)| c.next.0).sum::<u64>();
     assert_eq!(sum(store.checkpoints().await.unwrap()), 320);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Wait for probes to have run against the dead sink (each one moves the
+    // breaker to half-open and back), not for a while.
+    let opened = store.breaker().await.unwrap().generation;
+    wait_for(30, "two failed probes", || async {
+        store.breaker().await.unwrap().generation >= opened + 4
+    })
+    .await;
     assert_eq!(
         sum(store.checkpoints().await.unwrap()),
         320,

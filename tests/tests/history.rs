@@ -223,7 +223,15 @@ async fn retention_keeps_what_the_secondary_needs_and_runs_on_both_roles() {
     })
     .await;
     publish(&a, &ra, "d1", 601..=1200, "a").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Wait until snapshots and retention have both run twice since: each
+    // had every chance to delete what B still needs.
+    let passes = a.metric("fleet_hub_retention_passes_total").await;
+    let snapshots = a.metric("fleet_hub_dedup_snapshots_total").await;
+    wait_for(30, "retention to run after the writes", || async {
+        a.metric("fleet_hub_retention_passes_total").await >= passes + 2.0
+            && a.metric("fleet_hub_dedup_snapshots_total").await >= snapshots + 2.0
+    })
+    .await;
     let start = status(&a).await.partitions[0].log_start.0;
     assert!(
         start <= 100,

@@ -105,13 +105,20 @@ async fn sync_replication_acknowledges_only_what_both_regions_hold() {
     b.node.kill9();
     c.publish("devices/d1/messages/events/2", QoS::AtLeastOnce, 2, b"two")
         .await;
-    assert!(
-        matches!(
-            c.recv(Duration::from_secs(3)).await,
-            Err(tests::mqtt::RecvError::Timeout)
-        ),
-        "acknowledged while the secondary was down"
-    );
+    // Whenever the PUBACK comes, it must come after the secondary is back.
+    let restarted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = restarted.clone();
+    let puback = tokio::spawn(async move {
+        loop {
+            match c.recv(Duration::from_secs(60)).await {
+                Ok(Packet::PubAck(a)) if a.pkid == 2 => {
+                    return seen.load(std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("no PUBACK for the second record: {e:?}"),
+            }
+        }
+    });
     wait_for(10, "the primary to report the stall", || async {
         status(&a)
             .await
@@ -119,8 +126,12 @@ async fn sync_replication_acknowledges_only_what_both_regions_hold() {
             .is_some_and(|r| r.state == "stalled")
     })
     .await;
+    restarted.store(true, std::sync::atomic::Ordering::SeqCst);
     b.restart(&h);
-    assert!(matches!(c.recv(Duration::from_secs(20)).await, Ok(Packet::PubAck(a)) if a.pkid == 2));
+    assert!(
+        puback.await.unwrap(),
+        "acknowledged while the secondary was down"
+    );
     assert_eq!(records(&b, "d1").await.len(), 2);
 }
 
@@ -290,7 +301,27 @@ async fn forced_failover_under_load_and_failback_lose_nothing() {
         sim,
         report,
     } = pair_under_load(&h).await;
+    // The secondary freezes: the primary acknowledges records it never
+    // pulls, so the old primary surely has a divergent tail to archive (a
+    // little less than it counts as unreplicated: the frozen secondary may
+    // hold a last pull it never confirmed).
+    signal(&b, "STOP");
+    wait_for(
+        20,
+        "the primary to run ahead of the frozen secondary",
+        || async {
+            status(&a)
+                .await
+                .partitions
+                .iter()
+                .map(|p| p.high_watermark.0 - p.replicated.0)
+                .sum::<u64>()
+                >= 20
+        },
+    )
+    .await;
     a.node.kill9();
+    signal(&b, "CONT");
     let failover = post(
         format!("{}/v1/failover", c.url()),
         serde_json::json!({"to": "b", "mode": "forced"}),
@@ -308,7 +339,12 @@ async fn forced_failover_under_load_and_failback_lose_nothing() {
         status(&b).await.connected_devices >= 10
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // New-epoch records at the offsets the old primary's tail used.
+    let at_failover = stored(&b).await;
+    wait_for(20, "writes on the new primary", || async {
+        stored(&b).await >= at_failover + 50
+    })
+    .await;
     // Failback: the old primary comes back, learns epoch 2, archives its
     // divergent tail and replicates from the new primary; acks flow again.
     a.restart(&h);
@@ -340,6 +376,10 @@ async fn forced_failover_under_load_and_failback_lose_nothing() {
     })
     .await;
     let fb = failback_report(&a).await;
+    assert!(
+        fb.archived_records > 0,
+        "the old primary's divergent tail was not archived: {fb:?}"
+    );
     assert_eq!(
         fb.missing_count, 0,
         "archived records the new history lacks: {:?}",
@@ -471,7 +511,11 @@ async fn an_isolated_old_primary_loses_no_acknowledged_telemetry() {
     .await;
     assert_eq!(failover.status(), 200);
     // The isolated primary keeps accepting writes it can never replicate.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let at_cut = stored(&a).await;
+    wait_for(20, "the isolated primary to take writes", || async {
+        stored(&a).await >= at_cut + 10
+    })
+    .await;
     let isolated = status(&a).await;
     assert_eq!(
         isolated.role,
@@ -500,6 +544,21 @@ async fn an_isolated_old_primary_loses_no_acknowledged_telemetry() {
         fb.missing_count == 0
     })
     .await;
+    // It did have a tail: the writes it took while isolated, archived.
+    let fb = failback_report(&a).await;
+    assert!(
+        fb.archived_records >= 10,
+        "the isolated primary's tail was not archived: {fb:?}"
+    );
+}
+
+/// Sends a signal (`STOP`, `CONT`) to a hub process.
+fn signal(hub: &HubNode, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &hub.node.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{sig} failed");
 }
 
 /// A hub reached over HTTPS, for the concierge.

@@ -748,6 +748,7 @@ impl Ingest {
                 Err(e) => tracing::warn!(partition = %p, error = %e, "cannot write dedup snapshot"),
             }
         }
+        metrics::counter!("fleet_hub_dedup_snapshots_total").increment(1);
     }
 
     /// Snapshots every `every` until the task is dropped.

@@ -25,6 +25,7 @@ pub(super) async fn retention_loop(
             let config = config.clone();
             let _ = tokio::task::spawn_blocking(move || retain(&part, &config)).await;
         }
+        metrics::counter!("fleet_hub_retention_passes_total").increment(1);
     }
 }
 
