@@ -254,7 +254,7 @@ impl Agent {
                     let wait = backoff.next_delay();
                     match &e {
                         ConnectError::Refused(code) => {
-                            tracing::warn!(?code, url = %ep.mqtt_url, "connect refused")
+                            tracing::warn!(?code, url = %ep.mqtt_url, retry_ms = wait.as_millis() as u64, "connect refused")
                         }
                         ConnectError::Plaintext(_) => {
                             tracing::error!(error = %e, "endpoint refused")
