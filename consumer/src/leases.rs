@@ -63,7 +63,12 @@ impl Ctx {
             .iter()
             .map(|s| match self.config.start {
                 Start::Earliest => Offset::ZERO,
-                Start::Latest => s.high_watermark,
+                // The end of what this consumer reads: a start beyond the
+                // replicated prefix could skip records a failover rewrites.
+                Start::Latest => match self.config.upto {
+                    fleet_api::hub::ReadUpto::Replicated => s.replicated,
+                    fleet_api::hub::ReadUpto::Committed => s.high_watermark,
+                },
             })
             .collect();
         match self.store.ensure_partitions(&starts).await {

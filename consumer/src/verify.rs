@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fleet_api::client::{ClientError, HubClient};
+use fleet_api::hub::ReadUpto;
 use fleet_api::{Epoch, ErrorCode, Offset, PartitionId};
 
 use crate::Ctx;
@@ -26,7 +27,12 @@ impl Ctx {
         }
         let before = Offset(cp.next.0 - 1);
         let mut hub_epoch = None;
-        let same = match client.records(p, before, 1, Duration::ZERO).await {
+        // Committed, not only replicated: the record before the checkpoint
+        // was handled already; it need not be replicated yet to compare.
+        let read = client
+            .records_upto(p, before, 1, Duration::ZERO, ReadUpto::Committed)
+            .await;
+        let same = match read {
             Ok(resp) => {
                 hub_epoch = resp.epoch;
                 match resp.records.first() {
@@ -61,7 +67,10 @@ impl Ctx {
         let last_epoch = if to == Offset::ZERO {
             Epoch(0)
         } else {
-            match client.records(p, Offset(to.0 - 1), 1, Duration::ZERO).await {
+            match client
+                .records_upto(p, Offset(to.0 - 1), 1, Duration::ZERO, ReadUpto::Committed)
+                .await
+            {
                 Ok(resp) => resp.records.first().map_or(Epoch(0), |r| r.epoch),
                 Err(_) => Epoch(0),
             }

@@ -314,7 +314,7 @@ async fn run(args: RunArgs, json: bool) -> anyhow::Result<()> {
             let _ = s.await;
         }
         loop {
-            if shared.lock().stats().in_outbox == 0 {
+            if shared.run(|o| o.stats().in_outbox).await == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -326,7 +326,7 @@ async fn run(args: RunArgs, json: bool) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
-    let stats = shared.lock().stats();
+    let stats = shared.run(|o| o.stats()).await;
     if json {
         println!(
             "{}",

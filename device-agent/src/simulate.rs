@@ -141,7 +141,11 @@ pub async fn run(
                     _ = gen_stop.changed() => return,
                 }
                 seq += 1;
-                if let Err(e) = gen_outbox.append(&payload(&id2, seq, size)) {
+                let body = payload(&id2, seq, size);
+                let o = gen_outbox.clone();
+                // An append may fsync: on a blocking thread.
+                let appended = tokio::task::spawn_blocking(move || o.append(&body)).await;
+                if let Ok(Err(e)) = appended {
                     tracing::error!(device_id = %id2, error = %e, "cannot append");
                 }
             }

@@ -391,3 +391,73 @@ async fn a_cut_at_a_segments_base_keeps_it_readable_from_its_start() {
         Offset(31)
     );
 }
+
+#[tokio::test]
+async fn a_damaged_format_1_log_stays_stopped_across_restarts() {
+    // A log written before write flags and durable marks: unflagged frames,
+    // no mark file, format 1.
+    let dir = tempfile::tempdir().unwrap();
+    let p0 = dir.path().join("p0");
+    std::fs::create_dir_all(&p0).unwrap();
+    std::fs::write(
+        dir.path().join("meta.json"),
+        br#"{"format":1,"partitions":1}"#,
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    let mut ends = Vec::new();
+    for i in 0..5 {
+        hub::log::frame::encode(&mut bytes, Offset(i), &rec(i, 200));
+        ends.push(bytes.len());
+    }
+    bytes[ends[1] + 30] ^= 0xFF; // inside record 2; 3 and 4 intact after it
+    let seg = p0.join(format!("{:020}.log", 0));
+    std::fs::write(&seg, &bytes).unwrap();
+    for attempt in 0..3 {
+        let log = open(dir.path());
+        let problems = log.health().unwrap_err();
+        assert!(
+            problems[0].contains("corrupt record at offset 2"),
+            "start {attempt}: {problems:?}"
+        );
+        drop(log);
+        assert_eq!(
+            std::fs::read(&seg).unwrap(),
+            bytes,
+            "start {attempt}: acknowledged records were cut"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_format_1_log_is_upgraded_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let p0 = dir.path().join("p0");
+    std::fs::create_dir_all(&p0).unwrap();
+    std::fs::write(
+        dir.path().join("meta.json"),
+        br#"{"format":1,"partitions":1}"#,
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    for i in 0..5 {
+        hub::log::frame::encode(&mut bytes, Offset(i), &rec(i, 200));
+    }
+    std::fs::write(p0.join(format!("{:020}.log", 0)), &bytes).unwrap();
+    let log = open(dir.path());
+    assert!(log.health().is_ok());
+    assert_eq!(log.append(P0, rec(5, 10)).await.unwrap(), Offset(5));
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(log.read(P0, Offset(0), ALL).await.unwrap().len(), 6);
+    let meta = std::fs::read_to_string(dir.path().join("meta.json")).unwrap();
+    assert!(meta.contains("\"format\":2"), "{meta}");
+    drop(log);
+    std::fs::write(
+        dir.path().join("meta.json"),
+        br#"{"format":3,"partitions":1}"#,
+    )
+    .unwrap();
+    let err = FileLog::open(FileLogConfig::new(dir.path(), 1)).unwrap_err();
+    assert!(err.to_string().contains("newer than this hub"), "{err}");
+}

@@ -105,14 +105,24 @@ async fn sync_replication_acknowledges_only_what_both_regions_hold() {
     b.node.kill9();
     c.publish("devices/d1/messages/events/2", QoS::AtLeastOnce, 2, b"two")
         .await;
-    // Whenever the PUBACK comes, it must come after the secondary is back.
-    let restarted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = restarted.clone();
+    // Whenever the PUBACK comes, the secondary must hold the record then.
+    let b_client = b.client();
+    let p = partition_for(&DeviceId::new("d1").unwrap(), 8);
     let puback = tokio::spawn(async move {
         loop {
             match c.recv(Duration::from_secs(60)).await {
                 Ok(Packet::PubAck(a)) if a.pkid == 2 => {
-                    return seen.load(std::sync::atomic::Ordering::SeqCst);
+                    let held = b_client
+                        .records_upto(
+                            p,
+                            fleet_api::Offset(0),
+                            100,
+                            Duration::ZERO,
+                            fleet_api::hub::ReadUpto::Committed,
+                        )
+                        .await
+                        .map(|r| r.records.iter().any(|r| r.payload == b"two"));
+                    return held;
                 }
                 Ok(_) => {}
                 Err(e) => panic!("no PUBACK for the second record: {e:?}"),
@@ -126,11 +136,10 @@ async fn sync_replication_acknowledges_only_what_both_regions_hold() {
             .is_some_and(|r| r.state == "stalled")
     })
     .await;
-    restarted.store(true, std::sync::atomic::Ordering::SeqCst);
     b.restart(&h);
     assert!(
-        puback.await.unwrap(),
-        "acknowledged while the secondary was down"
+        matches!(puback.await.unwrap(), Ok(true)),
+        "acknowledged before the secondary held the record"
     );
     assert_eq!(records(&b, "d1").await.len(), 2);
 }

@@ -111,6 +111,9 @@ pub struct Control {
     reconciling: AtomicBool,
     /// The epoch of the peer's planned promotion this hub fenced for.
     fenced_for: Mutex<Option<Epoch>>,
+    /// Fenced for a planned promotion (`POST /v1/fence`): only an unfence
+    /// or a new role lifts it, never the restart check's first look.
+    fence_planned: AtomicBool,
     /// The peer's partition count, when it differs from this hub's: the
     /// pair refuses to replicate (records and de-dup state would land in
     /// the wrong partitions).
@@ -172,6 +175,7 @@ impl Control {
             archived: Mutex::new(Vec::new()),
             reconciling: AtomicBool::new(false),
             fenced_for: Mutex::new(None),
+            fence_planned: AtomicBool::new(false),
             mismatch: Mutex::new(None),
             throttle: watch::Sender::new(false),
             looked: watch::Sender::new(false),

@@ -59,10 +59,14 @@ impl Control {
             // `--peer-detach-after-s`) no longer counts: it runs alone.
             if first && (status.is_some() || self.state.detached().is_some()) {
                 first = false;
-                if self.state.fenced() && self.state.get().role == Role::Primary {
-                    tracing::info!("the peer was looked at (or is detached): accepting writes");
+                // Only the restart check's own fence: a planned promotion's
+                // fence (which may have come meanwhile) stays.
+                if !self.fence_planned.load(std::sync::atomic::Ordering::SeqCst) {
+                    if self.state.fenced() && self.state.get().role == Role::Primary {
+                        tracing::info!("the peer was looked at (or is detached): accepting writes");
+                    }
+                    self.state.set_fenced(false);
                 }
-                self.state.set_fenced(false);
                 self.looked.send_replace(true);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

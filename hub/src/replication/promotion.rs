@@ -48,6 +48,8 @@ impl Control {
             )));
         }
         *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner()) = body.epoch;
+        self.fence_planned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.state.set_fenced(true);
         self.sessions.kick_all(Kick::Demoted);
         tracing::warn!("fenced: no more writes while the peer takes over");
@@ -72,6 +74,8 @@ impl Control {
                 )));
             }
         }
+        self.fence_planned
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         if self.state.fenced() {
             tracing::warn!("unfenced: accepting writes again");
             self.state.set_fenced(false);

@@ -100,6 +100,8 @@ impl Control {
                 stored.map_err(|e| {
                     ControlError::Unavailable(format!("cannot persist the new role: {e}"))
                 })?;
+                self.fence_planned
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 self.state.set_fenced(false);
                 drop(guard);
             }

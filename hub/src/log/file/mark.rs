@@ -37,10 +37,11 @@ const IDLE_EVERY: u32 = 8;
 /// What the mark file said at open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Known {
-    /// No mark file: a partition written before marks existed.
+    /// No usable mark (none, empty, damaged: a partition written before
+    /// marks existed, or a mark never completed): the old, cautious rule.
     Legacy,
-    /// Synced up to this mark (or nothing known yet: a new, empty file).
-    Marked(Option<Mark>),
+    /// Synced up to this mark.
+    Marked(Mark),
 }
 
 impl Known {
@@ -49,7 +50,7 @@ impl Known {
     pub(super) fn synced(self, base: Offset) -> Option<u64> {
         match self {
             Known::Legacy => None,
-            Known::Marked(m) => Some(m.filter(|m| m.base == base).map_or(0, |m| m.len)),
+            Known::Marked(m) => Some(if m.base == base { m.len } else { 0 }),
         }
     }
 }
@@ -89,18 +90,15 @@ fn decode(b: &[u8]) -> Option<Mark> {
 
 impl DurableMark {
     /// Reads the mark of partition directory `dir` and opens it (creating
-    /// it when missing). A file that is there but unreadable counts as
-    /// missing: the legacy rule is the cautious one.
+    /// it when missing). A file that is missing, empty or unreadable gives
+    /// the legacy rule, the cautious one; recovery writes a real mark once
+    /// the partition is known good.
     pub(super) fn open(fs: &dyn Storage, dir: &Path) -> LogResult<(DurableMark, Known)> {
         let path = dir.join(NAME);
         let (file, known) = match fs.open(&path, Open::ReadWrite) {
             Ok(f) => {
                 let bytes = fs.read(&path).map_err(|e| io(path.display(), e))?;
-                let known = match decode(&bytes) {
-                    Some(m) => Known::Marked(Some(m)),
-                    None if bytes.is_empty() => Known::Marked(None),
-                    None => Known::Legacy,
-                };
+                let known = decode(&bytes).map_or(Known::Legacy, Known::Marked);
                 (f, known)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -113,7 +111,7 @@ impl DurableMark {
             Err(e) => return Err(io(path.display(), e)),
         };
         let written = match known {
-            Known::Marked(m) => m,
+            Known::Marked(m) => Some(m),
             Known::Legacy => None,
         };
         let mark = DurableMark {

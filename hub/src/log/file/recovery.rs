@@ -51,6 +51,16 @@ pub(super) struct Scanned {
 /// version before marks and write flags, judged by the old rule (any valid
 /// later frame means corruption).
 pub(super) fn scan(buf: &[u8], base: Offset, synced: Option<u64>) -> Scanned {
+    // A segment whose first frame is not flagged was written before the
+    // flags (every write of a newer hub starts flagged, and a segment starts
+    // with a write): the flags prove nothing in it, the old rule holds.
+    let synced = match frame::decode(buf) {
+        Decoded::Frame {
+            starts_write: false,
+            ..
+        } => None,
+        _ => synced,
+    };
     let mut index = vec![(base.0, 0)];
     let mut expected = base;
     let mut last_indexed = 0u64;
@@ -141,22 +151,23 @@ pub(super) fn open_partition(
         let (active, failure) = open_active(fs, &dir, id, last, known.synced(last))?;
         failed = failure;
         durable_mark.keep_only(last);
-        if known == mark::Known::Legacy && failed.is_none() {
-            // Synced first: after a kill the tail may be in the page cache
-            // only, and the mark must never claim more than the disk holds.
-            active
-                .file
-                .sync_data()
-                .map_err(|e| io(active.seg.path.display(), e))?;
-            durable_mark.write(mark::Mark {
-                base: last,
-                len: active.len,
-            })?;
-        }
         active
     } else {
         create_segment(fs, &dir, Offset(0))?
     };
+    if known == mark::Known::Legacy && failed.is_none() {
+        // From now on the mark decides. Synced first: after a kill the tail
+        // may be in the page cache only, and the mark must never claim more
+        // than the disk holds. (A failed partition keeps the legacy rule.)
+        active
+            .file
+            .sync_data()
+            .map_err(|e| io(active.seg.path.display(), e))?;
+        durable_mark.write(mark::Mark {
+            base: active.seg.base,
+            len: active.len,
+        })?;
+    }
     segments.push(active.seg.clone());
     let hw = active.next;
     let epochs = epochs::EpochCache::load(config.storage.clone(), &dir, hw, || {
