@@ -94,3 +94,75 @@ async fn readers_get_the_replicated_prefix_unless_they_ask_for_committed() {
         got.high_watermark
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_down_primary_serves_readers_nothing_unchecked() {
+    let h = harness!("a_stepped_down_primary_serves_readers_nothing_unchecked");
+    let mut reg = tests::Registry::sqlite(h.dir(), "a").await;
+    reg.add(&["d1"]).await;
+    // A primary whose peer is gone for good: detached, it writes alone.
+    let dead_peer = format!("http://{}", tests::reserve_port());
+    let a = h.hub(
+        "hub-a",
+        "a",
+        &reg.url,
+        &[
+            "--peer",
+            &dead_peer,
+            "--role",
+            "primary",
+            "--peer-detach-after-s",
+            "1",
+        ],
+    );
+    let p = partition_for(&DeviceId::new("d1").unwrap(), 8);
+    wait_for(20, "the primary to run alone", || async {
+        a.client().status().await.is_ok_and(|s| !s.fenced)
+    })
+    .await;
+    let (mut c, code) = RawClient::connect(a.mqtt, "d1", Some(("d1", &reg.key("d1")))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    for i in 1..=3u16 {
+        c.publish(
+            &format!("devices/d1/messages/events/{i}"),
+            QoS::AtLeastOnce,
+            i,
+            b"alone",
+        )
+        .await;
+    }
+    let mut acked = 0;
+    while acked < 3 {
+        if let Ok(Packet::PubAck(_)) = c.recv(SECS).await {
+            acked += 1;
+        }
+    }
+    let before = a
+        .client()
+        .records(p, Offset(0), 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        before.records.len(),
+        3,
+        "a primary alone serves what it holds"
+    );
+    // Stepped down, it holds records no primary has confirmed: until its
+    // follower reconciles with one, readers get none of them.
+    let demoted =
+        tests::load::admin_post(format!("{}/v1/demote", a.url()), serde_json::json!({})).await;
+    assert_eq!(demoted.status(), 200);
+    let after = a
+        .client()
+        .records(p, Offset(0), 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(after.records.is_empty(), "{:?}", after.records);
+    assert_eq!(after.high_watermark, Offset(0));
+    let committed = a
+        .client()
+        .records_upto(p, Offset(0), 100, Duration::ZERO, ReadUpto::Committed)
+        .await
+        .unwrap();
+    assert_eq!(committed.records.len(), 3);
+}

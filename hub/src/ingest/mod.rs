@@ -161,6 +161,11 @@ pub struct Ingest {
     /// Per partition: records below this offset are in both regions, and
     /// whether the peer is detached.
     replicated: Vec<watch::Sender<Cover>>,
+    /// On a secondary, per partition: below this the log is checked
+    /// against the primary's history (reconciled, or pulled from it since).
+    /// 0 after every move to secondary: a demoted primary's divergent tail
+    /// is not served to readers while it waits to be archived.
+    confirmed: Vec<std::sync::atomic::AtomicU64>,
     mode: Replication,
     snapshot_dir: PathBuf,
     budget: Arc<Semaphore>,
@@ -232,6 +237,9 @@ impl Ingest {
         crate::log::file::create_dir_durable(&snapshot_dir)?;
         let mut parts = Vec::new();
         let mut replicated = Vec::new();
+        let confirmed = (0..log.partitions())
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
         let linked = state.detached().is_none();
         let peer_pulled = Arc::new(PeerPulled::load(&snapshot_dir, log.partitions()));
         for p in 0..log.partitions() {
@@ -284,6 +292,7 @@ impl Ingest {
             state,
             parts,
             replicated,
+            confirmed,
             mode,
             snapshot_dir,
             budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),

@@ -7,6 +7,7 @@
 //! the new history does not explain, so readers get the replicated prefix
 //! by default.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fleet_api::{Offset, PartitionId, Role};
@@ -19,10 +20,40 @@ impl Ingest {
     pub fn readable(&self, p: PartitionId) -> Offset {
         let hw = self.log.high_watermark(p);
         match (self.mode, self.state.get().role) {
-            (Replication::Off, _) | (_, Role::Secondary) => hw,
+            (Replication::Off, _) => hw,
+            // A secondary serves what it checked against the primary.
+            (_, Role::Secondary) => hw.min(self.confirmed_offset(p)),
             // Detached: durable here is what `replicated` means.
             _ if !self.linked(p) => hw,
             _ => self.replicated_offset(p).min(hw),
+        }
+    }
+
+    /// On a secondary: what the follower checked against the primary.
+    fn confirmed_offset(&self, p: PartitionId) -> Offset {
+        Offset(
+            self.confirmed
+                .get(p.0 as usize)
+                .map_or(0, |c| c.load(Ordering::Acquire)),
+        )
+    }
+
+    /// The follower checked partition `p` below `upto` against the
+    /// primary's history.
+    pub fn confirm(&self, p: PartitionId, upto: Offset) {
+        if let Some(c) = self.confirmed.get(p.0 as usize) {
+            c.fetch_max(upto.0, Ordering::AcqRel);
+        }
+        if let Some(r) = self.replicated.get(p.0 as usize) {
+            // Wake waiting readers.
+            r.send_modify(|_| {});
+        }
+    }
+
+    /// A move to secondary: nothing is checked against the new primary yet.
+    pub fn unconfirm_all(&self) {
+        for c in &self.confirmed {
+            c.store(0, Ordering::Release);
         }
     }
 

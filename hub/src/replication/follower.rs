@@ -43,7 +43,10 @@ impl Control {
             }
             if !reconciled {
                 match self.reconcile(&peer, p).await {
-                    Ok(()) => reconciled = true,
+                    Ok(()) => {
+                        reconciled = true;
+                        self.ingest.confirm(p, log.high_watermark(p));
+                    }
                     Err(e) => {
                         tracing::info!(partition = %p, error = %e, "cannot reconcile with the primary yet");
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -135,6 +138,9 @@ impl Control {
                     failed = true;
                 }
             }
+            if !failed && reconciled {
+                self.ingest.confirm(p, log.high_watermark(p));
+            }
             if failed {
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -197,6 +203,7 @@ impl Control {
             .await
             .map_err(|e| e.to_string())?;
         self.ingest.skipped(p, start);
+        self.ingest.confirm(p, start);
         metrics::counter!("fleet_hub_replication_skipped_records_total").increment(start.0 - hw.0);
         tracing::warn!(partition = %p, dropped, "skipped forward");
         Ok(())

@@ -81,6 +81,11 @@ impl Control {
         if !allowed(now, next) {
             return Ok(Moved::Refused { current: now });
         }
+        if next.role == Role::Secondary {
+            // Before the role shows: readers of this hub get nothing
+            // unchecked against the new primary from the moment it is one.
+            self.ingest.unconfirm_all();
+        }
         let stored = self.state.set(next);
         debug_assert!(self.state.get().epoch >= now.epoch, "the epoch went back");
         if stored.is_ok() {
