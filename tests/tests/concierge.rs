@@ -2,7 +2,6 @@
 //! hickory's resolver.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use fleet_api::concierge::{EndpointResponse, RegionsResponse};
 use tests::{HubNode, Registry, harness, wait_for};
@@ -252,14 +251,17 @@ async fn reconnect_pacing_spreads_a_storm() {
         get(&url).await.status() == 200
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1100)).await; // let the burst refill
     let client = reqwest::Client::new();
+    let started = tokio::time::Instant::now();
     let answers = futures::future::join_all((0..200).map(|i| {
         let client = client.clone();
         let url = format!("{}/v1/devices/storm-{i}/endpoint", c.url());
         async move { client.get(url).send().await.unwrap() }
     }))
     .await;
+    // At most the burst (20) plus what 20/s refilled while the storm lasted,
+    // however long that took on this machine.
+    let refilled = (20.0 * started.elapsed().as_secs_f64()).ceil() as usize;
     let ok = answers.iter().filter(|r| r.status() == 200).count();
     let mut waits: Vec<u64> = answers
         .iter()
@@ -272,7 +274,10 @@ async fn reconnect_pacing_spreads_a_storm() {
                 .unwrap()
         })
         .collect();
-    assert!((15..=30).contains(&ok), "{ok} answered at once");
+    assert!(
+        (1..=20 + refilled + 1).contains(&ok),
+        "{ok} answered at once (burst 20, {refilled} refilled)"
+    );
     assert_eq!(ok + waits.len(), 200);
     waits.sort_unstable();
     assert!(

@@ -443,6 +443,32 @@ async fn sink_count(sink: &SqlSink) -> u64 {
     sink.count().await.unwrap_or(0)
 }
 
+/// Every `(device, mid, payload)` in the sink's table.
+async fn sink_messages(url: &str) -> std::collections::BTreeSet<(String, i64, Vec<u8>)> {
+    use sqlx::Row;
+    let (pool, _) = consumer::store::connect(url, 1).await.unwrap();
+    sqlx::query("SELECT device_id, mid, payload FROM telemetry")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// What `devices` published with [`batch`], mids `1..=n` each.
+fn published(devices: &[&str], n: u64) -> std::collections::BTreeSet<(String, i64, Vec<u8>)> {
+    devices
+        .iter()
+        .flat_map(|d| {
+            batch(d, 1, n)
+                .into_iter()
+                .enumerate()
+                .map(move |(i, p)| (d.to_string(), i as i64 + 1, p.into_bytes()))
+        })
+        .collect()
+}
+
 async fn distinct_messages(url: &str) -> (i64, i64) {
     use sqlx::Row;
     let (pool, _) = consumer::store::connect(url, 1).await.unwrap();
@@ -585,6 +611,10 @@ async fn downstream_outage_opens_the_shared_breaker_then_the_probe_resumes_all_w
         (640, 640),
         "complete, no duplicates"
     );
+    assert!(
+        sink_messages(sink_db.url()).await == published(&devices, 80),
+        "the sink holds exactly what was published, byte for byte"
+    );
     for r in [&a, &b] {
         let v = get_json(format!("{}/v1/consumer", r.http)).await;
         assert_eq!(v["instance"]["breaker"], "closed", "{v}");
@@ -618,7 +648,21 @@ async fn downstream_outage_opens_the_shared_breaker_then_the_probe_resumes_all_w
         .await;
     }
     publish(&hub, &reg, "d1", 81, &batch("d1", 81, 5)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past its cool-down (and more), a manual open has not moved: not one
+    // transition since (no probe), nothing delivered.
+    let held = store.breaker().await.unwrap();
+    let State::Open { since_ms, .. } = held.state else {
+        panic!("{held:?}")
+    };
+    wait_for(30, "the cool-down to pass twice over", || async {
+        registry_sync::hlc::wall_ms() > since_ms + 2 * 2_000 + 500
+    })
+    .await;
+    assert_eq!(
+        store.breaker().await.unwrap().generation,
+        held.generation,
+        "a manually opened breaker was probed"
+    );
     assert_eq!(
         sink_count(&sink).await,
         640,
@@ -750,6 +794,10 @@ async fn a_killed_instance_is_replaced_from_its_checkpoints() {
     .await;
     assert!(!of_a.is_empty());
     assert_eq!(distinct_messages(&sink_url).await, (600, 600));
+    assert!(
+        sink_messages(&sink_url).await == published(&devices, 100),
+        "the sink holds exactly what was published, byte for byte"
+    );
     let v = get_json(format!("{}/v1/consumer", b.http)).await;
     assert_eq!(
         v["instance"]["partitions"].as_array().unwrap().len(),

@@ -91,8 +91,22 @@ async fn failovers_check_health_lag_and_identities_and_report_it() {
         status(&b).await.registry.is_some_and(|r| r.devices == 4)
     })
     .await;
-    // The concierge's view must have caught b's registry before b dies.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // The concierge's view must have caught b's registry before b dies:
+    // wait for a poll of b that came after b counted the new device.
+    let counted = tokio::time::Instant::now();
+    let regions_url = format!("{}/v1/regions", c.url());
+    wait_for(10, "the concierge to poll b again", || {
+        let url = regions_url.clone();
+        async move {
+            let since = counted.elapsed().as_millis() as u64;
+            let view: fleet_api::concierge::RegionsResponse =
+                reqwest::get(url).await.unwrap().json().await.unwrap();
+            view.regions.iter().any(|r| {
+                r.region.as_str() == "b" && r.last_seen_ms_ago.is_some_and(|ago| ago < since)
+            })
+        }
+    })
+    .await;
     b.node.kill9();
     let r = post(
         format!("{}/v1/failover", c.url()),

@@ -34,6 +34,14 @@ async fn publish_acked(c: &mut RawClient, topic: &str, pkid: u16) {
     }
 }
 
+/// The payload `device` sends under `mid` (distinct per record, so a record
+/// stored with another's bytes is caught).
+fn payload_of(device: &str, mid: u64) -> Vec<u8> {
+    let mut p = format!("{device}:{mid}:").into_bytes();
+    p.resize(200, (mid % 251) as u8);
+    p
+}
+
 fn mids(records: &[fleet_api::hub::WireRecord]) -> Vec<u64> {
     records.iter().filter_map(|r| r.mid.map(|m| m.0)).collect()
 }
@@ -94,7 +102,13 @@ async fn stream_until_killed(
         while !killed && outstanding.len() < 64 {
             let pkid = (next_mid % 60_000) as u16 + 1;
             let topic = format!("devices/{device}/messages/events/{next_mid}");
-            c.publish(&topic, QoS::AtLeastOnce, pkid, &[7u8; 200]).await;
+            c.publish(
+                &topic,
+                QoS::AtLeastOnce,
+                pkid,
+                &payload_of(device, next_mid),
+            )
+            .await;
             outstanding.insert(pkid, next_mid);
             next_mid += 1;
         }
@@ -132,7 +146,16 @@ async fn kill_9_mid_stream_loses_nothing_that_was_acknowledged() {
         all_acked.insert(device, acked);
         // Every round checks every device so far: later crashes lose nothing either.
         for (device, acked) in &all_acked {
-            let stored = mids(&hub.records_of(device, 8).await);
+            let records = hub.records_of(device, 8).await;
+            for r in &records {
+                let mid = r.mid.map_or(0, |m| m.0);
+                assert_eq!(
+                    r.payload,
+                    payload_of(device, mid),
+                    "{device} mid {mid}: stored bytes differ from the ones sent"
+                );
+            }
+            let stored = mids(&records);
             let mut counts: HashMap<u64, usize> = HashMap::new();
             for m in &stored {
                 *counts.entry(*m).or_default() += 1;

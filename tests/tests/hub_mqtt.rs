@@ -516,15 +516,21 @@ async fn the_connect_rate_is_limited() {
     let h = harness!("the_connect_rate_is_limited");
     let (reg, hub) = hub_with(&h, &["d"], &["--connect-rate", "5"]).await;
     let key = reg.key("d");
+    // Thirty at once: far more than a 5/s budget has, however fast or slow
+    // this machine is.
+    let codes = futures::future::join_all(
+        (0..30).map(|_| RawClient::connect(hub.mqtt, "d", Some(("d", &key)))),
+    )
+    .await;
     let (mut ok, mut limited) = (0, 0);
-    for _ in 0..30 {
-        match RawClient::connect(hub.mqtt, "d", Some(("d", &key))).await.1 {
+    for (_, code) in codes {
+        match code {
             Some(ConnectReturnCode::Success) => ok += 1,
             Some(ConnectReturnCode::ServiceUnavailable) => limited += 1,
             other => panic!("{other:?}"),
         }
     }
-    assert!(ok >= 5 && limited > 0, "ok {ok}, limited {limited}");
+    assert!(ok >= 1 && limited > 0, "ok {ok}, limited {limited}");
     assert!(
         hub.metric("fleet_hub_connects_total{result=\"rate_limited\"}")
             .await
@@ -537,8 +543,9 @@ async fn keep_alive_is_enforced_and_pings_keep_a_connection_open() {
     let h = harness!("keep_alive_is_enforced_and_pings_keep_a_connection_open");
     let (reg, hub) = hub_with(&h, &["d"], &[]).await;
     let key = reg.key("d");
-    // Pinging every half second keeps a 1 s keep-alive connection open for 3 s.
-    let (mut c, code) = RawClient::connect_with(hub.mqtt, "d", Some(("d", &key)), 1).await;
+    // Pinging every half second keeps a 2 s keep-alive connection open for
+    // 3 s (with room for a slow scheduler: the limit is 3 s of silence).
+    let (mut c, code) = RawClient::connect_with(hub.mqtt, "d", Some(("d", &key)), 2).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -550,7 +557,7 @@ async fn keep_alive_is_enforced_and_pings_keep_a_connection_open() {
     }
     // Silence beyond 1.5 × keep-alive closes it.
     assert!(
-        c.closed_within(Duration::from_secs(4)).await,
+        c.closed_within(Duration::from_secs(8)).await,
         "a silent connection stayed open"
     );
     assert!(
