@@ -54,6 +54,8 @@ async fn drill(name: &str, mode: Mode, replication: &str) {
     // failed the drill otherwise).
     assert!(report.steps.identity_rpo_ms > 0, "{:?}", report.steps);
     assert_eq!(report.archive_missing, 0);
+    assert_eq!(report.waiting, 0, "left in outboxes");
+    assert_eq!(report.devices_not_moved, 0, "devices that never moved");
     assert!(report.passed);
     assert!(std::path::Path::new(&report.timeline).exists());
 }

@@ -561,24 +561,30 @@ pub async fn run(
         report.duplicates_suppressed += metric(&http, url, "fleet_hub_duplicates_total").await;
     }
     // Region a was the old primary: its failback report says what it archived.
-    let failback = http
+    // Never assumed: a report that cannot be read fails the drill.
+    let fb: fleet_api::hub::FailbackReport = http
         .get(format!("{}/v1/failback", urls[0]))
         .bearer_auth(fleet.admin_token.expose())
         .send()
-        .await;
-    if let Ok(fb) = failback
-        && let Ok(fb) = fb.json::<fleet_api::hub::FailbackReport>().await
-    {
-        report.archived_records = fb.archived_records;
-        report.archive_missing = fb.missing_count;
-    }
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .context("ask the old primary for its failback report")?
+        .json()
+        .await
+        .context("read the old primary's failback report")?;
+    report.archived_records = fb.archived_records;
+    report.archive_missing = fb.missing_count;
     report.peak_in_outbox = peak_in_outbox(&fleet.dir.join("simulate.log"));
     report.duration_s = secs(start);
     // Every generated message acknowledged and stored once, none dropped.
-    report.passed = report.lost == 0
-        && report.duplicate_records == 0
-        && report.dropped == 0
-        && report.acknowledged == report.sent;
+    report.waiting = report
+        .sent
+        .saturating_sub(report.acknowledged)
+        .saturating_sub(report.dropped);
+    if report.lose == Lose::Primary {
+        report.devices_not_moved = report.devices.saturating_sub(report.devices_moved);
+    }
+    report.passed = report::verdict(&report);
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let events = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let svg = fleet.dir.join("timeline.svg");

@@ -50,7 +50,13 @@ pub struct DrillReport {
     pub duplicates_suppressed: u64,
     pub dropped: u64,
     pub peak_in_outbox: u64,
+    /// Generated, not dropped, and not acknowledged at the end: still
+    /// waiting in outboxes. Must be 0.
+    pub waiting: u64,
     pub devices_moved: usize,
+    /// Devices that never stored a record in the new region after losing
+    /// the primary: must be 0.
+    pub devices_not_moved: usize,
     pub steps: Steps,
     pub unreplicated_at_promotion: u64,
     pub registry_divergence: Divergence,
@@ -100,6 +106,16 @@ pub fn summary(r: &DrillReport) -> String {
         "FAILED"
     };
     s += &format!("  lost                  {} {verdict}\n", r.lost);
+    s += &format!(
+        "  still waiting         {} in outboxes at the end (must be 0)\n",
+        r.waiting
+    );
+    if r.lose == Lose::Primary {
+        s += &format!(
+            "  devices not moved     {} of {} (must be 0)\n",
+            r.devices_not_moved, r.devices
+        );
+    }
     s += &format!("  stored twice          {}\n", r.duplicate_records);
     s += &format!("  duplicates suppressed {}\n", r.duplicates_suppressed);
     s += &format!(
@@ -132,4 +148,59 @@ pub fn summary(r: &DrillReport) -> String {
     );
     s += &format!("  timeline: {}\n  report:   {}", r.timeline, r.html);
     s
+}
+
+/// Whether a drill passed: every generated message acknowledged and stored
+/// once, none dropped, none still waiting, nothing archived at failback that
+/// the new history lacks, and (when the primary was lost) every device moved
+/// to the new region.
+pub fn verdict(r: &DrillReport) -> bool {
+    r.lost == 0
+        && r.duplicate_records == 0
+        && r.dropped == 0
+        && r.waiting == 0
+        && r.acknowledged == r.sent
+        && r.devices_not_moved == 0
+        && r.archive_missing == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clean() -> DrillReport {
+        DrillReport {
+            sent: 100,
+            acknowledged: 100,
+            devices: 10,
+            devices_moved: 10,
+            ..DrillReport::default()
+        }
+    }
+
+    #[test]
+    fn a_drill_passes_only_when_everything_settled_and_every_device_moved() {
+        assert!(verdict(&clean()));
+        type Spoil = fn(&mut DrillReport);
+        let cases: [(&str, Spoil); 7] = [
+            ("archived but missing", |r| r.archive_missing = 1),
+            ("lost", |r| r.lost = 1),
+            ("stored twice", |r| r.duplicate_records = 1),
+            ("dropped", |r| r.dropped = 1),
+            ("still waiting", |r| {
+                r.acknowledged = 99;
+                r.waiting = 1;
+            }),
+            ("unacknowledged", |r| r.acknowledged = 99),
+            ("a device never moved", |r| {
+                r.devices_moved = 9;
+                r.devices_not_moved = 1;
+            }),
+        ];
+        for (what, spoil) in cases {
+            let mut r = clean();
+            spoil(&mut r);
+            assert!(!verdict(&r), "{what}: passed");
+        }
+    }
 }
