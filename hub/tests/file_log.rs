@@ -392,26 +392,29 @@ async fn a_cut_at_a_segments_base_keeps_it_readable_from_its_start() {
     );
 }
 
-#[tokio::test]
-async fn a_damaged_format_1_log_stays_stopped_across_restarts() {
-    // A log written before write flags and durable marks: unflagged frames,
-    // no mark file, format 1.
-    let dir = tempfile::tempdir().unwrap();
-    let p0 = dir.path().join("p0");
+/// A log as a hub before write flags and durable marks wrote it (format 1,
+/// unflagged frames, no mark file): five records in `dir`. Returns the
+/// segment, its bytes and where each record ends.
+fn format_1_log(dir: &Path) -> (PathBuf, Vec<u8>, Vec<usize>) {
+    let p0 = dir.join("p0");
     std::fs::create_dir_all(&p0).unwrap();
-    std::fs::write(
-        dir.path().join("meta.json"),
-        br#"{"format":1,"partitions":1}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.join("meta.json"), br#"{"format":1,"partitions":1}"#).unwrap();
     let mut bytes = Vec::new();
     let mut ends = Vec::new();
     for i in 0..5 {
         hub::log::frame::encode(&mut bytes, Offset(i), &rec(i, 200));
         ends.push(bytes.len());
     }
-    bytes[ends[1] + 30] ^= 0xFF; // inside record 2; 3 and 4 intact after it
     let seg = p0.join(format!("{:020}.log", 0));
+    std::fs::write(&seg, &bytes).unwrap();
+    (seg, bytes, ends)
+}
+
+#[tokio::test]
+async fn a_damaged_format_1_log_stays_stopped_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, mut bytes, ends) = format_1_log(dir.path());
+    bytes[ends[1] + 30] ^= 0xFF; // inside record 2; 3 and 4 intact after it
     std::fs::write(&seg, &bytes).unwrap();
     for attempt in 0..3 {
         let log = open(dir.path());
@@ -432,18 +435,7 @@ async fn a_damaged_format_1_log_stays_stopped_across_restarts() {
 #[tokio::test]
 async fn a_format_1_log_is_upgraded_and_keeps_its_records() {
     let dir = tempfile::tempdir().unwrap();
-    let p0 = dir.path().join("p0");
-    std::fs::create_dir_all(&p0).unwrap();
-    std::fs::write(
-        dir.path().join("meta.json"),
-        br#"{"format":1,"partitions":1}"#,
-    )
-    .unwrap();
-    let mut bytes = Vec::new();
-    for i in 0..5 {
-        hub::log::frame::encode(&mut bytes, Offset(i), &rec(i, 200));
-    }
-    std::fs::write(p0.join(format!("{:020}.log", 0)), &bytes).unwrap();
+    format_1_log(dir.path());
     let log = open(dir.path());
     assert!(log.health().is_ok());
     assert_eq!(log.append(P0, rec(5, 10)).await.unwrap(), Offset(5));

@@ -15,7 +15,7 @@ use hub::log::{EventLog, LogError, NewRecord, ReadLimits};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Outcome, fail};
+use super::{Outcome, fail, maybe_arm, settle};
 
 const P: PartitionId = PartitionId(0);
 
@@ -192,19 +192,10 @@ async fn recover_cut(
     cuts: &mut u32,
 ) -> Outcome<Arc<FileLog>> {
     loop {
-        if rng.random_bool(0.3) {
-            disk.arm_cut(rng.random_range(1..30), rng.random());
-        }
-        match recover(disk, rng, model).await {
-            Ok(log) => {
-                disk.disarm();
-                return Ok(log);
-            }
-            Err(_) if disk.fired().is_some() => {
-                *cuts += 1;
-                disk.disarm();
-            }
-            Err(e) => return Err(e),
+        maybe_arm(disk, rng, 30);
+        let attempt = recover(disk, rng, model).await;
+        if let Some(done) = settle(disk, attempt, cuts) {
+            return done;
         }
     }
 }

@@ -25,6 +25,35 @@ fn fail<T>(why: impl Into<String>) -> Outcome<T> {
     Err(why.into())
 }
 
+/// Before a recovery: now and then, a power cut somewhere inside it (within
+/// its first `within` disk operations).
+fn maybe_arm(disk: &fleet_api::storage::SimDisk, rng: &mut rand::rngs::StdRng, within: u64) {
+    use rand::Rng;
+    if rng.random_bool(0.3) {
+        disk.arm_cut(rng.random_range(1..within), rng.random());
+    }
+}
+
+/// After a recovery attempt: its outcome, or `None` when a power cut ended
+/// it (counted; recover again).
+fn settle<T>(
+    disk: &fleet_api::storage::SimDisk,
+    attempt: Outcome<T>,
+    cuts: &mut u32,
+) -> Option<Outcome<T>> {
+    match attempt {
+        Err(_) if disk.fired().is_some() => {
+            *cuts += 1;
+            disk.disarm();
+            None
+        }
+        done => {
+            disk.disarm();
+            Some(done)
+        }
+    }
+}
+
 /// Which structure a run tortures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {

@@ -11,7 +11,7 @@ use fleet_api::storage::SimDisk;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Outcome, fail};
+use super::{Outcome, fail, maybe_arm, settle};
 
 const DIR: &str = "/agent/outbox";
 
@@ -100,19 +100,9 @@ fn recover_cut(
     cuts: &mut u32,
 ) -> Outcome<Outbox> {
     loop {
-        if rng.random_bool(0.3) {
-            disk.arm_cut(rng.random_range(1..10), rng.random());
-        }
-        match recover(disk, max_bytes, model) {
-            Ok(o) => {
-                disk.disarm();
-                return Ok(o);
-            }
-            Err(_) if disk.fired().is_some() => {
-                *cuts += 1;
-                disk.disarm();
-            }
-            Err(e) => return Err(e),
+        maybe_arm(disk, rng, 10);
+        if let Some(done) = settle(disk, recover(disk, max_bytes, model), cuts) {
+            return done;
         }
     }
 }

@@ -80,6 +80,21 @@ fn name(n: &OsStr) -> Result<&str, Errno> {
 }
 
 impl LazyFs {
+    fn reply_attr(&self, i: INodeNo, reply: ReplyAttr) {
+        match self.disk.node(id(i)) {
+            Some(node) => reply.attr(&TTL, &attr(node)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    /// `fsync` of a file or a directory: what it holds becomes durable.
+    fn sync(&self, i: INodeNo, reply: ReplyEmpty) {
+        match self.disk.sync_node(id(i)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn make(&self, parent: INodeNo, n: &OsStr, kind: NodeKind) -> Result<NodeInfo, Errno> {
         self.disk
             .create(id(parent), name(n)?, kind)
@@ -96,10 +111,7 @@ impl Filesystem for LazyFs {
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.disk.node(id(i)) {
-            Some(node) => reply.attr(&TTL, &attr(node)),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.reply_attr(i, reply);
     }
 
     fn setattr(
@@ -125,10 +137,7 @@ impl Filesystem for LazyFs {
         {
             return reply.error(errno(&e));
         }
-        match self.disk.node(id(i)) {
-            Some(node) => reply.attr(&TTL, &attr(node)),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.reply_attr(i, reply);
     }
 
     fn mknod(
@@ -287,10 +296,7 @@ impl Filesystem for LazyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.disk.sync_node(id(i)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.sync(i, reply);
     }
 
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -341,10 +347,7 @@ impl Filesystem for LazyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.disk.sync_node(id(i)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.sync(i, reply);
     }
 
     fn statfs(&self, _req: &Request, _i: INodeNo, reply: ReplyStatfs) {
