@@ -49,12 +49,8 @@ fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Res
     (status, Json(ErrorBody::new(code, message))).into_response()
 }
 
-fn unavailable(retry_after_s: u64, message: impl Into<String>) -> Response {
-    let mut r = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Unavailable,
-        message,
-    );
+fn unavailable(code: ErrorCode, retry_after_s: u64, message: impl Into<String>) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, code, message);
     if let Ok(v) = HeaderValue::from_str(&retry_after_s.max(1).to_string()) {
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
@@ -79,6 +75,7 @@ fn source_paced(peer: SocketAddr, wait: Duration) -> Response {
         .increment(1);
     let secs = wait.as_secs() + 1;
     unavailable(
+        ErrorCode::Paced,
         secs,
         format!("too many lookups from {}: come back in {secs} s", peer.ip()),
     )
@@ -92,6 +89,10 @@ const MAX_WAIT_S: u64 = 30;
 struct EndpointQuery {
     wait_for_epoch: Option<u64>,
     wait_s: Option<u64>,
+    /// The region the device is connected to (a refresh of its endpoint):
+    /// an answer that keeps it there is no CONNECT and takes no slot of
+    /// the reconnect schedule.
+    connected_to: Option<String>,
 }
 
 /// Where a device should connect.
@@ -101,12 +102,13 @@ struct EndpointQuery {
     params(
         ("device_id" = String, Path, description = "1–128 of [A-Za-z0-9._:-]"),
         ("wait_for_epoch" = Option<u64>, Query, description = "answer only with a hub whose epoch is above this one, waiting for it (long poll)"),
-        ("wait_s" = Option<u64>, Query, description = "how long to wait for it, seconds (at most 30; default 10)")
+        ("wait_s" = Option<u64>, Query, description = "how long to wait for it, seconds (at most 30; default 10)"),
+        ("connected_to" = Option<String>, Query, description = "the region the device is connected to: an answer that keeps it there takes no reconnect slot")
     ),
     responses(
-        (status = 200, description = "The active hub", body = EndpointResponse),
+        (status = 200, description = "The active hub, and when to connect (start_in_ms: the device's slot of the reconnect schedule)", body = EndpointResponse),
         (status = 400, description = "Invalid device id or query", body = ErrorBody),
-        (status = 503, description = "No hub is active (above the epoch waited for), or reconnect pacing: see Retry-After", body = ErrorBody,
+        (status = 503, description = "No hub is active above the epoch waited for (code no_active_hub), or the caller or the reconnect schedule is over its rate (code paced): see Retry-After", body = ErrorBody,
          headers(("Retry-After" = u64, description = "seconds to wait")))
     )
 )]
@@ -164,25 +166,43 @@ async fn endpoint(
             Some(e) => format!("no hub above epoch {e} is active yet"),
             None => "no hub is active right now".into(),
         };
-        return unavailable(api.fleet.config.ttl_s.into(), why);
+        return unavailable(ErrorCode::NoActiveHub, api.fleet.config.ttl_s.into(), why);
     };
-    match api.pacer.fleet(peer.ip(), &device_id) {
-        Ok(()) => {}
-        Err(Paced::Fleet(wait)) => {
-            metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "paced")
-                .increment(1);
-            let secs = wait.as_secs() + 1;
-            return unavailable(secs, format!("reconnect pacing: come back in {secs} s"));
+    let stays = query
+        .connected_to
+        .as_deref()
+        .is_some_and(|r| r == active.region.as_str());
+    let start_in = if stays {
+        Duration::ZERO
+    } else {
+        match api.pacer.fleet(peer.ip(), &device_id) {
+            Ok(start_in) => start_in,
+            Err(Paced::Fleet(wait)) => {
+                metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "paced")
+                    .increment(1);
+                let secs = wait.as_secs() + 1;
+                return unavailable(
+                    ErrorCode::Paced,
+                    secs,
+                    format!("the reconnect schedule is full: come back in {secs} s"),
+                );
+            }
+            Err(Paced::Source(wait)) => return source_paced(peer, wait),
         }
-        Err(Paced::Source(wait)) => return source_paced(peer, wait),
-    }
-    metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => "ok").increment(1);
+    };
+    let result = if start_in.is_zero() {
+        "ok"
+    } else {
+        "scheduled"
+    };
+    metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => result).increment(1);
     Json(EndpointResponse {
         device_id,
         region: active.region,
         mqtt_url: active.mqtt_url,
         epoch: active.epoch,
         ttl_s: api.fleet.config.ttl_s,
+        start_in_ms: u64::try_from(start_in.as_millis()).unwrap_or(u64::MAX),
     })
     .into_response()
 }

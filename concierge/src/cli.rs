@@ -65,7 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let http = TcpListener::bind(http)
         .await
         .with_context(|| format!("bind HTTP listener {http}"))?;
-    let (dns_udp, dns_tcp) = crate::dns::bind(dns)
+    let sockets = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (dns_udp, dns_tcp) = crate::dns::bind(dns, sockets)
         .await
         .with_context(|| format!("bind DNS listener {dns}"))?;
     let c = Concierge::start(

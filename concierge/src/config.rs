@@ -46,9 +46,12 @@ pub struct RunArgs {
     /// TTL of DNS answers and of endpoint answers, seconds [default: 5].
     #[arg(long, env = "FLEET_TTL_S")]
     pub ttl_s: Option<u32>,
-    /// Promote the secondary (forced) after the primary has been down this long.
+    /// Promote the secondary (forced) after the primary has been down this
+    /// long, seconds (fractions allowed; 0 promotes as soon as the primary
+    /// has failed --failures consecutive checks and the secondary has lost
+    /// it too).
     #[arg(long, env = "FLEET_AUTO_FAILOVER_AFTER_S")]
-    pub auto_failover_after_s: Option<u64>,
+    pub auto_failover_after_s: Option<f64>,
     /// How often hubs and replicas are checked, ms [default: 500].
     #[arg(long, env = "FLEET_POLL_MS")]
     pub poll_ms: Option<u64>,
@@ -67,6 +70,10 @@ pub struct RunArgs {
     /// make before it is told to come back later [default: 100].
     #[arg(long, env = "FLEET_LOOKUPS_PER_SOURCE")]
     pub lookups_per_source: Option<u32>,
+    /// Long-polling endpoint lookups (`wait_for_epoch`) one client address
+    /// may hold at once; beyond it they are answered at once [default: 8].
+    #[arg(long, env = "FLEET_LONG_POLLS_PER_SOURCE")]
+    pub long_polls_per_source: Option<u32>,
     /// Time a client has to send request headers, ms [default: 10000].
     #[arg(long, env = "FLEET_HTTP_HEADER_TIMEOUT_MS")]
     pub http_header_timeout_ms: Option<u64>,
@@ -144,6 +151,8 @@ pub struct ConciergeConfig {
     pub connect_rate: u32,
     /// Endpoint lookups per second per client address.
     pub lookups_per_source: u32,
+    /// Long polls one client address may hold at once.
+    pub long_polls_per_source: u32,
     /// A planned failover's bound on waiting for the target's registry.
     pub registry_wait: Duration,
     pub http_limits: fleet_api::serve::HttpLimits,
@@ -167,6 +176,7 @@ impl ConciergeConfig {
             failures: 3,
             connect_rate: 2000,
             lookups_per_source: 100,
+            long_polls_per_source: 8,
             registry_wait: Duration::from_secs(10),
             http_limits: fleet_api::serve::HttpLimits::default(),
             tls: None,
@@ -217,6 +227,7 @@ impl RunArgs {
             connect_rate,
             registry_wait_s,
             lookups_per_source,
+            long_polls_per_source,
             http_header_timeout_ms,
             http_max_connections,
             tls_cert,
@@ -244,6 +255,7 @@ impl RunArgs {
             connect_rate: connect_rate.or(file.connect_rate),
             registry_wait_s: registry_wait_s.or(file.registry_wait_s),
             lookups_per_source: lookups_per_source.or(file.lookups_per_source),
+            long_polls_per_source: long_polls_per_source.or(file.long_polls_per_source),
             http_header_timeout_ms: http_header_timeout_ms.or(file.http_header_timeout_ms),
             http_max_connections: http_max_connections.or(file.http_max_connections),
             tls_cert: tls_cert.or(file.tls_cert),
@@ -302,7 +314,12 @@ impl RunArgs {
         }
         c.replicas = self.replicas;
         c.ttl_s = self.ttl_s.unwrap_or(5);
-        c.auto_failover_after = self.auto_failover_after_s.map(Duration::from_secs);
+        if let Some(s) = self.auto_failover_after_s {
+            if !(0.0..=86_400.0).contains(&s) {
+                bail!("--auto-failover-after-s must be between 0 and 86400, got {s}");
+            }
+            c.auto_failover_after = Some(Duration::from_secs_f64(s));
+        }
         c.poll = Duration::from_millis(self.poll_ms.unwrap_or(500).max(50));
         c.failures = self.failures.unwrap_or(3).max(1);
         c.connect_rate = self.connect_rate.unwrap_or(2000).max(1);
@@ -317,6 +334,12 @@ impl RunArgs {
                 bail!("--lookups-per-source must be at least 1");
             }
             c.lookups_per_source = n;
+        }
+        if let Some(n) = self.long_polls_per_source {
+            if n == 0 {
+                bail!("--long-polls-per-source must be at least 1");
+            }
+            c.long_polls_per_source = n;
         }
         if let Some(ms) = self.http_header_timeout_ms {
             if ms == 0 {

@@ -202,17 +202,32 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// Binds UDP on `addr` and TCP on the same port (retrying when port 0 picks
-/// a UDP port whose TCP twin is taken).
+/// Binds `sockets` UDP sockets on `addr`, all on one port, and TCP on the
+/// same port (retrying when port 0 picks a UDP port whose TCP twin is
+/// taken). The UDP sockets share the port with `SO_REUSEPORT`: the kernel
+/// spreads queries over them by source, and each is served by its own task,
+/// so one socket's task is not the bottleneck of a storm of devices
+/// resolving the concierge after a failover. (Linux admits to the group only
+/// sockets of the same user that also asked for it.)
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+pub async fn bind(
+    addr: SocketAddr,
+    sockets: usize,
+) -> std::io::Result<(Vec<UdpSocket>, TcpListener)> {
     for _ in 0..20 {
-        let udp = UdpSocket::bind(addr).await?;
-        let port = udp.local_addr()?.port();
-        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let first = reuse_port_udp(addr)?;
+        let port = first.local_addr()?.port();
+        let at = SocketAddr::new(addr.ip(), port);
+        match TcpListener::bind(at).await {
+            Ok(tcp) => {
+                let mut udp = vec![first];
+                for _ in 1..sockets.max(1) {
+                    udp.push(reuse_port_udp(at)?);
+                }
+                return Ok((udp, tcp));
+            }
             Err(_) if addr.port() == 0 => continue,
             Err(e) => return Err(e),
         }
@@ -220,10 +235,21 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)>
     Err(std::io::Error::other("no port free for both UDP and TCP"))
 }
 
+fn reuse_port_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
 /// Serves `handler` on the sockets. Dropping the server stops it.
-pub fn serve(handler: FrontHandler, udp: UdpSocket, tcp: TcpListener) -> Server<FrontHandler> {
+pub fn serve(handler: FrontHandler, udp: Vec<UdpSocket>, tcp: TcpListener) -> Server<FrontHandler> {
     let mut server = Server::new(handler);
-    server.register_socket(udp);
+    for socket in udp {
+        server.register_socket(socket);
+    }
     // A slow or silent TCP client is dropped after 5 s; 32 queued answers per connection.
     server.register_listener(tcp, Duration::from_secs(5), 32);
     server

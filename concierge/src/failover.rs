@@ -101,14 +101,19 @@ pub async fn run(
 
 /// Promotes a healthy secondary (forced) once the primary has been down for
 /// `after`, unless the secondary itself still hears from the primary.
+///
+/// Decided right after each look at the hubs (not on a timer of its own),
+/// so a primary that failed its last check is acted on within that poll.
+/// One missed check never promotes: the primary must have failed
+/// `--failures` consecutive checks (or reported itself unhealthy), and
+/// the secondary must have lost it too.
 pub async fn auto(fleet: Arc<Fleet>, after: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(fleet.config.poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looks = fleet.looks();
     let mut quiet_until = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            changed = looks.changed() => if changed.is_err() { return },
         }
         if fleet.active().is_some() || Instant::now() < quiet_until {
             continue;

@@ -31,7 +31,8 @@ use crate::view::Fleet;
 #[derive(Debug)]
 pub struct Listeners {
     pub http: TcpListener,
-    pub dns_udp: UdpSocket,
+    /// One or more, sharing one port (see [`dns::bind`]).
+    pub dns_udp: Vec<UdpSocket>,
     pub dns_tcp: TcpListener,
 }
 
@@ -62,7 +63,11 @@ impl Concierge {
     pub async fn start(config: ConciergeConfig, listeners: Listeners) -> anyhow::Result<Concierge> {
         let _ = prom::handle();
         let http_addr = listeners.http.local_addr()?;
-        let dns_addr = listeners.dns_udp.local_addr()?;
+        let dns_addr = listeners
+            .dns_udp
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no DNS socket"))?
+            .local_addr()?;
         let config = Arc::new(config);
         let fleet = Fleet::new(config.clone());
         fleet.poll_once().await;
@@ -104,7 +109,10 @@ impl Concierge {
         let api = Arc::new(api::ApiState {
             fleet: fleet.clone(),
             pacer: pacing::Pacer::new(rate, f64::from(config.lookups_per_source)),
-            long_polls: fleet_api::limit::Slots::new(8, config.http_limits.max_connections / 2),
+            long_polls: fleet_api::limit::Slots::new(
+                config.long_polls_per_source as usize,
+                config.http_limits.max_connections / 2,
+            ),
         });
         let token = shutdown.clone();
         let http = listeners.http;

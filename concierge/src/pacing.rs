@@ -28,6 +28,9 @@ const MAX_WAITING: usize = 100_000;
 /// slots hours away.
 const MAX_WAIT: Duration = Duration::from_secs(120);
 
+/// A device gets at most one new slot in this long.
+pub const DEVICE_GAP: Duration = Duration::from_secs(1);
+
 /// What a reservation of a future slot costs its source, in lookups.
 pub const RESERVATION_COST: f64 = 5.0;
 
@@ -45,7 +48,7 @@ struct Meter {
     next_free: Instant,
     /// When expired reservations were last dropped.
     pruned: Instant,
-    /// Devices told to wait, and the slot reserved for them.
+    /// Devices given a slot (within [`DEVICE_GAP`] of it), and the slot.
     waiting: HashMap<DeviceId, Instant>,
 }
 
@@ -73,12 +76,13 @@ impl Pacer {
         }
     }
 
-    /// `Ok` to answer `device` (asking from `source`) now, or how long it
-    /// should wait first: [`Pacer::source`], then [`Pacer::fleet`].
+    /// When `device` (asking from `source`) may connect, or how long it
+    /// should wait before asking again: [`Pacer::source`], then
+    /// [`Pacer::fleet`].
     ///
     /// # Errors
     /// When the client or the fleet is over its rate.
-    pub fn admit(&self, source: IpAddr, device: &DeviceId) -> Result<(), Paced> {
+    pub fn admit(&self, source: IpAddr, device: &DeviceId) -> Result<Duration, Paced> {
         self.source(source)?;
         self.fleet(source, device)
     }
@@ -93,22 +97,28 @@ impl Pacer {
             .map_err(Paced::Source)
     }
 
-    /// A slot of the fleet's reconnect rate for `device`; a reservation in
-    /// the future costs its source [`RESERVATION_COST`] lookups, so a few
-    /// addresses asking for made-up devices cannot fill the schedule.
+    /// A slot of the fleet's reconnect rate for `device`: `Ok(d)` says
+    /// "connect in `d`" (zero when the schedule is free). Every answer takes
+    /// the next slot, `1/rate` after the previous one, so a storm of lookups
+    /// becomes a steady stream of CONNECTs at the rate hubs admit, each
+    /// device told its own start instead of a coarse `Retry-After`. A device
+    /// that asks again before its slot gets the same slot back; a
+    /// reservation more than the burst ahead costs its source
+    /// [`RESERVATION_COST`] lookups, so a few addresses asking for made-up
+    /// devices cannot fill the schedule.
     ///
     /// # Errors
-    /// How long the device should wait.
-    pub fn fleet(&self, source: IpAddr, device: &DeviceId) -> Result<(), Paced> {
+    /// When the schedule is full [`MAX_WAIT`] ahead: come back then.
+    pub fn fleet(&self, source: IpAddr, device: &DeviceId) -> Result<Duration, Paced> {
         let now = Instant::now();
         let mut meter = self.meter.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&slot) = meter.waiting.get(device) {
-            if slot > now + self.burst {
-                return Err(Paced::Fleet(slot.duration_since(now)));
-            }
-            // Its slot has come; it was counted when it was reserved.
-            meter.waiting.remove(device);
-            return Ok(());
+        // One slot per device per `DEVICE_GAP`: asking again (whatever the
+        // address) gives the same slot back, so a device id cannot eat the
+        // schedule either.
+        if let Some(&slot) = meter.waiting.get(device)
+            && slot + DEVICE_GAP > now
+        {
+            return Ok(slot.saturating_duration_since(now));
         }
         let slot = meter.next_free.max(now);
         let wait = slot.duration_since(now);
@@ -116,22 +126,21 @@ impl Pacer {
             return Err(Paced::Fleet(MAX_WAIT));
         }
         meter.next_free = slot + self.interval;
-        if wait <= self.burst {
-            return Ok(());
-        }
         if meter.waiting.len() >= MAX_WAITING
             && now.duration_since(meter.pruned) >= Duration::from_secs(1)
         {
-            meter.waiting.retain(|_, s| *s > now);
+            meter.waiting.retain(|_, s| *s + DEVICE_GAP > now);
             meter.pruned = now;
         }
         if meter.waiting.len() < MAX_WAITING {
             meter.waiting.insert(device.clone(), slot);
         }
         drop(meter);
-        self.sources
-            .charge(&source_key(source), RESERVATION_COST - 1.0);
-        Err(Paced::Fleet(wait))
+        if wait > self.burst {
+            self.sources
+                .charge(&source_key(source), RESERVATION_COST - 1.0);
+        }
+        Ok(wait)
     }
 }
 
@@ -147,33 +156,26 @@ mod tests {
     async fn a_storm_is_spread_at_the_rate() {
         let p = Pacer::new(100.0, 1e9);
         let ip: IpAddr = [10, 0, 0, 1].into();
-        let results: Vec<Result<(), Paced>> = (0..1000).map(|i| p.admit(ip, &id(i))).collect();
-        let admitted = results.iter().filter(|r| r.is_ok()).count();
-        assert_eq!(admitted, 101, "one second of burst");
-        let waits: Vec<Duration> = results
-            .iter()
-            .filter_map(|r| match r {
-                Err(Paced::Fleet(w)) => Some(*w),
-                _ => None,
-            })
+        let starts: Vec<Duration> = (0..1000)
+            .map(|i| p.admit(ip, &id(i)).expect("a slot"))
             .collect();
+        assert_eq!(starts[0], Duration::ZERO, "the first connects at once");
         assert!(
-            waits.windows(2).all(|w| w[0] < w[1]),
-            "every device gets its own slot"
+            starts
+                .windows(2)
+                .all(|w| w[1] - w[0] == Duration::from_millis(10)),
+            "every device gets its own slot, one interval after the last"
         );
-        assert!(waits.last().unwrap() <= &Duration::from_secs(10));
+        assert_eq!(starts[999], Duration::from_millis(9990));
         // However many ask, no slot is further out than MAX_WAIT.
-        let far = (0..100_000)
-            .filter_map(|i| match p.admit(ip, &id(10_000 + i)) {
-                Err(Paced::Fleet(w)) => Some(w),
-                _ => None,
-            })
-            .max()
-            .unwrap();
-        assert_eq!(far, MAX_WAIT);
+        let refused = (0..100_000)
+            .filter_map(|i| p.admit(ip, &id(10_000 + i)).err())
+            .collect::<Vec<_>>();
+        assert!(!refused.is_empty());
+        assert!(refused.iter().all(|r| *r == Paced::Fleet(MAX_WAIT)));
         // After the storm drains, answers are immediate again.
         tokio::time::advance(MAX_WAIT + Duration::from_secs(2)).await;
-        assert!(p.admit(ip, &id(5000)).is_ok());
+        assert_eq!(p.admit(ip, &id(500_000)), Ok(Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]
@@ -185,7 +187,27 @@ mod tests {
             .filter(|i| matches!(p.admit(noisy, &id(*i)), Err(Paced::Source(_))))
             .count();
         assert_eq!(refused, 995, "five a second for the noisy address");
-        assert_eq!(p.admit(device, &id(7777)), Ok(()));
+        // Its five took the first five slots; the device is next.
+        assert_eq!(p.admit(device, &id(7777)), Ok(Duration::from_millis(500)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn far_reservations_cost_their_source() {
+        let p = Pacer::new(1.0, 10.0);
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        // Two slots within the burst cost a lookup each; the third, two
+        // seconds out, costs RESERVATION_COST.
+        let starts: Vec<_> = (0..4).map(|i| p.admit(ip, &id(i))).collect();
+        assert_eq!(
+            starts,
+            [
+                Ok(Duration::ZERO),
+                Ok(Duration::from_secs(1)),
+                Ok(Duration::from_secs(2)),
+                Ok(Duration::from_secs(3)),
+            ]
+        );
+        assert!(matches!(p.admit(ip, &id(9)), Err(Paced::Source(_))));
     }
 
     #[tokio::test(start_paused = true)]
@@ -195,18 +217,30 @@ mod tests {
         for i in 0..5 {
             let _ = p.admit(ip, &id(i));
         }
-        let Err(Paced::Fleet(first)) = p.admit(ip, &id(99)) else {
-            panic!("not paced")
-        };
+        let first = p.admit(ip, &id(99)).expect("a slot");
+        assert_eq!(first, Duration::from_secs(5));
         for _ in 0..100 {
-            assert_eq!(p.admit(ip, &id(99)), Err(Paced::Fleet(first)));
+            assert_eq!(p.admit(ip, &id(99)), Ok(first));
         }
         // Its asking did not push the next device further out.
-        let Err(Paced::Fleet(next)) = p.admit(ip, &id(100)) else {
-            panic!("not paced")
-        };
-        assert_eq!(next, first + Duration::from_secs(1));
+        assert_eq!(p.admit(ip, &id(100)), Ok(first + Duration::from_secs(1)));
         tokio::time::advance(first).await;
-        assert_eq!(p.admit(ip, &id(99)), Ok(()));
+        assert_eq!(p.admit(ip, &id(99)), Ok(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_takes_one_slot_a_second_whoever_asks() {
+        let p = Pacer::new(1000.0, 1e9);
+        for i in 0..50u8 {
+            // From ever other addresses, the same id: one slot.
+            let ip: IpAddr = [10, 0, 0, i].into();
+            assert_eq!(p.admit(ip, &id(1)), Ok(Duration::ZERO));
+        }
+        assert_eq!(
+            p.admit([10, 0, 1, 1].into(), &id(2)),
+            Ok(Duration::from_millis(1))
+        );
+        tokio::time::advance(DEVICE_GAP).await;
+        assert_eq!(p.admit([10, 0, 1, 1].into(), &id(1)), Ok(Duration::ZERO));
     }
 }

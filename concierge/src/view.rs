@@ -88,6 +88,11 @@ impl Fleet {
         })
     }
 
+    /// Changes after every look at the hubs.
+    pub fn looks(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.looked.subscribe()
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }

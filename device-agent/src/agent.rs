@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use fleet_api::concierge::EndpointResponse;
 use fleet_api::hub::AckMessage;
-use fleet_api::{DeviceId, DeviceKey, Mid};
+use fleet_api::{DeviceId, DeviceKey, Epoch, Mid, UnixMillis};
 use rumqttc::mqttbytes::v4::Packet;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, Jitter, random_jitter};
-use crate::discovery::{Discovery, Lookup};
+use crate::discovery::{Ask, Discovery, Lookup, MAX_RETRY_AFTER_S};
 use crate::mqtt::{self, ConnectError, Connection};
 use crate::outbox::{Outbox, OutboxError};
 
@@ -120,6 +120,72 @@ pub struct Progress {
     /// Resends after an ack timeout.
     pub resends: AtomicU64,
     pub region: Mutex<String>,
+    /// The latest sessions, oldest first (at most [`SESSIONS_KEPT`]): when
+    /// each endpoint was given, connected and first acknowledged, for the
+    /// drill's RTO by PUBACK and its breakdown.
+    pub sessions_log: Mutex<VecDeque<SessionTimes>>,
+}
+
+/// Sessions kept in [`Progress::sessions_log`].
+pub const SESSIONS_KEPT: usize = 8;
+
+/// One session's timestamps (wall clock, ms since the Unix epoch: they are
+/// compared with other processes' clocks on the same machine).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionTimes {
+    pub region: String,
+    pub epoch: u64,
+    /// When the concierge's answer naming this hub arrived.
+    pub endpoint_at_ms: u64,
+    /// The start offset the concierge gave with it (admission).
+    pub start_in_ms: u64,
+    /// CONNACK accepted.
+    pub connected_ms: u64,
+    /// The session's first PUBLISH written (a device with nothing to send
+    /// publishes when its next message comes).
+    #[serde(default)]
+    pub first_publish_ms: Option<u64>,
+    /// The first PUBACK of the session.
+    pub first_puback_ms: Option<u64>,
+    /// When the session ended (the hub went away, closed it, or the device
+    /// moved).
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+}
+
+impl Progress {
+    fn log_session(&self, t: SessionTimes) {
+        let mut log = self.sessions_log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= SESSIONS_KEPT {
+            log.pop_front();
+        }
+        log.push_back(t);
+    }
+
+    fn end_session(&self) {
+        let mut log = self.sessions_log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = log.back_mut() {
+            t.ended_ms = Some(UnixMillis::now().0);
+        }
+    }
+
+    fn first_publish(&self) {
+        let mut log = self.sessions_log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = log.back_mut()
+            && t.first_publish_ms.is_none()
+        {
+            t.first_publish_ms = Some(UnixMillis::now().0);
+        }
+    }
+
+    fn first_puback(&self) {
+        let mut log = self.sessions_log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = log.back_mut()
+            && t.first_puback_ms.is_none()
+        {
+            t.first_puback_ms = Some(UnixMillis::now().0);
+        }
+    }
 }
 
 /// Why a session ended.
@@ -200,16 +266,63 @@ impl Agent {
         let mut endpoint: Option<(EndpointResponse, Instant)> = None;
         // Whether the current endpoint failed and must be asked for again.
         let mut stale = true;
+        // The hub of this epoch went away: the next lookup long-polls for a
+        // hub above it (answered the moment one is active) instead of
+        // sleeping in backoff while no hub is there.
+        let mut above: Option<Epoch> = None;
+        // When the endpoint was given, and the start it came with.
+        let mut given = (UnixMillis::now().0, Duration::ZERO);
         while !*stop.borrow() {
             let expired = endpoint
                 .as_ref()
                 .is_none_or(|(e, at)| at.elapsed() >= Duration::from_secs(e.ttl_s.into()));
             if stale || expired {
-                match self.discovery.lookup(&device).await {
+                let asked = Instant::now();
+                let ask = Ask {
+                    above,
+                    connected_to: None,
+                };
+                match self.discovery.lookup(&device, &ask).await {
                     Ok(Lookup::Endpoint(e)) => {
-                        tracing::debug!(region = %e.region, url = %e.mqtt_url, epoch = %e.epoch, "endpoint");
+                        tracing::debug!(region = %e.region, url = %e.mqtt_url, epoch = %e.epoch, start_in_ms = e.start_in_ms, "endpoint");
+                        if above.is_some_and(|a| e.epoch <= a) {
+                            // A concierge that does not long-poll answered
+                            // with the hub that just failed: back off.
+                            let wait = backoff.next_delay();
+                            if sleep_or_stop(wait, &mut stop).await {
+                                break;
+                            }
+                        }
+                        above = None;
+                        given = (
+                            UnixMillis::now().0,
+                            Duration::from_millis(e.start_in_ms.min(MAX_RETRY_AFTER_S * 1000)),
+                        );
                         endpoint = Some((e, Instant::now()));
                         stale = false;
+                    }
+                    Ok(Lookup::NoHub(_, why)) if above.is_none() => {
+                        // Wait for the next primary, answered the moment
+                        // the concierge sees one.
+                        let last = endpoint.as_ref().map_or(Epoch(0), |(e, _)| e.epoch);
+                        tracing::info!(%why, above = %last, "no active hub: waiting for the next one");
+                        above = Some(last);
+                        continue;
+                    }
+                    Ok(Lookup::NoHub(_, why)) => {
+                        // The long poll ran out (or the concierge could not
+                        // hold it): the old hub may be back at its epoch,
+                        // so ask plainly next, after a backoff if the
+                        // answer was immediate.
+                        above = None;
+                        if asked.elapsed() < Duration::from_secs(1) {
+                            let wait = backoff.next_delay();
+                            tracing::info!(%why, retry_ms = wait.as_millis() as u64, "no active hub yet");
+                            if sleep_or_stop(wait, &mut stop).await {
+                                break;
+                            }
+                        }
+                        continue;
                     }
                     Ok(Lookup::RetryAfter(wait, why)) => {
                         // The concierge asks us to wait: do, plus jitter on top.
@@ -239,6 +352,12 @@ impl Agent {
             let Some((ep, _)) = endpoint.clone() else {
                 continue;
             };
+            // The concierge's admission: this device's slot of the rate at
+            // which hubs take CONNECTs.
+            let start_in = std::mem::take(&mut given.1);
+            if !start_in.is_zero() && sleep_or_stop(start_in, &mut stop).await {
+                break;
+            }
             let conn = match mqtt::connect(
                 &ep.mqtt_url,
                 &device,
@@ -251,10 +370,18 @@ impl Agent {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    let wait = backoff.next_delay();
+                    stale = true;
                     match &e {
+                        ConnectError::Io(_) | ConnectError::Timeout => {
+                            // The hub is gone: long-poll for its successor
+                            // (an old hub that comes back at its epoch is
+                            // found when the long poll runs out).
+                            tracing::info!(error = %e, url = %ep.mqtt_url, epoch = %ep.epoch, "cannot connect; waiting for a hub above this epoch");
+                            above = Some(ep.epoch);
+                            continue;
+                        }
                         ConnectError::Refused(code) => {
-                            tracing::warn!(?code, url = %ep.mqtt_url, retry_ms = wait.as_millis() as u64, "connect refused")
+                            tracing::warn!(?code, url = %ep.mqtt_url, "connect refused")
                         }
                         ConnectError::Plaintext(_) => {
                             tracing::error!(error = %e, "endpoint refused")
@@ -263,7 +390,8 @@ impl Agent {
                             tracing::info!(error = %other, url = %ep.mqtt_url, "cannot connect")
                         }
                     }
-                    stale = true;
+                    let wait = backoff.next_delay();
+                    tracing::info!(retry_ms = wait.as_millis() as u64, "retrying");
                     if sleep_or_stop(wait, &mut stop).await {
                         break;
                     }
@@ -272,6 +400,16 @@ impl Agent {
             };
             self.progress.sessions.fetch_add(1, Ordering::Relaxed);
             self.progress.connected.store(true, Ordering::Relaxed);
+            self.progress.log_session(SessionTimes {
+                region: ep.region.to_string(),
+                epoch: ep.epoch.0,
+                endpoint_at_ms: given.0,
+                start_in_ms: start_in.as_millis() as u64,
+                connected_ms: UnixMillis::now().0,
+                first_publish_ms: None,
+                first_puback_ms: None,
+                ended_ms: None,
+            });
             *self
                 .progress
                 .region
@@ -282,15 +420,21 @@ impl Agent {
             let fetched = endpoint.as_ref().map_or_else(Instant::now, |(_, at)| *at);
             let (leave, useful) = self.session(conn, &mut current, fetched, &mut stop).await;
             self.progress.connected.store(false, Ordering::Relaxed);
+            self.progress.end_session();
             if useful {
                 backoff.reset();
             }
             match leave {
                 Leave::Stop => break,
                 Leave::Moved(e) => {
-                    tracing::info!(region = %e.region, url = %e.mqtt_url, "moving to another hub");
+                    tracing::info!(region = %e.region, url = %e.mqtt_url, start_in_ms = e.start_in_ms, "moving to another hub");
+                    given = (
+                        UnixMillis::now().0,
+                        Duration::from_millis(e.start_in_ms.min(MAX_RETRY_AFTER_S * 1000)),
+                    );
                     endpoint = Some((e, Instant::now()));
                     stale = false;
+                    above = None;
                 }
                 Leave::Lost(why) => {
                     let wait = backoff.next_delay();
@@ -382,6 +526,8 @@ impl Agent {
         let acked = self.outbox.run(|o| o.acked()).await;
         let (mut replicated, mut next_send) = (acked, acked.next());
         let mut useful = false;
+        let mut pubacked = false;
+        let mut published = false;
         let mut last_progress = Instant::now();
         let mut last_rx = Instant::now();
         let mut last_tx = Instant::now();
@@ -410,6 +556,10 @@ impl Agent {
                     return (Leave::Lost(e.to_string()), useful);
                 }
                 last_tx = Instant::now();
+                if !published && !inflight.is_empty() {
+                    published = true;
+                    self.progress.first_publish();
+                }
             }
             let outstanding = next_send.0.saturating_sub(1) > replicated.0;
             let resend_at = last_progress + self.config.ack_timeout;
@@ -438,6 +588,10 @@ impl Agent {
                                     inflight.remove(i);
                                 }
                                 self.progress.pubacks.fetch_add(1, Ordering::Relaxed);
+                                if !pubacked {
+                                    pubacked = true;
+                                    self.progress.first_puback();
+                                }
                                 useful = true;
                             }
                             Packet::Publish(p) if p.topic == acks_topic => {
@@ -466,8 +620,16 @@ impl Agent {
                                     }
                                 }
                                 if ack.epoch > endpoint.epoch {
-                                    // The fleet changed under us: ask where to be.
-                                    match self.discovery.lookup(&device).await {
+                                    // The fleet changed under us (a planned
+                                    // promotion tells its devices so before
+                                    // closing): ask for the hub of that
+                                    // epoch, answered the moment the
+                                    // concierge sees it.
+                                    let ask = Ask {
+                                        above: ack.epoch.0.checked_sub(1).map(Epoch),
+                                        connected_to: None,
+                                    };
+                                    match self.discovery.lookup(&device, &ask).await {
                                         Ok(Lookup::Endpoint(e)) if !same_hub(&e, endpoint) => return (Leave::Moved(e), useful),
                                         Ok(Lookup::Endpoint(e)) => *endpoint = e,
                                         _ => endpoint.epoch = ack.epoch,
@@ -486,7 +648,11 @@ impl Agent {
                     return (Leave::Lost("the hub stopped answering (keep-alive)".into()), useful);
                 }
                 () = tokio::time::sleep_until(ttl_at) => {
-                    match self.discovery.lookup(&device).await {
+                    let ask = Ask {
+                        above: None,
+                        connected_to: Some(endpoint.region.clone()),
+                    };
+                    match self.discovery.lookup(&device, &ask).await {
                         Ok(Lookup::Endpoint(e)) if !same_hub(&e, endpoint) => return (Leave::Moved(e), useful),
                         Ok(Lookup::Endpoint(e)) => *endpoint = e,
                         // Pacing or no concierge: the current hub still works.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_api::concierge::EndpointResponse;
-use fleet_api::{DeviceId, ErrorBody};
+use fleet_api::{DeviceId, Epoch, ErrorBody, ErrorCode, Region};
 use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
     ResolverOpts,
@@ -18,12 +18,30 @@ use hickory_resolver::{Resolver, TokioResolver};
 /// The longest `Retry-After` honoured, in seconds.
 pub const MAX_RETRY_AFTER_S: u64 = 300;
 
+/// The longest a long-polling lookup waits for the next primary, seconds.
+pub const LONG_POLL_S: u64 = 10;
+
 /// What asking the concierge gave.
 #[derive(Debug)]
 pub enum Lookup {
     Endpoint(EndpointResponse),
-    /// No hub active now, or reconnect pacing: ask again after this long.
+    /// No hub is active (above the epoch asked for): a device that knows
+    /// an epoch long-polls for the next one instead of sleeping.
+    NoHub(Duration, String),
+    /// Pacing (this address, or a full reconnect schedule): ask again
+    /// after this long.
     RetryAfter(Duration, String),
+}
+
+/// How to ask.
+#[derive(Clone, Debug, Default)]
+pub struct Ask {
+    /// Only a hub with an epoch above this one, waiting (long poll) up to
+    /// [`LONG_POLL_S`] for it: the device saw the hub of this epoch go away.
+    pub above: Option<Epoch>,
+    /// The region the device is connected to: a refresh, which takes no
+    /// slot of the reconnect schedule when it keeps the device there.
+    pub connected_to: Option<Region>,
 }
 
 /// Errors of discovery: all of them mean "keep the last good endpoint".
@@ -128,6 +146,10 @@ impl Discovery {
             // Replicas come and go: do not keep talking to one the DNS
             // front stopped handing out.
             .pool_idle_timeout(Duration::from_secs(5))
+            // Long polls of many simulated devices each take a connection;
+            // once answered, only a few are kept, so the pool does not
+            // hold thousands of descriptors next to the devices' sockets.
+            .pool_max_idle_per_host(32)
             .build()
             .map_err(|e| DiscoveryError::Http(e.to_string()))?;
         Ok(Discovery {
@@ -140,11 +162,18 @@ impl Discovery {
     ///
     /// # Errors
     /// When no concierge answers or the answer is not understood.
-    pub async fn lookup(&self, device: &DeviceId) -> Result<Lookup, DiscoveryError> {
+    pub async fn lookup(&self, device: &DeviceId, ask: &Ask) -> Result<Lookup, DiscoveryError> {
         let url = format!("{}/v1/devices/{device}/endpoint", self.base);
-        let resp = self
-            .http
-            .get(&url)
+        let mut req = self.http.get(&url);
+        if let Some(e) = ask.above {
+            req = req
+                .query(&[("wait_for_epoch", e.0), ("wait_s", LONG_POLL_S)])
+                .timeout(Duration::from_secs(LONG_POLL_S + 5));
+        }
+        if let Some(r) = &ask.connected_to {
+            req = req.query(&[("connected_to", r.as_str())]);
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| DiscoveryError::Http(fleet_api::error_chain(&e)))?;
@@ -165,10 +194,17 @@ impl Discovery {
                 .map_err(|e| DiscoveryError::Http(e.to_string()));
         }
         let text = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error.message);
-        match (status.as_u16(), retry_after) {
-            (503, Some(wait)) => Ok(Lookup::RetryAfter(wait, message)),
-            (code, _) => Err(DiscoveryError::Api {
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => (Some(b.error.code), b.error.message),
+            Err(_) => (None, text),
+        };
+        match (status.as_u16(), code, retry_after) {
+            (503, Some(ErrorCode::NoActiveHub), wait) => Ok(Lookup::NoHub(
+                wait.unwrap_or(Duration::from_secs(1)),
+                message,
+            )),
+            (503, _, Some(wait)) => Ok(Lookup::RetryAfter(wait, message)),
+            (code, _, _) => Err(DiscoveryError::Api {
                 status: code,
                 message,
             }),

@@ -320,6 +320,8 @@ impl Outbox {
         };
         outbox.collect_acked()?;
         outbox.start_segment_if_needed(true)?;
+        // Opened again at the first append: idle outboxes hold no file.
+        outbox.active = None;
         Ok(outbox)
     }
 
@@ -455,6 +457,13 @@ impl Outbox {
             Fsync::Never => self.durable = mid,
             Fsync::Periodic => self.dirty = true,
         }
+        if !self.dirty {
+            // Nothing left to sync: close the segment until the next
+            // append, so an idle outbox holds no file open (10,000
+            // simulated devices in one process would otherwise spend half
+            // the open-files limit on outboxes).
+            self.active = None;
+        }
         Ok(mid)
     }
 
@@ -474,6 +483,7 @@ impl Outbox {
             }
             self.durable = Mid(self.next_mid.0 - 1);
             self.dirty = false;
+            self.active = None;
         }
         Ok(())
     }

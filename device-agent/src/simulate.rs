@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::agent::{Agent, AgentConfig, Progress, SharedOutbox};
+use crate::agent::{Agent, AgentConfig, Progress, SessionTimes, SharedOutbox};
 use crate::discovery::Discovery;
 use crate::outbox::{Fsync, Outbox};
 
@@ -66,6 +66,8 @@ pub struct DeviceReport {
     pub dropped: u64,
     pub sessions: u64,
     pub resends: u64,
+    /// The latest sessions' timestamps (the drill's RTO by PUBACK).
+    pub timeline: Vec<SessionTimes>,
 }
 
 struct Device {
@@ -89,6 +91,28 @@ fn payload(device: &DeviceId, seq: u64, size: usize) -> Vec<u8> {
     p
 }
 
+/// Descriptors a process needs besides its devices' (runtime, logs, the
+/// concierge's pooled connections, an outbox segment being appended).
+const RESERVE_FILES: u64 = 128;
+
+/// Each device holds one connection (MQTT, or a long poll while it waits
+/// for a hub) and opens its outbox only while appending: refuse a run the
+/// open-files limit cannot hold, saying so, instead of failing devices at
+/// random when `connect` gets EMFILE.
+///
+/// # Errors
+/// When `devices` do not fit under `limit`.
+pub fn check_open_files(devices: usize, limit: Option<u64>) -> anyhow::Result<()> {
+    let need = devices as u64 + RESERVE_FILES;
+    match limit {
+        Some(limit) if need > limit => anyhow::bail!(
+            "{devices} devices need about {need} open files (one connection each, plus {RESERVE_FILES}); this process may open {limit} (ulimit -n): raise the limit or run at most {} devices per process",
+            limit.saturating_sub(RESERVE_FILES)
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the simulation; `report` gets one line per device at the end.
 ///
 /// # Errors
@@ -99,6 +123,7 @@ pub async fn run(
     report: Option<PathBuf>,
     mut on_tick: impl FnMut(&Summary),
 ) -> anyhow::Result<Summary> {
+    check_open_files(opts.devices.len(), fleet_api::process::open_files_limit())?;
     let (stop_tx, stop) = watch::channel(false);
     let (gen_stop_tx, gen_stop) = watch::channel(false);
     let mut devices = Vec::new();
@@ -211,6 +236,14 @@ pub async fn run(
                 dropped: o.dropped - d.start.1,
                 sessions: d.progress.sessions.load(Ordering::Relaxed),
                 resends: d.progress.resends.load(Ordering::Relaxed),
+                timeline: d
+                    .progress
+                    .sessions_log
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect(),
             };
             writeln!(f, "{}", serde_json::to_string(&line)?)?;
         }
@@ -222,4 +255,21 @@ pub async fn run(
         }
     }
     Ok(final_summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_the_open_files_limit_cannot_hold_is_refused_with_the_numbers() {
+        assert!(check_open_files(10_000, Some(20_000)).is_ok());
+        assert!(check_open_files(10_000, None).is_ok());
+        let e = check_open_files(19_950, Some(20_000))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("19950 devices"), "{e}");
+        assert!(e.contains("may open 20000"), "{e}");
+        assert!(e.contains("at most 19872 devices"), "{e}");
+    }
 }

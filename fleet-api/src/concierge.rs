@@ -19,6 +19,16 @@ pub struct EndpointResponse {
     pub epoch: Epoch,
     /// Ask again after this many seconds.
     pub ttl_s: u32,
+    /// Connect no sooner than this many milliseconds from now: after a
+    /// failover the concierge hands every device its own slot of the hubs'
+    /// admission rate, so the herd arrives at the rate hubs admit CONNECTs
+    /// instead of all at once (or seconds late, at random).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_in_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One region in `GET /v1/regions`.

@@ -365,6 +365,13 @@ pub enum ErrorCode {
     /// The requested offset is no longer retained.
     OffsetGone,
     Unavailable,
+    /// The concierge has no active hub (above the epoch asked for): a device
+    /// that knows its last hub's epoch waits for the next one with
+    /// `wait_for_epoch` rather than sleeping.
+    NoActiveHub,
+    /// The caller asks too fast (its address, or the fleet's reconnect
+    /// schedule is full): come back after `Retry-After`.
+    Paced,
     Internal,
 }
 

@@ -45,3 +45,15 @@ macro_rules! merge_args {
         $ty { $($field: $field.or(lo.$field),)* config: config.or(lo.config), unknown: lo.unknown.into_iter().chain(unknown).collect() }
     }};
 }
+
+/// The soft limit on open files, from `/proc/self/limits` (Linux); `None`
+/// elsewhere or when unlimited.
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

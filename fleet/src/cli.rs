@@ -70,7 +70,7 @@ struct UpArgs {
     replication: String,
     /// Let the concierges promote the secondary after the primary is down this long.
     #[arg(long)]
-    auto_failover_after_s: Option<u64>,
+    auto_failover_after_s: Option<f64>,
 }
 
 #[derive(Debug, clap::Args)]

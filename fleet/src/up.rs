@@ -204,8 +204,12 @@ pub struct UpOptions {
     pub dir: PathBuf,
     /// `async` or `sync`.
     pub replication: String,
-    /// Concierge: promote automatically after the primary is down this long.
-    pub auto_failover_after_s: Option<u64>,
+    /// Concierge: promote automatically after the primary is down this
+    /// long, seconds (0: as soon as it failed three checks in a row and
+    /// the secondary lost it too).
+    pub auto_failover_after_s: Option<f64>,
+    /// How often the concierges check the hubs, ms.
+    pub poll_ms: u64,
     /// Endpoint and DNS TTL, seconds.
     pub ttl_s: u32,
     pub partitions: u32,
@@ -221,6 +225,7 @@ impl UpOptions {
             dir,
             replication: "async".into(),
             auto_failover_after_s: None,
+            poll_ms: 200,
             ttl_s: 2,
             partitions: 8,
             peer_detach_after_s: None,
@@ -424,9 +429,16 @@ impl Fleet {
                 "--ttl-s",
                 &opts.ttl_s.to_string(),
                 "--poll-ms",
-                "250",
+                &opts.poll_ms.to_string(),
+                // On loopback every device asks from one address (see the
+                // hubs' flags above): lift the per-address limits, and let
+                // every device of a large drill hold a long poll.
                 "--lookups-per-source",
                 "1000000",
+                "--long-polls-per-source",
+                "1000000",
+                "--http-max-connections",
+                "16000",
             ]);
             for r in &regions {
                 args.push("--hub".into());

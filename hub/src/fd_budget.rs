@@ -7,17 +7,7 @@
 //! and the runtime; an explicit cap above what the limit allows is kept but
 //! warned about.
 
-/// The soft limit on open files, from `/proc/self/limits` (Linux); `None`
-/// elsewhere or when unlimited.
-pub fn open_files_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
+pub use fleet_api::process::open_files_limit;
 
 /// Caps asked for (`None`: derive).
 #[derive(Debug, Clone, Copy, Default)]

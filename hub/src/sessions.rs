@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fleet_api::{DeviceId, Mid};
+use fleet_api::{DeviceId, Epoch, Mid};
 use tokio::sync::{mpsc, watch};
 
 /// Why a session must end.
@@ -15,6 +15,10 @@ pub enum Kick {
     TakenOver,
     Revoked,
     Demoted,
+    /// Another hub takes over at this epoch (a planned promotion fenced
+    /// this one, or it learned a higher epoch): the device is told so on
+    /// its acks topic before the connection closes, and moves at once.
+    Moving(Epoch),
     Shutdown,
 }
 
@@ -24,6 +28,7 @@ impl Kick {
             Kick::TakenOver => "taken_over",
             Kick::Revoked => "revoked",
             Kick::Demoted => "demoted",
+            Kick::Moving(_) => "moving",
             Kick::Shutdown => "shutdown",
         }
     }

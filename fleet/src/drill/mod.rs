@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::up::{Fleet, Launcher, Proc, UpOptions};
 
 mod report;
+pub mod rto;
 pub use report::{Divergence, DrillReport, Percentiles, Steps, summary};
 
 /// How to drill.
@@ -192,7 +193,9 @@ pub async fn run(
     let auto = opts.mode == Mode::Forced && opts.auto_promotion;
     let mut up = UpOptions::new(opts.dir.clone());
     up.replication = opts.replication.clone();
-    up.auto_failover_after_s = auto.then_some(1);
+    // Three failed checks 200 ms apart and the secondary's own loss of
+    // its primary, then promote: never on one missed check.
+    up.auto_failover_after_s = auto.then_some(0.0);
     // As deploy/ configures hubs; losing the secondary needs the primary to
     // detach it on its own.
     up.max_lag_ms = Some(5000);
@@ -501,12 +504,8 @@ pub async fn run(
         ..DrillReport::default()
     };
     let mut stored: Vec<HashMap<String, Vec<u64>>> = Vec::new();
-    let mut first_new: HashMap<String, u64> = HashMap::new();
     for (i, url) in urls.iter().enumerate() {
-        let (by_device, firsts) = read_log(url, &fleet.admin_token, kill_wall).await?;
-        if i == 1 {
-            first_new = firsts;
-        }
+        let by_device = read_log(url, &fleet.admin_token).await?;
         report.stored_by_region.insert(
             fleet.regions[i].name.to_string(),
             by_device.values().map(|m| m.len() as u64).sum(),
@@ -514,7 +513,7 @@ pub async fn run(
         stored.push(by_device);
     }
     let final_log = &stored[0];
-    let mut rtos = Vec::new();
+    let mut timelines: Vec<Vec<device_agent::agent::SessionTimes>> = Vec::new();
     for line in std::fs::read_to_string(&report_path)
         .context("read the devices' report")?
         .lines()
@@ -541,22 +540,19 @@ pub async fn run(
             .count() as u64;
         report.lost += missing.saturating_sub(dropped);
         report.stored += set.len() as u64;
-        if let Some(t) = first_new.get(&id) {
-            rtos.push(t.saturating_sub(kill_wall));
-        }
+        timelines.push(serde_json::from_value(d["timeline"].clone()).unwrap_or_default());
     }
-    rtos.sort_unstable();
-    report.devices_moved = rtos.len();
-    let pct = |q: f64| {
-        rtos.get(((rtos.len().max(1) - 1) as f64 * q).round() as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    report.rto_ms = Percentiles {
-        p50: pct(0.5),
-        p99: pct(0.99),
-        max: rtos.last().copied().unwrap_or(0),
-    };
+    if report.lose == Lose::Primary {
+        let failover = rto::Failover {
+            new_region: fleet.regions[1].name.as_str(),
+            started: kill_wall,
+            detected: (opts.mode == Mode::Forced).then(|| kill_wall + report.steps.detect_ms),
+            promoted: kill_wall + report.steps.promote_ms,
+        };
+        report.rto = rto::fleet(timelines.iter().map(Vec::as_slice), &failover);
+        report.rto_ms = report.rto.rto_ms;
+        report.devices_moved = report.rto.devices_moved;
+    }
     for url in &urls {
         report.duplicates_suppressed += metric(&http, url, "fleet_hub_duplicates_total").await;
     }
@@ -697,12 +693,10 @@ async fn divergence(fleet: &Fleet) -> anyhow::Result<u64> {
 async fn read_log(
     url: &str,
     token: &fleet_api::Secret,
-    since_ms: u64,
-) -> anyhow::Result<(HashMap<String, Vec<u64>>, HashMap<String, u64>)> {
+) -> anyhow::Result<HashMap<String, Vec<u64>>> {
     let client = fleet_api::client::HubClient::new(url, Some(token.clone()));
     let status = client.status().await?;
     let mut by_device: HashMap<String, Vec<u64>> = HashMap::new();
-    let mut firsts: HashMap<String, u64> = HashMap::new();
     for p in 0..status.partitions.len() as u32 {
         let mut from = Offset(0);
         loop {
@@ -720,17 +714,16 @@ async fn read_log(
             };
             from = last.offset.next();
             for r in page.records {
-                let id = r.device_id.to_string();
-                if r.epoch.0 >= 2 && r.enqueued_at.0 >= since_ms {
-                    firsts.entry(id.clone()).or_insert(r.enqueued_at.0);
-                }
                 if let Some(m) = r.mid {
-                    by_device.entry(id).or_default().push(m.0);
+                    by_device
+                        .entry(r.device_id.to_string())
+                        .or_default()
+                        .push(m.0);
                 }
             }
         }
     }
-    Ok((by_device, firsts))
+    Ok(by_device)
 }
 
 async fn metric(http: &reqwest::Client, url: &str, name: &str) -> u64 {

@@ -34,9 +34,12 @@ pub struct Steps {
 /// The drill's outcome (`--json`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DrillReport {
-    /// Per-device reconnect time: loss of the primary → first record of the
-    /// device stored by the new primary.
+    /// Per-device RTO: its hub stopped serving it (kill, or the planned
+    /// promotion's fence) → its first PUBACK from the new primary.
     pub rto_ms: Percentiles,
+    /// Where the RTO went: the p99 device broken down, and each part's
+    /// percentiles.
+    pub rto: super::rto::Rto,
     pub sent: u64,
     pub acknowledged: u64,
     /// Distinct (device, mid) in the final primary's log.
@@ -131,8 +134,21 @@ pub fn summary(r: &DrillReport) -> String {
         r.steps.written_while_detached, r.steps.catch_up_ms
     );
     s += &format!(
-        "  reconnect per device (RTO): p50 {} ms, p99 {} ms, max {} ms ({} devices moved)\n",
+        "  RTO per device (hub stopped serving it → first PUBACK from the new primary): p50 {} ms, p99 {} ms, max {} ms ({} devices moved)\n",
         r.rto_ms.p50, r.rto_ms.p99, r.rto_ms.max, r.devices_moved
+    );
+    let b = &r.rto.p99_breakdown;
+    s += &format!(
+        "    p99 device: detection {} + promotion {} + concierge answer {} + admission slot {} + connect {} + nothing to send {} + PUBACK {} ms\n",
+        b.detection, b.promotion, b.discovery, b.admission, b.connect, b.idle, b.publish
+    );
+    s += &format!(
+        "    p99 of each part: concierge answer {} ms, admission slot {} ms, connect {} ms, nothing to send {} ms, PUBACK {} ms\n",
+        r.rto.discovery_ms.p99,
+        r.rto.admission_ms.p99,
+        r.rto.connect_ms.p99,
+        r.rto.idle_ms.p99,
+        r.rto.publish_ms.p99
     );
     s += &format!(
         "  identity RPO: a device created in region a was accepted by region b's hub after {} ms\n",

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use fleet_api::hub::AckMessage;
 use fleet_api::limit::Slot;
-use fleet_api::{DeviceId, Mid};
+use fleet_api::{DeviceId, Epoch, Mid};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use super::{Front, topic};
 use crate::ingest::{IngestError, Replication, Stored};
-use crate::sessions::{Outbound, Session};
+use crate::sessions::{Kick, Outbound, Session};
 
 /// A write that cannot complete in this long means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -281,6 +281,13 @@ impl Conn<'_> {
                 changed = session.kicked.changed() => {
                     let kick = *session.kicked.borrow();
                     match (changed, kick) {
+                        (Ok(()), Some(Kick::Moving(epoch))) => {
+                            // The hint a device moves on without asking
+                            // around: the epoch of the hub taking over.
+                            self.moving(out, epoch);
+                            let _ = flush(stream, out).await;
+                            return Kick::Moving(epoch).as_str();
+                        }
                         (Ok(()), Some(k)) => return k.as_str(),
                         (Ok(()), None) => {}
                         (Err(_), _) => return "shutdown",
@@ -505,6 +512,32 @@ impl Conn<'_> {
                 self.replicated = Some(self.replicated.map_or(m, |r| r.max(m)));
             }
         }
+    }
+
+    /// Tells the device that the hub of `epoch` takes over: an ack that
+    /// repeats what this connection last acknowledged (nothing more) under
+    /// the new epoch.
+    fn moving(&mut self, out: &mut BytesMut, epoch: Epoch) {
+        // Not before this device's committed mid is known: a device without
+        // numbering state takes the first ack's `committed` as its base.
+        if !self.known
+            || !self
+                .filters
+                .iter()
+                .any(|f| topic::matches(&self.acks_topic, f))
+        {
+            return;
+        }
+        let replicated = self.last_ack.map_or(Mid(0), |(_, r)| r);
+        let ack = AckMessage {
+            committed: self.committed,
+            replicated,
+            epoch,
+            region: self.front.state.region().clone(),
+            detached: false,
+        };
+        let payload = serde_json::to_vec(&ack).unwrap_or_default();
+        let _ = Publish::new(self.acks_topic.as_str(), QoS::AtMostOnce, payload).write(out);
     }
 
     /// Publishes a commit ack when the device listens and something changed.

@@ -69,7 +69,9 @@ impl Control {
                 }
                 self.looked.send_replace(true);
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Often: the concierge's automatic failover waits for the
+            // secondary to have lost its primary too.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

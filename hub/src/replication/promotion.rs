@@ -51,7 +51,8 @@ impl Control {
         self.fence_planned
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.state.set_fenced(true);
-        self.sessions.kick_all(Kick::Demoted);
+        self.sessions
+            .kick_all(body.epoch.map_or(Kick::Demoted, Kick::Moving));
         tracing::warn!("fenced: no more writes while the peer takes over");
         let mut high_watermarks = Vec::new();
         for p in 0..self.partitions() {

@@ -122,7 +122,7 @@ impl Control {
                 if now.role == Role::Primary {
                     tracing::warn!(old = %now.epoch, new = %next.epoch, why, "demoted: no longer the primary");
                     metrics::counter!("fleet_hub_demotions_total").increment(1);
-                    self.sessions.kick_all(Kick::Demoted);
+                    self.sessions.kick_all(Kick::Moving(next.epoch));
                 } else {
                     tracing::info!(epoch = %next.epoch, why, "following a higher epoch");
                 }
