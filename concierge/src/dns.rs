@@ -254,3 +254,38 @@ pub fn serve(handler: FrontHandler, udp: Vec<UdpSocket>, tcp: TcpListener) -> Se
     server.register_listener(tcp, Duration::from_secs(5), 32);
     server
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_udp_sockets_share_one_port_with_the_tcp_listener() {
+        let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap(), 3).await.unwrap();
+        assert_eq!(udp.len(), 3);
+        let port = tcp.local_addr().unwrap().port();
+        for s in &udp {
+            assert_eq!(s.local_addr().unwrap().port(), port);
+        }
+        // Every socket of the group receives: queries from many sources
+        // land on all of them, not one.
+        let mut got = [false; 3];
+        for i in 0..200u16 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.send_to(&i.to_be_bytes(), ("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (mut b0, mut b1, mut b2) = ([0u8; 8], [0u8; 8], [0u8; 8]);
+            let which = tokio::select! {
+                r = udp[0].recv_from(&mut b0) => { r.unwrap(); 0 }
+                r = udp[1].recv_from(&mut b1) => { r.unwrap(); 1 }
+                r = udp[2].recv_from(&mut b2) => { r.unwrap(); 2 }
+            };
+            got[which] = true;
+            if got.iter().all(|g| *g) {
+                break;
+            }
+        }
+        assert_eq!(got, [true; 3], "the kernel spreads sources over the group");
+    }
+}

@@ -380,18 +380,21 @@ impl Agent {
                             above = Some(ep.epoch);
                             continue;
                         }
-                        ConnectError::Refused(code) => {
-                            tracing::warn!(?code, url = %ep.mqtt_url, "connect refused")
-                        }
-                        ConnectError::Plaintext(_) => {
-                            tracing::error!(error = %e, "endpoint refused")
-                        }
-                        other => {
-                            tracing::info!(error = %other, url = %ep.mqtt_url, "cannot connect")
-                        }
+                        _ => {}
                     }
                     let wait = backoff.next_delay();
-                    tracing::info!(retry_ms = wait.as_millis() as u64, "retrying");
+                    let retry_ms = wait.as_millis() as u64;
+                    match &e {
+                        ConnectError::Refused(code) => {
+                            tracing::warn!(?code, url = %ep.mqtt_url, retry_ms, "connect refused")
+                        }
+                        ConnectError::Plaintext(_) => {
+                            tracing::error!(error = %e, retry_ms, "endpoint refused")
+                        }
+                        other => {
+                            tracing::info!(error = %other, url = %ep.mqtt_url, retry_ms, "cannot connect")
+                        }
+                    }
                     if sleep_or_stop(wait, &mut stop).await {
                         break;
                     }

@@ -646,6 +646,35 @@ mod tests {
         assert_eq!(o.stats().in_outbox, 2);
     }
 
+    /// Descriptors this process holds open under `dir`.
+    fn open_under(dir: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
+    }
+
+    #[test]
+    fn an_idle_outbox_holds_no_file_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = open(dir.path());
+        assert_eq!(open_under(dir.path()), 0, "after opening");
+        for i in 0..50 {
+            o.append(format!("m{i}").as_bytes()).unwrap();
+            assert_eq!(open_under(dir.path()), 0, "after an append");
+        }
+        assert_eq!(o.read_from(Mid(1), 100).unwrap().len(), 50);
+        assert_eq!(open_under(dir.path()), 0, "after a read");
+        o.ack(Mid(20)).unwrap();
+        assert_eq!(open_under(dir.path()), 0, "after an ack");
+        o.close().unwrap();
+        let mut p = Outbox::open(dir.path(), 1 << 20, Fsync::Periodic).unwrap();
+        p.append(b"later").unwrap();
+        p.sync().unwrap();
+        assert_eq!(open_under(dir.path()), 0, "after a periodic sync");
+    }
+
     #[test]
     fn numbering_state_is_learned_once_and_never_guessed() {
         let dir = tempfile::tempdir().unwrap();

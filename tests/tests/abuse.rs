@@ -40,6 +40,11 @@ async fn device_round(port: u16, key: &str, mid: u64) -> Result<(), String> {
         return Err(format!("lookup: {}", resp.status()));
     }
     let endpoint: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    // Scheduled far out is turned away too.
+    let start_in = endpoint["start_in_ms"].as_u64().unwrap_or(0);
+    if start_in > 1_000 {
+        return Err(format!("lookup: told to wait {start_in} ms"));
+    }
     let url = endpoint["mqtt_url"].as_str().unwrap_or_default();
     let addr: std::net::SocketAddr = url
         .trim_start_matches("mqtt://")

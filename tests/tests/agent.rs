@@ -242,8 +242,8 @@ async fn killing_the_agent_loses_no_confirmed_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering() {
-    let h = harness!("with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering");
+async fn with_no_active_hub_the_agent_long_polls_for_one_and_keeps_buffering() {
+    let h = harness!("with_no_active_hub_the_agent_long_polls_for_one_and_keeps_buffering");
     let (reg, mut hub, c) = fleet(&h, &["d1"]).await;
     hub.node.kill9();
     wait_for(10, "no active hub", || async {
@@ -265,48 +265,42 @@ async fn with_no_active_hub_the_agent_waits_as_told_and_keeps_buffering() {
     };
     let before = refusals();
     let child = agent_with_lines(&h, &c, &reg, (1..=50).map(|i| format!("buffered {i}")));
-    // The concierge answers 503 with Retry-After (its TTL, 5 s): once told,
-    // the agent must not ask again for a while. Counted from its first ask,
-    // so a slow start on a loaded machine does not matter.
-    wait_for(30, "the agent to ask the concierge", || async {
-        refusals() - before >= 1.0
-    })
-    .await;
-    // It waits at least as long as it was told (it logs each wait), and
-    // asks no more often than it logs waiting: counted, not timed.
+    // Told there is no active hub, the agent long-polls for one (the
+    // concierge answers the moment a hub is active) instead of sleeping
+    // and asking again: each of its waits is a long poll that runs out.
     let log = h.logs().join("agent.log");
-    let waits = || -> Vec<u64> {
+    let waits = || -> usize {
         strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default())
             .lines()
-            .filter(|l| l.contains("concierge asks to come back later"))
-            .filter_map(|l| {
-                l.split("wait_ms=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
+            .filter(|l| l.contains("no active hub: waiting for the next one"))
+            .count()
     };
-    wait_for(30, "the agent to be told to wait twice", || async {
-        waits().len() >= 2
+    wait_for(60, "the agent to wait for a hub twice", || async {
+        waits() >= 2
     })
     .await;
+    // Asked at most twice per wait (the answer that sent it waiting and the
+    // long poll that ran out): no polling in between. Counted, not timed.
     let asked = refusals() - before;
-    let told = waits();
+    let waited = waits();
     assert!(
-        told.iter().all(|w| *w >= 5000),
-        "waited less than the 5 s it was told: {told:?}"
-    );
-    assert!(
-        asked <= told.len() as f64 + 1.0,
-        "asked {asked} times but waited only {} times",
-        told.len()
+        asked <= 2.0 * waited as f64 + 1.0,
+        "asked {asked} times for {waited} long polls"
     );
     hub.restart(&h);
     let out = finished(child).await;
     assert!(out.status.success());
+    // The long poll in progress was answered: no "no active hub" answer
+    // after the hub came back and before it connected.
+    let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+    let connected = text.lines().position(|l| l.contains("connected")).unwrap();
+    assert!(
+        !text
+            .lines()
+            .skip(connected)
+            .any(|l| l.contains("no active hub yet")),
+        "{text}"
+    );
     assert_eq!(stored_once(&hub, "d1").await, (1..=50).collect::<Vec<_>>());
     assert_eq!(
         stored_payloads(&hub, "d1").await,

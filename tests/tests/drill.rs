@@ -49,6 +49,21 @@ async fn drill(name: &str, mode: Mode, replication: &str) {
         report.devices_moved, 20,
         "every device reached the new primary"
     );
+    // The RTO is reported by PUBACK, with its breakdown: the p99 device's
+    // parts add up to its RTO (each part is measured, none assumed).
+    let b = report.rto.p99_breakdown;
+    assert_eq!(report.rto.devices_moved, 20);
+    assert!(b.rto > 0 && report.rto_ms.p99 == b.rto, "{:?}", report.rto);
+    assert_eq!(
+        b.detection + b.promotion + b.discovery + b.admission + b.connect + b.idle + b.publish,
+        b.rto,
+        "{b:?}"
+    );
+    if mode == Mode::Forced {
+        assert!(b.detection > 0, "a kill is detected, not assumed: {b:?}");
+    } else {
+        assert_eq!(b.detection, 0, "a planned promotion needs no detection");
+    }
     assert_eq!(report.registry_divergence.after_failback, 0);
     // Measured: a device created in a reached b's hub (the wait would have
     // failed the drill otherwise).

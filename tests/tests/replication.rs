@@ -172,6 +172,56 @@ async fn a_promotion_needs_the_exact_epoch_and_the_epoch_cannot_wrap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_promotion_tells_connected_devices_the_new_epoch_before_closing() {
+    let h = harness!("a_planned_promotion_tells_connected_devices_the_new_epoch_before_closing");
+    let (ra, rb) = registries(&h, &["d1", "d2"]).await;
+    let (a, b) = h.pair(("a", &ra), ("b", &rb), None, &[]);
+    // d1 listens to its acks and has published (its committed mid is
+    // known); d2 has not subscribed: it only sees the connection close.
+    let mut c = connect(&a, &ra, "d1").await;
+    c.subscribe(1, "devices/d1/acks").await;
+    c.publish("devices/d1/messages/events/1", QoS::AtLeastOnce, 1, b"one")
+        .await;
+    let mut acks = Vec::new();
+    while !acks
+        .iter()
+        .any(|a: &fleet_api::AckMessage| a.replicated.0 == 1)
+    {
+        match c.recv(SECS).await {
+            Ok(Packet::Publish(p)) => acks.push(serde_json::from_slice(&p.payload).unwrap()),
+            Ok(_) => {}
+            Err(e) => panic!("no replicated ack: {e:?}"),
+        }
+    }
+    let mut quiet = connect(&a, &ra, "d2").await;
+    let r = post(
+        format!("{}/v1/promote", b.url()),
+        serde_json::json!({"expected_epoch": 1, "mode": "planned"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // Before the connection closes, d1 is told the epoch of the hub taking
+    // over, repeating what it was already told and claiming nothing more.
+    let mut hint = None;
+    loop {
+        match c.recv(SECS).await {
+            Ok(Packet::Publish(p)) => {
+                let ack: fleet_api::AckMessage = serde_json::from_slice(&p.payload).unwrap();
+                if ack.epoch.0 == 2 {
+                    hint = Some(ack);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let hint = hint.expect("no ack with the new epoch before the connection closed");
+    assert_eq!((hint.committed.0, hint.replicated.0), (1, 1));
+    assert!(quiet.closed_within(SECS).await);
+    assert_eq!(status(&b).await.epoch.0, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_promotions_racing_have_one_winner() {
     let h = harness!("two_promotions_racing_have_one_winner");
     let (ra, rb) = registries(&h, &["d1"]).await;

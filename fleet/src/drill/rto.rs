@@ -77,29 +77,28 @@ pub fn device(sessions: &[SessionTimes], f: &Failover<'_>) -> Option<Breakdown> 
             .rev()
             .find_map(|s| s.ended_ms)
             .map_or(f.started, |e| e.max(f.started)),
-    };
-    let detection = f.detected.map_or(0, |d| d.saturating_sub(stopped));
-    let promotion = f
-        .promoted
-        .saturating_sub(stopped.max(f.detected.unwrap_or(0)));
-    let promoted = f.promoted.max(stopped);
-    let discovery = new.endpoint_at_ms.saturating_sub(promoted);
-    let admission = new.start_in_ms;
-    let connect = new
-        .connected_ms
-        .saturating_sub(new.endpoint_at_ms.max(promoted) + admission);
+    }
+    .min(puback);
+    // The device's own timestamps are exact and in order; the drill's
+    // (detected, promoted) are polled, so they are held between the stop
+    // and the device's answer: the parts then add up to the RTO exactly.
+    let answered = new.endpoint_at_ms.clamp(stopped, puback);
+    let promoted = f.promoted.clamp(stopped, answered);
+    let detected = f.detected.map_or(stopped, |d| d.clamp(stopped, promoted));
+    let admitted = (answered + new.start_in_ms).min(puback);
+    let connected = new.connected_ms.clamp(admitted, puback);
     let sent = new
         .first_publish_ms
-        .unwrap_or(new.connected_ms)
-        .clamp(new.connected_ms, puback);
+        .unwrap_or(connected)
+        .clamp(connected, puback);
     Some(Breakdown {
-        rto: puback.saturating_sub(stopped),
-        detection,
-        promotion,
-        discovery,
-        admission,
-        connect,
-        idle: sent - new.connected_ms,
+        rto: puback - stopped,
+        detection: detected - stopped,
+        promotion: promoted - detected,
+        discovery: answered - promoted,
+        admission: admitted - answered,
+        connect: connected - admitted,
+        idle: sent - connected,
         publish: puback - sent,
     })
 }
