@@ -58,8 +58,10 @@ pub struct RunArgs {
     /// Consecutive failed checks before a hub counts as down [default: 3].
     #[arg(long, env = "FLEET_FAILURES")]
     pub failures: Option<u32>,
-    /// Endpoint answers per second across all replicas before devices are
-    /// told to come back later [default: 2000].
+    /// Reconnect slots per second this replica hands out (each answer names
+    /// its device's start, `start_in_ms`): set it to what the hubs admit
+    /// (`fleet bench connections`, and the hubs' `--connect-rate`)
+    /// [default: 2000].
     #[arg(long, env = "FLEET_CONNECT_RATE")]
     pub connect_rate: Option<u32>,
     /// How long a planned failover waits for the target region's registry

@@ -105,7 +105,10 @@ impl Concierge {
         ));
         let handler = FrontHandler::new(&config.zone, config.ttl_s, backends)?;
         let dns = dns::serve(handler, listeners.dns_udp, listeners.dns_tcp);
-        let rate = f64::from(config.connect_rate) / config.replicas.len().max(1) as f64;
+        // Per replica, not split among them: the DNS front hands replicas
+        // out in priority order, so one answers the fleet at a time (the
+        // hubs' own connect rate is the backstop when several do).
+        let rate = f64::from(config.connect_rate);
         let api = Arc::new(api::ApiState {
             fleet: fleet.clone(),
             pacer: pacing::Pacer::new(rate, f64::from(config.lookups_per_source)),

@@ -1,9 +1,10 @@
 //! Reconnect pacing. After a failover thousands of devices ask for their
 //! endpoint at once; answering all of them at once makes them all connect at
-//! once. The pacer admits answers at a fixed rate (split across replicas) and
-//! gives every device beyond that its own `Retry-After`, spread one slot
-//! apart (a GCRA meter with reservations), so hub connects stay under the
-//! configured rate without any coordination between replicas.
+//! once. The pacer gives every answer its own slot of a fixed rate (per
+//! replica), one interval after the last (a GCRA meter with reservations),
+//! and the answer tells the device when that is (`start_in_ms`): hub
+//! connects arrive at the configured rate, each device at a known time,
+//! without any coordination between replicas.
 //!
 //! The budget is shared, so no one client may spend it: each client address
 //! has its own rate (checked first, so what it is refused costs the fleet

@@ -232,8 +232,18 @@ impl ConsumeRunArgs {
     /// Validates into a [`RunnerConfig`].
     ///
     /// # Errors
-    /// A missing or invalid setting, named.
+    /// A missing or invalid setting, named, and the config file it may
+    /// come from.
     pub fn validate(self) -> anyhow::Result<RunnerConfig> {
+        match self.config.clone() {
+            Some(path) => self
+                .validate_settings()
+                .with_context(|| format!("config {}", path.display())),
+            None => self.validate_settings(),
+        }
+    }
+
+    fn validate_settings(self) -> anyhow::Result<RunnerConfig> {
         let group = self.group.context("--group is required")?;
         let hubs = self.hubs.unwrap_or_default();
         if hubs.is_empty() {

@@ -194,6 +194,21 @@ fn merged(mut c: Common) -> anyhow::Result<Common> {
     })
 }
 
+/// Checks a configuration file as `run --config PATH` would (nothing is
+/// started): every error names the file.
+///
+/// # Errors
+/// What is wrong with the file, and where.
+pub fn check_config(path: &Path) -> anyhow::Result<()> {
+    let c = Common {
+        config: Some(path.to_path_buf()),
+        ..Common::default()
+    };
+    prepare(c, "always", Some(PathBuf::from("outbox")))
+        .map(|_| ())
+        .with_context(|| format!("config {}", path.display()))
+}
+
 /// Parses `--fsync`: the policy and, for a period, how often.
 fn fsync_policy(s: Option<&str>, default: &str) -> anyhow::Result<(Fsync, Option<Duration>)> {
     match s.unwrap_or(default) {
@@ -206,7 +221,11 @@ fn fsync_policy(s: Option<&str>, default: &str) -> anyhow::Result<(Fsync, Option
     }
 }
 
-fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+/// The TLS client configuration: `ca`'s certificates, or the public roots.
+///
+/// # Errors
+/// When the CA file cannot be read or parsed.
+pub fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

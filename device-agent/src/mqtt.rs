@@ -133,15 +133,50 @@ pub async fn connect(
     tls: Option<&Arc<rustls::ClientConfig>>,
     allow_plaintext: bool,
 ) -> Result<Connection, ConnectError> {
+    connect_from(None, url, device, key, keep_alive, tls, allow_plaintext).await
+}
+
+/// [`connect`] from the local address `from` (load generators spread
+/// their connections over several loopback addresses to get past one
+/// address's ephemeral ports).
+///
+/// # Errors
+/// See [`connect`].
+pub async fn connect_from(
+    from: Option<std::net::IpAddr>,
+    url: &str,
+    device: &DeviceId,
+    key: &DeviceKey,
+    keep_alive: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    allow_plaintext: bool,
+) -> Result<Connection, ConnectError> {
     let (use_tls, host, port) = parse_url(url)?;
     // Whatever the concierge answers, it cannot talk this agent out of TLS.
     if !use_tls && !allow_plaintext {
         return Err(ConnectError::Plaintext(url.to_string()));
     }
     let attempt = async {
-        let tcp = TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| ConnectError::Io(e.to_string()))?;
+        let tcp = match from {
+            None => TcpStream::connect((host.as_str(), port)).await,
+            Some(local) => {
+                let to = tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .and_then(|mut a| a.next().ok_or_else(|| std::io::Error::other("no address")))
+                    .map_err(|e| ConnectError::Io(e.to_string()))?;
+                let socket = if to.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .map_err(|e| ConnectError::Io(e.to_string()))?;
+                socket
+                    .bind(std::net::SocketAddr::new(local, 0))
+                    .map_err(|e| ConnectError::Io(e.to_string()))?;
+                socket.connect(to).await
+            }
+        }
+        .map_err(|e| ConnectError::Io(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let stream = if use_tls {
             let config = tls.cloned().ok_or_else(|| {

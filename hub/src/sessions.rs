@@ -3,11 +3,11 @@
 //! one device (revoked) or every device (demoted, shutting down).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fleet_api::{DeviceId, Epoch, Mid};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::Notify;
 
 /// Why a session must end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,14 +47,76 @@ pub enum Outbound {
     Replicated(Mid),
 }
 
+/// What the outside tells one connection. A watch, not a queue: only the
+/// latest of each matters (the highest mids, the first kick), so a busy
+/// connection misses nothing and a burst of notices fills nothing. One
+/// small channel per connection: an idle device costs the hub little.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signals {
+    /// Set once: the connection must end.
+    pub kick: Option<Kick>,
+    /// The highest mid the other region durably holds.
+    pub replicated: Mid,
+    /// What is durable here and in both regions, answered asynchronously
+    /// (the query made when the device subscribed to its acks).
+    pub acked: Option<(Option<Mid>, Option<Mid>)>,
+}
+
+impl Signals {
+    /// Applies `msg`; true when something changed.
+    fn apply(&mut self, msg: Outbound) -> bool {
+        match msg {
+            Outbound::Replicated(m) => {
+                let higher = m > self.replicated;
+                if higher {
+                    self.replicated = m;
+                }
+                higher
+            }
+            Outbound::Acked {
+                committed,
+                replicated,
+            } => {
+                let next = match self.acked {
+                    None => (committed, replicated),
+                    Some((c, r)) => (c.max(committed), r.max(replicated)),
+                };
+                let changed = self.acked != Some(next);
+                self.acked = Some(next);
+                changed
+            }
+        }
+    }
+}
+
+/// One connection's signals and the wake-up that says they changed: a
+/// mutex and a `Notify` (whose stored permit means no change is missed
+/// between two looks), far smaller than a channel, so an idle device costs
+/// the hub little.
+#[derive(Debug, Default)]
+pub struct Cell {
+    signals: Mutex<Signals>,
+    changed: Notify,
+}
+
+impl Cell {
+    /// Changes the signals with `f`; wakes the connection if it said so.
+    fn update(&self, f: impl FnOnce(&mut Signals) -> bool) {
+        let changed = f(&mut self.signals.lock().unwrap_or_else(|e| e.into_inner()));
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The signals now.
+    pub fn get(&self) -> Signals {
+        *self.signals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 struct Handle {
     id: u64,
-    kick: watch::Sender<Option<Kick>>,
-    out: mpsc::Sender<Outbound>,
-    /// The highest mid the other region holds: a watch, not a queue, so a
-    /// connection that is busy for a moment misses nothing (only the
-    /// highest matters) and a burst of notices cannot fill anything.
-    replicated: watch::Sender<Mid>,
+    cell: Arc<Cell>,
 }
 
 /// Every connected device.
@@ -76,13 +138,19 @@ impl std::fmt::Debug for Sessions {
 /// newer connection has taken over).
 pub struct Session<'a> {
     pub id: u64,
-    pub kicked: watch::Receiver<Option<Kick>>,
-    pub outbound: mpsc::Receiver<Outbound>,
-    pub sender: mpsc::Sender<Outbound>,
-    /// [`Outbound::Replicated`] notices, the highest only.
-    pub replicated: watch::Receiver<Mid>,
+    /// Its signals; the connection's own tasks deliver through it too.
+    pub cell: Arc<Cell>,
     device: DeviceId,
     sessions: &'a Sessions,
+}
+
+impl Session<'_> {
+    /// Waits until the signals changed since the last call (at once if they
+    /// changed meanwhile), and returns them.
+    pub async fn changed(&self) -> Signals {
+        self.cell.changed.notified().await;
+        self.cell.get()
+    }
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -104,34 +172,42 @@ impl Drop for Session<'_> {
     }
 }
 
+/// Delivers `msg` to the connection of `cell`.
+pub fn deliver(cell: &Cell, msg: Outbound) {
+    cell.update(|s| s.apply(msg));
+}
+
+fn kick_one(cell: &Cell, why: Kick) {
+    cell.update(|s| {
+        let first = s.kick.is_none();
+        if first {
+            s.kick = Some(why);
+        }
+        first
+    });
+}
+
 impl Sessions {
     /// Registers a connection for `device`, taking over any previous one.
     pub fn register(&self, device: &DeviceId) -> Session<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (kick, kicked) = watch::channel(None);
-        let (out, outbound) = mpsc::channel(64);
-        let (replicated_tx, replicated) = watch::channel(Mid(0));
+        let cell = Arc::new(Cell::default());
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let old = map.insert(
             device.clone(),
             Handle {
                 id,
-                kick,
-                out: out.clone(),
-                replicated: replicated_tx,
+                cell: cell.clone(),
             },
         );
         metrics::gauge!("fleet_hub_connections").set(map.len() as f64);
         drop(map);
         if let Some(old) = old {
-            let _ = old.kick.send(Some(Kick::TakenOver));
+            kick_one(&old.cell, Kick::TakenOver);
         }
         Session {
             id,
-            kicked,
-            outbound,
-            sender: out,
-            replicated,
+            cell,
             device: device.clone(),
             sessions: self,
         }
@@ -145,20 +221,19 @@ impl Sessions {
             .unwrap_or_else(|e| e.into_inner())
             .get(device)
         {
-            let _ = h.kick.send(Some(why));
+            kick_one(&h.cell, why);
         }
     }
 
     /// Closes every connection.
     pub fn kick_all(&self, why: Kick) {
         for h in self.map.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            let _ = h.kick.send(Some(why));
+            kick_one(&h.cell, why);
         }
     }
 
-    /// Delivers `msg` to `device`'s connection if it is connected.
-    /// `Replicated` notices are never lost (the highest is kept); an
-    /// `Acked` answer is dropped only if 64 are already waiting.
+    /// Delivers `msg` to `device`'s connection if it is connected; never
+    /// lost to a busy connection (the highest values are kept).
     pub fn send(&self, device: &DeviceId, msg: Outbound) {
         if let Some(h) = self
             .map
@@ -166,20 +241,7 @@ impl Sessions {
             .unwrap_or_else(|e| e.into_inner())
             .get(device)
         {
-            match msg {
-                Outbound::Replicated(m) => {
-                    h.replicated.send_if_modified(|cur| {
-                        let higher = m > *cur;
-                        if higher {
-                            *cur = m;
-                        }
-                        higher
-                    });
-                }
-                Outbound::Acked { .. } => {
-                    let _ = h.out.try_send(msg);
-                }
-            }
+            deliver(&h.cell, msg);
         }
     }
 
@@ -191,6 +253,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     #[test]
     fn takeover_kicks_the_old_session_only() {
@@ -198,8 +261,8 @@ mod tests {
         let d = DeviceId::new("d").unwrap();
         let first = s.register(&d);
         let second = s.register(&d);
-        assert_eq!(*first.kicked.borrow(), Some(Kick::TakenOver));
-        assert_eq!(*second.kicked.borrow(), None);
+        assert_eq!(first.cell.get().kick, Some(Kick::TakenOver));
+        assert_eq!(second.cell.get().kick, None);
         drop(first); // must not unregister the newer session
         assert_eq!(s.count(), 1);
         drop(second);
@@ -210,15 +273,20 @@ mod tests {
     fn a_burst_of_replicated_notices_loses_none() {
         let s = Sessions::default();
         let d = DeviceId::new("d").unwrap();
-        let mut session = s.register(&d);
+        let session = s.register(&d);
         // The connection is busy: a thousand notices arrive unread.
         for m in 1..=1000 {
             s.send(&d, Outbound::Replicated(Mid(m)));
         }
-        assert!(session.replicated.has_changed().unwrap());
-        assert_eq!(*session.replicated.borrow_and_update(), Mid(1000));
-        // Late, lower notices change nothing.
+        let seen = session.changed().now_or_never().expect("woken");
+        assert_eq!(seen.replicated, Mid(1000));
+        // Late, lower notices change nothing, and wake nobody.
         s.send(&d, Outbound::Replicated(Mid(7)));
-        assert!(!session.replicated.has_changed().unwrap());
+        assert!(session.changed().now_or_never().is_none());
+        // A kick is kept once: a later one does not replace it.
+        s.kick(&d, Kick::Revoked);
+        s.kick(&d, Kick::Shutdown);
+        let seen = session.changed().now_or_never().expect("woken");
+        assert_eq!(seen.kick, Some(Kick::Revoked));
     }
 }

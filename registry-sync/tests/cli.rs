@@ -473,6 +473,20 @@ async fn bad_urls_and_usage_get_one_clear_line() {
         "d",
     ]);
     assert!(stderr(&o).contains("invalid --region"), "{}", stderr(&o));
+    // Ids that are path components are refused by name.
+    for id in [".", ".."] {
+        let o = cli(&[
+            "device",
+            "add",
+            "--db",
+            "sqlite::memory:",
+            "--region",
+            "a",
+            id,
+        ]);
+        assert!(!o.status.success(), "{id} was accepted");
+        assert!(stderr(&o).contains("dots"), "{id}: {}", stderr(&o));
+    }
     let o = cli(&[
         "device",
         "add",

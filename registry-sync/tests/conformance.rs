@@ -509,3 +509,42 @@ async fn two_stores_have_different_ids() {
         b.store.store_id().await.unwrap()
     );
 }
+
+/// A record stored ahead of this registry's clock (within the skew bound,
+/// so it was accepted: written by a peer whose clock runs a minute fast,
+/// then the database restored without its clock row): a local write that
+/// cannot supersede it is an error, not a success that changed nothing.
+#[tokio::test]
+async fn a_local_write_that_does_not_take_effect_is_an_error() {
+    let f = fixture(Kind::Sqlite, None).await;
+    let s = f.store;
+    s.claim_region(&region("a")).await.unwrap();
+    s.create(vec![new_device("d", 1)]).await.unwrap();
+    let ahead = (registry_sync::hlc::wall_ms() + 60_000) << Version::LOGICAL_BITS;
+    let pool = sqlx::SqlitePool::connect(&f.url).await.unwrap();
+    sqlx::query("UPDATE devices SET version = ? WHERE device_id = 'd'")
+        .bind(ahead as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let err = s
+        .update(
+            &id("d"),
+            Patch {
+                status: Some(DeviceStatus::Disabled),
+                ..Patch::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::NotApplied(d) if d.as_str() == "d"),
+        "{err}"
+    );
+    assert_eq!(
+        s.get(&id("d")).await.unwrap().unwrap().status,
+        DeviceStatus::Enabled,
+        "nothing was applied"
+    );
+}

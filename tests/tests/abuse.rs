@@ -597,3 +597,144 @@ async fn caps_sized_under_the_descriptor_limit_keep_a_flooded_hub_healthy() {
     })
     .await;
 }
+
+/// Connections from `from` to `to` that send nothing; how many of them the
+/// server closed within a second of the last one opening.
+async fn silent_from(
+    from: IpAddr,
+    to: std::net::SocketAddr,
+    n: usize,
+) -> (Vec<tokio::net::TcpStream>, usize) {
+    use tokio::io::AsyncReadExt;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+        held.push(s.connect(to).await.unwrap());
+    }
+    let mut closed = 0;
+    for s in &mut held {
+        let mut b = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(
+            Duration::from_millis(1000 / n.max(1) as u64 + 5),
+            s.read(&mut b),
+        )
+        .await
+        {
+            closed += 1;
+        }
+    }
+    (held, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_http_and_tls_handshakes() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let h = harness!("one_address_holds_at_most_its_share_of_http_and_tls_handshakes");
+    let cert = h.self_signed();
+    let (_reg, hub) = hub_with(
+        &h,
+        &["d"],
+        &[
+            "--http-max-connections",
+            "400",
+            "--http-tls-cert",
+            &cert.cert,
+            "--http-tls-key",
+            &cert.key,
+        ],
+    )
+    .await;
+    // 64 silent sockets from one address: its 32 handshakes run (until
+    // their timeout), the rest are closed at once.
+    let (silent, closed) = silent_from(ATTACKER, hub.http, 64).await;
+    assert!(
+        (30..=34).contains(&closed),
+        "{closed} of 64 silent handshakes were closed at once (32 allowed)"
+    );
+    // Meanwhile a client from another address is served over HTTPS.
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem.as_bytes()).unwrap())
+        .local_address(DEVICE)
+        .build()
+        .unwrap();
+    let ok = http
+        .get(format!("https://localhost:{}/healthz", hub.http.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    drop(silent);
+    // Plain HTTP (the concierge): an address holds at most 256 connections
+    // (here half-sent requests, cut only by the header timeout); the rest
+    // it opens are closed at once, and another address is still served.
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    let mut lorises = Vec::new();
+    for _ in 0..300 {
+        use tokio::io::AsyncWriteExt;
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::new(ATTACKER, 0)).unwrap();
+        let mut s = s.connect(c.http).await.unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: c\r\n").await;
+        lorises.push(s);
+    }
+    let mut closed = 0;
+    for s in &mut lorises {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 64];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(20), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        (40..=48).contains(&closed),
+        "{closed} of 300 connections from one address were closed at once (256 allowed)"
+    );
+    let ok = reqwest::Client::builder()
+        .local_address(DEVICE)
+        .build()
+        .unwrap()
+        .get(format!("{}/healthz", c.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "another address was not served");
+    drop(lorises);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_watchers_from_one_address_cannot_keep_others_off_the_stream() {
+    let h = harness!("silent_watchers_from_one_address_cannot_keep_others_off_the_stream");
+    let (_reg, hub) = hub_with(&h, &["d"], &["--stream-password", "watch-me-please"]).await;
+    // 40 silent sockets at once from one address: 16 may wait to log in,
+    // then its rate (20 a second) turns the rest away before reading.
+    let (silent, closed) = silent_from(ATTACKER, hub.stream.unwrap(), 40).await;
+    assert!(
+        (20..=24).contains(&closed),
+        "{closed} of 40 silent watchers were closed at once (16 may wait)"
+    );
+    assert!(
+        hub.metric("fleet_hub_stream_refused_total{reason=\"pending_per_source\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        hub.metric("fleet_hub_stream_refused_total{reason=\"source_rate\"}")
+            .await
+            >= 1.0
+    );
+    // A watcher from another address logs in and subscribes meanwhile.
+    let (mut watcher, code) = RawClient::connect_from(
+        hub.stream.unwrap(),
+        DEVICE,
+        "watcher",
+        Some(("stream", "watch-me-please")),
+    )
+    .await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    watcher.subscribe(1, "fleet/#").await;
+    assert!(matches!(watcher.recv(SECS).await, Ok(Packet::SubAck(_))));
+    drop(silent);
+}

@@ -37,6 +37,17 @@ async fn the_endpoint_follows_the_active_hub_and_says_when_there_is_none() {
     assert_eq!(e.ttl_s, 5);
     let bad = get(&format!("{}/v1/devices/a%2Fb/endpoint", c.url())).await;
     assert_eq!(bad.status(), 400);
+    // Written on the socket: URL libraries fold `%2E` segments away.
+    for id in ["%2E", "%2E%2E", "%2e%2e"] {
+        let status = tests::raw_status(
+            c.http,
+            &format!(
+                "GET /v1/devices/{id}/endpoint HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "{id}");
+    }
 
     hub.node.kill9();
     wait_for(10, "the concierge to notice", || async {

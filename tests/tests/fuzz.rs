@@ -476,6 +476,23 @@ async fn json_bodies_are_refused_with_a_client_error_never_a_crash() {
                 format!("{}/v1/failover", c.url()),
                 r#"{"to":"eu","mode":"planned"}"#,
             ),
+            (
+                Method::POST,
+                format!("{hub_url}/v1/demote"),
+                r#"{"epoch":2}"#,
+            ),
+            (
+                Method::POST,
+                format!("{hub_url}/v1/fence"),
+                r#"{"epoch":2}"#,
+            ),
+            (
+                Method::POST,
+                format!("{hub_url}/v1/unfence"),
+                r#"{"epoch":2}"#,
+            ),
+            (Method::POST, format!("{hub_url}/v1/peer/detach"), r#"{}"#),
+            (Method::POST, format!("{hub_url}/v1/peer/attach"), r#"{}"#),
         ],
     )
     .await;
@@ -529,6 +546,59 @@ hubs = ["eu=http://127.0.0.1:1,mqtt://127.0.0.1:2"]
 ttl_s = 5
 poll_ms = 500
 "#;
+
+const AGENT_TOML: &str = r#"concierge = "https://concierge.fleet.test:7070"
+dns = ["127.0.0.1:5353"]
+outbox = "/tmp/fleet-fuzz-outbox"
+max_outbox_bytes = 1048576
+fsync = "always"
+keep_alive_s = 30
+ack_timeout_s = 30
+"#;
+
+const CONSUMER_TOML: &str = r#"group = "fuzz"
+hub = ["http://127.0.0.1:1"]
+token = "0123456789abcdef0123"
+sink = "noop"
+"#;
+
+/// Every error names the file, whatever the mutation.
+fn names_the_file(result: anyhow::Result<()>, path: &std::path::Path) {
+    if let Err(e) = result {
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(&path.display().to_string()),
+            "an error without the file's name: {text}"
+        );
+    }
+}
+
+#[test]
+fn mutated_agent_and_consumer_configs_are_refused_with_their_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.toml");
+    let mut rng = rng("toml-clients");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    for i in 0..cases() {
+        let valid = if i % 2 == 0 {
+            AGENT_TOML
+        } else {
+            CONSUMER_TOML
+        };
+        std::fs::write(&path, mutate(&mut rng, valid.as_bytes())).unwrap();
+        let result = if i % 2 == 0 {
+            device_agent::cli::check_config(&path)
+        } else {
+            let args = consumer::cli::ConsumeRunArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            };
+            args.with_file().and_then(|a| a.validate().map(|_| ()))
+        };
+        names_the_file(result, &path);
+    }
+}
 
 #[test]
 fn mutated_configs_are_refused_with_their_file_named_never_a_panic() {

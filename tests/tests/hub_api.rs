@@ -111,6 +111,20 @@ async fn the_admin_api_creates_changes_and_removes_devices() {
             .status(),
         404
     );
+    // Path components are never device ids. Written on the socket: URL
+    // libraries fold `%2E` segments away before a request is sent.
+    for dots in ["%2E", "%2E%2E", ".%2E", "%2e%2e"] {
+        for method in ["PUT", "GET", "DELETE"] {
+            let status = tests::raw_status(
+                hub.http,
+                &format!(
+                    "{method} /v1/devices/{dots} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                ),
+            )
+            .await;
+            assert_eq!(status, 400, "{method} {dots}");
+        }
+    }
     let bad = http
         .put(format!("{}/v1/devices/no%20spaces", hub.url()))
         .bearer_auth(ADMIN_TOKEN)

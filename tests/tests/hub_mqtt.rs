@@ -251,6 +251,8 @@ async fn refused_connects_get_their_codes_and_are_counted() {
         ),
         ("a/b", Some(("a/b", &key)), ConnectReturnCode::BadClientId),
         ("", Some(("", &key)), ConnectReturnCode::BadClientId),
+        ("..", Some(("..", &key)), ConnectReturnCode::BadClientId),
+        (".", Some((".", &key)), ConnectReturnCode::BadClientId),
         (
             "off",
             Some(("off", &off_key)),
@@ -285,7 +287,7 @@ async fn refused_connects_get_their_codes_and_are_counted() {
     assert_eq!(
         hub.metric("fleet_hub_connects_total{result=\"bad_client_id\"}")
             .await,
-        2.0
+        4.0
     );
     assert!(
         hub.metric("fleet_hub_connects_total{result=\"disabled\"}")

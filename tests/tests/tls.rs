@@ -139,6 +139,46 @@ async fn an_agent_reaches_the_concierge_over_https_and_the_hub_over_mqtts() {
         &format!("mqtts://localhost:{}", hub.mqtt.port()),
     );
     let url = format!("https://concierge.fleet.test:{}", c.http.port());
+    // A watcher of the live stream over TLS, verified with the private CA,
+    // before the device publishes.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut opts =
+        rumqttc::MqttOptions::new("tls-watcher", "localhost", hub.stream.unwrap().port());
+    opts.set_credentials("stream", "watch-me-please");
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca: std::fs::read(&ca.ca).unwrap(),
+            alpn: None,
+            client_auth: None,
+        },
+    ));
+    let (watcher, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    watcher
+        .subscribe("fleet/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+                events.poll().await.expect("the TLS stream connection")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(subscribed.is_ok(), "no SUBACK from the TLS live stream");
+    let watched = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    return (p.topic, p.payload.to_vec());
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the TLS stream connection failed: {e}"),
+            }
+        }
+    });
     let out = finished(agent(&h, &reg, &c, &url, &["--ca", &ca.ca])).await;
     assert!(
         out.status.success(),
@@ -148,6 +188,12 @@ async fn an_agent_reaches_the_concierge_over_https_and_the_hub_over_mqtts() {
     let stored = hub.records_of("d1", 8).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].payload, b"over tls");
+    let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), watched)
+        .await
+        .expect("the watcher saw nothing over TLS")
+        .unwrap();
+    assert_eq!(topic, "fleet/eu/devices/d1/events");
+    assert_eq!(payload, b"over tls");
     // The concierge speaks only TLS on its port.
     let plain = reqwest::get(format!("http://127.0.0.1:{}/healthz", c.http.port())).await;
     assert!(plain.is_err(), "the concierge answered plain HTTP");

@@ -3,6 +3,7 @@
 //! and ratios next to the machine it ran on (see guides/benchmarks.md).
 
 pub mod agent;
+pub mod connections;
 pub mod consume;
 pub mod driver;
 pub mod front;
@@ -27,6 +28,13 @@ pub enum BenchCommand {
     /// The device agent's footprint: binary size, RSS and CPU idle, at
     /// 1 msg/s, and of `simulate` with 1,000 devices.
     Agent(agent::AgentArgs),
+    /// Connections per hub: idle authenticated devices held (RSS per
+    /// connection, CPU at idle) and the CONNECT rate admitted, plain and
+    /// TLS, against rumqttd and Mosquitto.
+    Connections(connections::ConnectionsArgs),
+    /// Internal: one load generator of `bench connections`.
+    #[command(hide = true)]
+    ConnectLoad(connections::LoadArgs),
     /// Internal: serve the trivial axum baseline and print its address.
     #[command(hide = true)]
     ServeAxum,
@@ -46,6 +54,8 @@ pub async fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
         BenchCommand::Replication(args) => replication::run(args, json).await,
         BenchCommand::Concierge(args) => front::run(args, json).await,
         BenchCommand::Agent(args) => agent::run(args, json).await,
+        BenchCommand::Connections(args) => connections::run(args, json).await,
+        BenchCommand::ConnectLoad(args) => connections::load(args).await,
         BenchCommand::ServeAxum => front::serve_axum().await,
         BenchCommand::ServeRumqttd => {
             let broker = tokio::task::spawn_blocking(|| {

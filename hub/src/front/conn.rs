@@ -23,7 +23,7 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -69,6 +69,7 @@ async fn read_packet<S: AsyncRead + Unpin>(
             Err(CodecError::InsufficientBytes(_)) => {}
             Err(e) => return Err(codec_reason(&e)),
         }
+        buf.reserve(256);
         match stream.read_buf(buf).await {
             Ok(0) => return Err("closed"),
             Ok(_) => {}
@@ -102,9 +103,20 @@ async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> Res
     if out.is_empty() {
         return Ok(());
     }
+    // Boxed: the write's state (a timer among it) lives only while a write
+    // is under way, not in every idle connection's task.
+    Box::pin(write_out(stream, out)).await
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut BytesMut,
+) -> Result<(), Reason> {
     match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(out)).await {
         Ok(Ok(())) => {
-            out.clear();
+            // Nothing kept between writes: an idle connection holds no
+            // output buffer.
+            *out = BytesMut::new();
             Ok(())
         }
         Ok(Err(_)) => Err("io_error"),
@@ -112,7 +124,156 @@ async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> Res
     }
 }
 
-type Completion = BoxFuture<'static, (u16, QoS, Result<Stored, IngestError>)>;
+/// What an idle connection reads into: a packet's first bytes arrive here,
+/// so no buffer is held while a device says nothing.
+const SMALL_READ: usize = 64;
+/// The buffer a packet in progress is read into.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Reads more: into `small` when nothing is buffered (idle), else straight
+/// into `inbuf`, grown for the rest of the packet (or a burst of them).
+async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    inbuf: &mut BytesMut,
+    small: &mut [u8; SMALL_READ],
+) -> std::io::Result<usize> {
+    if inbuf.is_empty() {
+        let n = stream.read(small).await?;
+        if n == SMALL_READ {
+            inbuf.reserve(READ_CHUNK);
+        }
+        inbuf.extend_from_slice(&small[..n]);
+        Ok(n)
+    } else {
+        inbuf.reserve(READ_CHUNK);
+        stream.read_buf(inbuf).await
+    }
+}
+
+/// Reads the CONNECT and checks it: the device and its keep-alive (s), or
+/// `None` once the client was answered with a refusal (or is gone).
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    front: &Front,
+    peer: SocketAddr,
+    pending: Slot<IpAddr>,
+    inbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    max_packet: usize,
+) -> Option<(DeviceId, u16)> {
+    let connect = match tokio::time::timeout(
+        front.config.connect_timeout,
+        read_packet(stream, inbuf, MAX_CONNECT.min(max_packet), true),
+    )
+    .await
+    {
+        Err(_) => {
+            count_disconnect("connect_timeout");
+            return None;
+        }
+        Ok(Err("protocol_version")) => {
+            // MQTT 5 or 3.1: say so with CONNACK 1, as 3.1.1 prescribes.
+            let _ = ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false).write(out);
+            let _ = flush(stream, out).await;
+            let _ = stream.shutdown().await;
+            metrics::counter!("fleet_hub_connects_total", "result" => "protocol_version")
+                .increment(1);
+            count_disconnect("protocol_version");
+            return None;
+        }
+        Ok(Err(reason)) => {
+            count_disconnect(reason);
+            return None;
+        }
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(_)) => {
+            count_disconnect("protocol");
+            return None;
+        }
+    };
+    let admitted = front.admit(&connect, peer).await;
+    // Authenticated or refused: no longer a pending connection.
+    drop(pending);
+    match admitted {
+        Ok(device) => {
+            metrics::counter!("fleet_hub_connects_total", "result" => "accepted").increment(1);
+            Some((device, connect.keep_alive))
+        }
+        Err(refusal) => {
+            metrics::counter!("fleet_hub_connects_total", "result" => refusal.1).increment(1);
+            tracing::debug!(%peer, client_id = %connect.client_id, reason = refusal.1, "connect refused");
+            let _ = ConnAck::new(refusal.0, false).write(out);
+            let _ = flush(stream, out).await;
+            let _ = stream.shutdown().await;
+            None
+        }
+    }
+}
+
+/// Waits for `need` of the hub-wide budget, only while `blocked` (else
+/// never). The waiting is boxed: an idle connection's task does not carry
+/// room for a wait it is not in.
+async fn acquire(
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+    need: u32,
+    blocked: bool,
+) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if !blocked {
+        return std::future::pending().await;
+    }
+    Box::pin(budget.acquire_many_owned(need)).await
+}
+
+/// Waits for the throttle to change, only while `throttled` (boxed, as
+/// [`acquire`]).
+async fn throttle_changed(throttle: &mut tokio::sync::watch::Receiver<bool>, throttled: bool) {
+    if !throttled {
+        return std::future::pending().await;
+    }
+    let _ = Box::pin(throttle.changed()).await;
+}
+
+type Completed = (u16, QoS, Result<Stored, IngestError>);
+type Completion = BoxFuture<'static, Completed>;
+
+/// Publishes awaiting durability, in read order. The queue exists only
+/// while something is in it: an empty `FuturesOrdered` still holds two
+/// allocations, which every idle connection would carry.
+#[derive(Default)]
+struct Inflight(Option<FuturesOrdered<Completion>>);
+
+impl Inflight {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, c: Completion) {
+        self.0.get_or_insert_with(FuturesOrdered::new).push_back(c);
+    }
+
+    /// The next completion, in order (pending forever when empty).
+    async fn next(&mut self) -> Option<Completed> {
+        match &mut self.0 {
+            Some(q) => q.next().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The next completion if it is ready now.
+    fn next_ready(&mut self) -> Option<Completed> {
+        self.0.as_mut()?.next().now_or_never().flatten()
+    }
+
+    fn release_if_empty(&mut self) {
+        if self.is_empty() {
+            self.0 = None;
+        }
+    }
+}
 
 /// Runs one connection to its end.
 pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -124,52 +285,35 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     // Remaining length = topic (a device topic is < 200 bytes) + pkid + payload;
     // anything larger is refused before its body is buffered.
     let max_packet = front.config.payload_limit + 512;
-    let mut inbuf = BytesMut::with_capacity(8 * 1024);
-    let mut out = BytesMut::with_capacity(1024);
+    // Both start empty and are let go of when drained: an idle device
+    // costs the hub a few hundred bytes, not preallocated kilobytes.
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::new();
 
-    let connect = match tokio::time::timeout(
-        front.config.connect_timeout,
-        read_packet(&mut stream, &mut inbuf, MAX_CONNECT.min(max_packet), true),
-    )
-    .await
-    {
-        Err(_) => return count_disconnect("connect_timeout"),
-        Ok(Err("protocol_version")) => {
-            // MQTT 5 or 3.1: say so with CONNACK 1, as 3.1.1 prescribes.
-            let _ = ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false).write(&mut out);
-            let _ = flush(&mut stream, &mut out).await;
-            let _ = stream.shutdown().await;
-            metrics::counter!("fleet_hub_connects_total", "result" => "protocol_version")
-                .increment(1);
-            return count_disconnect("protocol_version");
-        }
-        Ok(Err(reason)) => return count_disconnect(reason),
-        Ok(Ok(Packet::Connect(c))) => c,
-        Ok(Ok(_)) => return count_disconnect("protocol"),
+    // The login is boxed: its state (the CONNECT, the key check) is freed
+    // once it is done instead of being carried by every idle connection.
+    let login = Box::pin(login(
+        &mut stream,
+        front,
+        peer,
+        pending,
+        &mut inbuf,
+        &mut out,
+        max_packet,
+    ));
+    let Some((device, keep_alive_s)) = login.await else {
+        return;
     };
-    let admitted = front.admit(&connect, peer).await;
-    // Authenticated or refused: no longer a pending connection.
-    drop(pending);
-    let device = match admitted {
-        Ok(d) => d,
-        Err(refusal) => {
-            metrics::counter!("fleet_hub_connects_total", "result" => refusal.1).increment(1);
-            tracing::debug!(%peer, client_id = %connect.client_id, reason = refusal.1, "connect refused");
-            let _ = ConnAck::new(refusal.0, false).write(&mut out);
-            let _ = flush(&mut stream, &mut out).await;
-            let _ = stream.shutdown().await;
-            return;
-        }
-    };
-    metrics::counter!("fleet_hub_connects_total", "result" => "accepted").increment(1);
-    let span = tracing::info_span!("device", device_id = %device, %peer);
+    // Debug level: an enabled span per connection costs memory every idle
+    // device would carry; events that matter name the device themselves.
+    let span = tracing::debug_span!("device", device_id = %device, %peer);
     let mut session = front.sessions.register(&device);
     let _ = ConnAck::new(ConnectReturnCode::Success, false).write(&mut out);
     if let Err(reason) = flush(&mut stream, &mut out).await {
         return count_disconnect(reason);
     }
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keep_alive =
+        (keep_alive_s > 0).then(|| Duration::from_millis(u64::from(keep_alive_s) * 1500));
     let mut conn = Conn {
         acks_topic: topic::acks_topic(&device),
         device,
@@ -177,7 +321,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         max_packet,
         keep_alive,
         throttle: front.throttle.clone(),
-        pending: FuturesOrdered::new(),
+        pending: Inflight::default(),
         blocked: None,
         filters: Vec::new(),
         committed: Mid(0),
@@ -189,7 +333,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     // while the task sleeps leaks into other tasks on the same thread (and
     // tracing-subscriber panics once it closes).
     let reason = async {
-        tracing::debug!(keep_alive = connect.keep_alive, "connected");
+        tracing::debug!(keep_alive = keep_alive_s, "connected");
         let reason = conn
             .serve(&mut stream, &mut inbuf, &mut out, &mut session)
             .await;
@@ -211,9 +355,9 @@ struct Conn<'a> {
     keep_alive: Option<Duration>,
     throttle: tokio::sync::watch::Receiver<bool>,
     /// Publishes submitted and not yet acknowledged, in read order.
-    pending: FuturesOrdered<Completion>,
+    pending: Inflight,
     /// A publish read while the hub-wide budget was exhausted.
-    blocked: Option<(Publish, Option<Mid>)>,
+    blocked: Option<Box<(Publish, Option<Mid>)>>,
     filters: Vec<String>,
     /// The highest durable mid of this device known to this connection.
     committed: Mid,
@@ -237,7 +381,13 @@ impl Conn<'_> {
         session: &mut Session<'_>,
     ) -> Reason {
         let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        let mut small = [0u8; SMALL_READ];
         loop {
+            if inbuf.is_empty() && inbuf.capacity() > 0 {
+                // Drained: let the buffer go (publishes still in the
+                // pipeline keep their own slices of it).
+                *inbuf = BytesMut::new();
+            }
             // Replication lag over its limit: read nothing until it shrinks
             // (devices keep their messages meanwhile), and do not count the
             // pause against the client's keep-alive.
@@ -253,7 +403,7 @@ impl Conn<'_> {
                 match Packet::read(inbuf, self.max_packet) {
                     Ok(packet) => {
                         deadline = self.keep_alive.map(|k| Instant::now() + k);
-                        if let Err(reason) = self.handle(packet, out, &session.sender) {
+                        if let Err(reason) = self.handle(packet, out, &session.cell) {
                             return reason;
                         }
                     }
@@ -262,7 +412,7 @@ impl Conn<'_> {
                         let reason = codec_reason(&e);
                         metrics::counter!("fleet_hub_refused_total", "reason" => reason)
                             .increment(1);
-                        tracing::info!(error = %e, "refusing a packet");
+                        tracing::info!(device_id = %self.device, error = %e, "refusing a packet");
                         return reason;
                     }
                 }
@@ -274,23 +424,25 @@ impl Conn<'_> {
             let reading = !throttled
                 && self.blocked.is_none()
                 && self.pending.len() < self.front.config.max_inflight;
-            let need = self.blocked.as_ref().map_or(0, |(p, _)| cost(p));
+            let need = self.blocked.as_ref().map_or(0, |b| cost(&b.0));
             let budget = self.front.ingest.budget().clone();
             tokio::select! {
                 biased;
-                changed = session.kicked.changed() => {
-                    let kick = *session.kicked.borrow();
-                    match (changed, kick) {
-                        (Ok(()), Some(Kick::Moving(epoch))) => {
+                signals = session.changed() => {
+                    if let Some(kick) = signals.kick {
+                        if let Kick::Moving(epoch) = kick {
                             // The hint a device moves on without asking
                             // around: the epoch of the hub taking over.
                             self.moving(out, epoch);
                             let _ = flush(stream, out).await;
-                            return Kick::Moving(epoch).as_str();
                         }
-                        (Ok(()), Some(k)) => return k.as_str(),
-                        (Ok(()), None) => {}
-                        (Err(_), _) => return "shutdown",
+                        return kick.as_str();
+                    }
+                    if signals.replicated > Mid(0) {
+                        self.outbound(Outbound::Replicated(signals.replicated));
+                    }
+                    if let Some((committed, replicated)) = signals.acked {
+                        self.outbound(Outbound::Acked { committed, replicated });
                     }
                 }
                 Some((pkid, qos, result)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -298,26 +450,22 @@ impl Conn<'_> {
                         return reason;
                     }
                     // A group commit completes many at once: answer them in one write.
-                    while let Some(Some((pkid, qos, result))) = self.pending.next().now_or_never() {
+                    while let Some((pkid, qos, result)) = self.pending.next_ready() {
                         if let Err(reason) = self.completed(pkid, qos, result, out) {
                             return reason;
                         }
                     }
+                    self.pending.release_if_empty();
                 }
-                Some(msg) = session.outbound.recv() => self.outbound(msg),
-                Ok(()) = session.replicated.changed() => {
-                    let m = *session.replicated.borrow_and_update();
-                    self.outbound(Outbound::Replicated(m));
-                }
-                permit = budget.acquire_many_owned(need), if self.blocked.is_some() => {
-                    if let Some((p, mid)) = self.blocked.take()
+                permit = acquire(budget, need, self.blocked.is_some()) => {
+                    if let Some((p, mid)) = self.blocked.take().map(|b| *b)
                         && let Err(reason) = self.submit(p, mid, permit.ok())
                     {
                         return reason;
                     }
                 }
-                _ = self.throttle.changed(), if throttled => {}
-                read = stream.read_buf(inbuf), if reading => match read {
+                () = throttle_changed(&mut self.throttle, throttled) => {}
+                read = read_some(stream, inbuf, &mut small), if reading => match read {
                     Ok(0) => return "closed",
                     Ok(_) => {}
                     Err(_) => return "io_error",
@@ -333,19 +481,19 @@ impl Conn<'_> {
         &mut self,
         packet: Packet,
         out: &mut BytesMut,
-        me: &mpsc::Sender<Outbound>,
+        me: &std::sync::Arc<crate::sessions::Cell>,
     ) -> Result<(), Reason> {
         match packet {
             Packet::Publish(p) => {
                 if p.qos == QoS::ExactlyOnce {
                     metrics::counter!("fleet_hub_refused_total", "reason" => "qos2").increment(1);
-                    tracing::info!(topic = %p.topic, "refusing a QoS 2 publish");
+                    tracing::info!(device_id = %self.device, topic = %p.topic, "refusing a QoS 2 publish");
                     return Err("qos2");
                 }
                 if p.payload.len() > self.front.config.payload_limit {
                     metrics::counter!("fleet_hub_refused_total", "reason" => "too_large")
                         .increment(1);
-                    tracing::info!(bytes = p.payload.len(), "refusing an oversized publish");
+                    tracing::info!(device_id = %self.device, bytes = p.payload.len(), "refusing an oversized publish");
                     return Err("too_large");
                 }
                 let mid = match topic::parse_publish(&p.topic, &self.device) {
@@ -353,7 +501,7 @@ impl Conn<'_> {
                     Err(e) => {
                         metrics::counter!("fleet_hub_acl_violations_total", "kind" => "publish")
                             .increment(1);
-                        tracing::warn!(error = %e, "topic violation, closing");
+                        tracing::warn!(device_id = %self.device, error = %e, "topic violation, closing");
                         return Err("acl_publish");
                     }
                 };
@@ -374,7 +522,7 @@ impl Conn<'_> {
                 {
                     Ok(permit) => self.submit(p, mid, Some(permit)),
                     Err(_) => {
-                        self.blocked = Some((p, mid));
+                        self.blocked = Some(Box::new((p, mid)));
                         Ok(())
                     }
                 }
@@ -384,7 +532,7 @@ impl Conn<'_> {
                     if let Err(e) = topic::check_filter(&f.path, &self.device) {
                         metrics::counter!("fleet_hub_acl_violations_total", "kind" => "subscribe")
                             .increment(1);
-                        tracing::warn!(error = %e, "subscription violation, closing");
+                        tracing::warn!(device_id = %self.device, error = %e, "subscription violation, closing");
                         return Err("acl_subscribe");
                     }
                 }
@@ -407,12 +555,13 @@ impl Conn<'_> {
                     self.last_ack = None;
                     tokio::spawn(async move {
                         if let Ok((committed, replicated)) = ingest.acked(&device).await {
-                            let _ = me
-                                .send(Outbound::Acked {
+                            crate::sessions::deliver(
+                                &me,
+                                Outbound::Acked {
                                     committed,
                                     replicated,
-                                })
-                                .await;
+                                },
+                            );
                         }
                     });
                 }
@@ -450,8 +599,7 @@ impl Conn<'_> {
             .submit(&self.device, mid, p.payload, permit)
         {
             Ok(done) => {
-                self.pending
-                    .push_back(done.map(move |r| (pkid, qos, r)).boxed());
+                self.pending.push(done.map(move |r| (pkid, qos, r)).boxed());
                 Ok(())
             }
             Err(IngestError::NotPrimary) => Err("not_primary"),
@@ -461,7 +609,7 @@ impl Conn<'_> {
                 Err("mid_jump")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot store, closing without acknowledging");
+                tracing::warn!(device_id = %self.device, error = %e, "cannot store, closing without acknowledging");
                 Err("store_failed")
             }
         }
@@ -488,7 +636,7 @@ impl Conn<'_> {
             Err(IngestError::NotPrimary) => Err("not_primary"),
             Err(e) => {
                 // No PUBACK: the device keeps the message and sends it again.
-                tracing::warn!(error = %e, "store failed, closing without acknowledging");
+                tracing::warn!(device_id = %self.device, error = %e, "store failed, closing without acknowledging");
                 Err("store_failed")
             }
         }

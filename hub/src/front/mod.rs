@@ -227,10 +227,23 @@ impl Front {
                     };
                     let _ = tcp.set_nodelay(true);
                     let front = self.clone();
-                    tokio::spawn(async move {
-                        front.handle(tcp, peer, pending).await;
-                        drop(open);
-                    });
+                    // Plain and TLS connections are different tasks: a plain
+                    // one does not carry room for a TLS stream (its task is
+                    // most of what an idle device costs).
+                    match self.tls.clone() {
+                        None => {
+                            tokio::spawn(async move {
+                                conn::run(tcp, &front, peer, pending).await;
+                                drop(open);
+                            });
+                        }
+                        Some(acceptor) => {
+                            tokio::spawn(async move {
+                                front.handle_tls(acceptor, tcp, peer, pending).await;
+                                drop(open);
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors or memory: back off, keep
@@ -249,28 +262,23 @@ impl Front {
         self.sessions.kick_all(crate::sessions::Kick::Shutdown);
     }
 
-    async fn handle(
+    async fn handle_tls(
         self: Arc<Self>,
+        acceptor: tokio_rustls::TlsAcceptor,
         tcp: tokio::net::TcpStream,
         peer: SocketAddr,
         pending: Slot<IpAddr>,
     ) {
-        match &self.tls {
-            None => conn::run(tcp, &self, peer, pending).await,
-            Some(acceptor) => {
-                match tokio::time::timeout(self.config.tls_handshake_timeout, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => conn::run(tls, &self, peer, pending).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "tls handshake failed");
-                        metrics::counter!("fleet_hub_disconnects_total", "reason" => "tls_handshake").increment(1);
-                    }
-                    Err(_) => {
-                        metrics::counter!("fleet_hub_disconnects_total", "reason" => "tls_timeout")
-                            .increment(1);
-                    }
-                }
+        match tokio::time::timeout(self.config.tls_handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => conn::run(tls, &self, peer, pending).await,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "tls handshake failed");
+                metrics::counter!("fleet_hub_disconnects_total", "reason" => "tls_handshake")
+                    .increment(1);
+            }
+            Err(_) => {
+                metrics::counter!("fleet_hub_disconnects_total", "reason" => "tls_timeout")
+                    .increment(1);
             }
         }
     }
