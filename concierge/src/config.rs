@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// HTTP connections served at once [default: 1024].
     #[arg(long, env = "FLEET_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,
+    /// HTTP connections one client address (IPv6: one /64) may hold at
+    /// once; raise it for fleets behind one NAT, whose devices long-poll
+    /// together after a failover [default: 256].
+    #[arg(long, env = "FLEET_HTTP_MAX_PER_SOURCE")]
+    pub http_max_per_source: Option<usize>,
     /// Serve HTTPS with this PEM certificate chain (agents verify it with --ca).
     #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -232,6 +237,7 @@ impl RunArgs {
             long_polls_per_source,
             http_header_timeout_ms,
             http_max_connections,
+            http_max_per_source,
             tls_cert,
             tls_key,
             unknown,
@@ -260,6 +266,7 @@ impl RunArgs {
             long_polls_per_source: long_polls_per_source.or(file.long_polls_per_source),
             http_header_timeout_ms: http_header_timeout_ms.or(file.http_header_timeout_ms),
             http_max_connections: http_max_connections.or(file.http_max_connections),
+            http_max_per_source: http_max_per_source.or(file.http_max_per_source),
             tls_cert: tls_cert.or(file.tls_cert),
             tls_key: tls_key.or(file.tls_key),
             unknown,
@@ -354,6 +361,12 @@ impl RunArgs {
                 bail!("--http-max-connections must be at least 1");
             }
             c.http_limits.max_connections = n;
+        }
+        if let Some(n) = self.http_max_per_source {
+            if n == 0 {
+                bail!("--http-max-per-source must be at least 1");
+            }
+            c.http_limits.max_per_source = n;
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {

@@ -151,6 +151,8 @@ pub async fn auto(fleet: Arc<Fleet>, after: Duration, shutdown: CancellationToke
             }
             Err(e) => tracing::error!(error = %e, "automatic failover failed"),
         }
-        quiet_until = Instant::now() + after;
+        // However short `after` is, a failed attempt (or a flap back) is
+        // not retried at every poll.
+        quiet_until = Instant::now() + after.max(fleet.config.poll * 10);
     }
 }

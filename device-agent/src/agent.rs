@@ -162,9 +162,13 @@ impl Progress {
         log.push_back(t);
     }
 
+    /// Marks the latest session's end (its hub stopped serving it); the
+    /// first mark stands.
     fn end_session(&self) {
         let mut log = self.sessions_log.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = log.back_mut() {
+        if let Some(t) = log.back_mut()
+            && t.ended_ms.is_none()
+        {
             t.ended_ms = Some(UnixMillis::now().0);
         }
     }
@@ -196,6 +200,9 @@ enum Leave {
     Lost(String),
     /// The concierge points elsewhere now: connect there at once.
     Moved(EndpointResponse),
+    /// The hub said another takes over at this epoch, and the concierge did
+    /// not name it yet: wait for a hub at it (long poll).
+    Hinted(Epoch),
 }
 
 /// One device.
@@ -355,8 +362,14 @@ impl Agent {
             // The concierge's admission: this device's slot of the rate at
             // which hubs take CONNECTs.
             let start_in = std::mem::take(&mut given.1);
-            if !start_in.is_zero() && sleep_or_stop(start_in, &mut stop).await {
-                break;
+            if !start_in.is_zero() {
+                if sleep_or_stop(start_in, &mut stop).await {
+                    break;
+                }
+                // The answer's TTL counts from the connect it scheduled.
+                if let Some((_, at)) = endpoint.as_mut() {
+                    *at = Instant::now();
+                }
             }
             let conn = match mqtt::connect(
                 &ep.mqtt_url,
@@ -429,6 +442,11 @@ impl Agent {
             }
             match leave {
                 Leave::Stop => break,
+                Leave::Hinted(epoch) => {
+                    endpoint = Some((current, Instant::now()));
+                    stale = true;
+                    above = epoch.0.checked_sub(1).map(Epoch);
+                }
                 Leave::Moved(e) => {
                     tracing::info!(region = %e.region, url = %e.mqtt_url, start_in_ms = e.start_in_ms, "moving to another hub");
                     given = (
@@ -625,17 +643,25 @@ impl Agent {
                                 if ack.epoch > endpoint.epoch {
                                     // The fleet changed under us (a planned
                                     // promotion tells its devices so before
-                                    // closing): ask for the hub of that
-                                    // epoch, answered the moment the
-                                    // concierge sees it.
+                                    // closing): this hub stops serving us.
+                                    // Ask for the hub of that epoch,
+                                    // answered the moment the concierge
+                                    // sees it; a long poll that does not
+                                    // end in an answer goes on outside.
+                                    self.progress.end_session();
                                     let ask = Ask {
                                         above: ack.epoch.0.checked_sub(1).map(Epoch),
                                         connected_to: None,
                                     };
-                                    match self.discovery.lookup(&device, &ask).await {
+                                    let answer = tokio::select! {
+                                        biased;
+                                        _ = stop.changed() => return (Leave::Stop, useful),
+                                        a = self.discovery.lookup(&device, &ask) => a,
+                                    };
+                                    match answer {
                                         Ok(Lookup::Endpoint(e)) if !same_hub(&e, endpoint) => return (Leave::Moved(e), useful),
                                         Ok(Lookup::Endpoint(e)) => *endpoint = e,
-                                        _ => endpoint.epoch = ack.epoch,
+                                        _ => return (Leave::Hinted(ack.epoch), useful),
                                     }
                                 }
                             }

@@ -93,6 +93,11 @@ struct DrillArgs {
     /// Forced mode: the drill asks for the failover instead of letting the concierge decide.
     #[arg(long)]
     manual_promotion: bool,
+    /// Seconds after the devices start when the primary is lost (large
+    /// fleets need longer to connect) [default: a quarter of --duration-s,
+    /// at least 3].
+    #[arg(long)]
+    kill_at_s: Option<u64>,
     /// Seconds the lost region stays away [default: a third of --duration-s, at least 3].
     #[arg(long)]
     outage_s: Option<u64>,
@@ -233,7 +238,7 @@ async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
     opts.rate = args.rate;
     opts.duration_s = args.duration_s.max(5);
     opts.auto_promotion = !args.manual_promotion;
-    opts.kill_at_s = (opts.duration_s / 4).max(3);
+    opts.kill_at_s = args.kill_at_s.unwrap_or((opts.duration_s / 4).max(3));
     opts.outage_s = args.outage_s.unwrap_or((opts.duration_s / 3).max(3));
     opts.lose = match args.lose.as_str() {
         "primary" => crate::drill::Lose::Primary,

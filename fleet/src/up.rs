@@ -347,6 +347,10 @@ impl Fleet {
                 // would pace the whole fleet as one client.
                 "--connect-rate-per-source".into(),
                 "1000000".into(),
+                // What a hub admits on this kind of machine (`fleet bench
+                // connections`: 13,000-19,000 CONNECT/s), with room.
+                "--connect-rate".into(),
+                "10000".into(),
                 "--max-pending-per-source".into(),
                 "1000000".into(),
             ];
@@ -438,7 +442,13 @@ impl Fleet {
                 "--long-polls-per-source",
                 "1000000",
                 "--http-max-connections",
-                "16000",
+                "19000",
+                "--http-max-per-source",
+                "19000",
+                // The hubs' rate: the herd after a failover is scheduled
+                // at what the new primary admits.
+                "--connect-rate",
+                "10000",
             ]);
             for r in &regions {
                 args.push("--hub".into());

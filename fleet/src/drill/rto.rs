@@ -75,6 +75,7 @@ pub fn device(sessions: &[SessionTimes], f: &Failover<'_>) -> Option<Breakdown> 
         None => sessions[..i]
             .iter()
             .rev()
+            .filter(|s| s.region != f.new_region)
             .find_map(|s| s.ended_ms)
             .map_or(f.started, |e| e.max(f.started)),
     }
@@ -211,6 +212,23 @@ mod tests {
         let b = device(&s, &f).unwrap();
         assert_eq!(b.rto, 225);
         assert_eq!((b.detection, b.promotion, b.discovery), (0, 180, 10));
+    }
+
+    #[test]
+    fn a_planned_stop_is_the_old_regions_session_end_not_a_failed_try_at_the_new_one() {
+        let f = Failover {
+            new_region: "b",
+            started: 10_000,
+            detected: None,
+            promoted: 10_300,
+        };
+        let s = [
+            session("a", 1_000, 0, 1_010, Some(1_020), Some(10_120)),
+            // A first try at b that never got a PUBACK ends later.
+            session("b", 10_310, 0, 10_330, None, Some(10_900)),
+            session("b", 10_950, 0, 10_960, Some(10_975), None),
+        ];
+        assert_eq!(device(&s, &f).unwrap().rto, 855);
     }
 
     #[test]
