@@ -111,3 +111,25 @@ fn consume_bench_reads_every_phase() {
     assert!(rows.len() >= 3, "{r}");
     assert!(rows.iter().all(|x| positive(&x["records_per_s"])), "{r}");
 }
+
+#[test]
+fn connections_bench_holds_every_device_on_every_target() {
+    let r = bench(&[
+        "connections",
+        "--devices",
+        "200",
+        "--idle-s",
+        "1",
+        "--keep-alive-s",
+        "2",
+    ]);
+    let rows = r.as_array().expect("rows");
+    let targets: Vec<&str> = rows.iter().filter_map(|x| x["target"].as_str()).collect();
+    assert_eq!(targets, ["hub", "hub-tls", "rumqttd", "mosquitto"], "{r}");
+    for row in rows {
+        assert_eq!(row["connected"], 200, "{row}");
+        assert_eq!(row["failed"], 0, "{row}");
+        assert!(positive(&row["connects_per_s"]), "{row}");
+        assert!(positive(&row["rss_after_kib"]), "{row}");
+    }
+}

@@ -173,7 +173,7 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
             println!("{:<6} {:<10} {:>12.0}", r.protocol, r.target, r.per_s);
         }
         println!("endpoint lookups: concierge / axum = {http_ratio:.2} (target ≥ 0.80)");
-        println!("DNS queries:      front / NSD      = {dns_ratio:.2} (target ≥ 0.50)");
+        println!("DNS queries:      front / NSD      = {dns_ratio:.2} (goal ≥ 1.00)");
     }
     Ok(())
 }
@@ -282,6 +282,9 @@ async fn wrk(
     figure(&out, "Requests/sec:")
 }
 
+/// dnsperf's client sockets.
+const DNS_CLIENTS: usize = 4;
+
 async fn dnsperf(
     addr: SocketAddr,
     queries: &Path,
@@ -296,8 +299,11 @@ async fn dnsperf(
             .args([
                 "-l",
                 &seconds.to_string(),
+                // Several client sockets (source ports), as many devices
+                // are: servers that spread sources over sockets (NSD's and
+                // the front's SO_REUSEPORT) can use every core.
                 "-c",
-                "1",
+                &DNS_CLIENTS.to_string(),
                 "-q",
                 &outstanding.to_string(),
             ]),
@@ -335,7 +341,7 @@ async fn start_nsd(dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
              username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  \
              database: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  \
              logfile: \"{d}/nsd.log\"\n  verbosity: 0\n  hide-version: yes\n  \
-             rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n\
+             rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n  reuseport: yes\n\
              remote-control:\n  control-enable: no\n\
              zone:\n  name: {ZONE}\n  zonefile: \"{d}/zone\"\n",
             ip = addr.ip(),
