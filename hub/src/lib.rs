@@ -124,6 +124,11 @@ impl Hub {
         );
         let accept_health = front.accept_health.clone();
         tasks.spawn(front.serve(listeners.mqtt, shutdown.clone()));
+        tasks.spawn(
+            sessions
+                .clone()
+                .sweep_loop(Duration::from_millis(250), shutdown.clone()),
+        );
         tasks.spawn(refresh_auth(
             auth.clone(),
             sessions.clone(),

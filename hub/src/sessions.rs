@@ -19,6 +19,8 @@ pub enum Kick {
     /// this one, or it learned a higher epoch): the device is told so on
     /// its acks topic before the connection closes, and moves at once.
     Moving(Epoch),
+    /// Silent for longer than its keep-alive allows (1.5×).
+    KeepAlive,
     Shutdown,
 }
 
@@ -29,6 +31,7 @@ impl Kick {
             Kick::Revoked => "revoked",
             Kick::Demoted => "demoted",
             Kick::Moving(_) => "moving",
+            Kick::KeepAlive => "keepalive",
             Kick::Shutdown => "shutdown",
         }
     }
@@ -97,6 +100,11 @@ impl Signals {
 pub struct Cell {
     signals: Mutex<Signals>,
     changed: Notify,
+    /// When the device was last heard from (ms on the sessions' clock) and
+    /// how long it may stay silent (0: no keep-alive): one sweep checks
+    /// every connection, instead of a timer in each.
+    last_heard: AtomicU64,
+    silence_ms: AtomicU64,
 }
 
 impl Cell {
@@ -120,10 +128,21 @@ struct Handle {
 }
 
 /// Every connected device.
-#[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<DeviceId, Handle>>,
     next: AtomicU64,
+    /// The clock of [`Cell::last_heard`].
+    started: tokio::time::Instant,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            map: Mutex::default(),
+            next: AtomicU64::new(0),
+            started: tokio::time::Instant::now(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Sessions {
@@ -150,6 +169,22 @@ impl Session<'_> {
     pub async fn changed(&self) -> Signals {
         self.cell.changed.notified().await;
         self.cell.get()
+    }
+
+    /// The device may stay silent this long before the sweep closes it.
+    pub fn set_keep_alive(&self, silence: Option<std::time::Duration>) {
+        let ms = silence.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.heard();
+        self.cell.silence_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The device was heard from (or is not to be blamed for silence).
+    pub fn heard(&self) {
+        self.cell
+            .last_heard
+            .store(self.sessions.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -248,12 +283,69 @@ impl Sessions {
     pub fn count(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Closes every connection silent for longer than its keep-alive allows.
+    pub fn sweep(&self) {
+        let now = self.now_ms();
+        for h in self.map.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            let silence = h.cell.silence_ms.load(Ordering::Relaxed);
+            let heard = h.cell.last_heard.load(Ordering::Relaxed);
+            if silence > 0 && now.saturating_sub(heard) > silence {
+                kick_one(&h.cell, Kick::KeepAlive);
+            }
+        }
+    }
+
+    /// Sweeps every `every` until `shutdown`: keep-alives are enforced
+    /// within that much of their limit.
+    pub async fn sweep_loop(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => self.sweep(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::FutureExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_closes_only_connections_silent_past_their_keep_alive() {
+        let s = Sessions::default();
+        let (quiet, talking, forever) = (
+            DeviceId::new("quiet").unwrap(),
+            DeviceId::new("talking").unwrap(),
+            DeviceId::new("forever").unwrap(),
+        );
+        let a = s.register(&quiet);
+        let b = s.register(&talking);
+        let c = s.register(&forever);
+        a.set_keep_alive(Some(std::time::Duration::from_millis(1500)));
+        b.set_keep_alive(Some(std::time::Duration::from_millis(1500)));
+        c.set_keep_alive(None);
+        for _ in 0..4 {
+            tokio::time::advance(std::time::Duration::from_millis(500)).await;
+            b.heard();
+            s.sweep();
+        }
+        assert_eq!(a.cell.get().kick, Some(Kick::KeepAlive));
+        assert_eq!(b.cell.get().kick, None);
+        assert_eq!(c.cell.get().kick, None);
+    }
 
     #[test]
     fn takeover_kicks_the_old_session_only() {

@@ -24,8 +24,6 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
-use tracing::Instrument;
 
 use super::{Front, topic};
 use crate::ingest::{IngestError, Replication, Stored};
@@ -126,7 +124,7 @@ async fn write_out<S: AsyncWrite + Unpin>(
 
 /// What an idle connection reads into: a packet's first bytes arrive here,
 /// so no buffer is held while a device says nothing.
-const SMALL_READ: usize = 64;
+const SMALL_READ: usize = 16;
 /// The buffer a packet in progress is read into.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -240,11 +238,11 @@ type Completion = BoxFuture<'static, Completed>;
 /// while something is in it: an empty `FuturesOrdered` still holds two
 /// allocations, which every idle connection would carry.
 #[derive(Default)]
-struct Inflight(Option<FuturesOrdered<Completion>>);
+struct Inflight(Option<Box<FuturesOrdered<Completion>>>);
 
 impl Inflight {
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, FuturesOrdered::len)
+        self.0.as_ref().map_or(0, |q| q.len())
     }
 
     fn is_empty(&self) -> bool {
@@ -252,7 +250,7 @@ impl Inflight {
     }
 
     fn push(&mut self, c: Completion) {
-        self.0.get_or_insert_with(FuturesOrdered::new).push_back(c);
+        self.0.get_or_insert_with(Box::default).push_back(c);
     }
 
     /// The next completion, in order (pending forever when empty).
@@ -304,9 +302,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let Some((device, keep_alive_s)) = login.await else {
         return;
     };
-    // Debug level: an enabled span per connection costs memory every idle
-    // device would carry; events that matter name the device themselves.
-    let span = tracing::debug_span!("device", device_id = %device, %peer);
+    // No span per connection: it would cost memory every idle device
+    // carries; the events name the device themselves.
+    tracing::debug!(device_id = %device, %peer, keep_alive = keep_alive_s, "connected");
     let mut session = front.sessions.register(&device);
     let _ = ConnAck::new(ConnectReturnCode::Success, false).write(&mut out);
     if let Err(reason) = flush(&mut stream, &mut out).await {
@@ -315,7 +313,6 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let keep_alive =
         (keep_alive_s > 0).then(|| Duration::from_millis(u64::from(keep_alive_s) * 1500));
     let mut conn = Conn {
-        acks_topic: topic::acks_topic(&device),
         device,
         front,
         max_packet,
@@ -329,27 +326,17 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         replicated: None,
         last_ack: None,
     };
-    // Instrumented, never entered across an await: an entered span held
-    // while the task sleeps leaks into other tasks on the same thread (and
-    // tracing-subscriber panics once it closes).
-    let reason = async {
-        tracing::debug!(keep_alive = keep_alive_s, "connected");
-        let reason = conn
-            .serve(&mut stream, &mut inbuf, &mut out, &mut session)
-            .await;
-        let _ = flush(&mut stream, &mut out).await;
-        tracing::debug!(reason, unacknowledged = conn.pending.len(), "disconnected");
-        reason
-    }
-    .instrument(span)
-    .await;
+    let reason = conn
+        .serve(&mut stream, &mut inbuf, &mut out, &mut session)
+        .await;
+    let _ = flush(&mut stream, &mut out).await;
+    tracing::debug!(device_id = %conn.device, reason, unacknowledged = conn.pending.len(), "disconnected");
     count_disconnect(reason);
     let _ = stream.shutdown().await;
 }
 
 struct Conn<'a> {
     device: DeviceId,
-    acks_topic: String,
     front: &'a Front,
     max_packet: usize,
     keep_alive: Option<Duration>,
@@ -380,7 +367,7 @@ impl Conn<'_> {
         out: &mut BytesMut,
         session: &mut Session<'_>,
     ) -> Reason {
-        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        session.set_keep_alive(self.keep_alive);
         let mut small = [0u8; SMALL_READ];
         loop {
             if inbuf.is_empty() && inbuf.capacity() > 0 {
@@ -393,7 +380,7 @@ impl Conn<'_> {
             // pause against the client's keep-alive.
             let throttled = *self.throttle.borrow_and_update();
             if throttled {
-                deadline = self.keep_alive.map(|k| Instant::now() + k);
+                session.heard();
             }
             // Handle what is buffered, as far as the inflight limit and the budget allow.
             while !throttled
@@ -402,7 +389,7 @@ impl Conn<'_> {
             {
                 match Packet::read(inbuf, self.max_packet) {
                     Ok(packet) => {
-                        deadline = self.keep_alive.map(|k| Instant::now() + k);
+                        session.heard();
                         if let Err(reason) = self.handle(packet, out, &session.cell) {
                             return reason;
                         }
@@ -470,9 +457,6 @@ impl Conn<'_> {
                     Ok(_) => {}
                     Err(_) => return "io_error",
                 },
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return "keepalive";
-                }
             }
         }
     }
@@ -541,7 +525,7 @@ impl Conn<'_> {
                 let _ = SubAck::new(s.pkid, codes).write(out);
                 let mut wants_acks = false;
                 for f in s.filters {
-                    wants_acks |= topic::matches(&self.acks_topic, &f.path);
+                    wants_acks |= topic::matches(&topic::acks_topic(&self.device), &f.path);
                     if !self.filters.contains(&f.path) {
                         self.filters.push(f.path);
                     }
@@ -672,7 +656,7 @@ impl Conn<'_> {
             || !self
                 .filters
                 .iter()
-                .any(|f| topic::matches(&self.acks_topic, f))
+                .any(|f| topic::matches(&topic::acks_topic(&self.device), f))
         {
             return;
         }
@@ -685,7 +669,7 @@ impl Conn<'_> {
             detached: false,
         };
         let payload = serde_json::to_vec(&ack).unwrap_or_default();
-        let _ = Publish::new(self.acks_topic.as_str(), QoS::AtMostOnce, payload).write(out);
+        let _ = Publish::new(topic::acks_topic(&self.device), QoS::AtMostOnce, payload).write(out);
     }
 
     /// Publishes a commit ack when the device listens and something changed.
@@ -694,7 +678,7 @@ impl Conn<'_> {
             || !self
                 .filters
                 .iter()
-                .any(|f| topic::matches(&self.acks_topic, f))
+                .any(|f| topic::matches(&topic::acks_topic(&self.device), f))
         {
             return;
         }
@@ -722,7 +706,7 @@ impl Conn<'_> {
             detached,
         };
         let payload = serde_json::to_vec(&ack).unwrap_or_default();
-        let _ = Publish::new(self.acks_topic.as_str(), QoS::AtMostOnce, payload).write(out);
+        let _ = Publish::new(topic::acks_topic(&self.device), QoS::AtMostOnce, payload).write(out);
         self.last_ack = Some((self.committed, replicated));
     }
 }
