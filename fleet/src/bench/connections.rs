@@ -104,6 +104,7 @@ struct Loaded {
 /// # Errors
 /// When the keys cannot be read.
 pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    raise_open_files();
     let devices: Vec<(DeviceId, DeviceKey)> = std::fs::read_to_string(&args.keys)?
         .lines()
         .map(|l| {
@@ -191,6 +192,20 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         h.abort();
     }
     Ok(())
+}
+
+/// Raises this process's soft open-files limit to its hard one (children,
+/// the brokers and generators, inherit it); returns the limit in force.
+fn raise_open_files() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            eprintln!("cannot raise the open-files limit: {e}");
+        }
+    }
+    fleet_api::process::open_files_limit()
 }
 
 /// A process's resident set, KiB.
@@ -426,7 +441,7 @@ pub async fn run(args: ConnectionsArgs, json: bool) -> anyhow::Result<()> {
         bail!("--devices and --generators must be at least 1");
     }
     let per_generator = args.devices.div_ceil(args.generators);
-    if let Some(limit) = fleet_api::process::open_files_limit()
+    if let Some(limit) = raise_open_files()
         && (args.devices as u64 + 200 > limit || per_generator as u64 + 200 > limit)
     {
         bail!(
