@@ -590,3 +590,27 @@ async fn follow_keeps_the_target_converged_until_interrupted() {
     let last = stdout(&out).lines().last().map(json).expect("status lines");
     assert_eq!(last["total"], 1, "only the new change is applied: {last}");
 }
+
+#[tokio::test]
+async fn merge_refuses_a_version_from_the_future_naming_the_device() {
+    let (a, b) = pair(Kind::Sqlite, Kind::Sqlite).await;
+    a.store
+        .create(vec![new_device("poisoned", 1)])
+        .await
+        .unwrap();
+    // Two hours ahead of this machine's clock: beyond the stated skew.
+    let ahead =
+        (registry_sync::hlc::wall_ms() + 2 * 3600 * 1000) << fleet_api::Version::LOGICAL_BITS;
+    let pool = sqlx::SqlitePool::connect(&a.url).await.unwrap();
+    sqlx::query("UPDATE devices SET version = ? WHERE device_id = 'poisoned'")
+        .bind(ahead as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let before = snapshot(&b).await;
+    let o = cli(&["merge", "--from", &a.url, "--into", &b.url]);
+    assert!(!o.status.success(), "a poisoned version was merged");
+    assert!(stderr(&o).contains("poisoned"), "{}", stderr(&o));
+    assert_eq!(snapshot(&b).await, before, "nothing of the merge applied");
+}

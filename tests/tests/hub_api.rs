@@ -406,4 +406,30 @@ async fn half_sent_request_headers_are_cut_and_cannot_exhaust_the_api() {
         .await
         .expect("the API still answers");
     assert_eq!(r.status(), 200);
+    // A kept-alive connection that goes quiet after a request is cut too:
+    // the header timeout is armed again for the next request.
+    let mut idle = tokio::net::TcpStream::connect(hub.http).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut buf = [0u8; 512];
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert!(
+        closed.is_ok(),
+        "an idle kept-alive connection was never cut"
+    );
 }
