@@ -23,16 +23,27 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
 
 /// The healthy replicas, in priority order; updated by the health checker.
+/// The generation changes with them (answers cached for the old ones are
+/// stale).
 #[derive(Clone, Debug, Default)]
-pub struct Backends(Arc<RwLock<Vec<IpAddr>>>);
+pub struct Backends(Arc<(RwLock<Vec<IpAddr>>, std::sync::atomic::AtomicU64)>);
 
 impl Backends {
     pub fn set(&self, healthy: Vec<IpAddr>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = healthy;
+        let mut now = self.0.0.write().unwrap_or_else(|e| e.into_inner());
+        if *now != healthy {
+            *now = healthy;
+            self.0.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     pub fn get(&self) -> Vec<IpAddr> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes whenever the replicas do.
+    pub fn generation(&self) -> u64 {
+        self.0.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

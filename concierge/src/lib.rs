@@ -8,6 +8,7 @@ pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod dns_fast;
 pub mod failover;
 pub mod pacing;
 pub mod page;
@@ -103,8 +104,26 @@ impl Concierge {
             config.poll.max(Duration::from_millis(200)),
             shutdown.clone(),
         ));
-        let handler = FrontHandler::new(&config.zone, config.ttl_s, backends)?;
-        let dns = dns::serve(handler, listeners.dns_udp, listeners.dns_tcp);
+        let handler = FrontHandler::new(&config.zone, config.ttl_s, backends.clone())?;
+        // The full handler serves TCP, and UDP on an internal loopback
+        // socket that the fast path relays what it cannot answer to.
+        let internal: SocketAddr = if dns_addr.is_ipv4() {
+            ([127, 0, 0, 1], 0).into()
+        } else {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        };
+        let internal = UdpSocket::bind(internal).await?;
+        let full = internal.local_addr()?;
+        let dns = dns::serve(handler, vec![internal], listeners.dns_tcp);
+        let zone = config.zone.clone();
+        let fast = Arc::new(dns_fast::FastPath::new(
+            &[format!("concierge.{zone}"), format!("ns.{zone}"), zone],
+            backends,
+            full,
+        ));
+        for socket in listeners.dns_udp {
+            tasks.spawn(fast.clone().serve(Arc::new(socket), shutdown.clone()));
+        }
         // Per replica, not split among them: the DNS front hands replicas
         // out in priority order, so one answers the fleet at a time (the
         // hubs' own connect rate is the backstop when several do).
