@@ -28,8 +28,11 @@ const MAX_CACHED: usize = 64;
 /// Queries relayed to the full handler at once; beyond, dropped (UDP
 /// clients ask again), so junk cannot take this process's descriptors.
 const MAX_RELAYED: usize = 256;
-/// How long a relayed query waits for the full handler.
-const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a relayed query waits for the full handler (on loopback it
+/// answers in microseconds; what it does not answer must not hold a slot).
+const RELAY_TIMEOUT: Duration = Duration::from_millis(250);
+/// The types cached (with the served names: at most a few dozen keys).
+const CACHED_TYPES: [u16; 4] = [1, 2, 6, 28];
 /// The largest packet read.
 const MAX_PACKET: usize = 4096;
 
@@ -44,10 +47,12 @@ fn question_key(packet: &[u8], key: &mut Vec<u8>) -> Option<std::ops::Range<usiz
     if packet[2] & 0b1111_1110 != 0 || packet[3] != 0 {
         return None;
     }
-    // One question, nothing else (no EDNS: its OPT goes through the full path).
-    if packet[4..12] != [0, 1, 0, 0, 0, 0, 0, 0] {
-        return None;
-    }
+    // One question, and nothing else but perhaps a bare EDNS OPT record.
+    let edns = match packet[4..12] {
+        [0, 1, 0, 0, 0, 0, 0, 0] => false,
+        [0, 1, 0, 0, 0, 0, 0, 1] => true,
+        _ => return None,
+    };
     let mut i = 12;
     loop {
         let len = usize::from(*packet.get(i)?);
@@ -70,11 +75,24 @@ fn question_key(packet: &[u8], key: &mut Vec<u8>) -> Option<std::ops::Range<usiz
         i += 1 + len;
     }
     let rest = packet.get(i..)?;
-    // QTYPE, QCLASS IN, and the packet ends there.
-    if rest.len() != 4 || rest[2..4] != [0, 1] {
+    // QTYPE, QCLASS IN, then (with EDNS) an OPT record of the root with no
+    // options (its payload size, extended rcode, version and flags are in
+    // the key: the answer's OPT echoes them), and the packet ends there.
+    let (question, opt) = rest.split_at_checked(4)?;
+    if question[2..4] != [0, 1]
+        || !CACHED_TYPES.contains(&u16::from_be_bytes([question[0], question[1]]))
+    {
         return None;
     }
-    key.extend_from_slice(&rest[0..2]);
+    key.extend_from_slice(&question[0..2]);
+    match (edns, opt) {
+        (false, []) => key.push(0),
+        (true, [0, 0, 41, payload @ .., 0, 0]) if payload.len() == 6 => {
+            key.push(1);
+            key.extend_from_slice(payload);
+        }
+        _ => return None,
+    }
     Some(12..i)
 }
 
@@ -84,8 +102,9 @@ fn question_key(packet: &[u8], key: &mut Vec<u8>) -> Option<std::ops::Range<usiz
 fn question(packet: &[u8]) -> Option<(Vec<u8>, u16, std::ops::Range<usize>)> {
     let mut key = Vec::new();
     let at = question_key(packet, &mut key)?;
-    let qtype = u16::from_be_bytes([key[key.len() - 2], key[key.len() - 1]]);
-    key.truncate(key.len() - 2);
+    let name_len = at.end - at.start;
+    let qtype = u16::from_be_bytes([key[name_len], key[name_len + 1]]);
+    key.truncate(name_len);
     Some((key, qtype, at))
 }
 
@@ -179,18 +198,26 @@ impl FastPath {
         let Some(at) = question_key(query, &mut key) else {
             return;
         };
-        let name = &key[..key.len() - 2];
+        let name = &key[..at.end - at.start];
         let plausible = answer.len() >= at.end + 4
             && answer[0..2] == query[0..2]
             && answer[2] & 0x80 != 0
             && answer[4..6] == [0, 1]
-            && answer[at.clone()].eq_ignore_ascii_case(&query[at])
-            // No OPT came back (none was asked for) and nothing truncated.
+            && answer[at.clone()].eq_ignore_ascii_case(&query[at.clone()])
+            // The same type and class were answered, and nothing truncated.
+            && answer[at.end..at.end + 4] == query[at.end..at.end + 4]
             && answer[2] & 0b10 == 0;
         if !plausible || !self.names.iter().any(|n| n.as_slice() == name) {
             return;
         }
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        let current = self.backends.generation();
+        if generation != current {
+            return; // answered for replicas that changed meanwhile
+        }
+        if cache.len() >= MAX_CACHED {
+            cache.retain(|_, c| c.generation == current);
+        }
         if cache.len() >= MAX_CACHED && !cache.contains_key(&key) {
             return;
         }
@@ -231,6 +258,14 @@ impl FastPath {
                 }
             };
             let query = &buf[..n];
+            // What the full handler would drop unanswered (too short for a
+            // header, a response, not a query) is dropped here, before it
+            // holds a relay slot.
+            if n < 12 || query[2] & 0x80 != 0 || query[2] & 0x78 != 0 {
+                metrics::counter!("fleet_concierge_dns_queries_total", "rcode" => "dropped")
+                    .increment(1);
+                continue;
+            }
             if self.cached(query, &mut key, &mut answer) {
                 if let Err(e) = socket.try_send_to(&answer, from)
                     && e.kind() == std::io::ErrorKind::WouldBlock
@@ -264,15 +299,21 @@ impl FastPath {
             (std::net::Ipv6Addr::LOCALHOST, 0).into()
         };
         let socket = UdpSocket::bind(local).await.ok()?;
-        socket.connect(self.full).await.ok()?;
-        socket.send(query).await.ok()?;
+        socket.send_to(query, self.full).await.ok()?;
         let mut buf = vec![0u8; MAX_PACKET];
-        let n = tokio::time::timeout(RELAY_TIMEOUT, socket.recv(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        buf.truncate(n);
-        Some(buf)
+        let deadline = tokio::time::Instant::now() + RELAY_TIMEOUT;
+        loop {
+            let (n, from) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            // Only the full handler's answer counts (another local process
+            // could aim datagrams at this port).
+            if from == self.full {
+                buf.truncate(n);
+                return Some(buf);
+            }
+        }
     }
 }
 
@@ -312,9 +353,25 @@ mod tests {
         let mut trailing = q.clone();
         trailing.push(0);
         assert!(question(&trailing).is_none());
-        let mut pointer = q;
+        let mut pointer = q.clone();
         pointer[12] = 0xc0;
         assert!(question(&pointer).is_none());
+        // A bare EDNS OPT (as stub resolvers send): cacheable, keyed apart
+        // from the same question without it; with an option: not.
+        let mut opt = q.clone();
+        opt[11] = 1;
+        opt.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let (mut plain_key, mut opt_key) = (Vec::new(), Vec::new());
+        assert!(question_key(&q, &mut plain_key).is_some());
+        assert_eq!(question_key(&opt, &mut opt_key), Some(12..34));
+        assert_ne!(plain_key, opt_key);
+        let mut cookie = opt.clone();
+        let len = cookie.len();
+        cookie[len - 1] = 4;
+        assert!(question(&cookie).is_none());
+        // Types other than A, AAAA, SOA and NS are not cached.
+        let txt = query(7, "concierge.fleet.test", 16, true);
+        assert!(question(&txt).is_none());
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct Cell {
     /// every connection, instead of a timer in each.
     last_heard: AtomicU64,
     silence_ms: AtomicU64,
+    /// Set while the hub is not reading from the device (throttled, its
+    /// window full, waiting for the ingest budget): its silence is the
+    /// hub's doing, not the device's.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Cell {
@@ -177,14 +181,23 @@ impl Session<'_> {
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
         });
         self.heard();
-        self.cell.silence_ms.store(ms, Ordering::Relaxed);
+        self.cell.silence_ms.store(ms, Ordering::Release);
     }
 
     /// The device was heard from (or is not to be blamed for silence).
     pub fn heard(&self) {
         self.cell
             .last_heard
-            .store(self.sessions.now_ms(), Ordering::Relaxed);
+            .store(self.sessions.now_ms(), Ordering::Release);
+    }
+
+    /// Whether the hub reads from the device now: while it does not, the
+    /// device's silence is not counted (and the count starts again after).
+    pub fn reading(&self, reading: bool) {
+        let was_paused = self.cell.paused.swap(!reading, Ordering::AcqRel);
+        if was_paused && reading {
+            self.heard();
+        }
     }
 }
 
@@ -227,6 +240,8 @@ impl Sessions {
     pub fn register(&self, device: &DeviceId) -> Session<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cell = Arc::new(Cell::default());
+        // Heard now, before the sweep can see it.
+        cell.last_heard.store(self.now_ms(), Ordering::Release);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let old = map.insert(
             device.clone(),
@@ -292,9 +307,10 @@ impl Sessions {
     pub fn sweep(&self) {
         let now = self.now_ms();
         for h in self.map.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            let silence = h.cell.silence_ms.load(Ordering::Relaxed);
-            let heard = h.cell.last_heard.load(Ordering::Relaxed);
-            if silence > 0 && now.saturating_sub(heard) > silence {
+            let silence = h.cell.silence_ms.load(Ordering::Acquire);
+            let heard = h.cell.last_heard.load(Ordering::Acquire);
+            let paused = h.cell.paused.load(Ordering::Acquire);
+            if silence > 0 && !paused && now.saturating_sub(heard) > silence {
                 kick_one(&h.cell, Kick::KeepAlive);
             }
         }
@@ -345,6 +361,22 @@ mod tests {
         assert_eq!(a.cell.get().kick, Some(Kick::KeepAlive));
         assert_eq!(b.cell.get().kick, None);
         assert_eq!(c.cell.get().kick, None);
+        // While the hub does not read from a device, its silence is not
+        // counted; once it reads again, the count starts over.
+        let paused = DeviceId::new("paused").unwrap();
+        let d = s.register(&paused);
+        d.set_keep_alive(Some(std::time::Duration::from_millis(1500)));
+        d.reading(false);
+        tokio::time::advance(std::time::Duration::from_secs(10)).await;
+        s.sweep();
+        assert_eq!(d.cell.get().kick, None);
+        d.reading(true);
+        tokio::time::advance(std::time::Duration::from_millis(1000)).await;
+        s.sweep();
+        assert_eq!(d.cell.get().kick, None);
+        tokio::time::advance(std::time::Duration::from_millis(1000)).await;
+        s.sweep();
+        assert_eq!(d.cell.get().kick, Some(Kick::KeepAlive));
     }
 
     #[test]

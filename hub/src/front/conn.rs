@@ -321,6 +321,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         pending: Inflight::default(),
         blocked: None,
         filters: Vec::new(),
+        wants_acks: false,
         committed: Mid(0),
         known: false,
         replicated: None,
@@ -346,6 +347,8 @@ struct Conn<'a> {
     /// A publish read while the hub-wide budget was exhausted.
     blocked: Option<Box<(Publish, Option<Mid>)>>,
     filters: Vec<String>,
+    /// Whether a filter covers the device's acks topic.
+    wants_acks: bool,
     /// The highest durable mid of this device known to this connection.
     committed: Mid,
     /// Whether `committed` has been learned (the device may have published
@@ -411,6 +414,7 @@ impl Conn<'_> {
             let reading = !throttled
                 && self.blocked.is_none()
                 && self.pending.len() < self.front.config.max_inflight;
+            session.reading(reading);
             let need = self.blocked.as_ref().map_or(0, |b| cost(&b.0));
             let budget = self.front.ingest.budget().clone();
             tokio::select! {
@@ -530,6 +534,7 @@ impl Conn<'_> {
                         self.filters.push(f.path);
                     }
                 }
+                self.wants_acks |= wants_acks;
                 if wants_acks {
                     // Tell the device at once what is already stored, so that
                     // it does not resend what survived a reconnect.
@@ -553,6 +558,8 @@ impl Conn<'_> {
             }
             Packet::Unsubscribe(u) => {
                 self.filters.retain(|f| !u.topics.contains(f));
+                let acks = topic::acks_topic(&self.device);
+                self.wants_acks = self.filters.iter().any(|f| topic::matches(&acks, f));
                 let _ = UnsubAck::new(u.pkid).write(out);
                 Ok(())
             }
@@ -652,12 +659,7 @@ impl Conn<'_> {
     fn moving(&mut self, out: &mut BytesMut, epoch: Epoch) {
         // Not before this device's committed mid is known: a device without
         // numbering state takes the first ack's `committed` as its base.
-        if !self.known
-            || !self
-                .filters
-                .iter()
-                .any(|f| topic::matches(&topic::acks_topic(&self.device), f))
-        {
+        if !self.known || !self.wants_acks {
             return;
         }
         let replicated = self.last_ack.map_or(Mid(0), |(_, r)| r);
@@ -674,12 +676,7 @@ impl Conn<'_> {
 
     /// Publishes a commit ack when the device listens and something changed.
     fn ack(&mut self, out: &mut BytesMut) {
-        if !self.known
-            || !self
-                .filters
-                .iter()
-                .any(|f| topic::matches(&topic::acks_topic(&self.device), f))
-        {
+        if !self.known || !self.wants_acks {
             return;
         }
         // Without a secondary, or with the peer detached, durable here is
