@@ -601,13 +601,7 @@ async fn merge_refuses_a_version_from_the_future_naming_the_device() {
     // Two hours ahead of this machine's clock: beyond the stated skew.
     let ahead =
         (registry_sync::hlc::wall_ms() + 2 * 3600 * 1000) << fleet_api::Version::LOGICAL_BITS;
-    let pool = sqlx::SqlitePool::connect(&a.url).await.unwrap();
-    sqlx::query("UPDATE devices SET version = ? WHERE device_id = 'poisoned'")
-        .bind(ahead as i64)
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    force_version(&a.url, "poisoned", ahead).await;
     let before = snapshot(&b).await;
     let o = cli(&["merge", "--from", &a.url, "--into", &b.url]);
     assert!(!o.status.success(), "a poisoned version was merged");

@@ -521,13 +521,7 @@ async fn a_local_write_that_does_not_take_effect_is_an_error() {
     s.claim_region(&region("a")).await.unwrap();
     s.create(vec![new_device("d", 1)]).await.unwrap();
     let ahead = (registry_sync::hlc::wall_ms() + 60_000) << Version::LOGICAL_BITS;
-    let pool = sqlx::SqlitePool::connect(&f.url).await.unwrap();
-    sqlx::query("UPDATE devices SET version = ? WHERE device_id = 'd'")
-        .bind(ahead as i64)
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    force_version(&f.url, "d", ahead).await;
     let err = s
         .update(
             &id("d"),

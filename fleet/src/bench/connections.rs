@@ -14,7 +14,7 @@
 //! holds up to about 18,000; the 100,000-device cost is projected from the
 //! measured slope.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::ingest::{BENCH_TOKEN, addr_of, bench_clients, register, spawn_self};
+use super::ingest::{BENCH_TOKEN, addr_of, bench_clients, register, spawn_mosquitto, spawn_self};
 use super::machine;
 
 #[derive(Debug, Args)]
@@ -300,37 +300,14 @@ async fn start(name: &str, dir: &Path, registry: &str) -> anyhow::Result<Target>
             })
         }
         "mosquitto" => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let conf = dir.join("mosquitto-connections.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\nmax_connections -1\n"
-                ),
-            )?;
-            let process = Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("start mosquitto (scripts/services.sh installs it)")?;
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            for _ in 0..100 {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    return Ok(Target {
-                        name: name.into(),
-                        url: format!("mqtt://{addr}"),
-                        process,
-                        ca: None,
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            bail!("mosquitto did not listen on {addr}")
+            let (process, addr) =
+                spawn_mosquitto(dir, "connections", "max_connections -1\n").await?;
+            Ok(Target {
+                name: name.into(),
+                url: format!("mqtt://{addr}"),
+                process,
+                ca: None,
+            })
         }
         other => bail!("unknown target {other:?}: hub, hub-tls, rumqttd or mosquitto"),
     }

@@ -384,15 +384,33 @@ async fn start_rumqttd(n: usize) -> anyhow::Result<Target> {
 }
 
 async fn start_mosquitto(dir: &Path, n: usize) -> anyhow::Result<Target> {
+    // max_queued_messages 0: the default 1000 silently drops QoS 1 for slow subscribers.
+    let (child, addr) = spawn_mosquitto(dir, "ingest", "max_queued_messages 0\n").await?;
+    Ok(Target {
+        name: "mosquitto",
+        addr,
+        http: None,
+        clients: clients(n, "bench-"),
+        drain: None,
+        _process: child,
+    })
+}
+
+/// Mosquitto on a free loopback port (anonymous, no persistence, no log),
+/// with `extra` lines in its config; returns once it listens.
+pub(super) async fn spawn_mosquitto(
+    dir: &Path,
+    name: &str,
+    extra: &str,
+) -> anyhow::Result<(Child, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let conf = dir.join("mosquitto.conf");
-    // max_queued_messages 0: the default 1000 silently drops QoS 1 for slow subscribers.
+    let conf = dir.join(format!("mosquitto-{name}.conf"));
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest none\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n{extra}"
         ),
     )?;
     let child = Command::new("mosquitto")
@@ -406,14 +424,7 @@ async fn start_mosquitto(dir: &Path, n: usize) -> anyhow::Result<Target> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(Target {
-                name: "mosquitto",
-                addr,
-                http: None,
-                clients: clients(n, "bench-"),
-                drain: None,
-                _process: child,
-            });
+            return Ok((child, addr));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

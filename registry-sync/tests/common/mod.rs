@@ -129,3 +129,16 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Stores `version` for `device` in the SQLite registry at `url` behind
+/// the store's back (a record written by a peer whose clock runs ahead).
+pub async fn force_version(url: &str, device: &str, version: u64) {
+    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+    sqlx::query("UPDATE devices SET version = ? WHERE device_id = ?")
+        .bind(version as i64)
+        .bind(device)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
