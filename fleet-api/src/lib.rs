@@ -13,7 +13,8 @@
 //! connection cap; `https` (feature `https-server`): its TLS listener;
 //! `limit` (feature `limits`): rate limits per client address; `storage`
 //! (feature `storage`): the file operations of durable structures, on the
-//! real disk or a simulated one that loses power.
+//! real disk or a simulated one that loses power; `local` (feature
+//! `local-servers`): free loopback ports and a local JetStream cluster.
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -24,6 +25,8 @@ pub mod hub;
 pub mod ids;
 #[cfg(feature = "limits")]
 pub mod limit;
+#[cfg(feature = "local-servers")]
+pub mod local;
 #[cfg(feature = "process")]
 pub mod process;
 #[cfg(feature = "prometheus")]

@@ -1,31 +1,87 @@
 //! The event log contract. Each test takes a backend factory, so the same
 //! suite runs against every backend (the file log here; JetStream joins it).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fleet_api::local::NatsCluster;
 use fleet_api::{DeviceId, Epoch, Mid, Offset, PartitionId, Region, UnixMillis};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use hub::log::file::{FileLog, FileLogConfig};
+use hub::log::jetstream::{JetStreamConfig, JetStreamLog};
 use hub::log::{EventLog, NewRecord, ReadLimits};
+
+type Open = Box<dyn Fn() -> BoxFuture<'static, Arc<dyn EventLog>> + Send + Sync>;
 
 /// A backend under test and a way to open it again on the same storage.
 struct Backend {
     log: Arc<dyn EventLog>,
-    reopen: Box<dyn Fn() -> Arc<dyn EventLog> + Send + Sync>,
+    reopen: Open,
     _dir: Arc<tempfile::TempDir>,
 }
 
-fn file_backend(partitions: u32) -> Backend {
+async fn file_backend(partitions: u32) -> Backend {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let path = dir.path().to_path_buf();
-    let open = move || -> Arc<dyn EventLog> {
-        FileLog::open(FileLogConfig::new(path.clone(), partitions)).unwrap()
-    };
+    let open: Open = Box::new(move || {
+        let log: Arc<dyn EventLog> =
+            FileLog::open(FileLogConfig::new(path.clone(), partitions)).unwrap();
+        futures::future::ready(log).boxed()
+    });
     Backend {
-        log: open(),
-        reopen: Box::new(open),
+        log: open().await,
+        reopen: open,
         _dir: dir,
+    }
+}
+
+/// One R3 JetStream cluster (three real nats-server processes) for the
+/// whole test binary; each test has streams of its own prefix. The servers
+/// die with this process (see `NatsCluster`).
+fn cluster() -> &'static NatsCluster {
+    static CLUSTER: OnceLock<(NatsCluster, tempfile::TempDir)> = OnceLock::new();
+    &CLUSTER
+        .get_or_init(|| {
+            std::thread::spawn(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let c = rt
+                    .block_on(NatsCluster::start(dir.path(), "conf", 3))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (c, dir)
+            })
+            .join()
+            .unwrap()
+        })
+        .0
+}
+
+async fn jetstream_backend(partitions: u32) -> Backend {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let prefix = format!(
+        "t{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let url = cluster().log_url(&prefix);
+    let open: Open = Box::new(move || {
+        let config = JetStreamConfig::parse(&url, partitions).unwrap();
+        async move {
+            let log: Arc<dyn EventLog> = JetStreamLog::open(config).await.unwrap();
+            log
+        }
+        .boxed()
+    });
+    Backend {
+        log: open().await,
+        reopen: open,
+        _dir: Arc::new(tempfile::tempdir().unwrap()),
     }
 }
 
@@ -188,7 +244,7 @@ async fn records_survive_a_reopen(b: Backend) {
     }
     let Backend { log, reopen, _dir } = b;
     drop(log);
-    let log = reopen();
+    let log = reopen().await;
     assert_eq!(log.high_watermark(P0), Offset(20));
     let got = log.read(P0, Offset(0), ALL).await.unwrap();
     assert_eq!(got.len(), 20);
@@ -214,23 +270,29 @@ async fn payload_edge_cases(b: Backend) {
 }
 
 macro_rules! conformance {
-    ($backend:ident: $($test:ident),* $(,)?) => {
+    ($backend:ident, $factory:ident: $($test:ident),* $(,)?) => {
         mod $backend {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
-                super::$test(super::file_backend(2)).await;
+                super::$test(super::$factory(2).await).await;
             })*
         }
     };
 }
 
-conformance!(file:
-    appends_get_dense_offsets_and_read_back,
-    reads_respect_limits,
-    concurrent_appends_are_dense_and_complete,
-    appends_pipeline_and_resolve_in_order,
-    partitions_are_independent,
-    watch_follows_the_high_watermark,
-    records_survive_a_reopen,
-    payload_edge_cases,
-);
+macro_rules! suite {
+    ($($backend:ident, $factory:ident);*) => {
+        $(conformance!($backend, $factory:
+            appends_get_dense_offsets_and_read_back,
+            reads_respect_limits,
+            concurrent_appends_are_dense_and_complete,
+            appends_pipeline_and_resolve_in_order,
+            partitions_are_independent,
+            watch_follows_the_high_watermark,
+            records_survive_a_reopen,
+            payload_edge_cases,
+        );)*
+    };
+}
+
+suite!(file, file_backend; jetstream, jetstream_backend);

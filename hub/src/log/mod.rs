@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod frame;
+pub mod jetstream;
 
 use std::fmt;
 

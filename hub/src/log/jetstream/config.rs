@@ -1,0 +1,236 @@
+//! `--log nats://HOST:PORT[,HOST:PORT…]/PREFIX?replicas=N&monitor=URL[,URL…]`
+//! and the check that every JetStream server of the cluster fsyncs before
+//! it acknowledges.
+
+use std::time::Duration;
+
+/// Where the JetStream log lives and how it is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// `nats://host:port` of each server given.
+    pub servers: Vec<String>,
+    /// Names the streams (`{prefix}_p{P}_g{G}`), their subjects and the
+    /// metadata bucket: one prefix per region's log.
+    pub prefix: String,
+    pub partitions: u32,
+    /// Replicas of every stream (3 for R3).
+    pub replicas: usize,
+    /// The servers' monitoring URLs (`http://host:port`), read to verify
+    /// `sync_interval: always` before any ack is trusted.
+    pub monitors: Vec<String>,
+    /// Trust acks of servers that may not fsync first (operator opt-out).
+    pub allow_unsynced: bool,
+    /// How long a write keeps being retried (leader elections, a restarting
+    /// server) before the partition is failed.
+    pub retry_for: Duration,
+}
+
+/// A `--log` value that is not a usable JetStream URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--log {url:?}: {reason}")]
+pub struct ConfigError {
+    pub url: String,
+    pub reason: String,
+}
+
+impl JetStreamConfig {
+    /// Parses `--log`. The prefix defaults to `fleet`.
+    pub fn parse(url: &str, partitions: u32) -> Result<JetStreamConfig, ConfigError> {
+        let bad = |reason: &str| ConfigError {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = url
+            .strip_prefix("nats://")
+            .ok_or_else(|| bad("expected nats://HOST:PORT[,HOST:PORT…]/PREFIX"))?;
+        let (hosts, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut servers = Vec::new();
+        for h in hosts.split(',') {
+            let Some((host, port)) = h.rsplit_once(':') else {
+                return Err(bad(&format!("server {h:?} has no port")));
+            };
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad(&format!("server {h:?} is not HOST:PORT")));
+            }
+            servers.push(format!("nats://{h}"));
+        }
+        let prefix = if path.is_empty() { "fleet" } else { path };
+        if prefix.len() > 32
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(bad(&format!(
+                "prefix {prefix:?} must be 1-32 of [A-Za-z0-9_-] (it names streams and subjects)"
+            )));
+        }
+        let mut config = JetStreamConfig {
+            servers,
+            prefix: prefix.to_string(),
+            partitions,
+            replicas: 3,
+            monitors: Vec::new(),
+            allow_unsynced: false,
+            retry_for: Duration::from_secs(30),
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "replicas" => {
+                    config.replicas = v
+                        .parse()
+                        .ok()
+                        .filter(|r| (1..=5).contains(r))
+                        .ok_or_else(|| bad(&format!("replicas={v:?}: expected 1 to 5")))?;
+                }
+                "monitor" => {
+                    for m in v.split(',') {
+                        if !m.starts_with("http://") && !m.starts_with("https://") {
+                            return Err(bad(&format!(
+                                "monitor {m:?}: expected http://HOST:PORT (the server's monitoring port)"
+                            )));
+                        }
+                        config.monitors.push(m.trim_end_matches('/').to_string());
+                    }
+                }
+                other => return Err(bad(&format!("unknown parameter {other:?}"))),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// What the monitoring endpoints said about one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerSync {
+    name: String,
+    sync_always: bool,
+    /// The names in its JetStream meta group (itself included).
+    group: Vec<String>,
+}
+
+/// Refuses unless every server of the JetStream meta group reports
+/// `sync_always` through one of `monitors`.
+pub async fn verify_fsync(config: &JetStreamConfig) -> Result<(), String> {
+    if config.monitors.is_empty() {
+        return Err(
+            "cannot verify that the JetStream servers fsync before they acknowledge: give their \
+             monitoring URLs (…?monitor=http://HOST:PORT,…) or opt out with --log-allow-unsynced"
+                .to_string(),
+        );
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    for m in &config.monitors {
+        seen.push(read_server(&http, m).await?);
+    }
+    let mut group: Vec<String> = seen.iter().flat_map(|s| s.group.clone()).collect();
+    group.sort();
+    group.dedup();
+    for name in &group {
+        match seen.iter().find(|s| &s.name == name) {
+            None => {
+                return Err(format!(
+                    "JetStream server {name} is in the cluster but none of the monitoring URLs is its \
+                     own: its fsync setting cannot be verified"
+                ));
+            }
+            Some(s) if !s.sync_always => {
+                return Err(format!(
+                    "JetStream server {name} acknowledges before fsync (set jetstream {{ sync_interval: always }}, \
+                     nats-server >= 2.11) or opt out with --log-allow-unsynced"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if group.len() < config.replicas {
+        return Err(format!(
+            "replicas={} but the JetStream cluster has {} server(s)",
+            config.replicas,
+            group.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn read_server(http: &reqwest::Client, monitor: &str) -> Result<ServerSync, String> {
+    let get = |path: &'static str| async move {
+        let url = format!("{monitor}{path}");
+        let resp = http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {}", fleet_api::error_chain(&e)))?;
+        resp.json::<serde_json::Value>()
+            .await
+            .map_err(|e| format!("{url}: {e}"))
+    };
+    let varz = get("/varz").await?;
+    let name = varz["server_name"]
+        .as_str()
+        .ok_or_else(|| format!("{monitor}/varz: no server_name"))?
+        .to_string();
+    let js = &varz["jetstream"];
+    if js.is_null() || js["config"].is_null() {
+        return Err(format!("{monitor}: server {name} has no JetStream"));
+    }
+    let sync_always = js["config"]["sync_always"].as_bool().unwrap_or(false);
+    let mut group = vec![name.clone()];
+    if let Some(replicas) = js["meta"]["replicas"].as_array() {
+        group.extend(
+            replicas
+                .iter()
+                .filter_map(|r| r["name"].as_str().map(str::to_string)),
+        );
+    }
+    Ok(ServerSync {
+        name,
+        sync_always,
+        group,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_servers_prefix_and_options() {
+        let c = JetStreamConfig::parse(
+            "nats://127.0.0.1:4222,127.0.0.1:4223/fleet_a?replicas=3&monitor=http://127.0.0.1:8222,http://127.0.0.1:8223",
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            c.servers,
+            vec!["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
+        );
+        assert_eq!(c.prefix, "fleet_a");
+        assert_eq!(c.replicas, 3);
+        assert_eq!(c.monitors.len(), 2);
+        let d = JetStreamConfig::parse("nats://h:1", 1).unwrap();
+        assert_eq!((d.prefix.as_str(), d.replicas), ("fleet", 3));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_use() {
+        for bad in [
+            "http://h:1",
+            "nats://h",
+            "nats://h:x",
+            "nats://h:1/a.b",
+            "nats://h:1/p?replicas=0",
+            "nats://h:1/p?replicas=9",
+            "nats://h:1/p?monitor=h:8222",
+            "nats://h:1/p?what=1",
+        ] {
+            let e = JetStreamConfig::parse(bad, 1).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+}

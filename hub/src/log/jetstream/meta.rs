@@ -1,0 +1,111 @@
+//! Each partition's metadata in a JetStream key-value bucket, changed only
+//! by compare-and-set: which streams (generations) hold which offsets, the
+//! epoch history, and where the retained log starts.
+//!
+//! A partition is a chain of streams. Offset `o` is sequence `o + 1` of the
+//! newest generation whose first offset is `<= o`. A failback cut or a skip
+//! starts a new generation (a stream created with `first_sequence`), since
+//! JetStream cannot take back the tail of a stream and reuse its sequences.
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use fleet_api::{Epoch, Offset, PartitionId};
+use serde::{Deserialize, Serialize};
+
+use crate::log::{LogError, LogResult};
+
+/// What the bucket holds for one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct PartMeta {
+    /// `(generation, first offset)`, oldest first.
+    pub gens: Vec<(u32, u64)>,
+    /// `(epoch, start offset)`, oldest first, epochs strictly increasing.
+    pub epochs: Vec<(u64, u64)>,
+    /// The first retained offset.
+    pub start: u64,
+}
+
+impl PartMeta {
+    pub fn current_gen(&self) -> (u32, u64) {
+        *self.gens.last().expect("a partition has a generation")
+    }
+
+    pub fn history(&self) -> Vec<(Epoch, Offset)> {
+        self.epochs
+            .iter()
+            .map(|&(e, o)| (Epoch(e), Offset(o)))
+            .collect()
+    }
+
+    /// The generation holding `offset`.
+    pub fn gen_of(&self, offset: u64) -> (u32, u64) {
+        *self
+            .gens
+            .iter()
+            .rev()
+            .find(|(_, first)| *first <= offset)
+            .unwrap_or(&self.gens[0])
+    }
+}
+
+/// The bucket, keyed `p{N}`.
+#[derive(Clone)]
+pub(super) struct MetaStore {
+    kv: kv::Store,
+}
+
+fn key(p: PartitionId) -> String {
+    format!("p{}", p.0)
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Io(format!("jetstream metadata: {what}: {e}"))
+}
+
+impl MetaStore {
+    pub fn new(kv: kv::Store) -> MetaStore {
+        MetaStore { kv }
+    }
+
+    /// The partition's metadata and its revision, if any.
+    pub async fn load(&self, p: PartitionId) -> LogResult<Option<(PartMeta, u64)>> {
+        let entry = self.kv.entry(key(p)).await.map_err(|e| io("read", e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let meta: PartMeta =
+                    serde_json::from_slice(&e.value).map_err(|err| LogError::Corrupt {
+                        partition: p,
+                        offset: Offset(0),
+                        detail: format!("metadata p{} is not valid: {err}", p.0),
+                    })?;
+                Ok(Some((meta, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates the partition's entry; fails if it exists.
+    pub async fn create(&self, p: PartitionId, meta: &PartMeta) -> LogResult<u64> {
+        self.kv
+            .create(key(p), encode(meta))
+            .await
+            .map_err(|e| io("create", e))
+    }
+
+    /// Replaces the entry if it is still at `revision`; returns the new one.
+    /// A mismatch means another writer changed the partition: fatal for
+    /// this writer (it no longer knows the truth).
+    pub async fn update(&self, p: PartitionId, meta: &PartMeta, revision: u64) -> LogResult<u64> {
+        self.kv
+            .update(key(p), encode(meta), revision)
+            .await
+            .map_err(|e| LogError::Failed {
+                partition: p,
+                reason: format!("metadata changed by another writer: {e}"),
+            })
+    }
+}
+
+fn encode(meta: &PartMeta) -> Bytes {
+    Bytes::from(serde_json::to_vec(meta).expect("metadata serializes"))
+}

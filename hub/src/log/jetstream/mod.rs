@@ -1,0 +1,412 @@
+//! The event log on NATS JetStream (`--log nats://…`): one stream per
+//! partition (and generation), offsets are stream sequences minus one, and
+//! records are the file log's frames (CRC included), so the read API and
+//! records look exactly as with the file log.
+//!
+//! Nothing is trusted before the servers are verified to fsync before they
+//! acknowledge (`jetstream { sync_interval: always }`, read from their
+//! monitoring ports), unless the operator opts out.
+
+mod config;
+mod meta;
+mod read;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use fleet_api::{Epoch, Offset, PartitionId};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use config::{ConfigError, JetStreamConfig, verify_fsync};
+use meta::{MetaStore, PartMeta};
+use writer::{Cmd, Writer};
+
+use super::{EventLog, LogError, LogResult, NewRecord, ReadLimits, Record};
+
+/// Names of a log's streams, subjects and bucket.
+#[derive(Clone, Debug)]
+pub(super) struct StreamNames {
+    prefix: String,
+}
+
+impl StreamNames {
+    fn stream(&self, p: PartitionId, generation: u32) -> String {
+        format!("{}_p{}_g{generation}", self.prefix, p.0)
+    }
+
+    /// `{prefix}.{p}.{g}.{device}`: one subject per device, so the last
+    /// record of a device can be found without a scan. A device id's dots
+    /// are written `%2E` (a subject token holds none).
+    fn subject(&self, p: PartitionId, generation: u32, device: &str) -> String {
+        format!(
+            "{}.{}.{generation}.{}",
+            self.prefix,
+            p.0,
+            device.replace('.', "%2E")
+        )
+    }
+
+    fn config(
+        &self,
+        p: PartitionId,
+        generation: u32,
+        replicas: usize,
+        first: u64,
+    ) -> stream::Config {
+        stream::Config {
+            name: self.stream(p, generation),
+            subjects: vec![format!("{}.{}.{generation}.>", self.prefix, p.0)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            first_sequence: (first > 0).then_some(first + 1),
+            ..Default::default()
+        }
+    }
+
+    fn bucket(&self) -> String {
+        format!("{}_meta", self.prefix)
+    }
+}
+
+/// What readers share with a partition's writer.
+#[derive(Debug)]
+pub(super) struct Part {
+    id: PartitionId,
+    meta: RwLock<PartMeta>,
+    streams: RwLock<HashMap<u32, stream::Stream>>,
+    hw: watch::Sender<Offset>,
+    failure: Mutex<Option<String>>,
+}
+
+impl Part {
+    fn set_meta(&self, meta: PartMeta) {
+        *self.meta.write().unwrap_or_else(|e| e.into_inner()) = meta;
+    }
+
+    fn meta(&self) -> PartMeta {
+        self.meta.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn add_stream(&self, generation: u32, s: stream::Stream) {
+        self.streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(generation, s);
+    }
+
+    fn advance(&self, hw: Offset) {
+        self.hw.send_if_modified(|cur| {
+            let moved = hw > *cur;
+            if moved {
+                *cur = hw;
+            }
+            moved
+        });
+    }
+
+    fn reset_hw(&self, hw: Offset) {
+        self.hw.send_replace(hw);
+    }
+
+    fn fail(&self, why: String) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// Durable records from `from` on (crossing generations).
+    async fn read(&self, from: Offset, limits: ReadLimits) -> LogResult<Vec<Record>> {
+        let meta = self.meta();
+        if from.0 < meta.start {
+            return Err(LogError::OffsetGone {
+                partition: self.id,
+                requested: from,
+                start: Offset(meta.start),
+            });
+        }
+        let hw = self.hw.borrow().0;
+        if from.0 >= hw || limits.max_records == 0 {
+            return Ok(Vec::new());
+        }
+        let (generation, _) = meta.gen_of(from.0);
+        let end = meta
+            .gens
+            .iter()
+            .find(|(_, first)| *first > from.0)
+            .map_or(hw, |(_, first)| (*first).min(hw));
+        let s = self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&generation)
+            .cloned()
+            .ok_or_else(|| LogError::Io(format!("generation {generation} has no stream")))?;
+        read::read_range(self.id, &s, from.0, end, limits).await
+    }
+}
+
+/// The JetStream event log of one region.
+pub struct JetStreamLog {
+    parts: Vec<Arc<Part>>,
+    writers: Vec<mpsc::UnboundedSender<Cmd>>,
+}
+
+impl std::fmt::Debug for JetStreamLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamLog")
+            .field("partitions", &self.parts.len())
+            .finish()
+    }
+}
+
+impl JetStreamLog {
+    /// Connects, verifies fsync (unless opted out), and opens or creates
+    /// every partition's streams and metadata.
+    pub async fn open(config: JetStreamConfig) -> Result<Arc<JetStreamLog>, LogError> {
+        if config.allow_unsynced {
+            tracing::warn!(
+                "trusting JetStream acknowledgements without checking that the servers fsync first (--log-allow-unsynced)"
+            );
+        } else {
+            verify_fsync(&config).await.map_err(LogError::Io)?;
+        }
+        let addrs = config
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| LogError::Io(format!("server address: {e}")))?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(addrs)
+            .await
+            .map_err(|e| LogError::Io(format!("connect to {}: {e}", config.servers.join(","))))?;
+        let js = jetstream::new(client);
+        let names = StreamNames {
+            prefix: config.prefix.clone(),
+        };
+        let bucket = kv::Config {
+            bucket: names.bucket(),
+            history: 1,
+            num_replicas: config.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let kv = match js.get_key_value(names.bucket()).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(bucket)
+                .await
+                .map_err(|e| LogError::Io(format!("create bucket {}: {e}", names.bucket())))?,
+        };
+        let store = MetaStore::new(kv);
+        let mut parts = Vec::new();
+        let mut writers = Vec::new();
+        for p in 0..config.partitions {
+            let p = PartitionId(p);
+            let (part, writer) = open_partition(&js, &names, &store, &config, p).await?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(writer.run(rx));
+            parts.push(part);
+            writers.push(tx);
+        }
+        Ok(Arc::new(JetStreamLog { parts, writers }))
+    }
+
+    fn part(&self, p: PartitionId) -> LogResult<&Arc<Part>> {
+        self.parts
+            .get(p.0 as usize)
+            .ok_or(LogError::NoSuchPartition(p))
+    }
+
+    fn call<T: Send + 'static>(
+        &self,
+        p: PartitionId,
+        make: impl FnOnce(oneshot::Sender<LogResult<T>>) -> Cmd,
+    ) -> BoxFuture<'static, LogResult<T>> {
+        let Some(tx) = self.writers.get(p.0 as usize) else {
+            return futures::future::ready(Err(LogError::NoSuchPartition(p))).boxed();
+        };
+        let (reply, rx) = oneshot::channel();
+        if tx.send(make(reply)).is_err() {
+            return futures::future::ready(Err(LogError::Closed)).boxed();
+        }
+        async move { rx.await.unwrap_or(Err(LogError::Closed)) }.boxed()
+    }
+}
+
+async fn open_partition(
+    js: &jetstream::Context,
+    names: &StreamNames,
+    store: &MetaStore,
+    config: &JetStreamConfig,
+    p: PartitionId,
+) -> LogResult<(Arc<Part>, Writer)> {
+    let io = |what: String| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| LogError::Io(format!("{what}: {e}"))
+    };
+    let (meta, revision) = match store.load(p).await? {
+        Some(found) => found,
+        None => {
+            let cfg = names.config(p, 0, config.replicas, 0);
+            js.get_or_create_stream(cfg)
+                .await
+                .map_err(|e| io(format!("create stream {}", names.stream(p, 0)))(e.into()))?;
+            let meta = PartMeta {
+                gens: vec![(0, 0)],
+                epochs: Vec::new(),
+                start: 0,
+            };
+            match store.create(p, &meta).await {
+                Ok(rev) => (meta, rev),
+                // Created meanwhile by another hub: take what it wrote.
+                Err(_) => store
+                    .load(p)
+                    .await?
+                    .ok_or_else(|| LogError::Io(format!("metadata of partition {p} vanished")))?,
+            }
+        }
+    };
+    let mut streams = HashMap::new();
+    for &(generation, _) in &meta.gens {
+        let name = names.stream(p, generation);
+        let s = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| io(format!("stream {name}"))(e.into()))?;
+        streams.insert(generation, s);
+    }
+    let (current, _) = meta.current_gen();
+    let mut stream = streams[&current].clone();
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| io(format!("stream {}", names.stream(p, current)))(e.into()))?;
+    let hw = info.state.last_sequence;
+    let part = Arc::new(Part {
+        id: p,
+        meta: RwLock::new(meta.clone()),
+        streams: RwLock::new(streams),
+        hw: watch::Sender::new(Offset(hw)),
+        failure: Mutex::new(None),
+    });
+    let mut writer = Writer::new(
+        part.clone(),
+        js.clone(),
+        names.clone(),
+        store.clone(),
+        (meta.clone(), revision),
+        stream,
+        hw,
+        config.retry_for,
+        config.replicas,
+    );
+    // Epochs noted before a first record that never became durable.
+    if meta.epochs.iter().any(|(_, start)| *start >= hw) {
+        let mut fixed = meta;
+        fixed.epochs.retain(|(_, start)| *start < hw);
+        let rev = store.update(p, &fixed, revision).await?;
+        writer.meta = fixed.clone();
+        writer.revision = rev;
+        part.set_meta(fixed);
+    }
+    Ok((part, writer))
+}
+
+impl EventLog for JetStreamLog {
+    fn partitions(&self) -> u32 {
+        self.parts.len() as u32
+    }
+
+    fn append(&self, p: PartitionId, rec: NewRecord) -> BoxFuture<'static, LogResult<Offset>> {
+        self.call(p, |reply| Cmd::Append { rec, reply })
+    }
+
+    fn flush(&self, p: PartitionId) -> BoxFuture<'static, LogResult<()>> {
+        self.call(p, |reply| Cmd::Flush { reply })
+    }
+
+    fn read(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        limits: ReadLimits,
+    ) -> BoxFuture<'_, LogResult<Vec<Record>>> {
+        async move { self.part(p)?.read(from, limits).await }.boxed()
+    }
+
+    fn high_watermark(&self, p: PartitionId) -> Offset {
+        self.part(p).map_or(Offset(0), |part| *part.hw.borrow())
+    }
+
+    fn log_start(&self, p: PartitionId) -> Offset {
+        self.part(p)
+            .map_or(Offset(0), |part| Offset(part.meta().start))
+    }
+
+    fn watch(&self, p: PartitionId) -> watch::Receiver<Offset> {
+        match self.part(p) {
+            Ok(part) => part.hw.subscribe(),
+            Err(_) => watch::channel(Offset(0)).1,
+        }
+    }
+
+    fn partition_failure(&self, p: PartitionId) -> Option<String> {
+        self.part(p)
+            .ok()?
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn health(&self) -> Result<(), Vec<String>> {
+        let bad: Vec<String> = (0..self.partitions())
+            .filter_map(|p| {
+                self.partition_failure(PartitionId(p))
+                    .map(|why| format!("partition {p}: {why}"))
+            })
+            .collect();
+        if bad.is_empty() { Ok(()) } else { Err(bad) }
+    }
+
+    fn cut_and_archive(
+        &self,
+        p: PartitionId,
+        from: Offset,
+        archive: PathBuf,
+    ) -> BoxFuture<'static, LogResult<u64>> {
+        self.call(p, |reply| Cmd::Cut {
+            from,
+            archive,
+            reply,
+        })
+    }
+
+    fn epoch_history(&self, p: PartitionId) -> Vec<(Epoch, Offset)> {
+        self.part(p)
+            .map_or(Vec::new(), |part| part.meta().history())
+    }
+
+    fn skip_to(
+        &self,
+        p: PartitionId,
+        base: Offset,
+        history: Vec<(Epoch, Offset)>,
+    ) -> BoxFuture<'static, LogResult<u64>> {
+        self.call(p, |reply| Cmd::Skip {
+            base,
+            history,
+            reply,
+        })
+    }
+}

@@ -1,0 +1,509 @@
+//! One task per partition appends to the partition's current stream.
+//!
+//! Appends are pipelined, yet each publish carries the sequence the stream
+//! must end at before it (`Nats-Expected-Last-Sequence`) and an id unique to
+//! this writer and offset (`Nats-Msg-Id`). So offsets are exactly call
+//! order: if one publish is lost, every later one is refused by the server
+//! rather than stored out of order (a device's later mid can never be
+//! stored, then its earlier one dropped as a "duplicate"). After any error
+//! the writer confirms the unconfirmed publishes one by one, in order, with
+//! the same id: a resend of a stored one is answered as a duplicate with
+//! its sequence. A publish refused because the stream moved without it
+//! means another writer appended: the partition fails (it is fenced).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use fleet_api::{Epoch, Offset, PartitionId};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::meta::{MetaStore, PartMeta};
+use super::{Part, StreamNames};
+use crate::log::{LogError, LogResult, NewRecord, ReadLimits, frame};
+
+pub(super) enum Cmd {
+    Append {
+        rec: NewRecord,
+        reply: oneshot::Sender<LogResult<Offset>>,
+    },
+    Flush {
+        reply: oneshot::Sender<LogResult<()>>,
+    },
+    Cut {
+        from: Offset,
+        archive: PathBuf,
+        reply: oneshot::Sender<LogResult<u64>>,
+    },
+    Skip {
+        base: Offset,
+        history: Vec<(Epoch, Offset)>,
+        reply: oneshot::Sender<LogResult<u64>>,
+    },
+}
+
+/// A publish not yet known to be stored.
+struct Item {
+    offset: u64,
+    subject: String,
+    headers: HeaderMap,
+    body: Bytes,
+    reply: oneshot::Sender<LogResult<Offset>>,
+    flushes: Vec<oneshot::Sender<LogResult<()>>>,
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishErr>> + Send>>;
+
+/// Why a publish did not come back acknowledged.
+#[derive(Debug)]
+struct PublishErr {
+    kind: PublishErrorKind,
+    text: String,
+}
+
+pub(super) struct Writer {
+    pub part: Arc<Part>,
+    pub js: jetstream::Context,
+    pub names: StreamNames,
+    pub store: MetaStore,
+    pub meta: PartMeta,
+    pub revision: u64,
+    pub stream: stream::Stream,
+    /// The offset the next append gets.
+    pub next: u64,
+    /// Distinguishes this writer's message ids from any other's.
+    pub writer_id: String,
+    pub retry_for: Duration,
+    pub replicas: usize,
+    inflight: VecDeque<Item>,
+    /// In a mutex only to make the writer `Sync` (reached by `&mut self`,
+    /// so never locked).
+    acks: std::sync::Mutex<FuturesOrdered<AckFuture>>,
+    failed: Option<String>,
+}
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        part: Arc<Part>,
+        js: jetstream::Context,
+        names: StreamNames,
+        store: MetaStore,
+        (meta, revision): (PartMeta, u64),
+        stream: stream::Stream,
+        next: u64,
+        retry_for: Duration,
+        replicas: usize,
+    ) -> Writer {
+        Writer {
+            part,
+            js,
+            names,
+            store,
+            meta,
+            revision,
+            stream,
+            next,
+            // A nonce, not a choice a test needs to steer: ids of two
+            // writers must never collide.
+            writer_id: format!("{:016x}", rand::random::<u64>()),
+            retry_for,
+            replicas,
+            inflight: VecDeque::new(),
+            acks: std::sync::Mutex::new(FuturesOrdered::new()),
+            failed: None,
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(res) = self.acks().next(), if !self.inflight.is_empty() => self.on_ack(res).await,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+            }
+        }
+        self.drain().await;
+    }
+
+    fn acks(&mut self) -> &mut FuturesOrdered<AckFuture> {
+        self.acks.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn p(&self) -> PartitionId {
+        self.part.id
+    }
+
+    fn refuse(&self) -> LogError {
+        LogError::Failed {
+            partition: self.p(),
+            reason: self.failed.clone().unwrap_or_default(),
+        }
+    }
+
+    async fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Append { rec, reply } => {
+                if self.failed.is_some() {
+                    let _ = reply.send(Err(self.refuse()));
+                    return;
+                }
+                if let Err(e) = self.note_epoch(rec.epoch).await {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.publish(rec, reply);
+            }
+            Cmd::Flush { reply } => {
+                if self.failed.is_some() {
+                    let _ = reply.send(Err(self.refuse()));
+                } else if let Some(last) = self.inflight.back_mut() {
+                    last.flushes.push(reply);
+                } else {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Cmd::Cut {
+                from,
+                archive,
+                reply,
+            } => {
+                self.drain().await;
+                let r = match &self.failed {
+                    Some(_) => Err(self.refuse()),
+                    None => self.cut(from, archive).await,
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Skip {
+                base,
+                history,
+                reply,
+            } => {
+                self.drain().await;
+                let r = match &self.failed {
+                    Some(_) => Err(self.refuse()),
+                    None => self.skip(base, history).await,
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Writes `(epoch, next)` into the history before the first record of a
+    /// newer epoch, so the history always covers the log.
+    async fn note_epoch(&mut self, epoch: Epoch) -> LogResult<()> {
+        let last = self.meta.epochs.last().map(|e| e.0);
+        match last {
+            Some(l) if epoch.0 == l => return Ok(()),
+            Some(l) if epoch.0 < l => {
+                return Err(LogError::Failed {
+                    partition: self.p(),
+                    reason: format!("append of epoch {} after epoch {l}", epoch.0),
+                });
+            }
+            _ => {}
+        }
+        let mut meta = self.meta.clone();
+        meta.epochs.push((epoch.0, self.next));
+        self.set_meta(meta).await
+    }
+
+    async fn set_meta(&mut self, meta: PartMeta) -> LogResult<()> {
+        match self.store.update(self.p(), &meta, self.revision).await {
+            Ok(rev) => {
+                self.revision = rev;
+                self.meta = meta.clone();
+                self.part.set_meta(meta);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn publish(&mut self, rec: NewRecord, reply: oneshot::Sender<LogResult<Offset>>) {
+        let offset = self.next;
+        let (generation, _) = self.meta.current_gen();
+        let mut body = Vec::with_capacity(rec.payload.len() + 64);
+        frame::encode(&mut body, Offset(offset), &rec);
+        let subject = self
+            .names
+            .subject(self.p(), generation, rec.device_id.as_str());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}.{offset}", self.writer_id).as_str(),
+        );
+        headers.insert("Nats-Expected-Last-Sequence", offset.to_string().as_str());
+        let item = Item {
+            offset,
+            subject,
+            headers,
+            body: Bytes::from(body),
+            reply,
+            flushes: Vec::new(),
+        };
+        let ack = send(&self.js, &item);
+        self.acks().push_back(ack);
+        self.inflight.push_back(item);
+        self.next += 1;
+    }
+}
+
+fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
+    let js = js.clone();
+    let subject = item.subject.clone();
+    let msg = PublishMessage::build()
+        .payload(item.body.clone())
+        .headers(item.headers.clone());
+    Box::pin(async move {
+        let fut: PublishAckFuture =
+            js.send_publish(subject, msg)
+                .await
+                .map_err(|e| PublishErr {
+                    kind: e.kind(),
+                    text: e.to_string(),
+                })?;
+        fut.await.map_err(|e| PublishErr {
+            kind: e.kind(),
+            text: e.to_string(),
+        })
+    })
+}
+
+impl Writer {
+    async fn on_ack(&mut self, res: Result<PublishAck, PublishErr>) {
+        let Some(item) = self.inflight.pop_front() else {
+            return;
+        };
+        match res {
+            Ok(ack) if ack.sequence == item.offset + 1 => self.complete(item),
+            Ok(ack) => {
+                let why = format!(
+                    "offset {} was stored at sequence {} (the stream moved: another writer?)",
+                    item.offset, ack.sequence
+                );
+                self.inflight.push_front(item);
+                self.fail(why);
+            }
+            Err(e) => {
+                tracing::warn!(partition = %self.p(), offset = item.offset, error = %e.text, "jetstream publish failed; confirming in order");
+                self.inflight.push_front(item);
+                self.resync().await;
+            }
+        }
+    }
+
+    fn complete(&mut self, item: Item) {
+        self.part.advance(Offset(item.offset + 1));
+        let _ = item.reply.send(Ok(Offset(item.offset)));
+        for f in item.flushes {
+            let _ = f.send(Ok(()));
+        }
+    }
+
+    /// Confirms every unconfirmed publish, in order, by resending it with
+    /// the same id and expectation.
+    async fn resync(&mut self) {
+        *self.acks() = FuturesOrdered::new();
+        let deadline = Instant::now() + self.retry_for;
+        while let Some(item) = self.inflight.pop_front() {
+            let (js, stream) = (self.js.clone(), self.stream.clone());
+            match confirm(&js, &stream, &item, deadline, self.retry_for).await {
+                Ok(()) => self.complete(item),
+                Err(why) => {
+                    self.inflight.push_front(item);
+                    self.fail(why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for every publish in flight.
+    async fn drain(&mut self) {
+        while !self.inflight.is_empty() && self.failed.is_none() {
+            match self.acks().next().await {
+                Some(res) => self.on_ack(res).await,
+                None => self.resync().await,
+            }
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!(partition = %self.p(), reason = %why, "jetstream partition refuses writes");
+        self.failed = Some(why.clone());
+        self.part.fail(why);
+        *self.acks() = FuturesOrdered::new();
+        for item in self.inflight.drain(..) {
+            let err = LogError::Failed {
+                partition: self.part.id,
+                reason: self.failed.clone().unwrap_or_default(),
+            };
+            let _ = item.reply.send(Err(err.clone()));
+            for f in item.flushes {
+                let _ = f.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// Archives `from..` and continues the partition at `from` in a new
+    /// generation (the old stream keeps the cut records, unread).
+    async fn cut(&mut self, from: Offset, archive: PathBuf) -> LogResult<u64> {
+        if from.0 >= self.next {
+            return Ok(0);
+        }
+        let lo = from.0.max(self.meta.start);
+        let records = self
+            .part
+            .read(
+                Offset(lo),
+                ReadLimits {
+                    max_records: usize::MAX,
+                    max_bytes: usize::MAX,
+                },
+            )
+            .await?;
+        let mut buf = Vec::new();
+        for r in &records {
+            frame::encode(&mut buf, r.offset, &r.record);
+        }
+        let fs = fleet_api::storage::real();
+        let io = |e: std::io::Error| LogError::Io(format!("{}: {e}", archive.display()));
+        if let Some(dir) = archive.parent() {
+            fleet_api::storage::create_dir_durable(&*fs, dir).map_err(io)?;
+        }
+        fleet_api::storage::write_new_durable(&*fs, &archive, &buf).map_err(io)?;
+        let mut meta = self.meta.clone();
+        let generation = self.new_generation(&meta, from.0).await?;
+        if from.0 < meta.start {
+            meta.gens.clear();
+            meta.start = from.0;
+        }
+        meta.gens.push((generation, from.0));
+        meta.epochs.retain(|(_, start)| *start < from.0);
+        self.switch(meta, generation, from.0).await?;
+        tracing::warn!(partition = %self.p(), %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
+        Ok(records.len() as u64)
+    }
+
+    /// Empties the partition and continues it at `base`.
+    async fn skip(&mut self, base: Offset, history: Vec<(Epoch, Offset)>) -> LogResult<u64> {
+        if base.0 < self.next {
+            return Err(LogError::Failed {
+                partition: self.p(),
+                reason: format!("skip to {base} below the high watermark {}", self.next),
+            });
+        }
+        let dropped = self.next - self.meta.start;
+        let old: Vec<u32> = self.meta.gens.iter().map(|g| g.0).collect();
+        let generation = self.new_generation(&self.meta.clone(), base.0).await?;
+        let meta = PartMeta {
+            gens: vec![(generation, base.0)],
+            epochs: history.iter().map(|(e, o)| (e.0, o.0)).collect(),
+            start: base.0,
+        };
+        self.switch(meta, generation, base.0).await?;
+        for g in old {
+            let _ = self.js.delete_stream(self.names.stream(self.p(), g)).await;
+        }
+        Ok(dropped)
+    }
+
+    /// Creates the stream of the next generation, starting at `first`
+    /// (a leftover of an interrupted switch is replaced).
+    async fn new_generation(&self, meta: &PartMeta, first: u64) -> LogResult<u32> {
+        let generation = meta.current_gen().0 + 1;
+        let name = self.names.stream(self.p(), generation);
+        let _ = self.js.delete_stream(&name).await;
+        let config = self
+            .names
+            .config(self.p(), generation, self.replicas, first);
+        self.js
+            .create_stream(config)
+            .await
+            .map_err(|e| LogError::Io(format!("create stream {name}: {e}")))?;
+        Ok(generation)
+    }
+
+    async fn switch(&mut self, meta: PartMeta, generation: u32, next: u64) -> LogResult<()> {
+        let name = self.names.stream(self.p(), generation);
+        let stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| LogError::Io(format!("stream {name}: {e}")))?;
+        self.part.add_stream(generation, stream.clone());
+        self.set_meta(meta).await?;
+        self.stream = stream;
+        self.next = next;
+        self.part.reset_hw(Offset(next));
+        Ok(())
+    }
+}
+
+async fn confirm(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    item: &Item,
+    deadline: Instant,
+    retry_for: Duration,
+) -> Result<(), String> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let last = match send(js, item).await {
+            Ok(ack) if ack.sequence == item.offset + 1 => return Ok(()),
+            Ok(ack) => {
+                return Err(format!(
+                    "offset {} was stored at sequence {}",
+                    item.offset, ack.sequence
+                ));
+            }
+            Err(e) if e.kind == PublishErrorKind::WrongLastSequence => {
+                // Stored by our earlier attempt (then the id matches) or
+                // by another writer.
+                match super::read::get(stream, item.offset + 1).await {
+                    Ok(Some(m)) => {
+                        let ours = m.headers.get("Nats-Msg-Id").map(|v| v.as_str())
+                            == item.headers.get("Nats-Msg-Id").map(|v| v.as_str());
+                        if ours {
+                            return Ok(());
+                        }
+                        return Err(format!(
+                            "another writer appended at offset {}: this hub is fenced",
+                            item.offset
+                        ));
+                    }
+                    Ok(None) => e.text,
+                    Err(err) => err.to_string(),
+                }
+            }
+            Err(e) => e.text,
+        };
+        if Instant::now() + pause > deadline {
+            return Err(format!(
+                "offset {} not confirmed within {:?}: {last}",
+                item.offset, retry_for
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
