@@ -95,6 +95,18 @@ impl NatsCluster {
     /// Starts `n` servers (1 = standalone) named `{name}-1..n` under `dir`
     /// and waits until JetStream answers on each.
     pub async fn start(dir: &Path, name: &str, n: usize) -> Result<NatsCluster, String> {
+        Self::start_with(dir, name, n, true).await
+    }
+
+    /// [`start`](Self::start), with `sync_always: false` leaving the
+    /// servers on JetStream's default (fsync every two minutes): what the
+    /// hub must refuse to trust.
+    pub async fn start_with(
+        dir: &Path,
+        name: &str,
+        n: usize,
+        sync_always: bool,
+    ) -> Result<NatsCluster, String> {
         let binary = nats_server_binary()?;
         let routes: Vec<SocketAddr> = (0..n).map(|_| reserve_port()).collect();
         let mut servers = Vec::new();
@@ -116,8 +128,13 @@ impl NatsCluster {
             };
             let text = format!(
                 "server_name: {sname}\nlisten: {client}\nhttp: {monitor}\n\
-                 jetstream {{ store_dir: \"{}\", sync_interval: always, max_mem: 64MB, max_file: 8GB }}\n{cluster}",
-                store.display()
+                 jetstream {{ store_dir: \"{}\", {}max_mem: 64MB, max_file: 8GB }}\n{cluster}",
+                store.display(),
+                if sync_always {
+                    "sync_interval: always, "
+                } else {
+                    ""
+                }
             );
             let config = dir.join(format!("{sname}.conf"));
             std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
@@ -173,7 +190,7 @@ impl NatsCluster {
     pub async fn wait_ready(&self, i: usize) -> Result<(), String> {
         let s = &self.servers[i];
         for _ in 0..600 {
-            if let Ok(body) = http_get(s.monitor, "/healthz?js-enabled-only=true").await
+            if let Ok(body) = http_get(s.monitor, "/healthz").await
                 && body.contains("ok")
             {
                 return Ok(());

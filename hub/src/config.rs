@@ -74,6 +74,17 @@ pub struct RunArgs {
     /// has caught up again [default: off, an operator detaches].
     #[arg(long, env = "FLEET_PEER_DETACH_AFTER_S")]
     pub peer_detach_after_s: Option<u64>,
+    /// The event log: the embedded file log under --data (default), or NATS
+    /// JetStream: `nats://HOST:PORT[,HOST:PORT…]/PREFIX?replicas=3&monitor=http://HOST:PORT,…`
+    /// (the monitoring URLs of every server, to verify each fsyncs before
+    /// it acknowledges).
+    #[arg(long, env = "FLEET_LOG")]
+    pub log: Option<String>,
+    /// Trust a JetStream whose servers may acknowledge before fsync (or that
+    /// cannot be checked): acknowledged telemetry can then be lost on a
+    /// power cut.
+    #[arg(long, env = "FLEET_LOG_ALLOW_UNSYNCED", num_args = 0..=1, default_missing_value = "true")]
+    pub log_allow_unsynced: Option<bool>,
     /// Event log partitions, fixed when the log is created [default: 8].
     #[arg(long, env = "FLEET_PARTITIONS")]
     pub partitions: Option<u32>,
@@ -173,6 +184,8 @@ pub struct HubConfig {
     pub read_token: Option<Secret>,
     pub role: Role,
     pub partitions: u32,
+    /// The event log on JetStream instead of files under `data`.
+    pub jetstream: Option<crate::log::jetstream::JetStreamConfig>,
     pub front: FrontConfig,
     pub stream: Option<StreamConfig>,
     pub segment_bytes: u64,
@@ -220,6 +233,7 @@ impl HubConfig {
             read_token: None,
             role: Role::Primary,
             partitions: 8,
+            jetstream: None,
             front: FrontConfig::default(),
             stream: None,
             segment_bytes: 64 << 20,
@@ -262,7 +276,7 @@ impl RunArgs {
         }
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, peer_token, role, peer, replication,
-            max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
+            max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, log, log_allow_unsynced, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, connect_rate_per_source, max_connections, max_pending_connects, max_pending_per_source, stream_max_filters, segment_bytes, retention_bytes, retention_hours, retention_check_ms, snapshot_every_ms, advertise,
         }))
     }
@@ -289,6 +303,8 @@ impl RunArgs {
             peer_detach_after_s,
             http_header_timeout_ms,
             http_max_connections,
+            log,
+            log_allow_unsynced,
             partitions,
             stream,
             stream_user,
@@ -411,6 +427,13 @@ impl RunArgs {
         c.partitions = partitions.unwrap_or(8);
         if !(1..=1024).contains(&c.partitions) {
             bail!("--partitions must be between 1 and 1024");
+        }
+        if let Some(url) = log {
+            let mut js = crate::log::jetstream::JetStreamConfig::parse(&url, c.partitions)?;
+            js.allow_unsynced = log_allow_unsynced.unwrap_or(false);
+            c.jetstream = Some(js);
+        } else if log_allow_unsynced.is_some() {
+            bail!("--log-allow-unsynced applies only with --log nats://…");
         }
         if let Some(limit) = payload_limit {
             let max = crate::log::frame::MAX_PAYLOAD;

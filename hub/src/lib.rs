@@ -40,6 +40,7 @@ use crate::config::HubConfig;
 use crate::front::Front;
 use crate::ingest::Ingest;
 use crate::log::file::FileLog;
+use crate::log::jetstream::JetStreamLog;
 use crate::log::{EventLog, ReadLimits};
 use crate::replication::Control;
 use crate::sessions::{Kick, Sessions};
@@ -87,8 +88,22 @@ impl Hub {
         let state = Arc::new(
             HubState::open(&config.data, &config.region, config.role).context("open hub state")?,
         );
-        let log: Arc<dyn EventLog> =
-            FileLog::open(config.log_config()).context("open event log")?;
+        let log: Arc<dyn EventLog> = match &config.jetstream {
+            None => FileLog::open(config.log_config()).context("open event log")?,
+            Some(js) => {
+                let log = JetStreamLog::open(js.clone())
+                    .await
+                    .with_context(|| format!("open JetStream event log {}", js.prefix))?;
+                if config.front.payload_limit > log.max_payload() {
+                    anyhow::bail!(
+                        "--payload-limit {} is above what the JetStream servers take ({} bytes with a record's fields); lower it or raise the servers' max_payload",
+                        config.front.payload_limit,
+                        log.max_payload()
+                    );
+                }
+                log
+            }
+        };
         let ingest = Ingest::open(
             log.clone(),
             state.clone(),

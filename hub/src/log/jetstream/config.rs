@@ -125,14 +125,36 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let mut seen = Vec::new();
+    let mut unreachable = Vec::new();
     for m in &config.monitors {
-        seen.push(read_server(&http, m).await?);
+        match read_server(&http, m).await {
+            Ok(s) => seen.push(s),
+            Err(Unread::Down(why)) => unreachable.push(why),
+            Err(Unread::Bad(why)) => return Err(why),
+        }
     }
     let mut group: Vec<String> = seen.iter().flat_map(|s| s.group.clone()).collect();
     group.sort();
     group.dedup();
+    // A server that is down acknowledges nothing now; a majority of the
+    // group must be verified (a down one is checked when this hub next
+    // starts).
+    let verified = group
+        .iter()
+        .filter(|n| seen.iter().any(|s| &s.name == *n))
+        .count();
+    if verified * 2 <= group.len() {
+        return Err(format!(
+            "only {verified} of the {} JetStream servers could be checked for fsync: {}",
+            group.len(),
+            unreachable.join("; ")
+        ));
+    }
     for name in &group {
         match seen.iter().find(|s| &s.name == name) {
+            None if !unreachable.is_empty() => {
+                tracing::warn!(server = %name, "jetstream server unreachable; its fsync setting is not verified");
+            }
             None => {
                 return Err(format!(
                     "JetStream server {name} is in the cluster but none of the monitoring URLs is its \
@@ -158,26 +180,37 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<(), String> {
     Ok(())
 }
 
-async fn read_server(http: &reqwest::Client, monitor: &str) -> Result<ServerSync, String> {
-    let get = |path: &'static str| async move {
-        let url = format!("{monitor}{path}");
-        let resp = http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {}", fleet_api::error_chain(&e)))?;
-        resp.json::<serde_json::Value>()
-            .await
-            .map_err(|e| format!("{url}: {e}"))
-    };
-    let varz = get("/varz").await?;
+/// Why a monitoring URL told nothing.
+enum Unread {
+    /// Nothing answers there (the server is down).
+    Down(String),
+    /// It answered, but not as a JetStream server's monitor.
+    Bad(String),
+}
+
+async fn read_server(http: &reqwest::Client, monitor: &str) -> Result<ServerSync, Unread> {
+    let url = format!("{monitor}/varz");
+    let resp = http.get(&url).send().await.map_err(|e| {
+        let why = format!("{url}: {}", fleet_api::error_chain(&e));
+        if e.is_connect() || e.is_timeout() {
+            Unread::Down(why)
+        } else {
+            Unread::Bad(why)
+        }
+    })?;
+    let varz = resp
+        .json::<serde_json::Value>()
+        .await
+        .map_err(|e| Unread::Bad(format!("{url}: {e}")))?;
     let name = varz["server_name"]
         .as_str()
-        .ok_or_else(|| format!("{monitor}/varz: no server_name"))?
+        .ok_or_else(|| Unread::Bad(format!("{url}: no server_name")))?
         .to_string();
     let js = &varz["jetstream"];
     if js.is_null() || js["config"].is_null() {
-        return Err(format!("{monitor}: server {name} has no JetStream"));
+        return Err(Unread::Bad(format!(
+            "{monitor}: server {name} has no JetStream"
+        )));
     }
     let sync_always = js["config"]["sync_always"].as_bool().unwrap_or(false);
     let mut group = vec![name.clone()];

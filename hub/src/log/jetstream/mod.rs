@@ -29,6 +29,10 @@ use writer::{Cmd, Writer};
 
 use super::{EventLog, LogError, LogResult, NewRecord, ReadLimits, Record};
 
+/// Room for a frame's fixed fields, the largest device id and region, and
+/// the message headers.
+pub(super) const MESSAGE_OVERHEAD: usize = 1024;
+
 /// Names of a log's streams, subjects and bucket.
 #[derive(Clone, Debug)]
 pub(super) struct StreamNames {
@@ -136,20 +140,36 @@ impl Part {
         if from.0 >= hw || limits.max_records == 0 {
             return Ok(Vec::new());
         }
-        let (generation, _) = meta.gen_of(from.0);
-        let end = meta
-            .gens
-            .iter()
-            .find(|(_, first)| *first > from.0)
-            .map_or(hw, |(_, first)| (*first).min(hw));
-        let s = self
-            .streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&generation)
-            .cloned()
-            .ok_or_else(|| LogError::Io(format!("generation {generation} has no stream")))?;
-        read::read_range(self.id, &s, from.0, end, limits).await
+        let mut out = Vec::new();
+        let mut at = from.0;
+        let mut limits = limits;
+        // Generation by generation until the limits or the end.
+        while at < hw && limits.max_records > 0 {
+            let (generation, _) = meta.gen_of(at);
+            let end = meta
+                .gens
+                .iter()
+                .find(|(_, first)| *first > at)
+                .map_or(hw, |(_, first)| (*first).min(hw));
+            let s = self
+                .streams
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&generation)
+                .cloned()
+                .ok_or_else(|| LogError::Io(format!("generation {generation} has no stream")))?;
+            let got = read::read_range(self.id, &s, at, end, limits).await?;
+            let bytes: usize = got.iter().map(|r| r.record.payload.len() + 64).sum();
+            let full = got.len() < (end - at) as usize;
+            limits.max_records -= got.len().min(limits.max_records);
+            limits.max_bytes = limits.max_bytes.saturating_sub(bytes);
+            out.extend(got);
+            if full || limits.max_bytes == 0 {
+                break;
+            }
+            at = end;
+        }
+        Ok(out)
     }
 }
 
@@ -157,6 +177,7 @@ impl Part {
 pub struct JetStreamLog {
     parts: Vec<Arc<Part>>,
     writers: Vec<mpsc::UnboundedSender<Cmd>>,
+    max_message: usize,
 }
 
 impl std::fmt::Debug for JetStreamLog {
@@ -185,11 +206,16 @@ impl JetStreamLog {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| LogError::Io(format!("server address: {e}")))?;
         let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(addrs)
             .await
             .map_err(|e| LogError::Io(format!("connect to {}: {e}", config.servers.join(","))))?;
+        let max_message = client.server_info().max_payload;
+        if max_message == 0 {
+            return Err(LogError::Io(
+                "the JetStream server announced no message limit".to_string(),
+            ));
+        }
         let js = jetstream::new(client);
         let names = StreamNames {
             prefix: config.prefix.clone(),
@@ -213,13 +239,24 @@ impl JetStreamLog {
         let mut writers = Vec::new();
         for p in 0..config.partitions {
             let p = PartitionId(p);
-            let (part, writer) = open_partition(&js, &names, &store, &config, p).await?;
+            let (part, mut writer) = open_partition(&js, &names, &store, &config, p).await?;
+            writer.max_message = max_message;
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(writer.run(rx));
             parts.push(part);
             writers.push(tx);
         }
-        Ok(Arc::new(JetStreamLog { parts, writers }))
+        Ok(Arc::new(JetStreamLog {
+            parts,
+            writers,
+            max_message,
+        }))
+    }
+
+    /// The largest payload a record may have here: the servers' message
+    /// limit less a frame's fields and the headers.
+    pub fn max_payload(&self) -> usize {
+        self.max_message.saturating_sub(MESSAGE_OVERHEAD)
     }
 
     fn part(&self, p: PartitionId) -> LogResult<&Arc<Part>> {

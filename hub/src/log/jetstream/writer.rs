@@ -86,6 +86,8 @@ pub(super) struct Writer {
     pub writer_id: String,
     pub retry_for: Duration,
     pub replicas: usize,
+    /// The servers' largest message.
+    pub max_message: usize,
     inflight: VecDeque<Item>,
     /// In a mutex only to make the writer `Sync` (reached by `&mut self`,
     /// so never locked).
@@ -120,6 +122,7 @@ impl Writer {
             writer_id: format!("{:016x}", rand::random::<u64>()),
             retry_for,
             replicas,
+            max_message: usize::MAX,
             inflight: VecDeque::new(),
             acks: std::sync::Mutex::new(FuturesOrdered::new()),
             failed: None,
@@ -240,6 +243,15 @@ impl Writer {
 
     fn publish(&mut self, rec: NewRecord, reply: oneshot::Sender<LogResult<Offset>>) {
         let offset = self.next;
+        if rec.payload.len() + super::MESSAGE_OVERHEAD > self.max_message {
+            // Never sent, so it takes no offset and later appends are unaffected.
+            let _ = reply.send(Err(LogError::Io(format!(
+                "a record of {} bytes exceeds the JetStream servers' message limit ({} bytes)",
+                rec.payload.len(),
+                self.max_message
+            ))));
+            return;
+        }
         let (generation, _) = self.meta.current_gen();
         let mut body = Vec::with_capacity(rec.payload.len() + 64);
         frame::encode(&mut body, Offset(offset), &rec);

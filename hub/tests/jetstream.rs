@@ -1,0 +1,241 @@
+//! The JetStream log against real nats-server clusters: servers killed and
+//! wiped under load, a second writer, failback cuts and skips, and the
+//! fsync check.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_api::local::NatsCluster;
+use fleet_api::{DeviceId, Epoch, Mid, Offset, PartitionId, Region, UnixMillis};
+use hub::log::jetstream::{JetStreamConfig, JetStreamLog};
+use hub::log::{EventLog, LogError, NewRecord, ReadLimits};
+
+const P0: PartitionId = PartitionId(0);
+const ALL: ReadLimits = ReadLimits {
+    max_records: 1_000_000,
+    max_bytes: 1 << 30,
+};
+
+fn rec(device: &str, mid: u64, epoch: u64) -> NewRecord {
+    NewRecord {
+        device_id: DeviceId::new(device).unwrap(),
+        mid: Some(Mid(mid)),
+        enqueued_at: UnixMillis(1_700_000_000_000),
+        region: Region::new("eu").unwrap(),
+        epoch: Epoch(epoch),
+        payload: Bytes::from(format!("{device}/{mid}")),
+    }
+}
+
+async fn open(url: &str, partitions: u32) -> Arc<JetStreamLog> {
+    JetStreamLog::open(JetStreamConfig::parse(url, partitions).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Every acknowledged `(offset, mid)` reads back as that record.
+async fn assert_all_there(log: &JetStreamLog, acked: &BTreeMap<u64, u64>) {
+    let got = log.read(P0, Offset(0), ALL).await.unwrap();
+    let stored: BTreeMap<u64, u64> = got
+        .iter()
+        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
+        .collect();
+    for (off, mid) in acked {
+        assert_eq!(
+            stored.get(off),
+            Some(mid),
+            "acknowledged offset {off} (mid {mid}) is not stored as acknowledged"
+        );
+    }
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert!(mids.windows(2).all(|w| w[0] < w[1]), "stored in call order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_killed_and_wiped_under_load_lose_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(dir.path(), "load", 3).await.unwrap();
+    let log = open(&cluster.log_url("load"), 1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (log, stop) = (log.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let mut failed = 0u64;
+            let mut mid = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Eight in flight at a time, like a hub's pipelined ingest.
+                let batch: Vec<_> = (0..8)
+                    .map(|_| {
+                        mid += 1;
+                        (mid, log.append(P0, rec("d", mid, 1)))
+                    })
+                    .collect();
+                for (m, fut) in batch {
+                    match fut.await {
+                        Ok(off) => {
+                            acked.insert(off.0, m);
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+            }
+            (acked, failed)
+        })
+    };
+    let progress = |n: usize| {
+        let log = log.clone();
+        async move {
+            let target = log.high_watermark(P0).0 + n as u64;
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while log.high_watermark(P0).0 < target {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("appends go on");
+        }
+    };
+    progress(200).await;
+    cluster.kill(0); // SIGKILL: a crashed server (its store stays)
+    progress(200).await;
+    cluster.restart_wiped(0).await.unwrap(); // back with an empty disk
+    progress(200).await;
+    // Let the wiped server catch up, then lose another: the data must now
+    // be on the wiped one too.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.kill(1);
+    progress(200).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = writer.await.unwrap();
+    assert!(acked.len() >= 800, "{} acknowledged", acked.len());
+    assert_eq!(failed, 0, "a lost server only delays appends");
+    assert_all_there(&log, &acked).await;
+    // A fresh reader (another hub) sees the same.
+    drop(log);
+    let again = open(&cluster.log_url("load"), 1).await;
+    assert_all_there(&again, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_fences_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path(), "fence", 3).await.unwrap();
+    let url = cluster.log_url("fence");
+    let first = open(&url, 1).await;
+    first.append(P0, rec("a", 1, 1)).await.unwrap();
+    let second = open(&url, 1).await;
+    assert_eq!(second.append(P0, rec("b", 1, 1)).await.unwrap(), Offset(1));
+    // The first writer still believes offset 1 is next: refused, never
+    // stored out of order or twice.
+    let err = first.append(P0, rec("a", 2, 1)).await.unwrap_err();
+    assert!(matches!(err, LogError::Failed { .. }), "{err}");
+    assert!(first.partition_failure(P0).unwrap().contains("fenced"));
+    assert!(first.append(P0, rec("a", 3, 1)).await.is_err());
+    let got = second.read(P0, Offset(0), ALL).await.unwrap();
+    let devices: Vec<&str> = got.iter().map(|r| r.record.device_id.as_str()).collect();
+    assert_eq!(devices, ["a", "b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_cut_and_skip_keep_offsets_and_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path(), "cut", 3).await.unwrap();
+    let url = cluster.log_url("cut");
+    let log = open(&url, 1).await;
+    for i in 0..10 {
+        log.append(P0, rec("d", i, 1)).await.unwrap();
+    }
+    for i in 10..15 {
+        log.append(P0, rec("d", i, 2)).await.unwrap();
+    }
+    assert_eq!(
+        log.epoch_history(P0),
+        vec![(Epoch(1), Offset(0)), (Epoch(2), Offset(10))]
+    );
+    // Failback: the tail from 10 diverged; it is archived, then the
+    // partition continues at 10 with the new primary's epoch.
+    let archive = dir.path().join("archive/p0-10");
+    assert_eq!(
+        log.cut_and_archive(P0, Offset(10), archive.clone())
+            .await
+            .unwrap(),
+        5
+    );
+    let frames = std::fs::read(&archive).unwrap();
+    assert!(!frames.is_empty());
+    assert_eq!(log.high_watermark(P0), Offset(10));
+    assert_eq!(log.epoch_history(P0), vec![(Epoch(1), Offset(0))]);
+    assert_eq!(log.append(P0, rec("d", 100, 3)).await.unwrap(), Offset(10));
+    drop(log);
+    let log = open(&url, 1).await;
+    assert_eq!(log.high_watermark(P0), Offset(11));
+    assert_eq!(
+        log.epoch_history(P0),
+        vec![(Epoch(1), Offset(0)), (Epoch(3), Offset(10))]
+    );
+    let got = log.read(P0, Offset(8), ALL).await.unwrap();
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, [8, 9, 100], "reads cross generations");
+    // A secondary whose primary no longer holds what it misses: skip.
+    let history = vec![(Epoch(1), Offset(0)), (Epoch(4), Offset(50))];
+    assert_eq!(
+        log.skip_to(P0, Offset(100), history.clone()).await.unwrap(),
+        11
+    );
+    assert_eq!(log.log_start(P0), Offset(100));
+    assert!(matches!(
+        log.read(P0, Offset(5), ALL).await,
+        Err(LogError::OffsetGone { .. })
+    ));
+    assert_eq!(log.append(P0, rec("d", 200, 4)).await.unwrap(), Offset(100));
+    drop(log);
+    let log = open(&url, 1).await;
+    assert_eq!(log.epoch_history(P0), history);
+    assert_eq!(log.high_watermark(P0), Offset(101));
+    assert_eq!(
+        log.read(P0, Offset(100), ALL).await.unwrap()[0].record.mid,
+        Some(Mid(200))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_servers_that_acknowledge_before_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let lazy = NatsCluster::start_with(dir.path(), "lazy", 1, false)
+        .await
+        .unwrap();
+    let url = lazy.log_url("lazy");
+    let err = JetStreamLog::open(JetStreamConfig::parse(&url, 1).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("acknowledges before fsync"), "{err}");
+    // Without monitoring URLs nothing can be verified: refused too.
+    let bare = format!("nats://{}/lazy?replicas=1", lazy.servers[0].client);
+    let err = JetStreamLog::open(JetStreamConfig::parse(&bare, 1).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot verify"), "{err}");
+    // The operator's explicit opt-out.
+    let mut config = JetStreamConfig::parse(&bare, 1).unwrap();
+    config.allow_unsynced = true;
+    let log = JetStreamLog::open(config).await.unwrap();
+    assert_eq!(log.append(P0, rec("d", 1, 1)).await.unwrap(), Offset(0));
+    // A monitoring URL list that leaves out a cluster member is refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let three = NatsCluster::start(dir2.path(), "three", 3).await.unwrap();
+    let partial = format!(
+        "nats://{}/p?replicas=3&monitor=http://{},http://{}",
+        three.servers[0].client, three.servers[0].monitor, three.servers[1].monitor
+    );
+    let err = JetStreamLog::open(JetStreamConfig::parse(&partial, 1).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot be verified"), "{err}");
+}
