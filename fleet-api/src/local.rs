@@ -252,6 +252,27 @@ impl NatsCluster {
         self.wait_ready(i).await
     }
 
+    /// SIGKILL of every server (a lost region).
+    pub fn kill_all(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+
+    /// Starts every stopped server again on its ports and store and waits
+    /// until all are ready (they need each other for a quorum).
+    pub async fn restart_all(&mut self) -> Result<(), String> {
+        for i in 0..self.servers.len() {
+            if !self.servers[i].running() {
+                self.spawn(i)?;
+            }
+        }
+        for i in 0..self.servers.len() {
+            self.wait_ready(i).await?;
+        }
+        Ok(())
+    }
+
     /// Starts server `i` again with its store wiped (a lost disk).
     pub async fn restart_wiped(&mut self, i: usize) -> Result<(), String> {
         self.kill(i);

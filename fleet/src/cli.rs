@@ -71,6 +71,14 @@ struct UpArgs {
     /// Let the concierges promote the secondary after the primary is down this long.
     #[arg(long)]
     auto_failover_after_s: Option<f64>,
+    /// The regions' event logs: `file` (embedded, no servers) or
+    /// `jetstream` (a three-server R3 JetStream cluster per region, started
+    /// here; needs `scripts/services.sh nats`).
+    #[arg(long, default_value = "file")]
+    log: String,
+    /// Hubs per region (several need --log jetstream).
+    #[arg(long, default_value_t = 1)]
+    hubs_per_region: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +122,14 @@ struct DrillArgs {
     /// Run directory (data, logs, report) [default: run/drill-<time>].
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// The regions' event logs: `file` (embedded, no servers) or
+    /// `jetstream` (a three-server R3 JetStream cluster per region, started
+    /// here; needs `scripts/services.sh nats`).
+    #[arg(long, default_value = "file")]
+    log: String,
+    /// Hubs per region (several need --log jetstream).
+    #[arg(long, default_value_t = 1)]
+    hubs_per_region: usize,
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -190,6 +206,7 @@ async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     opts.replication = args.replication;
     opts.auto_failover_after_s = args.auto_failover_after_s;
     opts.ttl_s = 5;
+    opts.jetstream = log_choice(&args.log, args.hubs_per_region)?;
     let fleet = crate::up::Fleet::up(crate::up::Launcher::current()?, opts).await?;
     if json {
         println!(
@@ -213,6 +230,26 @@ async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     eprintln!("stopping");
     fleet.down().await;
     Ok(())
+}
+
+/// `--log` and `--hubs-per-region`: true for JetStream.
+fn log_choice(log: &str, hubs_per_region: usize) -> anyhow::Result<bool> {
+    let jetstream = match log {
+        "file" => false,
+        "jetstream" => true,
+        other => anyhow::bail!("--log {other:?}: expected file or jetstream"),
+    };
+    match hubs_per_region {
+        0 => anyhow::bail!("--hubs-per-region must be at least 1"),
+        1 => {}
+        n if !jetstream => {
+            anyhow::bail!("--hubs-per-region {n} needs --log jetstream (a file log has one writer)")
+        }
+        n => anyhow::bail!(
+            "--hubs-per-region {n}: several hubs per region on one JetStream are not implemented yet; one hub per region is"
+        ),
+    }
+    Ok(jetstream)
 }
 
 async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
@@ -253,6 +290,7 @@ async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
         anyhow::bail!("--payload-bytes must be between 1 and 262144");
     }
     opts.payload_bytes = args.payload_bytes;
+    opts.jetstream = log_choice(&args.log, args.hubs_per_region)?;
     let report = crate::drill::run(crate::up::Launcher::current()?, opts, |line| {
         eprintln!("drill: {line}")
     })

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fleet_api::local::NatsCluster;
 use fleet_api::{Region, Secret};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -217,6 +218,9 @@ pub struct UpOptions {
     pub peer_detach_after_s: Option<u64>,
     /// Async hubs throttle ingest beyond this lag (`--max-lag-ms`).
     pub max_lag_ms: Option<u64>,
+    /// Each region's log on its own JetStream cluster (three nats-server
+    /// processes, R3, fsync before ack) instead of the embedded file log.
+    pub jetstream: bool,
 }
 
 impl UpOptions {
@@ -230,6 +234,7 @@ impl UpOptions {
             partitions: 8,
             peer_detach_after_s: None,
             max_lag_ms: None,
+            jetstream: false,
         }
     }
 }
@@ -244,6 +249,8 @@ pub struct RegionProcs {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
     pub stream: SocketAddr,
+    /// The region's JetStream cluster (with `--log jetstream`).
+    pub nats: Option<NatsCluster>,
 }
 
 impl RegionProcs {
@@ -308,6 +315,17 @@ impl Fleet {
         for (i, r) in names.iter().enumerate() {
             let peer = format!("http://{}", https[1 - i]);
             let data = dir.join(format!("hub-{r}"));
+            let nats = if opts.jetstream {
+                let nats_dir = dir.join(format!("nats-{r}"));
+                std::fs::create_dir_all(&nats_dir)?;
+                Some(
+                    NatsCluster::start(&nats_dir, &format!("nats-{r}"), 3)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("region {r}'s JetStream: {e}"))?,
+                )
+            } else {
+                None
+            };
             let mut args = vec![
                 "hub".into(),
                 "--json".into(),
@@ -357,6 +375,9 @@ impl Fleet {
             if let Some(s) = opts.peer_detach_after_s {
                 args.extend(["--peer-detach-after-s".into(), s.to_string()]);
             }
+            if let Some(n) = &nats {
+                args.extend(["--log".into(), n.log_url(&format!("fleet_{r}"))]);
+            }
             if let Some(ms) = opts.max_lag_ms.filter(|_| opts.replication == "async") {
                 args.extend(["--max-lag-ms".into(), ms.to_string()]);
             }
@@ -402,6 +423,7 @@ impl Fleet {
                 http: https[i],
                 mqtt,
                 stream,
+                nats,
             });
         }
         // Two concierge replicas on one port of two loopback addresses, so
@@ -484,10 +506,14 @@ impl Fleet {
         &self.regions[r]
     }
 
-    /// Kills a whole region: its hub and its registry follower (SIGKILL).
+    /// Kills a whole region: its hub, its registry follower and its
+    /// JetStream servers, if any (SIGKILL).
     pub async fn kill_region(&mut self, r: usize) {
         self.regions[r].hub.kill9().await;
         self.regions[r].follower.kill9().await;
+        if let Some(n) = &mut self.regions[r].nats {
+            n.kill_all();
+        }
     }
 
     /// Starts a killed region again.
@@ -496,6 +522,9 @@ impl Fleet {
     /// When it does not come up.
     pub async fn restart_region(&mut self, r: usize) -> anyhow::Result<()> {
         let dir = self.dir.clone();
+        if let Some(n) = &mut self.regions[r].nats {
+            n.restart_all().await.map_err(anyhow::Error::msg)?;
+        }
         self.regions[r].hub.restart(&dir, true).await?;
         self.regions[r].follower.restart(&dir, false).await?;
         Ok(())

@@ -569,22 +569,9 @@ impl HubNode {
     }
 }
 
-/// A free `127.0.0.1:PORT` for a process that must know its address before
-/// it starts (peers configured with each other). Chosen below the kernel's
-/// ephemeral range, so that the many port-0 binds of parallel tests cannot
-/// take it between this check and the process binding it.
+/// A free `127.0.0.1:PORT` (see [`fleet_api::local::reserve_port`]).
 pub fn reserve_port() -> String {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let start = 20_000 + (std::process::id() % 500) as u16 * 20;
-    for _ in 0..10_000 {
-        let port = 20_000 + (start - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            drop(l);
-            return format!("127.0.0.1:{port}");
-        }
-    }
-    panic!("no free port below the ephemeral range")
+    fleet_api::local::reserve_port().to_string()
 }
 
 /// Sets `flag`'s value in `args` to `addr` (adding the flag when absent).

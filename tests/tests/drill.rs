@@ -25,7 +25,12 @@ async fn run_drill(name: &str, set: impl FnOnce(&mut DrillOptions)) -> DrillRepo
 }
 
 async fn drill(name: &str, mode: Mode, replication: &str) {
+    drill_on(name, mode, replication, false).await;
+}
+
+async fn drill_on(name: &str, mode: Mode, replication: &str, jetstream: bool) {
     let report = run_drill(name, |opts| {
+        opts.jetstream = jetstream;
         opts.devices = 20;
         opts.rate = 10.0;
         opts.duration_s = 12;
@@ -98,6 +103,19 @@ async fn planned_drill_with_async_replication() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_drill_with_sync_replication() {
     drill("planned_drill_with_sync_replication", Mode::Planned, "sync").await;
+}
+
+/// Both regions' logs on their own R3 JetStream clusters (three real
+/// nats-server processes each, fsync before ack); losing region a kills its
+/// hub and all three of its servers, and brings them back for failback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_drill_on_jetstream() {
+    drill_on("forced_drill_on_jetstream", Mode::Forced, "async", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_drill_on_jetstream() {
+    drill_on("planned_drill_on_jetstream", Mode::Planned, "sync", true).await;
 }
 
 /// A region lost far longer than the devices' small outboxes could bridge

@@ -49,6 +49,8 @@ pub struct DrillOptions {
     pub max_outbox_bytes: Option<u64>,
     /// Payload bytes per message.
     pub payload_bytes: usize,
+    /// Each region's log on its own R3 JetStream cluster.
+    pub jetstream: bool,
 }
 
 /// Which region a drill loses.
@@ -75,6 +77,7 @@ impl DrillOptions {
             lose: Lose::Primary,
             max_outbox_bytes: None,
             payload_bytes: 100,
+            jetstream: false,
         }
     }
 }
@@ -199,6 +202,7 @@ pub async fn run(
     // As deploy/ configures hubs; losing the secondary needs the primary to
     // detach it on its own.
     up.max_lag_ms = Some(5000);
+    up.jetstream = opts.jetstream;
     if opts.lose == Lose::Secondary {
         up.peer_detach_after_s = Some(2);
     }
