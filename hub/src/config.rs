@@ -78,12 +78,12 @@ pub struct RunArgs {
     /// JetStream: `nats://HOST:PORT[,HOST:PORT…]/PREFIX?replicas=3&monitor=http://HOST:PORT,…`
     /// (the monitoring URLs of every server, to verify each fsyncs before
     /// it acknowledges).
-    #[arg(long, env = "FLEET_LOG")]
+    #[arg(long, env = "FLEET_EVENT_LOG")]
     pub log: Option<String>,
     /// Trust a JetStream whose servers may acknowledge before fsync (or that
     /// cannot be checked): acknowledged telemetry can then be lost on a
     /// power cut.
-    #[arg(long, env = "FLEET_LOG_ALLOW_UNSYNCED", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "FLEET_EVENT_LOG_ALLOW_UNSYNCED", num_args = 0..=1, default_missing_value = "true")]
     pub log_allow_unsynced: Option<bool>,
     /// Event log partitions, fixed when the log is created [default: 8].
     #[arg(long, env = "FLEET_PARTITIONS")]

@@ -50,6 +50,11 @@ pub struct IngestArgs {
     /// discard every message (rumqttd drops a publish no filter matches).
     #[arg(long)]
     no_subscriber: bool,
+    /// `file` (the targets above) or `jetstream`: the hub on an R3
+    /// JetStream cluster against a raw async-nats publisher writing the same
+    /// records to the same stream configuration, and against the file log.
+    #[arg(long, default_value = "file")]
+    log: String,
 }
 
 /// The bench hub's admin token.
@@ -80,6 +85,21 @@ struct Row {
 /// # Errors
 /// When a target does not start or a phase fails.
 pub async fn run(args: IngestArgs, json: bool) -> anyhow::Result<()> {
+    match args.log.as_str() {
+        "file" => {}
+        "jetstream" => {
+            return super::ingest_js::run(
+                args.connections,
+                args.window,
+                args.payload,
+                args.seconds,
+                args.rounds,
+                json,
+            )
+            .await;
+        }
+        other => bail!("--log {other:?}: expected file or jetstream"),
+    }
     let dir = tempfile::tempdir()?;
     let mut targets = Vec::new();
     for name in args.targets.split(',').map(str::trim) {

@@ -8,6 +8,7 @@ pub mod consume;
 pub mod driver;
 pub mod front;
 pub mod ingest;
+mod ingest_js;
 pub mod replication;
 
 use clap::Subcommand;

@@ -82,6 +82,21 @@ impl StreamNames {
     }
 }
 
+/// The stream configuration of a new partition `p` of the log `prefix`,
+/// and the subject of `device`'s records in it: what a raw publisher uses
+/// to write the same records the same way (`fleet bench ingest`).
+pub fn stream_layout(
+    prefix: &str,
+    p: PartitionId,
+    replicas: usize,
+    device: &str,
+) -> (stream::Config, String) {
+    let names = StreamNames {
+        prefix: prefix.to_string(),
+    };
+    (names.config(p, 0, replicas, 0), names.subject(p, 0, device))
+}
+
 /// What readers share with a partition's writer.
 #[derive(Debug)]
 pub(super) struct Part {

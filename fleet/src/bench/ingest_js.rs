@@ -1,0 +1,260 @@
+//! `fleet bench ingest --log jetstream`: the hub's MQTT ingest into an R3
+//! JetStream log (three nats-server processes with fsync before ack)
+//! against a raw async-nats publisher writing the same records (the hub's
+//! frames, one subject per device) to streams of the same configuration
+//! on the same cluster, with the same connections and window; and against
+//! the hub on its embedded file log. Rounds alternate the targets; medians.
+
+use std::future::IntoFuture;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use bytes::Bytes;
+use fleet_api::local::NatsCluster;
+use fleet_api::{DeviceId, Epoch, Mid, Offset, Region, UnixMillis, partition_for};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use hub::log::{NewRecord, frame, jetstream::stream_layout};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::driver::{self, Client, Load};
+use super::ingest::{bench_clients, register, spawn_hub};
+use super::{machine, median};
+
+/// Partitions of the hubs' logs and of the raw publisher's streams.
+const PARTITIONS: u32 = 8;
+
+#[derive(Debug, Serialize)]
+struct Row {
+    target: &'static str,
+    msgs_per_s: f64,
+    samples: Vec<f64>,
+}
+
+/// What a phase measures on one target.
+enum Target {
+    /// A hub over MQTT.
+    Hub {
+        addr: std::net::SocketAddr,
+        clients: Vec<Client>,
+        _process: tokio::process::Child,
+    },
+    /// async-nats publishing straight into the streams.
+    Raw {
+        js: jetstream::Context,
+        devices: Vec<(String, DeviceId)>,
+    },
+}
+
+/// Runs the benchmark.
+///
+/// # Errors
+/// When the cluster or a hub does not start, or a phase fails.
+pub async fn run(
+    connections: usize,
+    window: usize,
+    payload: usize,
+    seconds: u64,
+    rounds: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nats_dir = dir.path().join("nats");
+    std::fs::create_dir_all(&nats_dir)?;
+    let cluster = NatsCluster::start(&nats_dir, "bench", 3)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut targets: Vec<(&'static str, Target)> = vec![
+        (
+            "hub-jetstream",
+            start_hub(
+                &dir.path().join("js"),
+                connections,
+                &["--log", &cluster.log_url("bench_hub")],
+            )
+            .await?,
+        ),
+        ("raw-jetstream", start_raw(&cluster, connections).await?),
+        (
+            "hub-file",
+            start_hub(&dir.path().join("file"), connections, &[]).await?,
+        ),
+    ];
+    if !json {
+        eprintln!("machine: {}", machine());
+        eprintln!(
+            "{connections} connections × {window} in flight, {payload} B payloads, {seconds} s phases, {rounds} rounds; \
+             JetStream: 3 nats-server {} on loopback, R3 streams, sync_interval: always",
+            fleet_api::local::NATS_SERVER_VERSION
+        );
+    }
+    let load = Load {
+        window,
+        payload,
+        duration: Duration::from_secs(seconds),
+        rate: None,
+    };
+    // Warm-up, not measured.
+    for (_, t) in &mut targets {
+        phase(
+            t,
+            Load {
+                duration: Duration::from_secs(1),
+                ..load
+            },
+        )
+        .await?;
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for (i, (name, t)) in targets.iter_mut().enumerate() {
+            let rate = phase(t, load)
+                .await
+                .with_context(|| format!("{name} phase"))?;
+            if !json {
+                eprintln!("  round {} {name:<14} {rate:>9.0} msgs/s", round + 1);
+            }
+            rates[i].push(rate);
+        }
+    }
+    let rows: Vec<Row> = targets
+        .iter()
+        .zip(&rates)
+        .map(|((name, _), r)| Row {
+            target: name,
+            msgs_per_s: median(r),
+            samples: r.clone(),
+        })
+        .collect();
+    let vs_raw = rows[0].msgs_per_s / rows[1].msgs_per_s.max(1e-9);
+    let vs_file = rows[0].msgs_per_s / rows[2].msgs_per_s.max(1e-9);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "machine": machine(),
+                "results": rows,
+                "hub_vs_raw_publisher": vs_raw,
+                "jetstream_vs_file_log": vs_file,
+                "hubs": 1,
+            })
+        );
+    } else {
+        println!("{:<14} {:>12}", "target", "msgs/s");
+        for r in &rows {
+            println!("{:<14} {:>12.0}", r.target, r.msgs_per_s);
+        }
+        println!("hub on JetStream / raw publisher = {vs_raw:.2} (target ≥ 0.80)");
+        println!("hub on JetStream / hub on files  = {vs_file:.2}");
+    }
+    Ok(())
+}
+
+async fn start_hub(dir: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Target> {
+    std::fs::create_dir_all(dir)?;
+    let mut clients = bench_clients(n);
+    let registry = register(dir, "bench", &mut clients).await?;
+    let mut args = vec!["--partitions", "8"];
+    args.extend_from_slice(extra);
+    let hub = spawn_hub(&dir.join("hub"), "bench", &registry, &args).await?;
+    Ok(Target::Hub {
+        addr: hub.mqtt,
+        clients,
+        _process: hub.process,
+    })
+}
+
+async fn start_raw(cluster: &NatsCluster, n: usize) -> anyhow::Result<Target> {
+    let addrs = cluster
+        .servers
+        .iter()
+        .map(|s| format!("nats://{}", s.client).parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = async_nats::ConnectOptions::new()
+        .connect(addrs)
+        .await
+        .context("connect the raw publisher")?;
+    let js = jetstream::new(client);
+    let mut devices = Vec::new();
+    for p in 0..PARTITIONS {
+        let (config, _) = stream_layout("bench_raw", fleet_api::PartitionId(p), 3, "x");
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("create raw stream: {e}"))?;
+    }
+    for i in 0..n {
+        let id = DeviceId::new(&format!("bench-{i:04}"))?;
+        let p = partition_for(&id, PARTITIONS);
+        let (_, subject) = stream_layout("bench_raw", p, 3, id.as_str());
+        devices.push((subject, id));
+    }
+    Ok(Target::Raw { js, devices })
+}
+
+/// One measured phase; messages acknowledged per second.
+async fn phase(t: &mut Target, load: Load) -> anyhow::Result<f64> {
+    match t {
+        Target::Hub { addr, clients, .. } => Ok(driver::run(*addr, clients, load).await?.rate()),
+        Target::Raw { js, devices } => raw_phase(js, devices, load).await,
+    }
+}
+
+async fn raw_phase(
+    js: &jetstream::Context,
+    devices: &[(String, DeviceId)],
+    load: Load,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let deadline = start + load.duration;
+    let mut tasks = Vec::new();
+    for (subject, id) in devices {
+        let (js, subject, id) = (js.clone(), subject.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = 0u64;
+            let mut inflight = FuturesOrdered::new();
+            let mut mid = 0u64;
+            while Instant::now() < deadline || !inflight.is_empty() {
+                while inflight.len() < load.window && Instant::now() < deadline {
+                    mid += 1;
+                    let body = record(&id, mid, load.payload);
+                    let ack = js
+                        .publish(subject.clone(), body)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("publish: {e}"))?;
+                    inflight.push_back(ack.into_future());
+                }
+                match inflight.next().await {
+                    Some(r) => {
+                        r.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                        acked += 1;
+                    }
+                    None => break,
+                }
+            }
+            anyhow::Ok(acked)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The frame the hub would store for this publish.
+fn record(id: &DeviceId, mid: u64, payload: usize) -> Bytes {
+    let rec = NewRecord {
+        device_id: id.clone(),
+        mid: Some(Mid(mid)),
+        enqueued_at: UnixMillis(1_700_000_000_000),
+        region: Region::new("bench").expect("region"),
+        epoch: Epoch(1),
+        payload: Bytes::from(vec![b'x'; payload]),
+    };
+    let mut out = Vec::with_capacity(payload + 64);
+    frame::encode(&mut out, Offset(mid), &rec);
+    Bytes::from(out)
+}
