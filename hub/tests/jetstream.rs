@@ -191,11 +191,37 @@ async fn failback_cut_and_skip_keep_offsets_and_epochs() {
         log.read(P0, Offset(5), ALL).await,
         Err(LogError::OffsetGone { .. })
     ));
-    assert_eq!(log.append(P0, rec("d", 200, 4)).await.unwrap(), Offset(100));
     drop(log);
     let log = open(&url, 1).await;
-    assert_eq!(log.epoch_history(P0), history);
-    assert_eq!(log.high_watermark(P0), Offset(101));
+    assert_eq!(log.high_watermark(P0), Offset(100), "an empty generation");
+    assert_eq!(log.append(P0, rec("d", 200, 4)).await.unwrap(), Offset(100));
+    // A second cut below the current generation's first offset: the
+    // generations it covered are gone from reads.
+    for i in 201..205 {
+        log.append(P0, rec("d", i, 4)).await.unwrap();
+    }
+    log.cut_and_archive(P0, Offset(102), dir.path().join("archive/p0-102"))
+        .await
+        .unwrap();
+    log.append(P0, rec("d", 300, 5)).await.unwrap();
+    log.cut_and_archive(P0, Offset(101), dir.path().join("archive/p0-101"))
+        .await
+        .unwrap();
+    assert_eq!(log.append(P0, rec("d", 400, 5)).await.unwrap(), Offset(101));
+    let got = log.read(P0, Offset(100), ALL).await.unwrap();
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, [200, 400]);
+    drop(log);
+    let log = open(&url, 1).await;
+    assert_eq!(
+        log.epoch_history(P0),
+        vec![
+            (Epoch(1), Offset(0)),
+            (Epoch(4), Offset(50)),
+            (Epoch(5), Offset(101))
+        ]
+    );
+    assert_eq!(log.high_watermark(P0), Offset(102));
     assert_eq!(
         log.read(P0, Offset(100), ALL).await.unwrap()[0].record.mid,
         Some(Mid(200))
@@ -237,5 +263,60 @@ async fn refuses_servers_that_acknowledge_before_fsync() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("cannot be verified"), "{err}");
+    assert!(err.contains("reach only 2 of them"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_servers_cannot_take_fails_the_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path(), "big", 3).await.unwrap();
+    let log = open(&cluster.log_url("big"), 1).await;
+    log.append(P0, rec("d", 1, 1)).await.unwrap();
+    let mut big = rec("d", 2, 1);
+    big.payload = Bytes::from(vec![7u8; 2 << 20]);
+    // The caller counted on offset 1: skipping it would shift every later
+    // record, so the partition refuses writes, like a file log that cannot write.
+    let err = log.append(P0, big).await.unwrap_err();
+    assert!(err.to_string().contains("message limit"), "{err}");
+    assert!(log.append(P0, rec("d", 3, 1)).await.is_err());
+    assert!(log.flush(P0).await.is_err());
+    assert!(log.health().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_writer_cannot_cut_or_write_into_a_newer_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path(), "stale", 3).await.unwrap();
+    let url = cluster.log_url("stale");
+    let quick = |url: &str| {
+        let mut c = JetStreamConfig::parse(url, 1).unwrap();
+        c.retry_for = Duration::from_secs(2);
+        c
+    };
+    let old = JetStreamLog::open(quick(&url)).await.unwrap();
+    for i in 0..5 {
+        old.append(P0, rec("d", i, 1)).await.unwrap();
+    }
+    let new = JetStreamLog::open(quick(&url)).await.unwrap();
+    new.cut_and_archive(P0, Offset(3), dir.path().join("a3"))
+        .await
+        .unwrap();
+    new.append(P0, rec("d", 10, 2)).await.unwrap();
+    // The old writer's stream is sealed: its append is refused, not
+    // acknowledged into a generation nobody reads.
+    assert!(old.append(P0, rec("d", 5, 1)).await.is_err());
+    // Its cut claims nothing and deletes nothing.
+    assert!(
+        old.cut_and_archive(P0, Offset(1), dir.path().join("a1"))
+            .await
+            .is_err()
+    );
+    let got = new.read(P0, Offset(0), ALL).await.unwrap();
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, [0, 1, 2, 10]);
+    drop(new);
+    let again = open(&url, 1).await;
+    let got = again.read(P0, Offset(0), ALL).await.unwrap();
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, [0, 1, 2, 10]);
 }

@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod consumers;
+pub mod durability;
 pub mod load;
 pub mod mqtt;
 pub mod proxy;

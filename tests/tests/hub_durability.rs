@@ -1,50 +1,15 @@
 //! Nothing acknowledged is lost: duplicates across reconnects and restarts,
 //! kill -9 in the middle of a stream, and a disk that refuses writes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use tests::mqtt::RawClient;
+use rumqttc::mqttbytes::v4::Packet;
+use tests::durability::{Pipelined, assert_stored, connect, mids, publish_acked};
 use tests::{HubNode, Registry, harness};
 
 const SECS: Duration = Duration::from_secs(10);
-
-async fn connect(hub: &HubNode, reg: &Registry, id: &str) -> RawClient {
-    let key = reg.key(id);
-    let (c, code) = RawClient::connect(hub.mqtt, id, Some((id, &key))).await;
-    assert_eq!(
-        code,
-        Some(ConnectReturnCode::Success),
-        "{id} could not connect"
-    );
-    c
-}
-
-async fn publish_acked(c: &mut RawClient, topic: &str, pkid: u16) {
-    c.publish(topic, QoS::AtLeastOnce, pkid, topic.as_bytes())
-        .await;
-    loop {
-        match c.recv(SECS).await {
-            Ok(Packet::PubAck(a)) if a.pkid == pkid => return,
-            Ok(_) => {}
-            Err(e) => panic!("no PUBACK for {topic}: {e:?}"),
-        }
-    }
-}
-
-/// The payload `device` sends under `mid` (distinct per record, so a record
-/// stored with another's bytes is caught).
-fn payload_of(device: &str, mid: u64) -> Vec<u8> {
-    let mut p = format!("{device}:{mid}:").into_bytes();
-    p.resize(200, (mid % 251) as u8);
-    p
-}
-
-fn mids(records: &[fleet_api::hub::WireRecord]) -> Vec<u64> {
-    records.iter().filter_map(|r| r.mid.map(|m| m.0)).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_are_acknowledged_but_stored_once_across_restarts() {
@@ -85,51 +50,21 @@ async fn duplicates_are_acknowledged_but_stored_once_across_restarts() {
     assert_eq!(recs.iter().filter(|r| r.mid.is_none()).count(), 2);
 }
 
-/// Publishes mids `first..` pipelined (64 in flight) until `kill_after` are
-/// acknowledged, kills the hub, and returns every mid that got a PUBACK.
+/// Publishes pipelined until `kill_after` are acknowledged, kills the hub,
+/// and returns every mid that got a PUBACK.
 async fn stream_until_killed(
     hub: &mut HubNode,
     reg: &Registry,
     device: &str,
     kill_after: usize,
 ) -> Vec<u64> {
-    let mut c = connect(hub, reg, device).await;
-    let mut outstanding: HashMap<u16, u64> = HashMap::new();
-    let mut acked = Vec::new();
-    let mut next_mid = 1u64;
-    let mut killed = false;
-    loop {
-        while !killed && outstanding.len() < 64 {
-            let pkid = (next_mid % 60_000) as u16 + 1;
-            let topic = format!("devices/{device}/messages/events/{next_mid}");
-            c.publish(
-                &topic,
-                QoS::AtLeastOnce,
-                pkid,
-                &payload_of(device, next_mid),
-            )
-            .await;
-            outstanding.insert(pkid, next_mid);
-            next_mid += 1;
-        }
-        match c.recv(SECS).await {
-            Ok(Packet::PubAck(a)) => {
-                let mid = outstanding
-                    .remove(&a.pkid)
-                    .expect("PUBACK for an unknown packet id");
-                acked.push(mid);
-                if !killed && acked.len() >= kill_after {
-                    hub.node.kill9();
-                    killed = true;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => {
-                assert!(killed, "the stream broke before the kill");
-                return acked;
-            }
-        }
-    }
+    let mut p = Pipelined::new(hub, reg, device).await;
+    p.run_until(kill_after)
+        .await
+        .expect("the stream broke before the kill");
+    hub.node.kill9();
+    p.drain().await;
+    p.acked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,34 +81,7 @@ async fn kill_9_mid_stream_loses_nothing_that_was_acknowledged() {
         all_acked.insert(device, acked);
         // Every round checks every device so far: later crashes lose nothing either.
         for (device, acked) in &all_acked {
-            let records = hub.records_of(device, 8).await;
-            for r in &records {
-                let mid = r.mid.map_or(0, |m| m.0);
-                assert_eq!(
-                    r.payload,
-                    payload_of(device, mid),
-                    "{device} mid {mid}: stored bytes differ from the ones sent"
-                );
-            }
-            let stored = mids(&records);
-            let mut counts: HashMap<u64, usize> = HashMap::new();
-            for m in &stored {
-                *counts.entry(*m).or_default() += 1;
-            }
-            let lost: Vec<u64> = acked
-                .iter()
-                .filter(|m| !counts.contains_key(m))
-                .copied()
-                .collect();
-            assert!(lost.is_empty(), "{device}: acknowledged but lost: {lost:?}");
-            assert!(
-                counts.values().all(|n| *n == 1),
-                "{device}: a record was stored twice"
-            );
-            assert!(
-                stored.windows(2).all(|w| w[0] < w[1]),
-                "{device}: log order differs from publish order"
-            );
+            assert_stored(&hub, device, acked).await;
         }
     }
 }

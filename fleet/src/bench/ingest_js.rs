@@ -186,7 +186,7 @@ async fn start_raw(cluster: &NatsCluster, n: usize) -> anyhow::Result<Target> {
             .map_err(|e| anyhow::anyhow!("create raw stream: {e}"))?;
     }
     for i in 0..n {
-        let id = DeviceId::new(&format!("bench-{i:04}"))?;
+        let id = DeviceId::new(format!("bench-{i:04}"))?;
         let p = partition_for(&id, PARTITIONS);
         let (_, subject) = stream_layout("bench_raw", p, 3, id.as_str());
         devices.push((subject, id));

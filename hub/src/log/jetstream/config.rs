@@ -106,13 +106,18 @@ impl JetStreamConfig {
 struct ServerSync {
     name: String,
     sync_always: bool,
-    /// The names in its JetStream meta group (itself included).
+    /// The names in its JetStream meta group it lists (itself included;
+    /// only the meta leader lists the others).
     group: Vec<String>,
+    /// The meta group's size as this server reports it.
+    cluster_size: usize,
 }
 
 /// Refuses unless every server of the JetStream meta group reports
-/// `sync_always` through one of `monitors`.
-pub async fn verify_fsync(config: &JetStreamConfig) -> Result<(), String> {
+/// `sync_always` through one of `monitors` (servers that are down are
+/// tolerated while a majority is verified, one per unreachable monitor).
+/// Returns the verified servers' names.
+pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, String> {
     if config.monitors.is_empty() {
         return Err(
             "cannot verify that the JetStream servers fsync before they acknowledge: give their \
@@ -136,48 +141,56 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<(), String> {
     let mut group: Vec<String> = seen.iter().flat_map(|s| s.group.clone()).collect();
     group.sort();
     group.dedup();
+    // Only the meta leader lists the group; every server knows its size.
+    let size = seen
+        .iter()
+        .map(|s| s.cluster_size)
+        .max()
+        .unwrap_or(0)
+        .max(group.len());
+    let unverified = size
+        - group
+            .iter()
+            .filter(|n| seen.iter().any(|s| &s.name == *n))
+            .count();
+    if unverified > unreachable.len() {
+        return Err(format!(
+            "the JetStream cluster has {size} servers but the monitoring URLs reach only {} of them: \
+             every server's fsync setting must be verified (give each server's monitoring URL)",
+            size - unverified
+        ));
+    }
     // A server that is down acknowledges nothing now; a majority of the
     // group must be verified (a down one is checked when this hub next
     // starts).
-    let verified = group
-        .iter()
-        .filter(|n| seen.iter().any(|s| &s.name == *n))
-        .count();
-    if verified * 2 <= group.len() {
+    let verified = size - unverified;
+    if verified * 2 <= size {
         return Err(format!(
-            "only {verified} of the {} JetStream servers could be checked for fsync: {}",
-            group.len(),
+            "only {verified} of the {size} JetStream servers could be checked for fsync: {}",
             unreachable.join("; ")
         ));
     }
-    for name in &group {
-        match seen.iter().find(|s| &s.name == name) {
-            None if !unreachable.is_empty() => {
-                tracing::warn!(server = %name, "jetstream server unreachable; its fsync setting is not verified");
-            }
-            None => {
-                return Err(format!(
-                    "JetStream server {name} is in the cluster but none of the monitoring URLs is its \
-                     own: its fsync setting cannot be verified"
-                ));
-            }
-            Some(s) if !s.sync_always => {
-                return Err(format!(
-                    "JetStream server {name} acknowledges before fsync (set jetstream {{ sync_interval: always }}, \
-                     nats-server >= 2.11) or opt out with --log-allow-unsynced"
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    if group.len() < config.replicas {
+    if let Some(s) = seen.iter().find(|s| !s.sync_always) {
         return Err(format!(
-            "replicas={} but the JetStream cluster has {} server(s)",
-            config.replicas,
-            group.len()
+            "JetStream server {} acknowledges before fsync (set jetstream {{ sync_interval: always }}, \
+             nats-server >= 2.11) or opt out with --log-allow-unsynced",
+            s.name
         ));
     }
-    Ok(())
+    if unverified > 0 {
+        tracing::warn!(
+            unverified,
+            unreachable = %unreachable.join("; "),
+            "jetstream servers unreachable; their fsync setting is not verified"
+        );
+    }
+    if size < config.replicas {
+        return Err(format!(
+            "replicas={} but the JetStream cluster has {size} server(s)",
+            config.replicas
+        ));
+    }
+    Ok(seen.into_iter().map(|s| s.name).collect())
 }
 
 /// Why a monitoring URL told nothing.
@@ -213,6 +226,7 @@ async fn read_server(http: &reqwest::Client, monitor: &str) -> Result<ServerSync
         )));
     }
     let sync_always = js["config"]["sync_always"].as_bool().unwrap_or(false);
+    let cluster_size = js["meta"]["cluster_size"].as_u64().unwrap_or(1) as usize;
     let mut group = vec![name.clone()];
     if let Some(replicas) = js["meta"]["replicas"].as_array() {
         group.extend(
@@ -225,6 +239,7 @@ async fn read_server(http: &reqwest::Client, monitor: &str) -> Result<ServerSync
         name,
         sync_always,
         group,
+        cluster_size,
     })
 }
 

@@ -23,6 +23,11 @@ pub(super) struct PartMeta {
     pub epochs: Vec<(u64, u64)>,
     /// The first retained offset.
     pub start: u64,
+    /// The highest generation ever claimed (its stream may exist before
+    /// it joins `gens`): a writer creates or deletes only a stream it
+    /// claimed here by compare-and-set.
+    #[serde(default)]
+    pub claimed: u32,
 }
 
 impl PartMeta {
@@ -93,16 +98,43 @@ impl MetaStore {
     }
 
     /// Replaces the entry if it is still at `revision`; returns the new one.
+    /// Transient errors are retried until `deadline`; after an ambiguous
+    /// one (a timeout), an entry holding exactly `meta` is our own write.
     /// A mismatch means another writer changed the partition: fatal for
     /// this writer (it no longer knows the truth).
-    pub async fn update(&self, p: PartitionId, meta: &PartMeta, revision: u64) -> LogResult<u64> {
-        self.kv
-            .update(key(p), encode(meta), revision)
-            .await
-            .map_err(|e| LogError::Failed {
-                partition: p,
-                reason: format!("metadata changed by another writer: {e}"),
-            })
+    pub async fn update(
+        &self,
+        p: PartitionId,
+        meta: &PartMeta,
+        revision: u64,
+        deadline: tokio::time::Instant,
+    ) -> LogResult<u64> {
+        let fenced = |detail: String| LogError::Failed {
+            partition: p,
+            reason: format!("metadata changed by another writer (fenced): {detail}"),
+        };
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            let err = match self.kv.update(key(p), encode(meta), revision).await {
+                Ok(rev) => return Ok(rev),
+                Err(e) => e,
+            };
+            if err.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                // Our earlier, unanswered attempt may be what moved it.
+                if let Ok(Some((now, rev))) = self.load(p).await
+                    && &now == meta
+                {
+                    return Ok(rev);
+                }
+                return Err(fenced(err.to_string()));
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(io("update", err));
+            }
+            tracing::warn!(partition = %p, error = %err, "jetstream metadata update failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
     }
 }
 

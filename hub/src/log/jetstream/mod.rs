@@ -101,19 +101,36 @@ pub fn stream_layout(
 #[derive(Debug)]
 pub(super) struct Part {
     id: PartitionId,
-    meta: RwLock<PartMeta>,
+    /// The metadata and the high watermark, changed together (a reader
+    /// never pairs a cut's generations with the old high watermark).
+    view: RwLock<(PartMeta, Offset)>,
     streams: RwLock<HashMap<u32, stream::Stream>>,
+    /// Follows the high watermark (wakes long polls).
     hw: watch::Sender<Offset>,
     failure: Mutex<Option<String>>,
 }
 
 impl Part {
+    /// Replaces the metadata and the high watermark at once.
+    fn switch(&self, meta: PartMeta, hw: Offset) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = (meta, hw);
+        self.hw.send_replace(hw);
+    }
+
     fn set_meta(&self, meta: PartMeta) {
-        *self.meta.write().unwrap_or_else(|e| e.into_inner()) = meta;
+        self.view.write().unwrap_or_else(|e| e.into_inner()).0 = meta;
     }
 
     fn meta(&self) -> PartMeta {
-        self.meta.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    fn snapshot(&self) -> (PartMeta, Offset) {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn add_stream(&self, generation: u32, s: stream::Stream) {
@@ -124,16 +141,13 @@ impl Part {
     }
 
     fn advance(&self, hw: Offset) {
-        self.hw.send_if_modified(|cur| {
-            let moved = hw > *cur;
-            if moved {
-                *cur = hw;
+        {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            if hw <= view.1 {
+                return;
             }
-            moved
-        });
-    }
-
-    fn reset_hw(&self, hw: Offset) {
+            view.1 = hw;
+        }
         self.hw.send_replace(hw);
     }
 
@@ -143,7 +157,8 @@ impl Part {
 
     /// Durable records from `from` on (crossing generations).
     async fn read(&self, from: Offset, limits: ReadLimits) -> LogResult<Vec<Record>> {
-        let meta = self.meta();
+        let (meta, hw) = self.snapshot();
+        let hw = hw.0;
         if from.0 < meta.start {
             return Err(LogError::OffsetGone {
                 partition: self.id,
@@ -151,7 +166,6 @@ impl Part {
                 start: Offset(meta.start),
             });
         }
-        let hw = self.hw.borrow().0;
         if from.0 >= hw || limits.max_records == 0 {
             return Ok(Vec::new());
         }
@@ -164,8 +178,10 @@ impl Part {
             let end = meta
                 .gens
                 .iter()
-                .find(|(_, first)| *first > at)
-                .map_or(hw, |(_, first)| (*first).min(hw));
+                .map(|(_, first)| *first)
+                .filter(|first| *first > at)
+                .min()
+                .map_or(hw, |first| first.min(hw));
             let s = self
                 .streams
                 .read()
@@ -207,13 +223,14 @@ impl JetStreamLog {
     /// Connects, verifies fsync (unless opted out), and opens or creates
     /// every partition's streams and metadata.
     pub async fn open(config: JetStreamConfig) -> Result<Arc<JetStreamLog>, LogError> {
-        if config.allow_unsynced {
+        let verified = if config.allow_unsynced {
             tracing::warn!(
                 "trusting JetStream acknowledgements without checking that the servers fsync first (--log-allow-unsynced)"
             );
+            None
         } else {
-            verify_fsync(&config).await.map_err(LogError::Io)?;
-        }
+            Some(verify_fsync(&config).await.map_err(LogError::Io)?)
+        };
         let addrs = config
             .servers
             .iter()
@@ -225,7 +242,16 @@ impl JetStreamLog {
             .connect(addrs)
             .await
             .map_err(|e| LogError::Io(format!("connect to {}: {e}", config.servers.join(","))))?;
-        let max_message = client.server_info().max_payload;
+        let info = client.server_info();
+        if let Some(names) = &verified
+            && !names.contains(&info.server_name)
+        {
+            return Err(LogError::Io(format!(
+                "connected to JetStream server {}, which none of the monitoring URLs verified",
+                info.server_name
+            )));
+        }
+        let max_message = info.max_payload;
         if max_message == 0 {
             return Err(LogError::Io(
                 "the JetStream server announced no message limit".to_string(),
@@ -317,6 +343,7 @@ async fn open_partition(
                 gens: vec![(0, 0)],
                 epochs: Vec::new(),
                 start: 0,
+                claimed: 0,
             };
             match store.create(p, &meta).await {
                 Ok(rev) => (meta, rev),
@@ -344,9 +371,12 @@ async fn open_partition(
         .await
         .map_err(|e| io(format!("stream {}", names.stream(p, current)))(e.into()))?;
     let hw = info.state.last_sequence;
+    check_stream(&info.config, config.replicas)
+        .map_err(|why| LogError::Io(format!("stream {}: {why}", info.config.name)))?;
+    let sealed = info.config.sealed;
     let part = Arc::new(Part {
         id: p,
-        meta: RwLock::new(meta.clone()),
+        view: RwLock::new((meta.clone(), Offset(hw))),
         streams: RwLock::new(streams),
         hw: watch::Sender::new(Offset(hw)),
         failure: Mutex::new(None),
@@ -366,12 +396,62 @@ async fn open_partition(
     if meta.epochs.iter().any(|(_, start)| *start >= hw) {
         let mut fixed = meta;
         fixed.epochs.retain(|(_, start)| *start < hw);
-        let rev = store.update(p, &fixed, revision).await?;
+        let deadline = tokio::time::Instant::now() + config.retry_for;
+        let rev = store.update(p, &fixed, revision, deadline).await?;
         writer.meta = fixed.clone();
         writer.revision = rev;
         part.set_meta(fixed);
     }
+    // The history's last epoch must be the one its first record carries:
+    // otherwise two writers interleaved and the history cannot be trusted.
+    if let Some(&(epoch, start)) = writer.meta.epochs.last()
+        && start >= writer.meta.start
+    {
+        let one = ReadLimits {
+            max_records: 1,
+            max_bytes: usize::MAX,
+        };
+        if let Some(r) = part.read(Offset(start), one).await?.first()
+            && r.record.epoch.0 != epoch
+        {
+            return Err(LogError::Corrupt {
+                partition: p,
+                offset: Offset(start),
+                detail: format!(
+                    "the epoch history starts epoch {epoch} here, the record is of epoch {} (a second writer?)",
+                    r.record.epoch.0
+                ),
+            });
+        }
+    }
+    if sealed {
+        writer.roll().await?;
+    }
     Ok((part, writer))
+}
+
+/// Refuses a stream whose configuration could drop or lose records.
+fn check_stream(c: &stream::Config, replicas: usize) -> Result<(), String> {
+    if c.storage != stream::StorageType::File {
+        return Err("not file storage: acknowledged records would not survive a restart".into());
+    }
+    if c.num_replicas != replicas {
+        return Err(format!(
+            "{} replica(s), the log wants {replicas}",
+            c.num_replicas
+        ));
+    }
+    if c.max_age != Duration::ZERO
+        || c.max_messages > 0
+        || c.max_bytes > 0
+        || c.max_messages_per_subject > 0
+    {
+        return Err("limits (max_age, max_msgs, max_bytes) would delete records".into());
+    }
+    if !c.allow_direct {
+        return Err("allow_direct is off".into());
+    }
+    Ok(())
 }
 
 impl EventLog for JetStreamLog {
@@ -397,7 +477,7 @@ impl EventLog for JetStreamLog {
     }
 
     fn high_watermark(&self, p: PartitionId) -> Offset {
-        self.part(p).map_or(Offset(0), |part| *part.hw.borrow())
+        self.part(p).map_or(Offset(0), |part| part.snapshot().1)
     }
 
     fn log_start(&self, p: PartitionId) -> Offset {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream};
@@ -32,6 +32,10 @@ use tokio::time::Instant;
 use super::meta::{MetaStore, PartMeta};
 use super::{Part, StreamNames};
 use crate::log::{LogError, LogResult, NewRecord, ReadLimits, frame};
+
+/// Publishes awaiting acknowledgement per partition; more wait in the
+/// channel. Bounds memory and what one resync must confirm.
+const MAX_INFLIGHT: usize = 4096;
 
 pub(super) enum Cmd {
     Append {
@@ -134,7 +138,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 Some(res) = self.acks().next(), if !self.inflight.is_empty() => self.on_ack(res).await,
-                cmd = rx.recv() => match cmd {
+                cmd = rx.recv(), if self.inflight.len() < MAX_INFLIGHT => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
@@ -169,7 +173,7 @@ impl Writer {
                     let _ = reply.send(Err(e));
                     return;
                 }
-                self.publish(rec, reply);
+                self.publish(rec, reply).await;
             }
             Cmd::Flush { reply } => {
                 if self.failed.is_some() {
@@ -214,10 +218,10 @@ impl Writer {
         match last {
             Some(l) if epoch.0 == l => return Ok(()),
             Some(l) if epoch.0 < l => {
-                return Err(LogError::Failed {
-                    partition: self.p(),
-                    reason: format!("append of epoch {} after epoch {l}", epoch.0),
-                });
+                // The caller counted on this offset: refusing it and going
+                // on would shift every later record. Fail, as the file log.
+                self.fail(format!("append of epoch {} after epoch {l}", epoch.0));
+                return Err(self.refuse());
             }
             _ => {}
         }
@@ -227,7 +231,12 @@ impl Writer {
     }
 
     async fn set_meta(&mut self, meta: PartMeta) -> LogResult<()> {
-        match self.store.update(self.p(), &meta, self.revision).await {
+        let deadline = Instant::now() + self.retry_for;
+        match self
+            .store
+            .update(self.p(), &meta, self.revision, deadline)
+            .await
+        {
             Ok(rev) => {
                 self.revision = rev;
                 self.meta = meta.clone();
@@ -241,15 +250,19 @@ impl Writer {
         }
     }
 
-    fn publish(&mut self, rec: NewRecord, reply: oneshot::Sender<LogResult<Offset>>) {
+    /// Sends the publish now (in call order) and queues its acknowledgement.
+    async fn publish(&mut self, rec: NewRecord, reply: oneshot::Sender<LogResult<Offset>>) {
         let offset = self.next;
         if rec.payload.len() + super::MESSAGE_OVERHEAD > self.max_message {
-            // Never sent, so it takes no offset and later appends are unaffected.
-            let _ = reply.send(Err(LogError::Io(format!(
+            // The caller counted on this offset (a replicated record comes
+            // with it): refusing it and going on would shift every later
+            // record. Fail, as the file log does on a write it cannot make.
+            self.fail(format!(
                 "a record of {} bytes exceeds the JetStream servers' message limit ({} bytes)",
                 rec.payload.len(),
                 self.max_message
-            ))));
+            ));
+            let _ = reply.send(Err(self.refuse()));
             return;
         }
         let (generation, _) = self.meta.current_gen();
@@ -272,32 +285,32 @@ impl Writer {
             reply,
             flushes: Vec::new(),
         };
-        let ack = send(&self.js, &item);
+        // Sent here, not when the acknowledgement is first polled: measured
+        // (fleet bench ingest --log jetstream) 0.49x -> 0.65x of a raw
+        // publisher.
+        let ack = send(&self.js, &item).await;
         self.acks().push_back(ack);
         self.inflight.push_back(item);
         self.next += 1;
     }
 }
 
-fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
-    let js = js.clone();
-    let subject = item.subject.clone();
+/// Sends `item`; the returned future resolves with its acknowledgement.
+async fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
     let msg = PublishMessage::build()
         .payload(item.body.clone())
         .headers(item.headers.clone());
-    Box::pin(async move {
-        let fut: PublishAckFuture =
-            js.send_publish(subject, msg)
-                .await
-                .map_err(|e| PublishErr {
-                    kind: e.kind(),
-                    text: e.to_string(),
-                })?;
-        fut.await.map_err(|e| PublishErr {
-            kind: e.kind(),
-            text: e.to_string(),
-        })
-    })
+    match js.send_publish(item.subject.clone(), msg).await {
+        Ok(fut) => Box::pin(async move { fut.await.map_err(publish_err) }),
+        Err(e) => Box::pin(futures::future::ready(Err(publish_err(e)))),
+    }
+}
+
+fn publish_err(e: async_nats::jetstream::context::PublishError) -> PublishErr {
+    PublishErr {
+        kind: e.kind(),
+        text: e.to_string(),
+    }
 }
 
 impl Writer {
@@ -335,8 +348,8 @@ impl Writer {
     /// the same id and expectation.
     async fn resync(&mut self) {
         *self.acks() = FuturesOrdered::new();
-        let deadline = Instant::now() + self.retry_for;
         while let Some(item) = self.inflight.pop_front() {
+            let deadline = Instant::now() + self.retry_for;
             let (js, stream) = (self.js.clone(), self.stream.clone());
             match confirm(&js, &stream, &item, deadline, self.retry_for).await {
                 Ok(()) => self.complete(item),
@@ -403,17 +416,32 @@ impl Writer {
             fleet_api::storage::create_dir_durable(&*fs, dir).map_err(io)?;
         }
         fleet_api::storage::write_new_durable(&*fs, &archive, &buf).map_err(io)?;
+        let generation = self.new_generation(from.0).await?;
         let mut meta = self.meta.clone();
-        let generation = self.new_generation(&meta, from.0).await?;
         if from.0 < meta.start {
             meta.gens.clear();
             meta.start = from.0;
         }
+        // Generations that begin at or after the cut hold only cut records.
+        meta.gens.retain(|(_, first)| *first < from.0);
         meta.gens.push((generation, from.0));
         meta.epochs.retain(|(_, start)| *start < from.0);
         self.switch(meta, generation, from.0).await?;
         tracing::warn!(partition = %self.p(), %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
         Ok(records.len() as u64)
+    }
+
+    /// Continues the partition in a new generation at the high watermark:
+    /// the current stream is sealed (a cut interrupted between sealing and
+    /// switching, or a second writer, left it so) and takes no more writes.
+    pub async fn roll(&mut self) -> LogResult<()> {
+        let next = self.next;
+        let generation = self.new_generation(next).await?;
+        let mut meta = self.meta.clone();
+        meta.gens.push((generation, next));
+        self.switch(meta, generation, next).await?;
+        tracing::warn!(partition = %self.p(), at = next, "the partition's stream was sealed; continuing in a new generation");
+        Ok(())
     }
 
     /// Empties the partition and continues it at `base`.
@@ -426,11 +454,16 @@ impl Writer {
         }
         let dropped = self.next - self.meta.start;
         let old: Vec<u32> = self.meta.gens.iter().map(|g| g.0).collect();
-        let generation = self.new_generation(&self.meta.clone(), base.0).await?;
+        let generation = self.new_generation(base.0).await?;
         let meta = PartMeta {
             gens: vec![(generation, base.0)],
-            epochs: history.iter().map(|(e, o)| (e.0, o.0)).collect(),
+            epochs: history
+                .iter()
+                .filter(|(_, o)| *o < base)
+                .map(|(e, o)| (e.0, o.0))
+                .collect(),
             start: base.0,
+            claimed: generation,
         };
         self.switch(meta, generation, base.0).await?;
         for g in old {
@@ -439,10 +472,23 @@ impl Writer {
         Ok(dropped)
     }
 
-    /// Creates the stream of the next generation, starting at `first`
-    /// (a leftover of an interrupted switch is replaced).
-    async fn new_generation(&self, meta: &PartMeta, first: u64) -> LogResult<u32> {
-        let generation = meta.current_gen().0 + 1;
+    /// Claims the next generation in the metadata (compare-and-set: a
+    /// stale writer fails here, before it touches any stream), then creates
+    /// its stream starting at `first` (replacing a leftover of an
+    /// interrupted claim, which only this claim can own).
+    async fn new_generation(&mut self, first: u64) -> LogResult<u32> {
+        let generation = self
+            .meta
+            .claimed
+            .max(self.meta.current_gen().0)
+            .checked_add(1)
+            .ok_or_else(|| LogError::Failed {
+                partition: self.p(),
+                reason: "generation numbers exhausted".to_string(),
+            })?;
+        let mut meta = self.meta.clone();
+        meta.claimed = generation;
+        self.set_meta(meta).await?;
         let name = self.names.stream(self.p(), generation);
         let _ = self.js.delete_stream(&name).await;
         let config = self
@@ -455,7 +501,24 @@ impl Writer {
         Ok(generation)
     }
 
+    /// Seals the current stream (a stale writer's publishes are refused
+    /// there from now on), then switches the metadata and the view.
     async fn switch(&mut self, meta: PartMeta, generation: u32, next: u64) -> LogResult<()> {
+        let old = self.names.stream(self.p(), self.meta.current_gen().0);
+        let mut config = self
+            .stream
+            .info()
+            .await
+            .map_err(|e| LogError::Io(format!("stream {old}: {e}")))?
+            .config
+            .clone();
+        if !config.sealed {
+            config.sealed = true;
+            self.js
+                .update_stream(config)
+                .await
+                .map_err(|e| LogError::Io(format!("seal stream {old}: {e}")))?;
+        }
         let name = self.names.stream(self.p(), generation);
         let stream = self
             .js
@@ -463,10 +526,22 @@ impl Writer {
             .await
             .map_err(|e| LogError::Io(format!("stream {name}: {e}")))?;
         self.part.add_stream(generation, stream.clone());
-        self.set_meta(meta).await?;
+        let deadline = Instant::now() + self.retry_for;
+        match self
+            .store
+            .update(self.p(), &meta, self.revision, deadline)
+            .await
+        {
+            Ok(rev) => self.revision = rev,
+            Err(e) => {
+                self.fail(e.to_string());
+                return Err(e);
+            }
+        }
+        self.meta = meta.clone();
+        self.part.switch(meta, Offset(next));
         self.stream = stream;
         self.next = next;
-        self.part.reset_hw(Offset(next));
         Ok(())
     }
 }
@@ -480,7 +555,7 @@ async fn confirm(
 ) -> Result<(), String> {
     let mut pause = Duration::from_millis(50);
     loop {
-        let last = match send(js, item).await {
+        let last = match send(js, item).await.await {
             Ok(ack) if ack.sequence == item.offset + 1 => return Ok(()),
             Ok(ack) => {
                 return Err(format!(
