@@ -558,6 +558,13 @@ impl Fleet {
                 r.http,
                 r.stream
             );
+            if let Some(n) = &r.nats {
+                s += &format!(
+                    "    its log: JetStream {} (R3, fsync before ack; monitors {})\n",
+                    n.urls(),
+                    n.monitors()
+                );
+            }
         }
         s += &format!(
             "  concierge          {} (replicas {} and {})\n",

@@ -270,10 +270,13 @@ impl JetStreamLog {
         };
         let kv = match js.get_key_value(names.bucket()).await {
             Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(bucket)
-                .await
-                .map_err(|e| LogError::Io(format!("create bucket {}: {e}", names.bucket())))?,
+            Err(_) => match js.create_key_value(bucket).await {
+                Ok(kv) => kv,
+                // Created meanwhile by another hub.
+                Err(e) => js.get_key_value(names.bucket()).await.map_err(|_| {
+                    LogError::Io(format!("create bucket {}: {e}", names.bucket()))
+                })?,
+            },
         };
         let store = MetaStore::new(kv);
         let mut parts = Vec::new();
