@@ -139,7 +139,16 @@ impl Writer {
                 biased;
                 Some(res) = self.acks().next(), if !self.inflight.is_empty() => self.on_ack(res).await,
                 cmd = rx.recv(), if self.inflight.len() < MAX_INFLIGHT => match cmd {
-                    Some(cmd) => self.handle(cmd).await,
+                    Some(cmd) => {
+                        self.handle(cmd).await;
+                        // Send what else is queued before looking at acks.
+                        while self.inflight.len() < MAX_INFLIGHT {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
             }
