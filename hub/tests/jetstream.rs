@@ -36,6 +36,29 @@ async fn open(url: &str, partitions: u32) -> Arc<JetStreamLog> {
         .unwrap()
 }
 
+/// `(offset, mid)` of every frame in an archive file.
+fn archived(path: &std::path::Path) -> Vec<(u64, u64)> {
+    use hub::log::frame::{Decoded, decode};
+    let buf = std::fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        match decode(&buf[at..]) {
+            Decoded::Frame {
+                offset,
+                record,
+                len,
+                ..
+            } => {
+                out.push((offset.0, record.mid.unwrap().0));
+                at += len;
+            }
+            other => panic!("archive {} at {at}: {other:?}", path.display()),
+        }
+    }
+    out
+}
+
 /// Every acknowledged `(offset, mid)` reads back as that record.
 async fn assert_all_there(log: &JetStreamLog, acked: &BTreeMap<u64, u64>) {
     let got = log.read(P0, Offset(0), ALL).await.unwrap();
@@ -165,8 +188,10 @@ async fn failback_cut_and_skip_keep_offsets_and_epochs() {
             .unwrap(),
         5
     );
-    let frames = std::fs::read(&archive).unwrap();
-    assert!(!frames.is_empty());
+    assert_eq!(
+        archived(&archive),
+        (10..15).map(|m| (m, m)).collect::<Vec<_>>()
+    );
     assert_eq!(log.high_watermark(P0), Offset(10));
     assert_eq!(log.epoch_history(P0), vec![(Epoch(1), Offset(0))]);
     assert_eq!(log.append(P0, rec("d", 100, 3)).await.unwrap(), Offset(10));
@@ -301,16 +326,21 @@ async fn a_stale_writer_cannot_cut_or_write_into_a_newer_generation() {
     new.cut_and_archive(P0, Offset(3), dir.path().join("a3"))
         .await
         .unwrap();
+    assert_eq!(archived(&dir.path().join("a3")), [(3, 3), (4, 4)]);
     new.append(P0, rec("d", 10, 2)).await.unwrap();
     // The old writer's stream is sealed: its append is refused, not
     // acknowledged into a generation nobody reads.
-    assert!(old.append(P0, rec("d", 5, 1)).await.is_err());
+    let err = old.append(P0, rec("d", 5, 1)).await.unwrap_err();
+    assert!(matches!(err, LogError::Failed { .. }), "{err}");
+    assert!(old.partition_failure(P0).is_some());
     // Its cut claims nothing and deletes nothing.
-    assert!(
+    assert!(matches!(
         old.cut_and_archive(P0, Offset(1), dir.path().join("a1"))
             .await
-            .is_err()
-    );
+            .unwrap_err(),
+        LogError::Failed { .. }
+    ));
+    assert!(!dir.path().join("a1").exists());
     let got = new.read(P0, Offset(0), ALL).await.unwrap();
     let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
     assert_eq!(mids, [0, 1, 2, 10]);
@@ -319,4 +349,62 @@ async fn a_stale_writer_cannot_cut_or_write_into_a_newer_generation() {
     let got = again.read(P0, Offset(0), ALL).await.unwrap();
     let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
     assert_eq!(mids, [0, 1, 2, 10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_raced_by_a_stale_writer_fails_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path(), "race", 3).await.unwrap();
+    let url = cluster.log_url("race");
+    let old = open(&url, 1).await;
+    for i in 0..5 {
+        old.append(P0, rec("d", i, 1)).await.unwrap();
+    }
+    let new = open(&url, 1).await;
+    // The stale writer appends after the new one opened: acknowledged.
+    assert_eq!(old.append(P0, rec("d", 5, 1)).await.unwrap(), Offset(5));
+    // The new writer's cut sees the stream moved behind its back.
+    let err = new
+        .cut_and_archive(P0, Offset(3), dir.path().join("a3"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another writer"), "{err}");
+    drop((old, new));
+    // Reopened: the sealed stream rolls into a new generation; the
+    // acknowledged record 5 is there, and appends go on after it.
+    let log = open(&url, 1).await;
+    let got = log.read(P0, Offset(0), ALL).await.unwrap();
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(log.append(P0, rec("d", 6, 1)).await.unwrap(), Offset(6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_interrupted_after_the_seal_recovers_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path(), "seal", 3).await.unwrap();
+    let url = cluster.log_url("seal");
+    let log = open(&url, 1).await;
+    for i in 0..3 {
+        log.append(P0, rec("d", i, 1)).await.unwrap();
+    }
+    drop(log);
+    // What a crash between sealing and switching leaves: a sealed current
+    // stream (and possibly an orphan claimed generation).
+    let client = async_nats::connect(cluster.servers[0].client.to_string())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream("seal_p0_g0").await.unwrap();
+    let mut config = s.info().await.unwrap().config.clone();
+    config.sealed = true;
+    js.update_stream(config).await.unwrap();
+    let log = open(&url, 1).await;
+    assert_eq!(log.append(P0, rec("d", 3, 1)).await.unwrap(), Offset(3));
+    let got = log.read(P0, Offset(0), ALL).await.unwrap();
+    let mids: Vec<u64> = got.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, [0, 1, 2, 3]);
+    drop(log);
+    let log = open(&url, 1).await;
+    assert_eq!(log.high_watermark(P0), Offset(4));
 }

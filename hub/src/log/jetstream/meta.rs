@@ -28,6 +28,11 @@ pub(super) struct PartMeta {
     /// claimed here by compare-and-set.
     #[serde(default)]
     pub claimed: u32,
+    /// A nonce of the writer that stored this entry: an unanswered update
+    /// is recognised as one's own only by it (two writers can compute
+    /// identical metadata).
+    #[serde(default)]
+    pub writer: String,
 }
 
 impl PartMeta {
@@ -72,21 +77,34 @@ impl MetaStore {
         MetaStore { kv }
     }
 
-    /// The partition's metadata and its revision, if any.
+    /// The partition's metadata and its revision, if any, read from the
+    /// bucket's leader (a replica answering a direct get may lag).
     pub async fn load(&self, p: PartitionId) -> LogResult<Option<(PartMeta, u64)>> {
-        let entry = self.kv.entry(key(p)).await.map_err(|e| io("read", e))?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let meta: PartMeta =
-                    serde_json::from_slice(&e.value).map_err(|err| LogError::Corrupt {
-                        partition: p,
-                        offset: Offset(0),
-                        detail: format!("metadata p{} is not valid: {err}", p.0),
-                    })?;
-                Ok(Some((meta, e.revision)))
+        let subject = format!("{}{}", self.kv.prefix, key(p));
+        let m = match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                return Ok(None);
             }
-            _ => Ok(None),
-        }
+            Err(e) => return Err(io("read", e)),
+        };
+        let meta: PartMeta =
+            serde_json::from_slice(&m.payload).map_err(|err| LogError::Corrupt {
+                partition: p,
+                offset: Offset(0),
+                detail: format!("metadata p{} is not valid: {err}", p.0),
+            })?;
+        Ok(Some((meta, m.sequence)))
     }
 
     /// Creates the partition's entry; fails if it exists.
@@ -120,13 +138,21 @@ impl MetaStore {
                 Err(e) => e,
             };
             if err.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                // Our earlier, unanswered attempt may be what moved it.
-                if let Ok(Some((now, rev))) = self.load(p).await
-                    && &now == meta
-                {
-                    return Ok(rev);
+                // Our earlier, unanswered attempt may be what moved it: then
+                // the entry is ours, nonce included.
+                match self.load(p).await {
+                    Ok(Some((now, rev))) if &now == meta && !meta.writer.is_empty() => {
+                        return Ok(rev);
+                    }
+                    Ok(_) => return Err(fenced(err.to_string())),
+                    Err(e) if tokio::time::Instant::now() + pause <= deadline => {
+                        tracing::warn!(partition = %p, error = %e, "jetstream metadata read failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 }
-                return Err(fenced(err.to_string()));
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(io("update", err));

@@ -273,9 +273,10 @@ impl JetStreamLog {
             Err(_) => match js.create_key_value(bucket).await {
                 Ok(kv) => kv,
                 // Created meanwhile by another hub.
-                Err(e) => js.get_key_value(names.bucket()).await.map_err(|_| {
-                    LogError::Io(format!("create bucket {}: {e}", names.bucket()))
-                })?,
+                Err(e) => js
+                    .get_key_value(names.bucket())
+                    .await
+                    .map_err(|_| LogError::Io(format!("create bucket {}: {e}", names.bucket())))?,
             },
         };
         let store = MetaStore::new(kv);
@@ -347,6 +348,7 @@ async fn open_partition(
                 epochs: Vec::new(),
                 start: 0,
                 claimed: 0,
+                writer: String::new(),
             };
             match store.create(p, &meta).await {
                 Ok(rev) => (meta, rev),
@@ -399,6 +401,7 @@ async fn open_partition(
     if meta.epochs.iter().any(|(_, start)| *start >= hw) {
         let mut fixed = meta;
         fixed.epochs.retain(|(_, start)| *start < hw);
+        fixed.writer.clone_from(&writer.writer_id);
         let deadline = tokio::time::Instant::now() + config.retry_for;
         let rev = store.update(p, &fixed, revision, deadline).await?;
         writer.meta = fixed.clone();

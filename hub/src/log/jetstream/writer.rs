@@ -227,8 +227,10 @@ impl Writer {
         match last {
             Some(l) if epoch.0 == l => return Ok(()),
             Some(l) if epoch.0 < l => {
-                // The caller counted on this offset: refusing it and going
-                // on would shift every later record. Fail, as the file log.
+                // Epochs never decrease along a partition (the history could
+                // not describe it), and the caller counted on this offset:
+                // refusing it and going on would shift every later record.
+                // Stricter than the file log, which records no entry then.
                 self.fail(format!("append of epoch {} after epoch {l}", epoch.0));
                 return Err(self.refuse());
             }
@@ -239,7 +241,8 @@ impl Writer {
         self.set_meta(meta).await
     }
 
-    async fn set_meta(&mut self, meta: PartMeta) -> LogResult<()> {
+    async fn set_meta(&mut self, mut meta: PartMeta) -> LogResult<()> {
+        meta.writer.clone_from(&self.writer_id);
         let deadline = Instant::now() + self.retry_for;
         match self
             .store
@@ -473,6 +476,7 @@ impl Writer {
                 .collect(),
             start: base.0,
             claimed: generation,
+            writer: String::new(),
         };
         self.switch(meta, generation, base.0).await?;
         for g in old {
@@ -511,8 +515,10 @@ impl Writer {
     }
 
     /// Seals the current stream (a stale writer's publishes are refused
-    /// there from now on), then switches the metadata and the view.
-    async fn switch(&mut self, meta: PartMeta, generation: u32, next: u64) -> LogResult<()> {
+    /// there from now on), checks that nothing landed in it behind this
+    /// writer's back, then switches the metadata and the view. Any failure
+    /// after the seal fails the partition (a restart rolls on).
+    async fn switch(&mut self, mut meta: PartMeta, generation: u32, next: u64) -> LogResult<()> {
         let old = self.names.stream(self.p(), self.meta.current_gen().0);
         let mut config = self
             .stream
@@ -523,18 +529,20 @@ impl Writer {
             .clone();
         if !config.sealed {
             config.sealed = true;
-            self.js
-                .update_stream(config)
-                .await
-                .map_err(|e| LogError::Io(format!("seal stream {old}: {e}")))?;
+            if let Err(e) = self.js.update_stream(config).await {
+                let e = LogError::Io(format!("seal stream {old}: {e}"));
+                self.fail(e.to_string());
+                return Err(e);
+            }
         }
-        let name = self.names.stream(self.p(), generation);
-        let stream = self
-            .js
-            .get_stream(&name)
-            .await
-            .map_err(|e| LogError::Io(format!("stream {name}: {e}")))?;
-        self.part.add_stream(generation, stream.clone());
+        let stream = match self.after_seal(&old, generation, next).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                self.fail(e.to_string());
+                return Err(e);
+            }
+        };
+        meta.writer.clone_from(&self.writer_id);
         let deadline = Instant::now() + self.retry_for;
         match self
             .store
@@ -547,11 +555,61 @@ impl Writer {
                 return Err(e);
             }
         }
+        self.part.add_stream(generation, stream.clone());
         self.meta = meta.clone();
         self.part.switch(meta, Offset(next));
         self.stream = stream;
         self.next = next;
         Ok(())
+    }
+
+    /// The checks between sealing the old stream and switching: the old
+    /// one ends where this writer believes (no stale writer appended after
+    /// this writer's last record), and the new one starts at `next`, empty.
+    async fn after_seal(
+        &mut self,
+        old: &str,
+        generation: u32,
+        next: u64,
+    ) -> LogResult<stream::Stream> {
+        let last = self
+            .stream
+            .info()
+            .await
+            .map_err(|e| LogError::Io(format!("stream {old}: {e}")))?
+            .state
+            .last_sequence;
+        if last != self.next {
+            return Err(LogError::Failed {
+                partition: self.p(),
+                reason: format!(
+                    "stream {old} ends at offset {last}, this writer at {}: another writer appended (fenced)",
+                    self.next
+                ),
+            });
+        }
+        let name = self.names.stream(self.p(), generation);
+        let mut stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| LogError::Io(format!("stream {name}: {e}")))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| LogError::Io(format!("stream {name}: {e}")))?
+            .state
+            .clone();
+        if state.messages != 0 || state.last_sequence != next {
+            return Err(LogError::Failed {
+                partition: self.p(),
+                reason: format!(
+                    "new stream {name} holds {} records up to {}, expected none before {next} (another writer?)",
+                    state.messages, state.last_sequence
+                ),
+            });
+        }
+        Ok(stream)
     }
 }
 
