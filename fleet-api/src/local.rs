@@ -89,6 +89,9 @@ pub struct NatsCluster {
     pub name: String,
     pub servers: Vec<NatsServer>,
     binary: PathBuf,
+    /// Remove each server's files once it is gone (the shared cluster,
+    /// whose directory nothing else cleans up).
+    remove_files: bool,
 }
 
 impl NatsCluster {
@@ -106,6 +109,16 @@ impl NatsCluster {
         name: &str,
         n: usize,
         sync_always: bool,
+    ) -> Result<NatsCluster, String> {
+        Self::launch(dir, name, n, sync_always, false).await
+    }
+
+    async fn launch(
+        dir: &Path,
+        name: &str,
+        n: usize,
+        sync_always: bool,
+        remove_files: bool,
     ) -> Result<NatsCluster, String> {
         let binary = nats_server_binary()?;
         let routes: Vec<SocketAddr> = (0..n).map(|_| reserve_port()).collect();
@@ -152,6 +165,7 @@ impl NatsCluster {
             name: name.to_string(),
             servers,
             binary,
+            remove_files,
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -174,9 +188,13 @@ impl NatsCluster {
         // its stdin closes: a test that panics or exits leaves no servers.
         let child = Command::new("sh")
             .arg("-c")
-            .arg(r#""$0" -c "$1" & n=$!; cat >/dev/null; kill -9 $n 2>/dev/null; wait $n"#)
+            .arg(
+                r#""$0" -c "$1" & n=$!; cat >/dev/null; kill -9 $n 2>/dev/null; wait $n; [ -n "$2" ] && rm -rf "$2" "$1" "$3" && rmdir "${2%/*}" 2>/dev/null"#,
+            )
             .arg(&self.binary)
             .arg(&s.config)
+            .arg(if self.remove_files { s.store.as_os_str() } else { "".as_ref() })
+            .arg(&s.log)
             .stdin(Stdio::piped())
             .stdout(log)
             .stderr(err)
@@ -203,6 +221,28 @@ impl NatsCluster {
             s.client,
             s.log_tail()
         ))
+    }
+
+    /// One R3 cluster for the whole test process, started on first use:
+    /// for tests that do not kill its servers (each uses its own stream
+    /// prefix). Its servers and files go when the process ends.
+    pub fn shared() -> &'static NatsCluster {
+        static SHARED: std::sync::OnceLock<NatsCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            // Started on a thread of its own: the caller may be inside a
+            // runtime, where blocking on another is not allowed.
+            std::thread::spawn(|| {
+                let dir = std::env::temp_dir().join(format!("fleet-nats-{}", std::process::id()));
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(NatsCluster::launch(&dir, "shared", 3, true, true))
+                    .unwrap_or_else(|e| panic!("the shared JetStream cluster: {e}"))
+            })
+            .join()
+            .expect("the shared JetStream cluster")
+        })
     }
 
     /// `nats://a,nats://b,…` of the servers.

@@ -145,8 +145,7 @@ async fn servers_killed_and_wiped_under_load_lose_no_acknowledged_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_fences_the_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start(dir.path(), "fence", 3).await.unwrap();
+    let cluster = NatsCluster::shared();
     let url = cluster.log_url("fence");
     let first = open(&url, 1).await;
     first.append(P0, rec("a", 1, 1)).await.unwrap();
@@ -166,7 +165,7 @@ async fn a_second_writer_fences_the_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_cut_and_skip_keep_offsets_and_epochs() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start(dir.path(), "cut", 3).await.unwrap();
+    let cluster = NatsCluster::shared();
     let url = cluster.log_url("cut");
     let log = open(&url, 1).await;
     for i in 0..10 {
@@ -212,6 +211,13 @@ async fn failback_cut_and_skip_keep_offsets_and_epochs() {
         11
     );
     assert_eq!(log.log_start(P0), Offset(100));
+    // The skipped generations' streams are deleted.
+    let client = async_nats::connect(cluster.servers[0].client.to_string())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(js.get_stream("cut_p0_g0").await.is_err());
+    assert!(js.get_stream("cut_p0_g1").await.is_err());
     assert!(matches!(
         log.read(P0, Offset(5), ALL).await,
         Err(LogError::OffsetGone { .. })
@@ -278,8 +284,7 @@ async fn refuses_servers_that_acknowledge_before_fsync() {
     let log = JetStreamLog::open(config).await.unwrap();
     assert_eq!(log.append(P0, rec("d", 1, 1)).await.unwrap(), Offset(0));
     // A monitoring URL list that leaves out a cluster member is refused.
-    let dir2 = tempfile::tempdir().unwrap();
-    let three = NatsCluster::start(dir2.path(), "three", 3).await.unwrap();
+    let three = NatsCluster::shared();
     let partial = format!(
         "nats://{}/p?replicas=3&monitor=http://{},http://{}",
         three.servers[0].client, three.servers[0].monitor, three.servers[1].monitor
@@ -293,8 +298,7 @@ async fn refuses_servers_that_acknowledge_before_fsync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_servers_cannot_take_fails_the_partition() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start(dir.path(), "big", 3).await.unwrap();
+    let cluster = NatsCluster::shared();
     let log = open(&cluster.log_url("big"), 1).await;
     log.append(P0, rec("d", 1, 1)).await.unwrap();
     let mut big = rec("d", 2, 1);
@@ -311,7 +315,7 @@ async fn a_record_the_servers_cannot_take_fails_the_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_writer_cannot_cut_or_write_into_a_newer_generation() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start(dir.path(), "stale", 3).await.unwrap();
+    let cluster = NatsCluster::shared();
     let url = cluster.log_url("stale");
     let quick = |url: &str| {
         let mut c = JetStreamConfig::parse(url, 1).unwrap();
@@ -354,7 +358,7 @@ async fn a_stale_writer_cannot_cut_or_write_into_a_newer_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_raced_by_a_stale_writer_fails_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start(dir.path(), "race", 3).await.unwrap();
+    let cluster = NatsCluster::shared();
     let url = cluster.log_url("race");
     let old = open(&url, 1).await;
     for i in 0..5 {
@@ -381,8 +385,7 @@ async fn a_cut_raced_by_a_stale_writer_fails_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_interrupted_after_the_seal_recovers_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = NatsCluster::start(dir.path(), "seal", 3).await.unwrap();
+    let cluster = NatsCluster::shared();
     let url = cluster.log_url("seal");
     let log = open(&url, 1).await;
     for i in 0..3 {

@@ -1,8 +1,8 @@
 //! The event log contract. Each test takes a backend factory, so the same
 //! suite runs against every backend (the file log here; JetStream joins it).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,30 +38,6 @@ async fn file_backend(partitions: u32) -> Backend {
     }
 }
 
-/// One R3 JetStream cluster (three real nats-server processes) for the
-/// whole test binary; each test has streams of its own prefix. The servers
-/// die with this process (see `NatsCluster`).
-fn cluster() -> &'static NatsCluster {
-    static CLUSTER: OnceLock<(NatsCluster, tempfile::TempDir)> = OnceLock::new();
-    &CLUSTER
-        .get_or_init(|| {
-            std::thread::spawn(|| {
-                let dir = tempfile::tempdir().unwrap();
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                let c = rt
-                    .block_on(NatsCluster::start(dir.path(), "conf", 3))
-                    .unwrap_or_else(|e| panic!("{e}"));
-                (c, dir)
-            })
-            .join()
-            .unwrap()
-        })
-        .0
-}
-
 async fn jetstream_backend(partitions: u32) -> Backend {
     static N: AtomicU32 = AtomicU32::new(0);
     let prefix = format!(
@@ -69,7 +45,7 @@ async fn jetstream_backend(partitions: u32) -> Backend {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     );
-    let url = cluster().log_url(&prefix);
+    let url = NatsCluster::shared().log_url(&prefix);
     let open: Open = Box::new(move || {
         let config = JetStreamConfig::parse(&url, partitions).unwrap();
         async move {

@@ -279,6 +279,18 @@ impl JetStreamLog {
                     .map_err(|_| LogError::Io(format!("create bucket {}: {e}", names.bucket())))?,
             },
         };
+        let bucket_config = &kv.stream.cached_info().config;
+        if bucket_config.storage != stream::StorageType::File
+            || bucket_config.num_replicas != config.replicas
+        {
+            return Err(LogError::Io(format!(
+                "bucket {}: {} replica(s) on {:?} storage; the log wants {} on file storage",
+                names.bucket(),
+                bucket_config.num_replicas,
+                bucket_config.storage,
+                config.replicas
+            )));
+        }
         let store = MetaStore::new(kv);
         let mut parts = Vec::new();
         let mut writers = Vec::new();
@@ -336,30 +348,7 @@ async fn open_partition(
     let io = |what: String| {
         move |e: Box<dyn std::error::Error + Send + Sync>| LogError::Io(format!("{what}: {e}"))
     };
-    let (meta, revision) = match store.load(p).await? {
-        Some(found) => found,
-        None => {
-            let cfg = names.config(p, 0, config.replicas, 0);
-            js.get_or_create_stream(cfg)
-                .await
-                .map_err(|e| io(format!("create stream {}", names.stream(p, 0)))(e.into()))?;
-            let meta = PartMeta {
-                gens: vec![(0, 0)],
-                epochs: Vec::new(),
-                start: 0,
-                claimed: 0,
-                writer: String::new(),
-            };
-            match store.create(p, &meta).await {
-                Ok(rev) => (meta, rev),
-                // Created meanwhile by another hub: take what it wrote.
-                Err(_) => store
-                    .load(p)
-                    .await?
-                    .ok_or_else(|| LogError::Io(format!("metadata of partition {p} vanished")))?,
-            }
-        }
-    };
+    let (meta, revision) = load_or_create(js, names, store, config, p).await?;
     let mut streams = HashMap::new();
     for &(generation, _) in &meta.gens {
         let name = names.stream(p, generation);
@@ -433,7 +422,96 @@ async fn open_partition(
     if sealed {
         writer.roll().await?;
     }
+    collect_generations(js, names, p, &writer.meta).await;
     Ok((part, writer))
+}
+
+/// The partition's metadata, created with generation 0 when there is none
+/// (by this hub or, racing, another). Transient errors (a bucket or stream
+/// that has no leader yet) are retried for `retry_for`.
+async fn load_or_create(
+    js: &jetstream::Context,
+    names: &StreamNames,
+    store: &MetaStore,
+    config: &JetStreamConfig,
+    p: PartitionId,
+) -> LogResult<(PartMeta, u64)> {
+    let deadline = tokio::time::Instant::now() + config.retry_for;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let err = match store.load(p).await {
+            Ok(Some(found)) => return Ok(found),
+            Ok(None) => {
+                let cfg = names.config(p, 0, config.replicas, 0);
+                let meta = PartMeta {
+                    gens: vec![(0, 0)],
+                    epochs: Vec::new(),
+                    start: 0,
+                    claimed: 0,
+                    writer: String::new(),
+                };
+                match js.get_or_create_stream(cfg).await {
+                    Err(e) => LogError::Io(format!("create stream {}: {e}", names.stream(p, 0))),
+                    // An error here may be another hub's create winning:
+                    // the next load tells.
+                    Ok(_) => match store.create(p, &meta).await {
+                        Ok(rev) => return Ok((meta, rev)),
+                        Err(e) => e,
+                    },
+                }
+            }
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(err);
+        }
+        tracing::warn!(partition = %p, error = %err, "jetstream partition metadata not ready; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Deletes partition `p`'s streams of generations that `meta` no longer
+/// lists (cut away, skipped, or claimed by an interrupted cut or roll).
+/// Best effort: a leftover only costs disk.
+async fn collect_generations(
+    js: &jetstream::Context,
+    names: &StreamNames,
+    p: PartitionId,
+    meta: &PartMeta,
+) {
+    use futures::TryStreamExt;
+    let stem = format!("{}_p{}_g", names.prefix, p.0);
+    let highest = meta.claimed.max(meta.current_gen().0);
+    let mut found = Vec::new();
+    let mut all = js.stream_names();
+    loop {
+        match all.try_next().await {
+            Ok(Some(name)) => {
+                if let Some(g) = name.strip_prefix(&stem).and_then(|g| g.parse::<u32>().ok())
+                    && g <= highest
+                    && !meta.gens.iter().any(|(x, _)| *x == g)
+                {
+                    found.push(name);
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(partition = %p, error = %e, "listing jetstream streams failed; old generations stay");
+                return;
+            }
+        }
+    }
+    for name in found {
+        match js.delete_stream(&name).await {
+            Ok(_) => {
+                tracing::info!(partition = %p, stream = %name, "deleted a stream no generation uses")
+            }
+            Err(e) => {
+                tracing::warn!(partition = %p, stream = %name, error = %e, "could not delete an unused stream")
+            }
+        }
+    }
 }
 
 /// Refuses a stream whose configuration could drop or lose records.

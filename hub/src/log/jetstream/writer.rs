@@ -439,6 +439,7 @@ impl Writer {
         meta.gens.push((generation, from.0));
         meta.epochs.retain(|(_, start)| *start < from.0);
         self.switch(meta, generation, from.0).await?;
+        super::collect_generations(&self.js, &self.names, self.p(), &self.meta).await;
         tracing::warn!(partition = %self.p(), %from, moved = records.len(), archive = %archive.display(), "cut the log back; the tail is archived");
         Ok(records.len() as u64)
     }
@@ -465,7 +466,6 @@ impl Writer {
             });
         }
         let dropped = self.next - self.meta.start;
-        let old: Vec<u32> = self.meta.gens.iter().map(|g| g.0).collect();
         let generation = self.new_generation(base.0).await?;
         let meta = PartMeta {
             gens: vec![(generation, base.0)],
@@ -479,9 +479,7 @@ impl Writer {
             writer: String::new(),
         };
         self.switch(meta, generation, base.0).await?;
-        for g in old {
-            let _ = self.js.delete_stream(self.names.stream(self.p(), g)).await;
-        }
+        super::collect_generations(&self.js, &self.names, self.p(), &self.meta).await;
         Ok(dropped)
     }
 
@@ -507,11 +505,20 @@ impl Writer {
         let config = self
             .names
             .config(self.p(), generation, self.replicas, first);
-        self.js
-            .create_stream(config)
-            .await
-            .map_err(|e| LogError::Io(format!("create stream {name}: {e}")))?;
-        Ok(generation)
+        // Placement can fail for a moment (a peer that looks offline).
+        let deadline = Instant::now() + self.retry_for;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.js.create_stream(config.clone()).await {
+                Ok(_) => return Ok(generation),
+                Err(e) if Instant::now() + pause <= deadline => {
+                    tracing::warn!(partition = %self.p(), stream = %name, error = %e, "create stream failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(LogError::Io(format!("create stream {name}: {e}"))),
+            }
+        }
     }
 
     /// Seals the current stream (a stale writer's publishes are refused
