@@ -18,16 +18,7 @@ async fn hub_with(h: &tests::Harness, devices: &[&str], extra: &[&str]) -> (Regi
     (reg, hub)
 }
 
-async fn connected(hub: &HubNode, reg: &Registry, id: &str) -> RawClient {
-    let key = reg.key(id);
-    let (c, code) = RawClient::connect(hub.mqtt, id, Some((id, &key))).await;
-    assert_eq!(
-        code,
-        Some(ConnectReturnCode::Success),
-        "{id} could not connect"
-    );
-    c
-}
+use tests::durability::connect as connected;
 
 /// Publishes QoS 1 and waits for its PUBACK.
 async fn publish_acked(c: &mut RawClient, topic: &str, pkid: u16, payload: &[u8]) {

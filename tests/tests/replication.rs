@@ -24,16 +24,7 @@ async fn stored(hub: &HubNode) -> u64 {
         .sum()
 }
 
-async fn connect(hub: &HubNode, reg: &Registry, id: &str) -> RawClient {
-    let key = reg.key(id);
-    let (c, code) = RawClient::connect(hub.mqtt, id, Some((id, &key))).await;
-    assert_eq!(
-        code,
-        Some(ConnectReturnCode::Success),
-        "{id} could not connect"
-    );
-    c
-}
+use tests::durability::connect;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_replication_copies_records_at_the_same_offsets_and_acks_replicated() {

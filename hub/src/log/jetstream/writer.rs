@@ -198,10 +198,9 @@ impl Writer {
                 archive,
                 reply,
             } => {
-                self.drain().await;
-                let r = match &self.failed {
-                    Some(_) => Err(self.refuse()),
-                    None => self.cut(from, archive).await,
+                let r = match self.quiesce().await {
+                    Ok(()) => self.cut(from, archive).await,
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }
@@ -210,10 +209,9 @@ impl Writer {
                 history,
                 reply,
             } => {
-                self.drain().await;
-                let r = match &self.failed {
-                    Some(_) => Err(self.refuse()),
-                    None => self.skip(base, history).await,
+                let r = match self.quiesce().await {
+                    Ok(()) => self.skip(base, history).await,
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }
@@ -371,6 +369,15 @@ impl Writer {
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits for every publish in flight; `Err` if the partition failed.
+    async fn quiesce(&mut self) -> LogResult<()> {
+        self.drain().await;
+        match self.failed {
+            Some(_) => Err(self.refuse()),
+            None => Ok(()),
         }
     }
 
