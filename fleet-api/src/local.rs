@@ -302,13 +302,23 @@ impl NatsCluster {
     /// Starts every stopped server again on its ports and store and waits
     /// until all are ready (they need each other for a quorum).
     pub async fn restart_all(&mut self) -> Result<(), String> {
+        self.spawn_stopped()?;
+        for i in 0..self.servers.len() {
+            self.wait_ready(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts every stopped server again without waiting for any of them
+    /// (a region coming back while its hub starts too).
+    ///
+    /// # Errors
+    /// When a server cannot be spawned.
+    pub fn spawn_stopped(&mut self) -> Result<(), String> {
         for i in 0..self.servers.len() {
             if !self.servers[i].running() {
                 self.spawn(i)?;
             }
-        }
-        for i in 0..self.servers.len() {
-            self.wait_ready(i).await?;
         }
         Ok(())
     }

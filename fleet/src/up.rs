@@ -111,7 +111,7 @@ impl Proc {
         let mut lines = BufReader::new(stdout).lines();
         let mut first = serde_json::Value::Null;
         if ready {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+            let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line()).await;
             match line {
                 Ok(Ok(Some(l))) => {
                     first = serde_json::from_str(&l)

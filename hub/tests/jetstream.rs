@@ -1,6 +1,6 @@
 //! The JetStream log against real nats-server clusters: servers killed and
-//! wiped under load, a second writer, failback cuts and skips, and the
-//! fsync check.
+//! wiped under load, a whole cluster restarting under a starting hub, a
+//! second writer, failback cuts and skips, and the fsync check.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -141,6 +141,33 @@ async fn servers_killed_and_wiped_under_load_lose_no_acknowledged_record() {
     drop(log);
     let again = open(&cluster.log_url("load"), 1).await;
     assert_all_there(&again, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_opens_while_its_whole_cluster_is_still_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(dir.path(), "cold", 3).await.unwrap();
+    let url = cluster.log_url("cold");
+    let mut acked = BTreeMap::new();
+    {
+        let log = open(&url, 2).await;
+        for mid in 1..=50 {
+            let off = log.append(P0, rec("d", mid, 1)).await.unwrap();
+            acked.insert(off.0, mid);
+        }
+    }
+    // The region is lost and comes back: its servers and its hub start
+    // together, so the hub finds servers not yet listening, then streams
+    // without leaders. It waits for them instead of giving up.
+    cluster.kill_all();
+    cluster.spawn_stopped().unwrap();
+    let log = open(&url, 2).await;
+    assert_all_there(&log, &acked).await;
+    assert_eq!(log.append(P0, rec("d", 51, 1)).await.unwrap(), Offset(50));
+    assert_eq!(
+        log.append(PartitionId(1), rec("e", 1, 1)).await.unwrap(),
+        Offset(0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

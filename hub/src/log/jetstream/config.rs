@@ -117,25 +117,26 @@ struct ServerSync {
 /// `sync_always` through one of `monitors` (servers that are down are
 /// tolerated while a majority is verified, one per unreachable monitor).
 /// Returns the verified servers' names.
-pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, String> {
+pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, FsyncUnverified> {
+    use FsyncUnverified::{Refused, Unreachable};
     if config.monitors.is_empty() {
-        return Err(
+        return Err(Refused(
             "cannot verify that the JetStream servers fsync before they acknowledge: give their \
              monitoring URLs (…?monitor=http://HOST:PORT,…) or opt out with --log-allow-unsynced"
                 .to_string(),
-        );
+        ));
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Refused(e.to_string()))?;
     let mut seen = Vec::new();
     let mut unreachable = Vec::new();
     for m in &config.monitors {
         match read_server(&http, m).await {
             Ok(s) => seen.push(s),
             Err(Unread::Down(why)) => unreachable.push(why),
-            Err(Unread::Bad(why)) => return Err(why),
+            Err(Unread::Bad(why)) => return Err(Refused(why)),
         }
     }
     let mut group: Vec<String> = seen.iter().flat_map(|s| s.group.clone()).collect();
@@ -154,28 +155,28 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, Strin
             .filter(|n| seen.iter().any(|s| &s.name == *n))
             .count();
     if unverified > unreachable.len() {
-        return Err(format!(
+        return Err(Refused(format!(
             "the JetStream cluster has {size} servers but the monitoring URLs reach only {} of them: \
              every server's fsync setting must be verified (give each server's monitoring URL)",
             size - unverified
-        ));
+        )));
     }
     // A server that is down acknowledges nothing now; a majority of the
     // group must be verified (a down one is checked when this hub next
     // starts).
     let verified = size - unverified;
     if verified * 2 <= size {
-        return Err(format!(
+        return Err(Unreachable(format!(
             "only {verified} of the {size} JetStream servers could be checked for fsync: {}",
             unreachable.join("; ")
-        ));
+        )));
     }
     if let Some(s) = seen.iter().find(|s| !s.sync_always) {
-        return Err(format!(
+        return Err(Refused(format!(
             "JetStream server {} acknowledges before fsync (set jetstream {{ sync_interval: always }}, \
              nats-server >= 2.11) or opt out with --log-allow-unsynced",
             s.name
-        ));
+        )));
     }
     if unverified > 0 {
         tracing::warn!(
@@ -185,12 +186,23 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, Strin
         );
     }
     if size < config.replicas {
-        return Err(format!(
+        return Err(Refused(format!(
             "replicas={} but the JetStream cluster has {size} server(s)",
             config.replicas
-        ));
+        )));
     }
     Ok(seen.into_iter().map(|s| s.name).collect())
+}
+
+/// Why the servers' fsync setting was not verified.
+#[derive(Debug, thiserror::Error)]
+pub enum FsyncUnverified {
+    /// Too few servers answered (they may be starting): worth asking again.
+    #[error("{0}")]
+    Unreachable(String),
+    /// What answered cannot be trusted to fsync before it acknowledges.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why a monitoring URL told nothing.

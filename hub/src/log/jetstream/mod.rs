@@ -23,7 +23,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use config::{ConfigError, JetStreamConfig, verify_fsync};
+pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, verify_fsync};
 use meta::{MetaStore, PartMeta};
 use writer::{Cmd, Writer};
 
@@ -223,13 +223,29 @@ impl JetStreamLog {
     /// Connects, verifies fsync (unless opted out), and opens or creates
     /// every partition's streams and metadata.
     pub async fn open(config: JetStreamConfig) -> Result<Arc<JetStreamLog>, LogError> {
+        // Servers that are starting (with this hub, or after a region
+        // came back) are waited for, for `retry_for`.
+        let deadline = tokio::time::Instant::now() + config.retry_for;
         let verified = if config.allow_unsynced {
             tracing::warn!(
                 "trusting JetStream acknowledgements without checking that the servers fsync first (--log-allow-unsynced)"
             );
             None
         } else {
-            Some(verify_fsync(&config).await.map_err(LogError::Io)?)
+            let mut pause = Duration::from_millis(50);
+            loop {
+                match verify_fsync(&config).await {
+                    Ok(names) => break Some(names),
+                    Err(FsyncUnverified::Unreachable(why))
+                        if tokio::time::Instant::now() + pause < deadline =>
+                    {
+                        tracing::warn!(why, "jetstream servers not reachable yet; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => return Err(LogError::Io(e.to_string())),
+                }
+            }
         };
         let addrs = config
             .servers
@@ -237,11 +253,19 @@ impl JetStreamLog {
             .map(|s| s.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| LogError::Io(format!("server address: {e}")))?;
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(addrs)
-            .await
-            .map_err(|e| LogError::Io(format!("connect to {}: {e}", config.servers.join(","))))?;
+        let client = retrying("connect", deadline, || {
+            let addrs = addrs.clone();
+            async {
+                async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_secs(5))
+                    .connect(addrs)
+                    .await
+                    .map_err(|e| {
+                        LogError::Io(format!("connect to {}: {e}", config.servers.join(",")))
+                    })
+            }
+        })
+        .await?;
         let info = client.server_info();
         if let Some(names) = &verified
             && !names.contains(&info.server_name)
@@ -268,17 +292,19 @@ impl JetStreamLog {
             storage: stream::StorageType::File,
             ..Default::default()
         };
-        let kv = match js.get_key_value(names.bucket()).await {
-            Ok(kv) => kv,
-            Err(_) => match js.create_key_value(bucket).await {
-                Ok(kv) => kv,
-                // Created meanwhile by another hub.
-                Err(e) => js
-                    .get_key_value(names.bucket())
-                    .await
-                    .map_err(|_| LogError::Io(format!("create bucket {}: {e}", names.bucket())))?,
-            },
-        };
+        let kv = retrying(&names.bucket(), deadline, || async {
+            match js.get_key_value(names.bucket()).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => match js.create_key_value(bucket.clone()).await {
+                    Ok(kv) => Ok(kv),
+                    // Created meanwhile by another hub.
+                    Err(e) => js.get_key_value(names.bucket()).await.map_err(|_| {
+                        LogError::Io(format!("create bucket {}: {e}", names.bucket()))
+                    }),
+                },
+            }
+        })
+        .await?;
         let bucket_config = &kv.stream.cached_info().config;
         if bucket_config.storage != stream::StorageType::File
             || bucket_config.num_replicas != config.replicas
@@ -349,21 +375,34 @@ async fn open_partition(
         move |e: Box<dyn std::error::Error + Send + Sync>| LogError::Io(format!("{what}: {e}"))
     };
     let (meta, revision) = load_or_create(js, names, store, config, p).await?;
+    // A cluster that has just restarted answers before its streams have
+    // leaders again: lookups are retried for `retry_for`.
+    let deadline = tokio::time::Instant::now() + config.retry_for;
     let mut streams = HashMap::new();
     for &(generation, _) in &meta.gens {
         let name = names.stream(p, generation);
-        let s = js
-            .get_stream(&name)
-            .await
-            .map_err(|e| io(format!("stream {name}"))(e.into()))?;
+        let s = retrying(&name, deadline, || async {
+            js.get_stream(&name)
+                .await
+                .map_err(|e| io(format!("stream {name}"))(e.into()))
+        })
+        .await?;
         streams.insert(generation, s);
     }
     let (current, _) = meta.current_gen();
-    let mut stream = streams[&current].clone();
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| io(format!("stream {}", names.stream(p, current)))(e.into()))?;
+    let stream = streams[&current].clone();
+    let info = retrying(&names.stream(p, current), deadline, || {
+        let mut stream = stream.clone();
+        let name = names.stream(p, current);
+        async move {
+            stream
+                .info()
+                .await
+                .cloned()
+                .map_err(|e| io(format!("stream {name}"))(e.into()))
+        }
+    })
+    .await?;
     let hw = info.state.last_sequence;
     check_stream(&info.config, config.replicas)
         .map_err(|why| LogError::Io(format!("stream {}: {why}", info.config.name)))?;
@@ -424,6 +463,28 @@ async fn open_partition(
     }
     collect_generations(js, names, p, &writer.meta).await;
     Ok((part, writer))
+}
+
+/// `f` until it succeeds or `deadline` passes (then its last error).
+async fn retrying<T, F, Fut>(what: &str, deadline: tokio::time::Instant, mut f: F) -> LogResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = LogResult<T>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(err) => {
+                if tokio::time::Instant::now() + pause > deadline {
+                    return Err(err);
+                }
+                tracing::warn!(what, error = %err, "jetstream not ready; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// The partition's metadata, created with generation 0 when there is none
