@@ -18,6 +18,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
@@ -33,6 +40,8 @@ const MAX_RELAYED: usize = 256;
 const RELAY_TIMEOUT: Duration = Duration::from_millis(250);
 /// The types cached (with the served names: at most a few dozen keys).
 const CACHED_TYPES: [u16; 4] = [1, 2, 6, 28];
+/// Datagrams read (and answers sent) per system call.
+const BATCH: usize = 32;
 /// The largest packet read.
 const MAX_PACKET: usize = 4096;
 
@@ -235,60 +244,87 @@ impl FastPath {
         );
     }
 
-    /// Serves `socket` until it fails: cached answers at once, the rest
-    /// relayed to the full handler.
+    /// Serves `socket` until `stop`: cached answers at once, the rest
+    /// relayed to the full handler. Datagrams are read and answered in
+    /// batches (`recvmmsg`/`sendmmsg`): under a storm the syscalls, not the
+    /// answers, are what costs, and NSD batches the same way.
     pub async fn serve(
         self: Arc<Self>,
         socket: Arc<UdpSocket>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut buf = vec![0u8; MAX_PACKET];
-        let (mut key, mut answer) = (Vec::with_capacity(260), Vec::with_capacity(512));
+        let mut bufs = vec![vec![0u8; MAX_PACKET]; BATCH];
+        let mut received: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
+        let mut answers: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
+        let mut to: Vec<SocketAddr> = Vec::with_capacity(BATCH);
+        let mut key = Vec::with_capacity(260);
         loop {
-            let received = tokio::select! {
+            tokio::select! {
                 () = stop.cancelled() => return,
-                r = socket.recv_from(&mut buf) => r,
-            };
-            let (n, from) = match received {
-                Ok(r) => r,
+                ready = socket.readable() => if ready.is_err() { return },
+            }
+            let fd = socket.as_raw_fd();
+            match socket.try_io(Interest::READABLE, || {
+                recv_batch(fd, &mut bufs, &mut received)
+            }) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     // ICMP errors surface here on Linux: keep serving.
                     tracing::debug!(error = %e, "dns receive failed");
                     continue;
                 }
-            };
-            let query = &buf[..n];
-            // What the full handler would drop unanswered (too short for a
-            // header, a response, not a query) is dropped here, before it
-            // holds a relay slot.
-            if n < 12 || query[2] & 0x80 != 0 || query[2] & 0x78 != 0 {
-                metrics::counter!("fleet_concierge_dns_queries_total", "rcode" => "dropped")
-                    .increment(1);
+            }
+            to.clear();
+            for (&(n, from), buf) in received.iter().zip(&bufs) {
+                let query = &buf[..n];
+                // What the full handler would drop unanswered (too short
+                // for a header, a response, not a query) is dropped here,
+                // before it holds a relay slot.
+                if n < 12 || query[2] & 0x80 != 0 || query[2] & 0x78 != 0 {
+                    metrics::counter!("fleet_concierge_dns_queries_total", "rcode" => "dropped")
+                        .increment(1);
+                    continue;
+                }
+                if self.cached(query, &mut key, &mut answers[to.len()]) {
+                    to.push(from);
+                    continue;
+                }
+                self.spawn_relay(&socket, query, from);
+            }
+            if to.is_empty() {
                 continue;
             }
-            if self.cached(query, &mut key, &mut answer) {
-                if let Err(e) = socket.try_send_to(&answer, from)
-                    && e.kind() == std::io::ErrorKind::WouldBlock
-                {
-                    let _ = socket.send_to(&answer, from).await;
-                }
-                continue;
+            let sent = socket
+                .try_io(Interest::WRITABLE, || {
+                    send_batch(fd, &answers[..to.len()], &to)
+                })
+                .unwrap_or(0);
+            // What the socket's buffer did not take waits for room.
+            for (answer, dest) in answers.iter().zip(&to).skip(sent) {
+                let _ = socket.send_to(answer, *dest).await;
             }
-            let Ok(permit) = self.relays.clone().try_acquire_owned() else {
-                metrics::counter!("fleet_concierge_dns_queries_total", "rcode" => "dropped")
-                    .increment(1);
-                continue;
-            };
-            let (me, socket, query) = (self.clone(), socket.clone(), query.to_vec());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let generation = me.backends.generation();
-                if let Some(answer) = me.relay(&query).await {
-                    me.remember(&query, &answer, generation);
-                    let _ = socket.send_to(&answer, from).await;
-                }
-            });
         }
+    }
+
+    /// Relays `query` to the full handler on a task of its own, unless as
+    /// many are in flight as allowed (then it is dropped: UDP clients ask
+    /// again).
+    fn spawn_relay(self: &Arc<Self>, socket: &Arc<UdpSocket>, query: &[u8], from: SocketAddr) {
+        let Ok(permit) = self.relays.clone().try_acquire_owned() else {
+            metrics::counter!("fleet_concierge_dns_queries_total", "rcode" => "dropped")
+                .increment(1);
+            return;
+        };
+        let (me, socket, query) = (self.clone(), socket.clone(), query.to_vec());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let generation = me.backends.generation();
+            if let Some(answer) = me.relay(&query).await {
+                me.remember(&query, &answer, generation);
+                let _ = socket.send_to(&answer, from).await;
+            }
+        });
     }
 
     /// Asks the full handler.
@@ -315,6 +351,58 @@ impl FastPath {
             }
         }
     }
+}
+
+/// Reads the datagrams waiting on `fd` (at most one per buffer, without
+/// waiting) into `bufs`: their lengths and senders into `got`.
+fn recv_batch(
+    fd: RawFd,
+    bufs: &mut [Vec<u8>],
+    got: &mut Vec<(usize, SocketAddr)>,
+) -> std::io::Result<()> {
+    got.clear();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
+    let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+        bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+    let results = recvmmsg(
+        fd,
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    for m in results {
+        // A sender that is not an IP socket address cannot be answered.
+        if let Some(from) = m.address.as_ref().and_then(std_addr) {
+            got.push((m.bytes, from));
+        }
+    }
+    Ok(())
+}
+
+/// Sends `answers[i]` to `to[i]` without waiting: how many the socket took.
+fn send_batch(fd: RawFd, answers: &[Vec<u8>], to: &[SocketAddr]) -> std::io::Result<usize> {
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(to.len(), None);
+    let iovs: Vec<[IoSlice<'_>; 1]> = answers.iter().map(|a| [IoSlice::new(a)]).collect();
+    let addrs: Vec<Option<SockaddrStorage>> =
+        to.iter().map(|a| Some(SockaddrStorage::from(*a))).collect();
+    let none: [ControlMessage<'_>; 0] = [];
+    Ok(sendmmsg(
+        fd,
+        &mut headers,
+        &iovs,
+        &addrs,
+        none,
+        MsgFlags::MSG_DONTWAIT,
+    )?
+    .count())
+}
+
+fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 #[cfg(test)]

@@ -192,6 +192,87 @@ async fn the_dns_front_is_authoritative_for_its_zone_only() {
     assert_eq!(ips, vec![IpAddr::from([127, 0, 0, 1])]);
 }
 
+/// A plain query (no EDNS, RD set) for `name` A with `id`.
+fn a_query(name: &str, id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).unwrap());
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_many_clients_is_answered_each_to_its_own() {
+    let h = harness!("a_burst_from_many_clients_is_answered_each_to_its_own");
+    let hub = one_hub(&h).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
+    // The first answer fills the fast path's cache.
+    let first = dig(c.dns, &["+noedns", "concierge.fleet.test", "A"]);
+    assert!(first.contains("status: NOERROR"), "{first}");
+    // Every client sends all its queries before reading: the front finds
+    // them queued together, reads them in batches and answers each batch
+    // to several clients at once.
+    const CLIENTS: u16 = 8;
+    const EACH: u16 = 16;
+    let mut sockets = Vec::new();
+    for _ in 0..CLIENTS {
+        sockets.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    let spelling = |id: u16| {
+        let name: String = "concierge.fleet.test"
+            .chars()
+            .enumerate()
+            .map(|(i, ch)| {
+                if (usize::from(id) >> (i % 16)) & 1 == 1 {
+                    ch.to_ascii_uppercase()
+                } else {
+                    ch
+                }
+            })
+            .collect();
+        name
+    };
+    for (k, s) in (0..CLIENTS).zip(&sockets) {
+        for i in 0..EACH {
+            let id = k * 1000 + i;
+            s.send_to(&a_query(&spelling(id), id), c.dns).await.unwrap();
+        }
+    }
+    for (k, s) in (0..CLIENTS).zip(&sockets) {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 1500];
+        while seen.len() < usize::from(EACH) {
+            let (n, from) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.recv_from(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("client {k}: only {} of {EACH} answers came", seen.len())
+                    })
+                    .unwrap();
+            assert_eq!(from, c.dns);
+            let answer = &buf[..n];
+            let id = u16::from_be_bytes([answer[0], answer[1]]);
+            assert!(
+                id / 1000 == k && id % 1000 < EACH,
+                "client {k} got the answer to id {id}"
+            );
+            assert!(seen.insert(id), "client {k}: id {id} answered twice");
+            assert_eq!(answer[2] & 0x81, 0x81, "a response with RD echoed");
+            assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
+            let asked = a_query(&spelling(id), id);
+            assert_eq!(
+                &answer[12..asked.len()],
+                &asked[12..],
+                "the client's spelling"
+            );
+            assert_eq!(&answer[n - 4..], &[127, 0, 0, 1], "the hub's address");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_replica_leaves_the_answers() {
     let h = harness!("an_unhealthy_replica_leaves_the_answers");

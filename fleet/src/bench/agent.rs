@@ -46,11 +46,6 @@ struct Phase {
     stored: u64,
 }
 
-/// Linux reports CPU times in USER_HZ ticks, 100 per second on every
-/// architecture Fleet builds for (the ABI fixes it; `sysconf` would need
-/// `unsafe`, which the workspace forbids).
-const TICKS_PER_S: f64 = 100.0;
-
 /// Runs the measurement.
 ///
 /// # Errors
@@ -270,14 +265,14 @@ async fn measure(
     work: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
-    let c0 = cpu_ticks(pid)?;
+    let c0 = super::cpu_s(pid)?;
     // The whole length, whether or not `work` ends earlier.
     let _ = tokio::time::timeout(length, async {
         work.await;
         std::future::pending::<()>().await;
     })
     .await;
-    let c1 = cpu_ticks(pid)?;
+    let c1 = super::cpu_s(pid)?;
     let wall = t0.elapsed().as_secs_f64();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| {
@@ -291,21 +286,8 @@ async fn measure(
     Ok(Sample {
         rss_kib: kib("VmRSS:"),
         peak_kib: kib("VmHWM:"),
-        cpu: (c1 - c0) as f64 / TICKS_PER_S / wall * 100.0,
+        cpu: (c1 - c0) / wall * 100.0,
     })
-}
-
-/// User + system time of `pid` (all its threads), in ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; here 12 and 13 (0-based from state).
-    let utime: u64 = f.get(11).context("utime")?.parse()?;
-    let stime: u64 = f.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
 }
 
 async fn stored_total(http: &reqwest::Client, hub: std::net::SocketAddr) -> anyhow::Result<u64> {

@@ -218,18 +218,6 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
-/// A process's CPU time so far (user + system), seconds.
-fn cpu_s(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at 3.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?;
-    // USER_HZ is 100 on Linux.
-    Ok(ticks as f64 / 100.0)
-}
-
 struct Target {
     name: String,
     url: String,
@@ -385,9 +373,9 @@ async fn measure(
     // Settle (allocator, a first round of keep-alives), then measure.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
-    let cpu0 = cpu_s(pid)?;
+    let cpu0 = super::cpu_s(pid)?;
     tokio::time::sleep(Duration::from_secs(args.idle_s)).await;
-    let cpu1 = cpu_s(pid)?;
+    let cpu1 = super::cpu_s(pid)?;
     for mut g in gens {
         drop(g.child.stdin.take());
         let _ = tokio::time::timeout(Duration::from_secs(10), g.child.wait()).await;

@@ -52,6 +52,9 @@ struct Row {
     target: &'static str,
     per_s: f64,
     samples: Vec<f64>,
+    /// The server's CPU per 1,000 answers (DNS only), ms: the median.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_ms_per_1000: Option<f64>,
 }
 
 /// The zone both DNS servers answer.
@@ -72,7 +75,7 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
     let mut clients = bench_clients(1);
     let registry = register(dir.path(), "bench", &mut clients).await?;
     let hub = spawn_hub(&dir.path().join("hub"), "bench", &registry, &[]).await?;
-    let (_concierge, ready) = spawn_self(&[
+    let (concierge, ready) = spawn_self(&[
         "concierge",
         "--json",
         "run",
@@ -100,7 +103,11 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
         .await
         .context("start the axum baseline")?;
     let axum = addr_of(&ready, "http")?;
-    let (_nsd, nsd) = start_nsd(dir.path()).await?;
+    let (nsd_server, nsd) = start_nsd(dir.path()).await?;
+    let pids = [
+        concierge.id().context("the concierge exited")?,
+        nsd_server.id().context("nsd exited")?,
+    ];
     let path = "/v1/devices/bench-0000/endpoint";
     wait_http_ok(concierge_http, path).await?;
     wait_http_ok(axum, path).await?;
@@ -122,6 +129,7 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
     let dns_targets = [("concierge", concierge_dns), ("nsd", nsd)];
     let mut http_rates = vec![Vec::new(); 2];
     let mut dns_rates = vec![Vec::new(); 2];
+    let mut dns_cpu = vec![Vec::new(); 2];
     for round in 0..args.rounds {
         for (i, (name, addr)) in http_targets.iter().enumerate() {
             let r = wrk(*addr, path, args.connections, args.seconds).await?;
@@ -131,11 +139,18 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
             http_rates[i].push(r);
         }
         for (i, (name, addr)) in dns_targets.iter().enumerate() {
+            let cpu0 = super::tree_cpu_s(pids[i])?;
             let r = dnsperf(*addr, &queries, args.seconds, args.outstanding).await?;
+            let cpu =
+                (super::tree_cpu_s(pids[i])? - cpu0) * 1e6 / (r * args.seconds as f64).max(1.0);
             if !json {
-                eprintln!("  round {} dns  {name:<10} {r:>9.0} qps", round + 1);
+                eprintln!(
+                    "  round {} dns  {name:<10} {r:>9.0} qps  {cpu:.2} ms CPU per 1,000",
+                    round + 1
+                );
             }
             dns_rates[i].push(r);
+            dns_cpu[i].push(cpu);
         }
     }
     let mut rows = Vec::new();
@@ -145,6 +160,7 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
             target: name,
             per_s: median(&http_rates[i]),
             samples: http_rates[i].clone(),
+            cpu_ms_per_1000: None,
         });
     }
     for (i, (name, _)) in dns_targets.iter().enumerate() {
@@ -153,10 +169,14 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
             target: name,
             per_s: median(&dns_rates[i]),
             samples: dns_rates[i].clone(),
+            cpu_ms_per_1000: Some(median(&dns_cpu[i])),
         });
     }
     let http_ratio = rows[0].per_s / rows[1].per_s.max(1e-9);
     let dns_ratio = rows[2].per_s / rows[3].per_s.max(1e-9);
+    let cpu_of = |r: &Row| r.cpu_ms_per_1000.unwrap_or(0.0);
+    // Answers per CPU-second, front over NSD: above 1 the front costs less.
+    let dns_cpu_ratio = cpu_of(&rows[3]) / cpu_of(&rows[2]).max(1e-9);
     if json {
         println!(
             "{}",
@@ -165,6 +185,7 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
                 "results": rows,
                 "endpoint_vs_axum": http_ratio,
                 "dns_vs_nsd": dns_ratio,
+                "dns_per_cpu_vs_nsd": dns_cpu_ratio,
             })
         );
     } else {
@@ -174,6 +195,11 @@ pub async fn run(args: FrontArgs, json: bool) -> anyhow::Result<()> {
         }
         println!("endpoint lookups: concierge / axum = {http_ratio:.2} (target ≥ 0.80)");
         println!("DNS queries:      front / NSD      = {dns_ratio:.2} (goal ≥ 1.00)");
+        println!(
+            "DNS answers per CPU-second: front / NSD = {dns_cpu_ratio:.2} ({:.2} vs {:.2} ms per 1,000)",
+            cpu_of(&rows[2]),
+            cpu_of(&rows[3])
+        );
     }
     Ok(())
 }

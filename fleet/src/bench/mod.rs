@@ -99,3 +99,41 @@ pub fn median(v: &[f64]) -> f64 {
     s.sort_by(f64::total_cmp);
     s.get(s.len() / 2).copied().unwrap_or(0.0)
 }
+
+/// A process's CPU time so far (user + system, all its threads), seconds.
+///
+/// # Errors
+/// When the process is gone or `/proc` reads oddly.
+pub(crate) fn cpu_s(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // Fields after the command name (in parentheses, may hold spaces).
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are stat's fields 14 and 15: here 11 and 12.
+    let ticks =
+        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    // Linux reports USER_HZ ticks, 100 per second on every architecture
+    // Fleet builds for (the ABI fixes it; `sysconf` would need `unsafe`,
+    // which the workspace forbids).
+    Ok(ticks as f64 / 100.0)
+}
+
+/// [`cpu_s`] of `pid` and of its children (NSD serves from forked
+/// processes).
+///
+/// # Errors
+/// As [`cpu_s`].
+pub(crate) fn tree_cpu_s(pid: u32) -> anyhow::Result<f64> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut total = cpu_s(pid)?;
+    for child in children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+    {
+        total += tree_cpu_s(child).unwrap_or(0.0);
+    }
+    Ok(total)
+}
