@@ -91,6 +91,12 @@ impl Hub {
         let log: Arc<dyn EventLog> = match &config.jetstream {
             None => FileLog::open(config.log_config()).context("open event log")?,
             Some(js) => {
+                let mut js = js.clone();
+                js.retention = crate::log::jetstream::RetentionPolicy {
+                    bytes: config.retention_bytes,
+                    age: config.retention_age,
+                };
+                js.retention_check = config.retention_check;
                 let log = JetStreamLog::open(js.clone())
                     .await
                     .with_context(|| format!("open JetStream event log {}", js.prefix))?;

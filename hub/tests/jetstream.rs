@@ -438,3 +438,100 @@ async fn a_cut_interrupted_after_the_seal_recovers_at_open() {
     let log = open(&url, 1).await;
     assert_eq!(log.high_watermark(P0), Offset(4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_by_size_and_age_never_past_the_floor() {
+    use hub::log::jetstream::RetentionPolicy;
+    let cluster = NatsCluster::shared();
+    let url = cluster.log_url("retain");
+    let config = JetStreamConfig::parse(&url, 1).unwrap();
+    let by_size = RetentionPolicy {
+        bytes: Some(8 * 1024),
+        age: None,
+    };
+    let log = JetStreamLog::open(config.clone()).await.unwrap();
+    for mid in 1..=200 {
+        log.append(P0, rec("d", mid, 1)).await.unwrap();
+    }
+    // Over the size, but the floor (nothing pulled yet) keeps everything.
+    assert_eq!(log.retain_now(by_size).await.unwrap(), 0);
+    assert_eq!(log.log_start(P0), Offset(0));
+    // With the floor at 150 the oldest records go, down to the size limit
+    // if the floor allows, never past it.
+    log.set_retention_floor(P0, Offset(150));
+    let purged = log.retain_now(by_size).await.unwrap();
+    let start = log.log_start(P0).0;
+    assert!(
+        purged > 0 && start == purged && start <= 150,
+        "start {start}"
+    );
+    let gone = log.read(P0, Offset(start - 1), ALL).await.unwrap_err();
+    assert!(matches!(gone, LogError::OffsetGone { .. }), "{gone}");
+    let kept = log.read(P0, Offset(start), ALL).await.unwrap();
+    let mids: Vec<u64> = kept.iter().map(|r| r.record.mid.unwrap().0).collect();
+    assert_eq!(mids, (start + 1..=200).collect::<Vec<_>>());
+    // A cut after retention: generation 1 starts at 195.
+    let dir = tempfile::tempdir().unwrap();
+    log.cut_and_archive(P0, Offset(195), dir.path().join("cut"))
+        .await
+        .unwrap();
+    for mid in 196..=200 {
+        log.append(P0, rec("d", mid, 1)).await.unwrap();
+    }
+    drop(log);
+    // Reopened (the start is kept): by age, everything received before now
+    // may go, but only below the floor, here inside generation 1, so
+    // generation 0's stream goes whole.
+    let log = JetStreamLog::open(config.clone()).await.unwrap();
+    assert_eq!(log.log_start(P0).0, start);
+    let keep_all = RetentionPolicy {
+        bytes: None,
+        age: Some(Duration::from_secs(3600)),
+    };
+    log.set_retention_floor(P0, Offset(198));
+    assert_eq!(log.retain_now(keep_all).await.unwrap(), 0);
+    let by_age = RetentionPolicy {
+        bytes: None,
+        age: Some(Duration::ZERO),
+    };
+    assert_eq!(log.retain_now(by_age).await.unwrap(), 198 - start);
+    assert_eq!(log.log_start(P0), Offset(198));
+    let kept = log.read(P0, Offset(198), ALL).await.unwrap();
+    let got: Vec<(u64, u64)> = kept
+        .iter()
+        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
+        .collect();
+    assert_eq!(got, [(198, 199), (199, 200)]);
+    let client = async_nats::connect(format!("nats://{}", cluster.servers[0].client))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(
+        js.get_stream("retain_p0_g0").await.is_err(),
+        "generation 0 deleted"
+    );
+    let mut g1 = js.get_stream("retain_p0_g1").await.unwrap();
+    assert_eq!(
+        g1.info().await.unwrap().state.messages,
+        2,
+        "purged in generation 1"
+    );
+    drop(log);
+    // The hub's settings: passes in the background.
+    let mut config = config;
+    config.retention = by_age;
+    config.retention_check = Duration::from_millis(50);
+    let log = JetStreamLog::open(config).await.unwrap();
+    assert_eq!(log.log_start(P0), Offset(198));
+    assert_eq!(log.append(P0, rec("d", 201, 1)).await.unwrap(), Offset(200));
+    log.set_retention_floor(P0, Offset(200));
+    for _ in 0..200 {
+        if log.log_start(P0) == Offset(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(log.log_start(P0), Offset(200), "the background pass purged");
+    let kept = log.read(P0, Offset(200), ALL).await.unwrap();
+    assert_eq!(kept[0].record.mid, Some(Mid(201)));
+}

@@ -23,6 +23,10 @@ pub struct JetStreamConfig {
     /// How long a write keeps being retried (leader elections, a restarting
     /// server) before the partition is failed.
     pub retry_for: Duration,
+    /// What each partition keeps (the hub's --retention-* settings).
+    pub retention: super::RetentionPolicy,
+    /// How often retention looks for records to purge.
+    pub retention_check: Duration,
 }
 
 /// A `--log` value that is not a usable JetStream URL.
@@ -73,6 +77,8 @@ impl JetStreamConfig {
             monitors: Vec::new(),
             allow_unsynced: false,
             retry_for: Duration::from_secs(30),
+            retention: super::RetentionPolicy::default(),
+            retention_check: Duration::from_secs(30),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

@@ -10,10 +10,12 @@
 mod config;
 mod meta;
 mod read;
+mod retention;
 mod writer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, verify_fsync};
 use meta::{MetaStore, PartMeta};
+pub use retention::RetentionPolicy;
 use writer::{Cmd, Writer};
 
 use super::{EventLog, LogError, LogResult, NewRecord, ReadLimits, Record};
@@ -108,6 +111,8 @@ pub(super) struct Part {
     /// Follows the high watermark (wakes long polls).
     hw: watch::Sender<Offset>,
     failure: Mutex<Option<String>>,
+    /// Retention purges nothing at or above it.
+    floor: AtomicU64,
 }
 
 impl Part {
@@ -131,6 +136,14 @@ impl Part {
 
     fn snapshot(&self) -> (PartMeta, Offset) {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn stream(&self, generation: u32) -> Option<stream::Stream> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&generation)
+            .cloned()
     }
 
     fn add_stream(&self, generation: u32, s: stream::Stream) {
@@ -183,13 +196,20 @@ impl Part {
                 .min()
                 .map_or(hw, |first| first.min(hw));
             let s = self
-                .streams
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&generation)
-                .cloned()
+                .stream(generation)
                 .ok_or_else(|| LogError::Io(format!("generation {generation} has no stream")))?;
-            let got = read::read_range(self.id, &s, at, end, limits).await?;
+            let got = match read::read_range(self.id, &s, at, end, limits).await {
+                Ok(got) => got,
+                // Retention moved the start and purged meanwhile.
+                Err(LogError::Corrupt { offset, .. }) if offset.0 < self.meta().start => {
+                    return Err(LogError::OffsetGone {
+                        partition: self.id,
+                        requested: from,
+                        start: Offset(self.meta().start),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
             let bytes: usize = got.iter().map(|r| r.record.payload.len() + 64).sum();
             let full = got.len() < (end - at) as usize;
             limits.max_records -= got.len().min(limits.max_records);
@@ -329,11 +349,32 @@ impl JetStreamLog {
             parts.push(part);
             writers.push(tx);
         }
+        if !config.retention.is_off() {
+            tokio::spawn(retention::retention_loop(
+                parts.iter().map(Arc::downgrade).collect(),
+                writers.clone(),
+                config.retention,
+                config.retention_check,
+            ));
+        }
         Ok(Arc::new(JetStreamLog {
             parts,
             writers,
             max_message,
         }))
+    }
+
+    /// One retention pass over every partition under `policy` now (the
+    /// background pass runs every `retention_check`): how many records went.
+    ///
+    /// # Errors
+    /// When a partition cannot be looked at or its metadata not updated.
+    pub async fn retain_now(&self, policy: RetentionPolicy) -> LogResult<u64> {
+        let mut total = 0;
+        for (part, writer) in self.parts.iter().zip(&self.writers) {
+            total += retention::retain_partition(part, writer, policy).await?;
+        }
+        Ok(total)
     }
 
     /// The largest payload a record may have here: the servers' message
@@ -413,6 +454,7 @@ async fn open_partition(
         streams: RwLock::new(streams),
         hw: watch::Sender::new(Offset(hw)),
         failure: Mutex::new(None),
+        floor: AtomicU64::new(0),
     });
     let mut writer = Writer::new(
         part.clone(),
@@ -685,5 +727,11 @@ impl EventLog for JetStreamLog {
             history,
             reply,
         })
+    }
+
+    fn set_retention_floor(&self, p: PartitionId, offset: Offset) {
+        if let Ok(part) = self.part(p) {
+            retention::set_floor(part, p, offset.0);
+        }
     }
 }

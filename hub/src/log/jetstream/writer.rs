@@ -55,6 +55,11 @@ pub(super) enum Cmd {
         history: Vec<(Epoch, Offset)>,
         reply: oneshot::Sender<LogResult<u64>>,
     },
+    /// Purge the records below `upto` (retention); replies how many went.
+    Retain {
+        upto: u64,
+        reply: oneshot::Sender<LogResult<u64>>,
+    },
 }
 
 /// A publish not yet known to be stored.
@@ -215,7 +220,44 @@ impl Writer {
                 };
                 let _ = reply.send(r);
             }
+            Cmd::Retain { upto, reply } => {
+                let r = match self.failed {
+                    Some(_) => Err(self.refuse()),
+                    None => self.retain(upto).await,
+                };
+                let _ = reply.send(r);
+            }
         }
+    }
+
+    /// Moves the partition's start up to `upto` (never past the retention
+    /// floor or what is confirmed stored), then purges the streams below
+    /// it: the metadata first, so that a reader finds those offsets gone,
+    /// never missing.
+    async fn retain(&mut self, upto: u64) -> LogResult<u64> {
+        let floor = self.part.floor.load(std::sync::atomic::Ordering::Acquire);
+        let upto = upto.min(floor).min(self.part.snapshot().1.0);
+        let old = self.meta.start;
+        if upto <= old {
+            return Ok(0);
+        }
+        let mut meta = self.meta.clone();
+        meta.start = upto;
+        // Generations wholly below the new start go; the one holding it stays.
+        let (keep, _) = meta.gen_of(upto);
+        meta.gens.retain(|(g, _)| *g >= keep);
+        self.set_meta(meta).await?;
+        let stream = self
+            .part
+            .stream(keep)
+            .ok_or_else(|| LogError::Io(format!("generation {keep} has no stream")))?;
+        // Keeps sequences from upto + 1 (offset upto) on.
+        if let Err(e) = stream.purge().sequence(upto + 1).await {
+            // The start has moved: what stays unpurged is only disk.
+            tracing::warn!(partition = %self.p(), upto, error = %e, "jetstream purge failed; it is retried on the next pass");
+        }
+        super::collect_generations(&self.js, &self.names, self.p(), &self.meta).await;
+        Ok(upto - old)
     }
 
     /// Writes `(epoch, next)` into the history before the first record of a

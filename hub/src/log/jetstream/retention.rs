@@ -1,0 +1,180 @@
+//! Retention on JetStream: the oldest records of a partition are purged by
+//! size and age, as the file log deletes its oldest segments, never at or
+//! above the partition's retention floor (what the hub still needs: not yet
+//! pulled by an attached peer) nor the high watermark.
+//!
+//! The purge point is chosen here, outside the writer; the writer moves the
+//! partition's start in the metadata first (compare-and-set, so readers see
+//! "gone" rather than a hole) and only then purges the streams.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use fleet_api::PartitionId;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Part;
+use super::writer::Cmd;
+use crate::log::{LogError, LogResult};
+
+/// How much a partition keeps: `bytes` (its streams' bytes) and `age` (the
+/// servers' receive time of a record), each when set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub bytes: Option<u64>,
+    pub age: Option<Duration>,
+}
+
+impl RetentionPolicy {
+    pub fn is_off(&self) -> bool {
+        self.bytes.is_none() && self.age.is_none()
+    }
+}
+
+/// Every `every`, purges what `policy` lets go in each partition.
+pub(super) async fn retention_loop(
+    parts: Vec<std::sync::Weak<Part>>,
+    writers: Vec<mpsc::UnboundedSender<Cmd>>,
+    policy: RetentionPolicy,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(parts) = parts
+            .iter()
+            .map(std::sync::Weak::upgrade)
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
+        for (part, writer) in parts.iter().zip(&writers) {
+            if let Err(e) = retain_partition(part, writer, policy).await {
+                tracing::warn!(partition = %part.id, error = %e, "jetstream retention failed");
+            }
+        }
+        metrics::counter!("fleet_hub_retention_passes_total").increment(1);
+    }
+}
+
+/// One retention pass over partition `part`: how many records went.
+pub(super) async fn retain_partition(
+    part: &Arc<Part>,
+    writer: &mpsc::UnboundedSender<Cmd>,
+    policy: RetentionPolicy,
+) -> LogResult<u64> {
+    let Some(upto) = purge_point(part, policy).await? else {
+        return Ok(0);
+    };
+    let (reply, rx) = oneshot::channel();
+    writer
+        .send(Cmd::Retain { upto, reply })
+        .map_err(|_| LogError::Closed)?;
+    let n = rx.await.map_err(|_| LogError::Closed)??;
+    if n > 0 {
+        tracing::info!(partition = %part.id, upto, purged = n, "jetstream retention purged old records");
+    }
+    Ok(n)
+}
+
+/// The first offset to keep in `part` under `policy`, when records below it
+/// may go: never above the retention floor or the high watermark.
+pub(super) async fn purge_point(
+    part: &Arc<Part>,
+    policy: RetentionPolicy,
+) -> LogResult<Option<u64>> {
+    let (meta, hw) = part.snapshot();
+    let limit = part.floor.load(Ordering::Acquire).min(hw.0);
+    if limit <= meta.start {
+        return Ok(None);
+    }
+    let mut upto = meta.start;
+    if let Some(max) = policy.bytes {
+        upto = upto.max(size_point(part, &meta, max).await?);
+    }
+    if let Some(age) = policy.age {
+        upto = upto.max(age_point(part, meta.start, limit, age).await?);
+    }
+    let upto = upto.min(limit);
+    Ok((upto > meta.start).then_some(upto))
+}
+
+/// Where the partition's retained bytes fall to `max`: whole older
+/// generations first, then within one by its average record size.
+async fn size_point(part: &Arc<Part>, meta: &super::meta::PartMeta, max: u64) -> LogResult<u64> {
+    let (first_gen, _) = meta.gen_of(meta.start);
+    let mut sizes = Vec::new();
+    for &(generation, first) in meta.gens.iter().filter(|(g, _)| *g >= first_gen) {
+        let Some(mut stream) = part.stream(generation) else {
+            return Err(LogError::Io(format!(
+                "generation {generation} has no stream"
+            )));
+        };
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| LogError::Io(format!("stream info: {e}")))?;
+        let s = &info.state;
+        // Retained offsets of this generation: from its first retained
+        // message to its last.
+        let from = first
+            .max(meta.start)
+            .max(s.first_sequence.saturating_sub(1));
+        sizes.push((from, s.last_sequence, s.bytes, s.messages));
+    }
+    let total: u64 = sizes.iter().map(|s| s.2).sum();
+    let mut over = total.saturating_sub(max);
+    let mut upto = meta.start;
+    for (from, end, bytes, messages) in sizes {
+        if over == 0 {
+            break;
+        }
+        if bytes <= over {
+            upto = end.max(from);
+            over -= bytes;
+            continue;
+        }
+        let avg = (bytes / messages.max(1)).max(1);
+        upto = from + over.div_ceil(avg);
+        break;
+    }
+    Ok(upto)
+}
+
+/// The first offset in `start..limit` that the servers received within
+/// `age` (`limit` if none did): a binary search, records being in receive
+/// order. Wall-clock time, as the servers' timestamps are.
+async fn age_point(part: &Arc<Part>, start: u64, limit: u64, age: Duration) -> LogResult<u64> {
+    let cutoff = SystemTime::now()
+        .checked_sub(age)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128);
+    let (mut lo, mut hi) = (start, limit);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let generation = part.meta().gen_of(mid).0;
+        let stream = part
+            .stream(generation)
+            .ok_or_else(|| LogError::Io(format!("generation {generation} has no stream")))?;
+        let Some(m) = super::read::get(&stream, mid + 1).await? else {
+            // Purged meanwhile: nothing below is kept anyway.
+            lo = mid + 1;
+            continue;
+        };
+        if m.time.unix_timestamp_nanos() < cutoff {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// The partition's retention floor.
+pub(super) fn set_floor(part: &Part, p: PartitionId, offset: u64) {
+    part.floor.store(offset, Ordering::Release);
+    tracing::trace!(partition = %p, floor = offset, "jetstream retention floor");
+}
