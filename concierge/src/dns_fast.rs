@@ -254,7 +254,7 @@ impl FastPath {
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut bufs = vec![vec![0u8; MAX_PACKET]; BATCH];
-        let mut received: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
+        let mut received: Vec<(usize, usize, SocketAddr)> = Vec::with_capacity(BATCH);
         let mut answers: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
         let mut to: Vec<SocketAddr> = Vec::with_capacity(BATCH);
         let mut key = Vec::with_capacity(260);
@@ -272,12 +272,13 @@ impl FastPath {
                 Err(e) => {
                     // ICMP errors surface here on Linux: keep serving.
                     tracing::debug!(error = %e, "dns receive failed");
+                    tokio::task::consume_budget().await;
                     continue;
                 }
             }
             to.clear();
-            for (&(n, from), buf) in received.iter().zip(&bufs) {
-                let query = &buf[..n];
+            for &(i, n, from) in &received {
+                let query = &bufs[i][..n];
                 // What the full handler would drop unanswered (too short
                 // for a header, a response, not a query) is dropped here,
                 // before it holds a relay slot.
@@ -304,6 +305,10 @@ impl FastPath {
             for (answer, dest) in answers.iter().zip(&to).skip(sent) {
                 let _ = socket.send_to(answer, *dest).await;
             }
+            // Readiness and `try_io` take nothing from tokio's budget: under
+            // a steady flood this loop would never yield its worker (the
+            // HTTP API and the relays' tasks would wait).
+            tokio::task::consume_budget().await;
         }
     }
 
@@ -354,11 +359,11 @@ impl FastPath {
 }
 
 /// Reads the datagrams waiting on `fd` (at most one per buffer, without
-/// waiting) into `bufs`: their lengths and senders into `got`.
+/// waiting) into `bufs`: their buffers, lengths and senders into `got`.
 fn recv_batch(
     fd: RawFd,
     bufs: &mut [Vec<u8>],
-    got: &mut Vec<(usize, SocketAddr)>,
+    got: &mut Vec<(usize, usize, SocketAddr)>,
 ) -> std::io::Result<()> {
     got.clear();
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
@@ -371,10 +376,10 @@ fn recv_batch(
         MsgFlags::MSG_DONTWAIT,
         None,
     )?;
-    for m in results {
+    for (i, m) in results.enumerate() {
         // A sender that is not an IP socket address cannot be answered.
         if let Some(from) = m.address.as_ref().and_then(std_addr) {
-            got.push((m.bytes, from));
+            got.push((i, m.bytes, from));
         }
     }
     Ok(())

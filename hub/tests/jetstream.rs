@@ -535,3 +535,48 @@ async fn retention_purges_by_size_and_age_never_past_the_floor() {
     let kept = log.read(P0, Offset(200), ALL).await.unwrap();
     assert_eq!(kept[0].record.mid, Some(Mid(201)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_size_counts_only_live_records_after_a_cut() {
+    use hub::log::jetstream::RetentionPolicy;
+    let cluster = NatsCluster::shared();
+    let log = open(&cluster.log_url("retaincut"), 1).await;
+    for mid in 1..=100 {
+        log.append(P0, rec("d", 100 + mid, 1)).await.unwrap();
+    }
+    // Generation 1 from offset 50: generation 0's stream still holds the
+    // cut tail 50..100, which nobody reads and which is not the log's.
+    let dir = tempfile::tempdir().unwrap();
+    log.cut_and_archive(P0, Offset(50), dir.path().join("cut"))
+        .await
+        .unwrap();
+    for mid in 51..=100 {
+        log.append(P0, rec("d", 100 + mid, 1)).await.unwrap();
+    }
+    let client = async_nats::connect(format!("nats://{}", cluster.servers[0].client))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut g1 = js.get_stream("retaincut_p0_g1").await.unwrap();
+    let state = g1.info().await.unwrap().state.clone();
+    let per_record = state.bytes / state.messages;
+    // 100 live records; keep about 60 of them.
+    log.set_retention_floor(P0, Offset(100));
+    let policy = RetentionPolicy {
+        bytes: Some(per_record * 60),
+        age: None,
+    };
+    log.retain_now(policy).await.unwrap();
+    let start = log.log_start(P0).0;
+    assert!(
+        (35..=45).contains(&start),
+        "about 40 records go, not the cut tail's worth more: start {start}"
+    );
+    let kept = log.read(P0, Offset(start), ALL).await.unwrap();
+    assert_eq!(kept.len() as u64, 100 - start);
+    assert!(
+        kept.iter()
+            .zip(start..)
+            .all(|(r, o)| r.offset.0 == o && r.record.mid == Some(Mid(101 + o)))
+    );
+}

@@ -148,13 +148,16 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, Fsync
     let mut group: Vec<String> = seen.iter().flat_map(|s| s.group.clone()).collect();
     group.sort();
     group.dedup();
-    // Only the meta leader lists the group; every server knows its size.
+    // Only the meta leader lists the group; every server knows its size
+    // once it has joined (a starting one may not have yet: every
+    // monitoring URL given counts as a member).
     let size = seen
         .iter()
         .map(|s| s.cluster_size)
         .max()
         .unwrap_or(0)
-        .max(group.len());
+        .max(group.len())
+        .max(config.monitors.len());
     let unverified = size
         - group
             .iter()
@@ -200,6 +203,71 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, Fsync
     Ok(seen.into_iter().map(|s| s.name).collect())
 }
 
+/// Connects to the servers once their fsync setting is verified (unless
+/// the operator opted out), and only to a verified one. What may still be
+/// starting (monitors not answering, JetStream not up, connections refused,
+/// a connection to a server verified a moment later) is tried again until
+/// `deadline`; a server that answers and does not fsync first is refused at
+/// once.
+pub(super) async fn connect_verified(
+    config: &JetStreamConfig,
+    deadline: tokio::time::Instant,
+) -> Result<async_nats::Client, crate::log::LogError> {
+    use crate::log::LogError;
+    if config.allow_unsynced {
+        tracing::warn!(
+            "trusting JetStream acknowledgements without checking that the servers fsync first (--log-allow-unsynced)"
+        );
+    }
+    let addrs = config
+        .servers
+        .iter()
+        .map(|s| s.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LogError::Io(format!("server address: {e}")))?;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let why = match attempt(config, addrs.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(FsyncUnverified::Refused(why)) => return Err(LogError::Io(why)),
+            Err(FsyncUnverified::Unreachable(why)) => why,
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(LogError::Io(why));
+        }
+        tracing::warn!(why, "jetstream servers not ready yet; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn attempt(
+    config: &JetStreamConfig,
+    addrs: Vec<async_nats::ServerAddr>,
+) -> Result<async_nats::Client, FsyncUnverified> {
+    let verified = if config.allow_unsynced {
+        None
+    } else {
+        Some(verify_fsync(config).await?)
+    };
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addrs)
+        .await
+        .map_err(|e| {
+            FsyncUnverified::Unreachable(format!("connect to {}: {e}", config.servers.join(",")))
+        })?;
+    let name = client.server_info().server_name;
+    if let Some(names) = verified
+        && !names.contains(&name)
+    {
+        return Err(FsyncUnverified::Unreachable(format!(
+            "connected to JetStream server {name}, which none of the monitoring URLs verified"
+        )));
+    }
+    Ok(client)
+}
+
 /// Why the servers' fsync setting was not verified.
 #[derive(Debug, thiserror::Error)]
 pub enum FsyncUnverified {
@@ -239,8 +307,9 @@ async fn read_server(http: &reqwest::Client, monitor: &str) -> Result<ServerSync
         .to_string();
     let js = &varz["jetstream"];
     if js.is_null() || js["config"].is_null() {
-        return Err(Unread::Bad(format!(
-            "{monitor}: server {name} has no JetStream"
+        // A starting server answers before its JetStream is up.
+        return Err(Unread::Down(format!(
+            "{monitor}: server {name} has no JetStream (yet)"
         )));
     }
     let sync_always = js["config"]["sync_always"].as_bool().unwrap_or(false);

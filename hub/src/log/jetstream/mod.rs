@@ -246,55 +246,8 @@ impl JetStreamLog {
         // Servers that are starting (with this hub, or after a region
         // came back) are waited for, for `retry_for`.
         let deadline = tokio::time::Instant::now() + config.retry_for;
-        let verified = if config.allow_unsynced {
-            tracing::warn!(
-                "trusting JetStream acknowledgements without checking that the servers fsync first (--log-allow-unsynced)"
-            );
-            None
-        } else {
-            let mut pause = Duration::from_millis(50);
-            loop {
-                match verify_fsync(&config).await {
-                    Ok(names) => break Some(names),
-                    Err(FsyncUnverified::Unreachable(why))
-                        if tokio::time::Instant::now() + pause < deadline =>
-                    {
-                        tracing::warn!(why, "jetstream servers not reachable yet; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(1));
-                    }
-                    Err(e) => return Err(LogError::Io(e.to_string())),
-                }
-            }
-        };
-        let addrs = config
-            .servers
-            .iter()
-            .map(|s| s.parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LogError::Io(format!("server address: {e}")))?;
-        let client = retrying("connect", deadline, || {
-            let addrs = addrs.clone();
-            async {
-                async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_secs(5))
-                    .connect(addrs)
-                    .await
-                    .map_err(|e| {
-                        LogError::Io(format!("connect to {}: {e}", config.servers.join(",")))
-                    })
-            }
-        })
-        .await?;
+        let client = config::connect_verified(&config, deadline).await?;
         let info = client.server_info();
-        if let Some(names) = &verified
-            && !names.contains(&info.server_name)
-        {
-            return Err(LogError::Io(format!(
-                "connected to JetStream server {}, which none of the monitoring URLs verified",
-                info.server_name
-            )));
-        }
         let max_message = info.max_payload;
         if max_message == 0 {
             return Err(LogError::Io(
@@ -352,7 +305,10 @@ impl JetStreamLog {
         if !config.retention.is_off() {
             tokio::spawn(retention::retention_loop(
                 parts.iter().map(Arc::downgrade).collect(),
-                writers.clone(),
+                writers
+                    .iter()
+                    .map(mpsc::UnboundedSender::downgrade)
+                    .collect(),
                 config.retention,
                 config.retention_check,
             ));

@@ -35,7 +35,7 @@ impl RetentionPolicy {
 /// Every `every`, purges what `policy` lets go in each partition.
 pub(super) async fn retention_loop(
     parts: Vec<std::sync::Weak<Part>>,
-    writers: Vec<mpsc::UnboundedSender<Cmd>>,
+    writers: Vec<mpsc::WeakUnboundedSender<Cmd>>,
     policy: RetentionPolicy,
     every: Duration,
 ) {
@@ -44,6 +44,15 @@ pub(super) async fn retention_loop(
     tick.tick().await;
     loop {
         tick.tick().await;
+        // Weak: a dropped log's writers end (and this with them) instead
+        // of living on beside a reopened one.
+        let Some(writers) = writers
+            .iter()
+            .map(mpsc::WeakUnboundedSender::upgrade)
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
         let Some(parts) = parts
             .iter()
             .map(std::sync::Weak::upgrade)
@@ -103,11 +112,20 @@ pub(super) async fn purge_point(
 }
 
 /// Where the partition's retained bytes fall to `max`: whole older
-/// generations first, then within one by its average record size.
+/// generations first, then within one by its average record size. Only
+/// live offsets count: from the start on, and in a generation only up to
+/// where the next begins (a cut leaves the old tail in its stream, unread).
 async fn size_point(part: &Arc<Part>, meta: &super::meta::PartMeta, max: u64) -> LogResult<u64> {
     let (first_gen, _) = meta.gen_of(meta.start);
-    let mut sizes = Vec::new();
-    for &(generation, first) in meta.gens.iter().filter(|(g, _)| *g >= first_gen) {
+    let gens: Vec<(u32, u64)> = meta
+        .gens
+        .iter()
+        .copied()
+        .filter(|(g, _)| *g >= first_gen)
+        .collect();
+    // (live from, live end, live bytes), oldest first.
+    let mut live = Vec::new();
+    for (i, &(generation, first)) in gens.iter().enumerate() {
         let Some(mut stream) = part.stream(generation) else {
             return Err(LogError::Io(format!(
                 "generation {generation} has no stream"
@@ -118,17 +136,20 @@ async fn size_point(part: &Arc<Part>, meta: &super::meta::PartMeta, max: u64) ->
             .await
             .map_err(|e| LogError::Io(format!("stream info: {e}")))?;
         let s = &info.state;
-        // Retained offsets of this generation: from its first retained
-        // message to its last.
-        let from = first
-            .max(meta.start)
-            .max(s.first_sequence.saturating_sub(1));
-        sizes.push((from, s.last_sequence, s.bytes, s.messages));
+        let from = first.max(meta.start);
+        // Offset = sequence - 1: the stream's offsets end before last_sequence.
+        let mut end = s.last_sequence;
+        if let Some(&(_, next_first)) = gens.get(i + 1) {
+            end = end.min(next_first);
+        }
+        let count = end.saturating_sub(from);
+        let avg = s.bytes / s.messages.max(1);
+        live.push((from, end, avg.saturating_mul(count)));
     }
-    let total: u64 = sizes.iter().map(|s| s.2).sum();
+    let total: u64 = live.iter().map(|l| l.2).sum();
     let mut over = total.saturating_sub(max);
     let mut upto = meta.start;
-    for (from, end, bytes, messages) in sizes {
+    for (from, end, bytes) in live {
         if over == 0 {
             break;
         }
@@ -137,7 +158,7 @@ async fn size_point(part: &Arc<Part>, meta: &super::meta::PartMeta, max: u64) ->
             over -= bytes;
             continue;
         }
-        let avg = (bytes / messages.max(1)).max(1);
+        let avg = (bytes / end.saturating_sub(from).max(1)).max(1);
         upto = from + over.div_ceil(avg);
         break;
     }

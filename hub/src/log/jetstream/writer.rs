@@ -253,8 +253,10 @@ impl Writer {
             .ok_or_else(|| LogError::Io(format!("generation {keep} has no stream")))?;
         // Keeps sequences from upto + 1 (offset upto) on.
         if let Err(e) = stream.purge().sequence(upto + 1).await {
-            // The start has moved: what stays unpurged is only disk.
-            tracing::warn!(partition = %self.p(), upto, error = %e, "jetstream purge failed; it is retried on the next pass");
+            // The start has moved: what stays unpurged is only disk (not
+            // counted by size), purged by the next purge, which takes all
+            // below its point.
+            tracing::warn!(partition = %self.p(), upto, error = %e, "jetstream purge failed; the next purge takes it");
         }
         super::collect_generations(&self.js, &self.names, self.p(), &self.meta).await;
         Ok(upto - old)
