@@ -323,6 +323,27 @@ impl NatsCluster {
         Ok(())
     }
 
+    /// Starts server `i` again on the same ports and store, configured to
+    /// fsync before it acknowledges or not (an operator's change of
+    /// configuration under a running hub).
+    ///
+    /// # Errors
+    /// When the configuration cannot be written or the server does not
+    /// come back.
+    pub async fn restart_with_sync(&mut self, i: usize, sync_always: bool) -> Result<(), String> {
+        let config = &self.servers[i].config;
+        let text =
+            std::fs::read_to_string(config).map_err(|e| format!("{}: {e}", config.display()))?;
+        let text = text.replace("sync_interval: always, ", "");
+        let text = if sync_always {
+            text.replace("jetstream { ", "jetstream { sync_interval: always, ")
+        } else {
+            text
+        };
+        std::fs::write(config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+        self.restart(i).await
+    }
+
     /// Starts server `i` again with its store wiped (a lost disk).
     pub async fn restart_wiped(&mut self, i: usize) -> Result<(), String> {
         self.kill(i);

@@ -580,3 +580,37 @@ async fn retention_by_size_counts_only_live_records_after_a_cut() {
             .all(|(r, o)| r.offset.0 == o && r.record.mid == Some(Mid(101 + o)))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_without_fsync_makes_the_log_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(dir.path(), "recheck", 3).await.unwrap();
+    let url = cluster.log_url("recheck");
+    let mut config = JetStreamConfig::parse(&url, 1).unwrap();
+    config.fsync_recheck = Duration::from_millis(100);
+    let log = JetStreamLog::open(config).await.unwrap();
+    assert_eq!(log.append(P0, rec("d", 1, 1)).await.unwrap(), Offset(0));
+    // An operator restarts one server without `sync_interval: always`: its
+    // acknowledgements could be lost in a power cut, so the hub stops
+    // trusting the cluster's.
+    cluster.restart_with_sync(1, false).await.unwrap();
+    for _ in 0..400 {
+        if log.partition_failure(P0).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let why = log
+        .partition_failure(P0)
+        .expect("the partition refuses writes");
+    assert!(why.contains("acknowledges before fsync"), "{why}");
+    let err = log.append(P0, rec("d", 2, 1)).await.unwrap_err();
+    assert!(matches!(err, LogError::Failed { .. }), "{err}");
+    // Fixed, and the hub restarted: trusted again, nothing lost.
+    cluster.restart_with_sync(1, true).await.unwrap();
+    drop(log);
+    let log = open(&url, 1).await;
+    assert_eq!(log.append(P0, rec("d", 2, 1)).await.unwrap(), Offset(1));
+    let got = log.read(P0, Offset(0), ALL).await.unwrap();
+    assert_eq!(got.len(), 2);
+}

@@ -27,6 +27,9 @@ pub struct JetStreamConfig {
     pub retention: super::RetentionPolicy,
     /// How often retention looks for records to purge.
     pub retention_check: Duration,
+    /// How often the servers' fsync setting is checked again after start
+    /// (a server restarted with another configuration).
+    pub fsync_recheck: Duration,
 }
 
 /// A `--log` value that is not a usable JetStream URL.
@@ -79,6 +82,7 @@ impl JetStreamConfig {
             retry_for: Duration::from_secs(30),
             retention: super::RetentionPolicy::default(),
             retention_check: Duration::from_secs(30),
+            fsync_recheck: Duration::from_secs(30),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -266,6 +270,43 @@ async fn attempt(
         )));
     }
     Ok(client)
+}
+
+/// Every `every`, checks again that the servers fsync before they
+/// acknowledge; when one answers that it does not, every partition refuses
+/// writes (its acknowledgements cannot be trusted) until the operator fixes
+/// the server and restarts the hub. Servers that do not answer are not
+/// acknowledging anything: only logged.
+pub(super) async fn fsync_recheck_loop(
+    config: JetStreamConfig,
+    writers: Vec<tokio::sync::mpsc::WeakUnboundedSender<super::writer::Cmd>>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if writers.iter().all(|w| w.strong_count() == 0) {
+            return;
+        }
+        match verify_fsync(&config).await {
+            Ok(_) => {}
+            Err(FsyncUnverified::Unreachable(why)) => {
+                tracing::warn!(why, "jetstream fsync re-check: servers unreachable");
+            }
+            Err(FsyncUnverified::Refused(why)) => {
+                tracing::error!(why, "jetstream fsync re-check failed: refusing writes");
+                for w in writers
+                    .iter()
+                    .filter_map(tokio::sync::mpsc::WeakUnboundedSender::upgrade)
+                {
+                    let _ = w.send(super::writer::Cmd::Fail { why: why.clone() });
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// Why the servers' fsync setting was not verified.

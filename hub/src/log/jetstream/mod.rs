@@ -302,6 +302,16 @@ impl JetStreamLog {
             parts.push(part);
             writers.push(tx);
         }
+        if !config.allow_unsynced {
+            tokio::spawn(config::fsync_recheck_loop(
+                config.clone(),
+                writers
+                    .iter()
+                    .map(mpsc::UnboundedSender::downgrade)
+                    .collect(),
+                config.fsync_recheck,
+            ));
+        }
         if !config.retention.is_off() {
             tokio::spawn(retention::retention_loop(
                 parts.iter().map(Arc::downgrade).collect(),

@@ -55,6 +55,8 @@ pub(super) enum Cmd {
         history: Vec<(Epoch, Offset)>,
         reply: oneshot::Sender<LogResult<u64>>,
     },
+    /// Refuse writes from now on (the servers can no longer be trusted).
+    Fail { why: String },
     /// Purge the records below `upto` (retention); replies how many went.
     Retain {
         upto: u64,
@@ -219,6 +221,11 @@ impl Writer {
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
+            }
+            Cmd::Fail { why } => {
+                if self.failed.is_none() {
+                    self.fail(why);
+                }
             }
             Cmd::Retain { upto, reply } => {
                 let r = match self.failed {
