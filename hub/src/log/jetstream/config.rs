@@ -185,7 +185,7 @@ pub async fn verify_fsync(config: &JetStreamConfig) -> Result<Vec<String>, Fsync
         )));
     }
     if let Some(s) = seen.iter().find(|s| !s.sync_always) {
-        return Err(Refused(format!(
+        return Err(FsyncUnverified::Unsynced(format!(
             "JetStream server {} acknowledges before fsync (set jetstream {{ sync_interval: always }}, \
              nats-server >= 2.11) or opt out with --log-allow-unsynced",
             s.name
@@ -233,7 +233,9 @@ pub(super) async fn connect_verified(
     loop {
         let why = match attempt(config, addrs.clone()).await {
             Ok(client) => return Ok(client),
-            Err(FsyncUnverified::Refused(why)) => return Err(LogError::Io(why)),
+            Err(FsyncUnverified::Refused(why) | FsyncUnverified::Unsynced(why)) => {
+                return Err(LogError::Io(why));
+            }
             Err(FsyncUnverified::Unreachable(why)) => why,
         };
         if tokio::time::Instant::now() + pause > deadline {
@@ -273,7 +275,7 @@ async fn attempt(
 }
 
 /// Every `every`, checks again that the servers fsync before they
-/// acknowledge; when one answers that it does not, every partition refuses
+/// acknowledge; when one says that it does not, every partition refuses
 /// writes (its acknowledgements cannot be trusted) until the operator fixes
 /// the server and restarts the hub. Servers that do not answer are not
 /// acknowledging anything: only logged.
@@ -292,10 +294,13 @@ pub(super) async fn fsync_recheck_loop(
         }
         match verify_fsync(&config).await {
             Ok(_) => {}
-            Err(FsyncUnverified::Unreachable(why)) => {
-                tracing::warn!(why, "jetstream fsync re-check: servers unreachable");
+            // A server restarting (a reset mid-answer, a body cut short) or
+            // an odd answer is no proof of anything: only a server saying
+            // it does not fsync first stops the writes.
+            Err(FsyncUnverified::Unreachable(why) | FsyncUnverified::Refused(why)) => {
+                tracing::warn!(why, "jetstream fsync re-check could not verify the servers");
             }
-            Err(FsyncUnverified::Refused(why)) => {
+            Err(FsyncUnverified::Unsynced(why)) => {
                 tracing::error!(why, "jetstream fsync re-check failed: refusing writes");
                 for w in writers
                     .iter()
@@ -318,6 +323,9 @@ pub enum FsyncUnverified {
     /// What answered cannot be trusted to fsync before it acknowledges.
     #[error("{0}")]
     Refused(String),
+    /// A server said it acknowledges before it fsyncs.
+    #[error("{0}")]
+    Unsynced(String),
 }
 
 /// Why a monitoring URL told nothing.
