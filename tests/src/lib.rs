@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod consumers;
+pub mod dns;
 pub mod durability;
 pub mod load;
 pub mod mqtt;

@@ -418,16 +418,7 @@ async fn dns_junk_is_counted_not_logged() {
     let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
     let socket = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
     // Valid queries in and out of the zone, and garbage.
-    let query = |name: &str, id: u16| {
-        let mut q = id.to_be_bytes().to_vec();
-        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-        for label in name.split('.') {
-            q.push(u8::try_from(label.len()).unwrap());
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
-        q
-    };
+    let query = |name: &str, id: u16| tests::dns::query(name, id, 1);
     let dns = c.dns;
     let flood = tokio::spawn(async move {
         for i in 0..3000u16 {

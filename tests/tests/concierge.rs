@@ -192,18 +192,6 @@ async fn the_dns_front_is_authoritative_for_its_zone_only() {
     assert_eq!(ips, vec![IpAddr::from([127, 0, 0, 1])]);
 }
 
-/// A plain query (no EDNS, RD set) for `name` A with `id`.
-fn a_query(name: &str, id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(u8::try_from(label.len()).unwrap());
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_from_many_clients_is_answered_each_to_its_own() {
     let h = harness!("a_burst_from_many_clients_is_answered_each_to_its_own");
@@ -238,7 +226,9 @@ async fn a_burst_from_many_clients_is_answered_each_to_its_own() {
     for (k, s) in (0..CLIENTS).zip(&sockets) {
         for i in 0..EACH {
             let id = k * 1000 + i;
-            s.send_to(&a_query(&spelling(id), id), c.dns).await.unwrap();
+            s.send_to(&tests::dns::query(&spelling(id), id, 1), c.dns)
+                .await
+                .unwrap();
         }
     }
     for (k, s) in (0..CLIENTS).zip(&sockets) {
@@ -262,7 +252,7 @@ async fn a_burst_from_many_clients_is_answered_each_to_its_own() {
             assert!(seen.insert(id), "client {k}: id {id} answered twice");
             assert_eq!(answer[2] & 0x81, 0x81, "a response with RD echoed");
             assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
-            let asked = a_query(&spelling(id), id);
+            let asked = tests::dns::query(&spelling(id), id, 1);
             assert_eq!(
                 &answer[12..asked.len()],
                 &asked[12..],

@@ -326,22 +326,12 @@ async fn the_stream_gate_survives_random_and_mutated_packet_streams() {
 
 // ---------------------------------------------------------------- DNS
 
-fn dns_query(name: &str, id: u16, qtype: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(u8::try_from(label.len()).unwrap());
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    q
-}
-
 /// Asks `name` A over UDP; the response code, if an answer came.
 async fn ask(socket: &tokio::net::UdpSocket, dns: SocketAddr, name: &str, id: u16) -> Option<u8> {
-    socket.send_to(&dns_query(name, id, 1), dns).await.unwrap();
+    socket
+        .send_to(&tests::dns::query(name, id, 1), dns)
+        .await
+        .unwrap();
     let mut buf = [0u8; 1500];
     loop {
         let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
@@ -362,11 +352,11 @@ async fn the_dns_front_survives_random_and_mutated_queries() {
     let hub = h.hub("hub-eu", "eu", &reg.url, &[]);
     let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &hub)], &[]);
     let corpus = [
-        dns_query("concierge.fleet.test", 1, 1),
-        dns_query("concierge.fleet.test", 2, 28),
-        dns_query("fleet.test", 3, 6),
-        dns_query("example.com", 4, 1),
-        dns_query("a.b.c.d.concierge.fleet.test", 5, 255),
+        tests::dns::query("concierge.fleet.test", 1, 1),
+        tests::dns::query("concierge.fleet.test", 2, 28),
+        tests::dns::query("fleet.test", 3, 6),
+        tests::dns::query("example.com", 4, 1),
+        tests::dns::query("a.b.c.d.concierge.fleet.test", 5, 255),
     ];
     let mut rng = rng("dns");
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -284,9 +284,7 @@ pub(super) async fn fsync_recheck_loop(
     writers: Vec<tokio::sync::mpsc::WeakUnboundedSender<super::writer::Cmd>>,
     every: Duration,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut tick = super::ticker(every).await;
     loop {
         tick.tick().await;
         if writers.iter().all(|w| w.strong_count() == 0) {

@@ -473,6 +473,15 @@ async fn open_partition(
     Ok((part, writer))
 }
 
+/// An interval for a background pass every `every`, its immediate first
+/// tick taken (the first pass comes one period after start).
+async fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    tick
+}
+
 /// `f` until it succeeds or `deadline` passes (then its last error).
 async fn retrying<T, F, Fut>(what: &str, deadline: tokio::time::Instant, mut f: F) -> LogResult<T>
 where

@@ -39,9 +39,7 @@ pub(super) async fn retention_loop(
     policy: RetentionPolicy,
     every: Duration,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut tick = super::ticker(every).await;
     loop {
         tick.tick().await;
         // Weak: a dropped log's writers end (and this with them) instead
