@@ -196,10 +196,11 @@ async fn endpoint(
         "scheduled"
     };
     metrics::counter!("fleet_concierge_endpoint_requests_total", "result" => result).increment(1);
+    let mqtt_url = api.fleet.hub_for(&active, &device_id);
     Json(EndpointResponse {
         device_id,
         region: active.region,
-        mqtt_url: active.mqtt_url,
+        mqtt_url,
         epoch: active.epoch,
         ttl_s: api.fleet.config.ttl_s,
         start_in_ms: u64::try_from(start_in.as_millis()).unwrap_or(u64::MAX),

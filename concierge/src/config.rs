@@ -303,9 +303,11 @@ impl RunArgs {
             .iter()
             .map(|h| h.parse())
             .collect::<anyhow::Result<Vec<HubSpec>>>()?;
+        // A region may have several hubs (sharing one JetStream log); the
+        // same hub twice is a mistake.
         for (i, h) in hubs.iter().enumerate() {
-            if hubs[..i].iter().any(|o| o.region == h.region) {
-                bail!("region {} is given twice", h.region);
+            if hubs[..i].iter().any(|o| o.http_url == h.http_url) {
+                bail!("hub {} is given twice", h.http_url);
             }
         }
         let mut c = ConciergeConfig::new(&zone, admin_token, hubs);

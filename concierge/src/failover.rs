@@ -42,6 +42,16 @@ pub async fn run(
     let spec = fleet
         .spec(to)
         .ok_or_else(|| FailoverError::UnknownRegion(to.clone()))?;
+    if fleet.config.hubs.iter().filter(|h| &h.region == to).count() > 1 {
+        // Role and epoch are still kept per hub: promoting one hub of
+        // several would leave the others secondary.
+        return Err(FailoverError::Check {
+            region: to.clone(),
+            message: format!(
+                "region {to} has several hubs; a failover to a region of several hubs is not supported yet"
+            ),
+        });
+    }
     let checks = crate::checks::before(fleet, to, mode, trigger != "automatic").await?;
     let request = PromoteRequest {
         expected_epoch: fleet.max_epoch(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fleet_api::concierge::{FailoverEvent, RegionView};
 use fleet_api::hub::StatusResponse;
-use fleet_api::{Epoch, Region, Role};
+use fleet_api::{DeviceId, Epoch, Region, Role, partition_for, rendezvous};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -99,6 +99,55 @@ impl Fleet {
 
     pub fn hubs(&self) -> Vec<HubState> {
         self.hubs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Where `device` goes in the active region: with several hubs there,
+    /// the hub that writes the device's partition now, else the healthy
+    /// hub the partition belongs to by rendezvous hashing (the choice the
+    /// hubs make among themselves), so a dead hub's devices move to the
+    /// others as soon as this replica sees it down. One hub: `active`'s.
+    pub fn hub_for(&self, active: &Active, device: &DeviceId) -> String {
+        let hubs = self.hubs.read().unwrap_or_else(|e| e.into_inner());
+        let candidates: Vec<(&HubState, &StatusResponse)> = hubs
+            .iter()
+            .filter(|h| h.healthy && h.spec.region == active.region)
+            .filter_map(|h| {
+                let s = h.status.as_ref()?;
+                (s.role == Role::Primary && s.epoch == active.epoch).then_some((h, s))
+            })
+            .collect();
+        if candidates.len() < 2 {
+            return active.mqtt_url.clone();
+        }
+        let partitions = candidates
+            .iter()
+            .map(|(_, s)| s.partitions.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let p = partition_for(device, u32::try_from(partitions).unwrap_or(u32::MAX));
+        if let Some((h, _)) = candidates
+            .iter()
+            .find(|(_, s)| s.owned.as_ref().is_some_and(|o| o.contains(&p)))
+        {
+            return h.spec.mqtt_url.clone();
+        }
+        let name = |h: &HubState, s: &StatusResponse| -> String {
+            s.hub_id.clone().unwrap_or_else(|| h.spec.http_url.clone())
+        };
+        let names: Vec<String> = candidates.iter().map(|(h, s)| name(h, s)).collect();
+        let winner = rendezvous::pick(
+            &rendezvous::partition_key(p),
+            names.iter().map(String::as_str),
+        );
+        candidates
+            .iter()
+            .zip(&names)
+            .find(|(_, n)| Some(n.as_str()) == winner)
+            .map_or_else(
+                || active.mqtt_url.clone(),
+                |((h, _), _)| h.spec.mqtt_url.clone(),
+            )
     }
 
     /// The active hub: healthy, primary, highest epoch.

@@ -111,6 +111,15 @@ pub struct StatusResponse {
     /// between regions (identities before switching).
     #[serde(default)]
     pub registry: Option<RegistryStatus>,
+    /// With several hubs per region on one shared log: this hub's id
+    /// (the name partitions are placed by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_id: Option<String>,
+    /// With several hubs per region: the partitions this hub writes now
+    /// (devices of the others are served by other hubs). Absent when the
+    /// hub writes every partition alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned: Option<Vec<PartitionId>>,
 }
 
 /// A hub's view of its region's registry.
@@ -408,7 +417,7 @@ pub fn partition_for(device: &DeviceId, partitions: u32) -> PartitionId {
     PartitionId((fnv1a64(device.as_str().as_bytes()) % u64::from(partitions.max(1))) as u32)
 }
 
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

@@ -32,6 +32,7 @@ pub mod process;
 #[cfg(feature = "prometheus")]
 pub mod prom;
 pub mod registry;
+pub mod rendezvous;
 pub mod secret;
 #[cfg(feature = "http-server")]
 pub mod serve;

@@ -85,6 +85,16 @@ pub struct RunArgs {
     /// power cut.
     #[arg(long, env = "FLEET_EVENT_LOG_ALLOW_UNSYNCED", num_args = 0..=1, default_missing_value = "true")]
     pub log_allow_unsynced: Option<bool>,
+    /// Share the JetStream log with the region's other hubs, as this id
+    /// (1-64 of A-Z a-z 0-9 _ -, unique in the region): partitions are
+    /// divided among the live hubs by lease, and taken over within seconds
+    /// when a hub dies.
+    #[arg(long, env = "FLEET_HUB_ID")]
+    pub hub_id: Option<String>,
+    /// With --hub-id: a hub silent this long is taken for dead and its
+    /// partitions taken over [default: 1500].
+    #[arg(long, env = "FLEET_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
     /// Event log partitions, fixed when the log is created [default: 8].
     #[arg(long, env = "FLEET_PARTITIONS")]
     pub partitions: Option<u32>,
@@ -193,6 +203,8 @@ pub struct HubConfig {
     pub retention_age: Option<Duration>,
     /// How often retention looks for segments to delete.
     pub retention_check: Duration,
+    /// With a shared log: how long a silent hub still holds its partitions.
+    pub lease_ttl: Duration,
     /// How often the registry mirror applies changes.
     pub auth_refresh: Duration,
     /// How often de-duplication state is snapshotted.
@@ -240,6 +252,7 @@ impl HubConfig {
             retention_bytes: None,
             retention_age: None,
             retention_check: Duration::from_secs(30),
+            lease_ttl: Duration::from_millis(1500),
             auth_refresh: Duration::from_secs(1),
             snapshot_every: Duration::from_secs(60),
             advertise: None,
@@ -276,7 +289,7 @@ impl RunArgs {
         }
         Ok(fleet_api::merge_args!(RunArgs, self, file, {
             region, data, registry, mqtt, http, admin_token, read_token, peer_token, role, peer, replication,
-            max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, log, log_allow_unsynced, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
+            max_lag_ms, peer_detach_after_s, http_header_timeout_ms, http_max_connections, log, log_allow_unsynced, hub_id, lease_ttl_ms, partitions, stream, stream_user, stream_password, tls_cert, tls_key,
             peer_ca, http_tls_cert, http_tls_key, payload_limit, connect_timeout_ms, connect_rate, connect_rate_per_source, max_connections, max_pending_connects, max_pending_per_source, stream_max_filters, segment_bytes, retention_bytes, retention_hours, retention_check_ms, snapshot_every_ms, advertise,
         }))
     }
@@ -305,6 +318,8 @@ impl RunArgs {
             http_max_connections,
             log,
             log_allow_unsynced,
+            hub_id,
+            lease_ttl_ms,
             partitions,
             stream,
             stream_user,
@@ -431,9 +446,23 @@ impl RunArgs {
         if let Some(url) = log {
             let mut js = crate::log::jetstream::JetStreamConfig::parse(&url, c.partitions)?;
             js.allow_unsynced = log_allow_unsynced.unwrap_or(false);
+            if let Some(id) = hub_id {
+                if !crate::log::jetstream::lease::valid_hub_id(&id) {
+                    bail!("invalid --hub-id {id:?}: expected 1-64 of A-Z a-z 0-9 _ -");
+                }
+                js.hub_id = Some(id);
+            }
             c.jetstream = Some(js);
         } else if log_allow_unsynced.is_some() {
             bail!("--log-allow-unsynced applies only with --log nats://…");
+        } else if hub_id.is_some() {
+            bail!("--hub-id applies only with --log nats://… (a file log has one writer)");
+        }
+        if let Some(ms) = lease_ttl_ms {
+            if !(200..=60_000).contains(&ms) {
+                bail!("--lease-ttl-ms must be between 200 and 60000");
+            }
+            c.lease_ttl = Duration::from_millis(ms);
         }
         if let Some(limit) = payload_limit {
             let max = crate::log::frame::MAX_PAYLOAD;

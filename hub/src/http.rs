@@ -28,6 +28,8 @@ use crate::state::HubState;
 /// What the handlers need.
 #[derive(Debug)]
 pub struct ApiState {
+    /// This hub's id among the region's hubs sharing a log.
+    pub hub_id: Option<String>,
     pub control: Arc<Control>,
     pub state: Arc<HubState>,
     pub ingest: Arc<Ingest>,
@@ -297,6 +299,8 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<StatusResponse> {
         fenced: api.state.fenced(),
         peer: api.control.has_peer().then(|| api.control.peer_link()),
         registry: Some(api.auth.registry_status()),
+        hub_id: api.hub_id.clone(),
+        owned: api.ingest.owned_partitions(),
     })
 }
 

@@ -17,6 +17,7 @@ pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod origins;
+pub mod ownership;
 pub mod peer_pulled;
 pub mod prom;
 pub mod replication;
@@ -88,6 +89,7 @@ impl Hub {
         let state = Arc::new(
             HubState::open(&config.data, &config.region, config.role).context("open hub state")?,
         );
+        let mut leases = None;
         let log: Arc<dyn EventLog> = match &config.jetstream {
             None => FileLog::open(config.log_config()).context("open event log")?,
             Some(js) => {
@@ -107,15 +109,17 @@ impl Hub {
                         log.max_payload()
                     );
                 }
+                leases = log.leases();
                 log
             }
         };
-        let ingest = Ingest::open(
+        let ingest = Ingest::open_with(
             log.clone(),
             state.clone(),
             &config.data,
             ingest::DEFAULT_BUDGET,
             config.replication,
+            leases.is_some(),
         )
         .await
         .context("rebuild de-duplication state")?;
@@ -127,6 +131,28 @@ impl Hub {
         let sessions = Arc::new(Sessions::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if let Some(leases) = leases {
+            // This hub's share of the region's partitions, before anything
+            // (replication, promotion checks) works on them.
+            let ownership = ownership::Ownership::new(
+                leases,
+                ingest.clone(),
+                sessions.clone(),
+                config.lease_ttl,
+            );
+            let mut ready = ownership.ready();
+            tasks.spawn(ownership.run(shutdown.clone()));
+            let wait = config.lease_ttl * 4 + Duration::from_secs(5);
+            if tokio::time::timeout(wait, ready.wait_for(|r| *r))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    waited_ms = wait.as_millis() as u64,
+                    "the region's partition leases are not settled yet; going on"
+                );
+            }
+        }
 
         let mqtt_addr = listeners.mqtt.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
@@ -221,6 +247,7 @@ impl Hub {
             admin_token: config.admin_token.clone(),
             read_token: config.read_token.clone(),
             peer_token: config.peer_token.clone(),
+            hub_id: config.jetstream.as_ref().and_then(|j| j.hub_id.clone()),
             mqtt_url: format!("{scheme}://{}", config.advertise.unwrap_or(mqtt_addr)),
             stream_url: stream_addr.map(|a| format!("{scheme}://{a}")),
             auth: auth.clone(),

@@ -22,6 +22,9 @@ pub enum Kick {
     /// Silent for longer than its keep-alive allows (1.5×).
     KeepAlive,
     Shutdown,
+    /// Its partition is written by another hub of the region now: the
+    /// device asks the concierge again and goes there.
+    PartitionMoved,
 }
 
 impl Kick {
@@ -33,6 +36,7 @@ impl Kick {
             Kick::Moving(_) => "moving",
             Kick::KeepAlive => "keepalive",
             Kick::Shutdown => "shutdown",
+            Kick::PartitionMoved => "partition_moved",
         }
     }
 }
@@ -279,6 +283,15 @@ impl Sessions {
     pub fn kick_all(&self, why: Kick) {
         for h in self.map.lock().unwrap_or_else(|e| e.into_inner()).values() {
             kick_one(&h.cell, why);
+        }
+    }
+
+    /// Closes the connection of every device `which` selects.
+    pub fn kick_where(&self, which: impl Fn(&DeviceId) -> bool, why: Kick) {
+        for (device, h) in self.map.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if which(device) {
+                kick_one(&h.cell, why);
+            }
         }
     }
 

@@ -594,6 +594,7 @@ impl Conn<'_> {
                 Ok(())
             }
             Err(IngestError::NotPrimary) => Err("not_primary"),
+            Err(IngestError::NotOwner(_)) => Err("partition_moved"),
             Err(e @ IngestError::MidJump { .. }) => {
                 metrics::counter!("fleet_hub_refused_total", "reason" => "mid_jump").increment(1);
                 tracing::info!(device_id = %self.device, error = %e, "refusing an implausible mid");
@@ -625,6 +626,7 @@ impl Conn<'_> {
                 Ok(())
             }
             Err(IngestError::NotPrimary) => Err("not_primary"),
+            Err(IngestError::NotOwner(_)) => Err("partition_moved"),
             Err(e) => {
                 // No PUBACK: the device keeps the message and sends it again.
                 tracing::warn!(device_id = %self.device, error = %e, "store failed, closing without acknowledging");

@@ -311,6 +311,11 @@ impl Front {
             },
         };
         match outcome {
+            AuthOutcome::Enabled if !self.ingest.owns(self.ingest.partition_of(&device)) => {
+                // Another hub of the region writes its partition: the
+                // device asks the concierge again.
+                return Err(Refusal(ServiceUnavailable, "partition_elsewhere"));
+            }
             AuthOutcome::Enabled => {}
             AuthOutcome::Disabled => return Err(Refusal(NotAuthorized, "disabled")),
             AuthOutcome::Unknown | AuthOutcome::WrongKey => {

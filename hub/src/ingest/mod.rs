@@ -21,6 +21,7 @@
 //! lost a torn tail) is discarded, never trusted: trusting it would
 //! acknowledge resends that are not stored.
 
+mod owned;
 mod readable;
 
 use std::collections::{HashMap, VecDeque};
@@ -46,6 +47,8 @@ use crate::state::HubState;
 pub enum IngestError {
     #[error("this hub is not the primary")]
     NotPrimary,
+    #[error("partition {0} is written by another hub of the region")]
+    NotOwner(PartitionId),
     #[error(
         "replication out of step on partition {partition}: expected offset {expected}, got {got}"
     )]
@@ -171,6 +174,12 @@ pub struct Ingest {
     budget: Arc<Semaphore>,
     /// How far the peer has durably pulled: retention's floor on a primary.
     peer_pulled: Arc<PeerPulled>,
+    /// Per partition: this hub writes it. Always with a log of its own;
+    /// on a log shared by several hubs, only from a takeover
+    /// ([`Ingest::take_over`]) until the partition moves away.
+    owned: Vec<std::sync::atomic::AtomicBool>,
+    /// The log is shared by several hubs of the region.
+    shared: bool,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -233,6 +242,23 @@ impl Ingest {
         budget_bytes: usize,
         mode: Replication,
     ) -> Result<Arc<Ingest>, LogError> {
+        Self::open_with(log, state, data_dir, budget_bytes, mode, false).await
+    }
+
+    /// [`Ingest::open`]; `shared`: the log is shared by several hubs of the
+    /// region, so no partition is written here before it is taken over
+    /// (and nothing is rebuilt before: the takeover does that).
+    ///
+    /// # Errors
+    /// When the log cannot be read.
+    pub async fn open_with(
+        log: Arc<dyn EventLog>,
+        state: Arc<HubState>,
+        data_dir: &Path,
+        budget_bytes: usize,
+        mode: Replication,
+        shared: bool,
+    ) -> Result<Arc<Ingest>, LogError> {
         let snapshot_dir = data_dir.join("dedup");
         crate::log::file::create_dir_durable(&snapshot_dir)?;
         let mut parts = Vec::new();
@@ -256,7 +282,9 @@ impl Ingest {
                 }
                 None => (HashMap::new(), Offset(0)),
             };
-            replay(log.as_ref(), p, covered, &mut accepted).await?;
+            if !shared {
+                replay(log.as_ref(), p, covered, &mut accepted).await?;
+            }
             // Before the peer's first pull, what it pulled before the
             // restart still holds the floor.
             log.set_retention_floor(
@@ -287,6 +315,7 @@ impl Ingest {
                 local: !linked,
             }));
         }
+        let count = parts.len();
         Ok(Arc::new(Ingest {
             log,
             state,
@@ -297,6 +326,10 @@ impl Ingest {
             snapshot_dir,
             budget: Arc::new(Semaphore::new(budget_bytes.min(Semaphore::MAX_PERMITS))),
             peer_pulled,
+            owned: (0..count)
+                .map(|_| std::sync::atomic::AtomicBool::new(!shared))
+                .collect(),
+            shared,
         }))
     }
 
@@ -374,6 +407,9 @@ impl Ingest {
         let re = self.state.get();
         if !self.state.accepting() {
             return Err(IngestError::NotPrimary);
+        }
+        if !self.owns(p) {
+            return Err(IngestError::NotOwner(p));
         }
         let sync = self.mode == Replication::Sync && part.linked;
         if let Some(m) = mid
@@ -456,6 +492,9 @@ impl Ingest {
     ) -> Result<BoxFuture<'static, Result<(), IngestError>>, IngestError> {
         let p = record.partition;
         let mut part = self.part(p);
+        if !self.owns(p) {
+            return Err(IngestError::NotOwner(p));
+        }
         if record.offset != part.next {
             return Err(IngestError::OutOfStep {
                 partition: p,
@@ -712,6 +751,12 @@ impl Ingest {
     /// retention delete what the snapshots cover and, on a primary, what
     /// the attached peer has durably pulled (as recorded on disk).
     pub async fn snapshot(&self) {
+        if self.shared {
+            // A takeover rebuilds from the shared log, never from one hub's
+            // snapshot; and retention keeps the log whole (floor 0), since
+            // the log is then the only record of every device's last mid.
+            return;
+        }
         // File writes and fsyncs run off the runtime's threads.
         let pulled = self.peer_pulled.clone();
         match tokio::task::spawn_blocking(move || pulled.persist()).await {

@@ -175,6 +175,16 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         history: Vec<(Epoch, Offset)>,
     ) -> BoxFuture<'static, LogResult<u64>>;
 
+    /// Reloads partition `p` from the backend: on a log shared by several
+    /// hubs, what another hub wrote becomes readable here. `own`: this hub
+    /// writes the partition from now on (appends continue after whatever is
+    /// stored; anything still in flight from before is refused); otherwise
+    /// appends are refused. A log of one writer has nothing to reload.
+    fn reload(&self, p: PartitionId, own: bool) -> BoxFuture<'static, LogResult<()>> {
+        let _ = (p, own);
+        Box::pin(futures::future::ready(Ok(())))
+    }
+
     /// Allows retention to delete records below `offset` (they are covered
     /// by a snapshot, replicated, ...). Backends without retention ignore it.
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {

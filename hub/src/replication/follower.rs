@@ -41,6 +41,14 @@ impl Control {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
+            // With several hubs in the region, the partition's owner pulls
+            // it (the lease is the puller's lease); after a takeover the
+            // new owner reconciles before it pulls.
+            if !self.ingest.owns(p) {
+                reconciled = false;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             if !reconciled {
                 match self.reconcile(&peer, p).await {
                     Ok(()) => {

@@ -30,6 +30,10 @@ pub struct JetStreamConfig {
     /// How often the servers' fsync setting is checked again after start
     /// (a server restarted with another configuration).
     pub fsync_recheck: Duration,
+    /// Several hubs of the region share the log: this hub's id. No
+    /// partition is written before this hub holds its lease and took it
+    /// over ([`super::Leases`]). `None`: this hub is the log's only writer.
+    pub hub_id: Option<String>,
 }
 
 /// A `--log` value that is not a usable JetStream URL.
@@ -83,6 +87,7 @@ impl JetStreamConfig {
             retention: super::RetentionPolicy::default(),
             retention_check: Duration::from_secs(30),
             fsync_recheck: Duration::from_secs(30),
+            hub_id: None,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

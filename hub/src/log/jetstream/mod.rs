@@ -8,6 +8,7 @@
 //! monitoring ports), unless the operator opts out.
 
 mod config;
+pub mod lease;
 mod meta;
 mod read;
 mod retention;
@@ -26,6 +27,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, verify_fsync};
+pub use lease::{Leases, Placement};
 use meta::{MetaStore, PartMeta};
 pub use retention::RetentionPolicy;
 use writer::{Cmd, Writer};
@@ -82,6 +84,10 @@ impl StreamNames {
 
     fn bucket(&self) -> String {
         format!("{}_meta", self.prefix)
+    }
+
+    fn leases(&self) -> String {
+        format!("{}_leases", self.prefix)
     }
 }
 
@@ -229,6 +235,8 @@ pub struct JetStreamLog {
     parts: Vec<Arc<Part>>,
     writers: Vec<mpsc::UnboundedSender<Cmd>>,
     max_message: usize,
+    /// The partitions' leases, when several hubs share the log.
+    leases: Option<Arc<Leases>>,
 }
 
 impl std::fmt::Debug for JetStreamLog {
@@ -297,6 +305,7 @@ impl JetStreamLog {
             let p = PartitionId(p);
             let (part, mut writer) = open_partition(&js, &names, &store, &config, p).await?;
             writer.max_message = max_message;
+            writer.owned = config.hub_id.is_none();
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(writer.run(rx));
             parts.push(part);
@@ -323,10 +332,17 @@ impl JetStreamLog {
                 config.retention_check,
             ));
         }
+        let leases = match &config.hub_id {
+            Some(me) => Some(Arc::new(
+                Leases::open(&js, &names.leases(), config.replicas, me, deadline).await?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(JetStreamLog {
             parts,
             writers,
             max_message,
+            leases,
         }))
     }
 
@@ -341,6 +357,11 @@ impl JetStreamLog {
             total += retention::retain_partition(part, writer, policy).await?;
         }
         Ok(total)
+    }
+
+    /// The partitions' leases, when several hubs share the log.
+    pub fn leases(&self) -> Option<Arc<Leases>> {
+        self.leases.clone()
     }
 
     /// The largest payload a record may have here: the servers' message
@@ -702,6 +723,10 @@ impl EventLog for JetStreamLog {
             history,
             reply,
         })
+    }
+
+    fn reload(&self, p: PartitionId, own: bool) -> BoxFuture<'static, LogResult<()>> {
+        self.call(p, |reply| Cmd::Reload { own, reply })
     }
 
     fn set_retention_floor(&self, p: PartitionId, offset: Offset) {

@@ -33,6 +33,8 @@ use super::meta::{MetaStore, PartMeta};
 use super::{Part, StreamNames};
 use crate::log::{LogError, LogResult, NewRecord, ReadLimits, frame};
 
+mod reload;
+
 /// Publishes awaiting acknowledgement per partition; more wait in the
 /// channel. Bounds memory and what one resync must confirm.
 const MAX_INFLIGHT: usize = 4096;
@@ -61,6 +63,12 @@ pub(super) enum Cmd {
     Retain {
         upto: u64,
         reply: oneshot::Sender<LogResult<u64>>,
+    },
+    /// Reload the partition from the servers (another hub may have written
+    /// it); `own`: write it from now on, else refuse appends.
+    Reload {
+        own: bool,
+        reply: oneshot::Sender<LogResult<()>>,
     },
 }
 
@@ -104,6 +112,11 @@ pub(super) struct Writer {
     /// so never locked).
     acks: std::sync::Mutex<FuturesOrdered<AckFuture>>,
     failed: Option<String>,
+    /// The failure cannot be reloaded away (the servers do not fsync).
+    sticky: bool,
+    /// This hub writes the partition (always, unless the log is shared by
+    /// several hubs: then from a takeover's reload on).
+    pub owned: bool,
 }
 
 impl Writer {
@@ -137,6 +150,8 @@ impl Writer {
             inflight: VecDeque::new(),
             acks: std::sync::Mutex::new(FuturesOrdered::new()),
             failed: None,
+            sticky: false,
+            owned: true,
         }
     }
 
@@ -178,9 +193,20 @@ impl Writer {
         }
     }
 
+    fn not_owned(&self) -> LogError {
+        LogError::Failed {
+            partition: self.p(),
+            reason: "another hub of the region writes this partition".to_string(),
+        }
+    }
+
     async fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Append { rec, reply } => {
+                if !self.owned {
+                    let _ = reply.send(Err(self.not_owned()));
+                    return;
+                }
                 if self.failed.is_some() {
                     let _ = reply.send(Err(self.refuse()));
                     return;
@@ -206,6 +232,7 @@ impl Writer {
                 reply,
             } => {
                 let r = match self.quiesce().await {
+                    Ok(()) if !self.owned => Err(self.not_owned()),
                     Ok(()) => self.cut(from, archive).await,
                     Err(e) => Err(e),
                 };
@@ -217,12 +244,14 @@ impl Writer {
                 reply,
             } => {
                 let r = match self.quiesce().await {
+                    Ok(()) if !self.owned => Err(self.not_owned()),
                     Ok(()) => self.skip(base, history).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }
             Cmd::Fail { why } => {
+                self.sticky = true;
                 if self.failed.is_none() {
                     self.fail(why);
                 }
@@ -230,8 +259,14 @@ impl Writer {
             Cmd::Retain { upto, reply } => {
                 let r = match self.failed {
                     Some(_) => Err(self.refuse()),
+                    // Only the partition's writer moves its start.
+                    None if !self.owned => Ok(0),
                     None => self.retain(upto).await,
                 };
+                let _ = reply.send(r);
+            }
+            Cmd::Reload { own, reply } => {
+                let r = self.reload(own).await;
                 let _ = reply.send(r);
             }
         }

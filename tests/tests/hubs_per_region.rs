@@ -1,0 +1,370 @@
+//! Several hubs in one region on one R3 JetStream log (three real
+//! nats-server processes): the region's partitions are divided among the
+//! hubs by lease, the concierge sends each device to its partition's hub,
+//! and a hub killed with SIGKILL moves its devices to the other hub with
+//! nothing lost, nothing stored twice, and no regional failover.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use fleet_api::hub::StatusResponse;
+use fleet_api::local::NatsCluster;
+use fleet_api::{DeviceId, PartitionId, partition_for};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::durability::payload_of;
+use tests::mqtt::RawClient;
+use tests::{HubNode, Registry, harness};
+
+const PARTITIONS: u32 = 8;
+
+async fn status(hub: &HubNode) -> StatusResponse {
+    let url = format!("{}/v1/status", hub.url());
+    reqwest::get(&url).await.unwrap().json().await.unwrap()
+}
+
+fn owned(s: &StatusResponse) -> Vec<u32> {
+    let mut o: Vec<u32> = s
+        .owned
+        .as_ref()
+        .expect("a hub of several reports what it owns")
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    o.sort_unstable();
+    o
+}
+
+/// Waits until the hubs' owned partitions are disjoint and cover all.
+async fn until_divided(hubs: &[&HubNode]) -> Vec<Vec<u32>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all = Vec::new();
+        for h in hubs {
+            all.push(owned(&status(h).await));
+        }
+        let mut union: Vec<u32> = all.iter().flatten().copied().collect();
+        union.sort_unstable();
+        if union == (0..PARTITIONS).collect::<Vec<_>>() && all.iter().all(|o| !o.is_empty()) {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions were never divided: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn hub_args<'a>(url: &'a str, id: &'a str) -> Vec<&'a str> {
+    vec!["--log", url, "--hub-id", id, "--lease-ttl-ms", "1000"]
+}
+
+/// What a record's payload is, to check it is the one sent under its mid.
+#[derive(Clone, Copy)]
+enum Bytes {
+    /// [`payload_of`].
+    Raw,
+    /// `device-agent simulate`'s JSON, whose `seq` is the mid.
+    Simulated,
+}
+
+/// Every record of the log, per device: the mids in log order.
+async fn stored_mids(hub: &HubNode, bytes: Bytes) -> HashMap<String, Vec<u64>> {
+    let client = hub.client();
+    let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+    for p in 0..PARTITIONS {
+        let mut from = fleet_api::Offset(0);
+        loop {
+            let page = client
+                .records_upto(
+                    PartitionId(p),
+                    from,
+                    10_000,
+                    Duration::ZERO,
+                    fleet_api::hub::ReadUpto::Committed,
+                )
+                .await
+                .expect("read records");
+            let Some(last) = page.records.last() else {
+                break;
+            };
+            from = last.offset.next();
+            for r in page.records {
+                let mid = r.mid.map_or(0, |m| m.0);
+                let own_bytes = match bytes {
+                    Bytes::Raw => r.payload == payload_of(r.device_id.as_str(), mid),
+                    Bytes::Simulated => {
+                        String::from_utf8_lossy(&r.payload).contains(&format!("\"seq\":{mid},"))
+                    }
+                };
+                assert!(
+                    own_bytes,
+                    "{} mid {mid}: stored bytes are not the ones sent",
+                    r.device_id
+                );
+                out.entry(r.device_id.to_string())
+                    .or_default()
+                    .push(r.mid.map_or(0, |m| m.0));
+            }
+        }
+    }
+    out
+}
+
+/// Each device's mids are stored once each, in order.
+fn assert_once_in_order(stored: &HashMap<String, Vec<u64>>) {
+    for (device, mids) in stored {
+        for w in mids.windows(2) {
+            assert!(
+                w[0] < w[1],
+                "{device}: mid {} stored after {} (twice or out of order)",
+                w[1],
+                w[0]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_in_a_region_one_killed_loses_nothing_and_fails_nothing_over() {
+    let h = harness!("two_hubs_in_a_region_one_killed_loses_nothing_and_fails_nothing_over");
+    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..32).map(|i| format!("dev-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let url = cluster.log_url("eu");
+    let mut a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
+    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
+    let divided = until_divided(&[&a, &b]).await;
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &a), ("eu", &b)], &[]);
+    let keys = h.keys_file(&reg, &ids);
+    let report = h.dir().join("report.ndjson");
+    let args = h.simulate_args(&c, &keys, &report, "20", "10", &[]);
+    let sim = tokio::task::spawn_blocking({
+        let mut cmd = h.command("simulate", &args);
+        move || cmd.output()
+    });
+    // Both hubs serve devices (the concierge spreads them), then one dies.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (sa, sb) = (status(&a).await, status(&b).await);
+        if sa.connected_devices > 0 && sb.connected_devices > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "devices never reached both hubs ({divided:?}): {} and {}",
+            sa.connected_devices,
+            sb.connected_devices
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.node.kill9();
+    let out = sim.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["in_outbox"], 0, "{summary}");
+    assert_eq!(summary["dropped"], 0, "{summary}");
+    assert_eq!(summary["acknowledged"], summary["generated"], "{summary}");
+
+    // The surviving hub took every partition, in the same region and epoch.
+    let sb = status(&b).await;
+    assert_eq!(owned(&sb), (0..PARTITIONS).collect::<Vec<_>>());
+    assert_eq!(sb.epoch.0, 1, "no regional failover");
+    assert_eq!(sb.role, fleet_api::Role::Primary);
+    let stored = stored_mids(&b, Bytes::Simulated).await;
+    assert_once_in_order(&stored);
+    // Mids are dense from 1 per device: the count is the highest mid, and
+    // every acknowledged message is in the log.
+    let total: usize = stored.values().map(Vec::len).sum();
+    assert_eq!(
+        total as u64,
+        summary["generated"].as_u64().unwrap(),
+        "stored records"
+    );
+    for (device, mids) in &stored {
+        assert_eq!(
+            mids.last().copied(),
+            Some(mids.len() as u64),
+            "{device}: a hole"
+        );
+    }
+    assert_eq!(stored.len(), ids.len());
+}
+
+/// A connection of the [`Flapper`]: to which hub, and what is in flight.
+struct Conn {
+    hub: std::net::SocketAddr,
+    c: RawClient,
+    by_pkid: HashMap<u16, u64>,
+    pkid: u16,
+}
+
+/// One device publishing with 64 in flight, resending what was not
+/// acknowledged whenever it (re)connects, as the agent does.
+struct Flapper {
+    device: String,
+    key: String,
+    next_mid: u64,
+    unacked: BTreeMap<u64, ()>,
+    acked: Vec<u64>,
+    conn: Option<Conn>,
+}
+
+impl Flapper {
+    /// Publishes on its connection to `hub` (connecting first, retrying
+    /// while the hub refuses: the partition is not there yet) until
+    /// `target` are acknowledged in all, then sends `send_only` more
+    /// without waiting. `false`: the connection broke first.
+    async fn run(&mut self, hub: &HubNode, target: usize, send_only: usize) -> bool {
+        if self.conn.as_ref().is_none_or(|c| c.hub != hub.mqtt) {
+            self.conn = Some(self.connect(hub).await);
+        }
+        let mut conn = self.conn.take().expect("connected");
+        loop {
+            if self.acked.len() >= target {
+                for _ in 0..send_only {
+                    let mid = self.next_mid;
+                    self.next_mid += 1;
+                    self.unacked.insert(mid, ());
+                    self.publish(&mut conn, mid).await;
+                }
+                self.conn = Some(conn);
+                return true;
+            }
+            while conn.by_pkid.len() < 64 {
+                let mid = self.next_mid;
+                self.next_mid += 1;
+                self.unacked.insert(mid, ());
+                self.publish(&mut conn, mid).await;
+            }
+            match conn.c.recv(Duration::from_secs(30)).await {
+                Ok(Packet::PubAck(ack)) => {
+                    if let Some(mid) = conn.by_pkid.remove(&ack.pkid) {
+                        self.unacked.remove(&mid);
+                        self.acked.push(mid);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    async fn connect(&self, hub: &HubNode) -> Conn {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let c = loop {
+            let (c, code) =
+                RawClient::connect(hub.mqtt, &self.device, Some((&self.device, &self.key))).await;
+            if code == Some(ConnectReturnCode::Success) {
+                break c;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never taken at {}: {code:?}",
+                self.device,
+                hub.mqtt
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut conn = Conn {
+            hub: hub.mqtt,
+            c,
+            by_pkid: HashMap::new(),
+            pkid: 0,
+        };
+        // What was not acknowledged goes again first, in mid order.
+        let resend: Vec<u64> = self.unacked.keys().copied().collect();
+        for mid in resend {
+            self.publish(&mut conn, mid).await;
+        }
+        conn
+    }
+
+    async fn publish(&self, conn: &mut Conn, mid: u64) {
+        conn.pkid = conn.pkid % 60_000 + 1;
+        conn.by_pkid.insert(conn.pkid, mid);
+        let topic = format!("devices/{}/messages/events/{mid}", self.device);
+        conn.c
+            .publish(
+                &topic,
+                QoS::AtLeastOnce,
+                conn.pkid,
+                &payload_of(&self.device, mid),
+            )
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup() {
+    let h = harness!("a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup");
+    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("flap-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let url = cluster.log_url("eu");
+    let mut a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
+    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
+    let divided = until_divided(&[&a, &b]).await;
+    // A device whose partition hub a writes.
+    let device = ids
+        .iter()
+        .find(|d| {
+            let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
+            divided[0].contains(&p.0)
+        })
+        .expect("a device of hub a")
+        .clone();
+    let mut f = Flapper {
+        key: reg.key(&device),
+        device: device.clone(),
+        next_mid: 1,
+        unacked: BTreeMap::new(),
+        acked: Vec::new(),
+        conn: None,
+    };
+    // On a, with 64 more in flight when a is killed.
+    assert!(f.run(&a, 300, 64).await);
+    a.node.kill9();
+    // b takes the partition over; the device resends what is in flight.
+    assert!(f.run(&b, 600, 0).await);
+    // a comes back (same id): the partition returns to it, which closes
+    // the device's connection to b while publishes are in flight.
+    a.restart(&h);
+    let moved_back = !f.run(&b, usize::MAX, 0).await;
+    assert!(moved_back, "the connection to b was never closed");
+    assert!(f.run(&a, 900, 0).await);
+    // And once more to b, a killed again mid-stream.
+    assert!(f.run(&a, 1000, 64).await);
+    a.node.kill9();
+    assert!(f.run(&b, 1200, 0).await);
+
+    // Resends of what a had stored were recognised, not stored again.
+    assert!(b.metric("fleet_hub_duplicates_total").await > 0.0);
+    let stored = stored_mids(&b, Bytes::Raw).await;
+    assert_once_in_order(&stored);
+    let mids = &stored[&device];
+    for m in &f.acked {
+        assert!(
+            mids.binary_search(m).is_ok(),
+            "{device}: mid {m} acknowledged, not stored"
+        );
+    }
+    assert!(
+        mids.last().copied() < Some(f.next_mid),
+        "a mid never sent was stored"
+    );
+}
