@@ -99,6 +99,7 @@ impl Hub {
                     age: config.retention_age,
                 };
                 js.retention_check = config.retention_check;
+                js.lease_ttl = config.lease_ttl;
                 let log = JetStreamLog::open(js.clone())
                     .await
                     .with_context(|| format!("open JetStream event log {}", js.prefix))?;

@@ -137,7 +137,9 @@ impl Ownership {
                         let seen = match &other {
                             None => Some(None),
                             Some((holder, rev))
-                                if placement.settled && !placement.live.contains(holder) =>
+                                if placement.settled
+                                    && !placement.live.contains(holder)
+                                    && self.leases.silent(holder).await =>
                             {
                                 Some(Some(*rev))
                             }
@@ -158,8 +160,11 @@ impl Ownership {
                         }
                     }
                     if !self.ingest.owns(p) && self.due(p) {
-                        // Keeps what other hubs wrote readable here.
-                        self.ingest.give_up(p).await;
+                        // Keeps what other hubs wrote readable here; not
+                        // waited for long (servers in trouble must not
+                        // stall the decisions on other partitions; the
+                        // writer takes later commands in order).
+                        let _ = tokio::time::timeout(REFRESH, self.ingest.refresh(p)).await;
                         self.later(p, REFRESH);
                     }
                 }

@@ -368,3 +368,139 @@ async fn a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup() {
         "a mid never sent was stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice() {
+    let h = harness!("a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice");
+    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("pause-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let url = cluster.log_url("eu");
+    let a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
+    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
+    let divided = until_divided(&[&a, &b]).await;
+    let device = ids
+        .iter()
+        .find(|d| {
+            let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
+            divided[0].contains(&p.0)
+        })
+        .expect("a device of hub a")
+        .clone();
+    let mut f = Flapper {
+        key: reg.key(&device),
+        device: device.clone(),
+        next_mid: 1,
+        unacked: BTreeMap::new(),
+        acked: Vec::new(),
+        conn: None,
+    };
+    assert!(f.run(&a, 300, 64).await);
+    // a stops (a long GC pause, a stopped VM) with publishes in flight,
+    // and is taken for dead: b takes its partitions over.
+    let pid = a.node.pid().to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    assert!(f.run(&b, 700, 0).await);
+    // a resumes believing it still writes its partitions: whatever it
+    // still tries to store must not land beside b's records.
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert!(cont.success());
+    // a is live again and gets its partitions back (the device is moved
+    // off b with publishes in flight), then the device goes on at a.
+    let moved_back = !f.run(&b, usize::MAX, 0).await;
+    assert!(moved_back, "the connection to b was never closed");
+    assert!(f.run(&a, 1100, 0).await);
+
+    let stored = stored_mids(&a, Bytes::Raw).await;
+    assert_once_in_order(&stored);
+    let mids = &stored[&device];
+    for m in &f.acked {
+        assert!(
+            mids.binary_search(m).is_ok(),
+            "{device}: mid {m} acknowledged, not stored"
+        );
+    }
+    let sa = status(&a).await;
+    assert_eq!(sa.epoch.0, 1);
+    assert!(owned(&sa).contains(&divided[0][0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_id_settings_that_cannot_work_are_refused_with_one_clear_line() {
+    let h = harness!("hub_id_settings_that_cannot_work_are_refused_with_one_clear_line");
+    let reg = Registry::sqlite(h.dir(), "eu").await;
+    let data = h.dir().join("data").display().to_string();
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "hub",
+            "run",
+            "--region",
+            "eu",
+            "--data",
+            &data,
+            "--registry",
+            &reg.url,
+            "--mqtt",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--admin-token",
+            tests::ADMIN_TOKEN,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let nats = "nats://127.0.0.1:4222/eu";
+    for (i, (extra, says)) in [
+        (
+            vec!["--hub-id", "a"],
+            "--hub-id applies only with --log nats://",
+        ),
+        (vec!["--log", nats, "--hub-id", "a.b"], "invalid --hub-id"),
+        (
+            vec![
+                "--log",
+                nats,
+                "--hub-id",
+                "a",
+                "--peer",
+                "http://127.0.0.1:1",
+                "--peer-token",
+                "peer-token-0123456789",
+            ],
+            "--hub-id with --peer",
+        ),
+        (
+            vec!["--log", nats, "--hub-id", "a", "--retention-hours", "2"],
+            "--hub-id with --retention-*",
+        ),
+        (
+            vec!["--log", nats, "--hub-id", "a", "--lease-ttl-ms", "5"],
+            "--lease-ttl-ms must be between",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let label = format!("hub-{i}");
+        let out = h.command(&label, &base(&extra)).output().unwrap();
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let err =
+            std::fs::read_to_string(h.logs().join(format!("{label}.log"))).unwrap_or_default();
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}

@@ -9,7 +9,7 @@ use std::future::IntoFuture;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
 use fleet_api::local::NatsCluster;
@@ -41,6 +41,12 @@ enum Target {
         addr: std::net::SocketAddr,
         clients: Vec<Client>,
         _process: tokio::process::Child,
+    },
+    /// Several hubs of one region sharing one log, each device sent to the
+    /// hub that writes its partition (as the concierge would).
+    Hubs {
+        hubs: Vec<(std::net::SocketAddr, Vec<Client>)>,
+        _processes: Vec<tokio::process::Child>,
     },
     /// async-nats publishing straight into the streams.
     Raw {
@@ -78,6 +84,16 @@ pub async fn run(
             .await?,
         ),
         ("raw-jetstream", start_raw(&cluster, connections).await?),
+        (
+            "2hubs-jetstream",
+            start_hubs(
+                &dir.path().join("js2"),
+                connections,
+                &cluster.log_url("bench_two"),
+                2,
+            )
+            .await?,
+        ),
         (
             "hub-file",
             start_hub(&dir.path().join("file"), connections, &[]).await?,
@@ -130,7 +146,9 @@ pub async fn run(
         })
         .collect();
     let vs_raw = rows[0].msgs_per_s / rows[1].msgs_per_s.max(1e-9);
-    let vs_file = rows[0].msgs_per_s / rows[2].msgs_per_s.max(1e-9);
+    let two_vs_raw = rows[2].msgs_per_s / rows[1].msgs_per_s.max(1e-9);
+    let two_vs_one = rows[2].msgs_per_s / rows[0].msgs_per_s.max(1e-9);
+    let vs_file = rows[0].msgs_per_s / rows[3].msgs_per_s.max(1e-9);
     if json {
         println!(
             "{}",
@@ -139,7 +157,8 @@ pub async fn run(
                 "results": rows,
                 "hub_vs_raw_publisher": vs_raw,
                 "jetstream_vs_file_log": vs_file,
-                "hubs": 1,
+                "two_hubs_vs_raw_publisher": two_vs_raw,
+                "two_hubs_vs_one": two_vs_one,
             })
         );
     } else {
@@ -148,6 +167,8 @@ pub async fn run(
             println!("{:<14} {:>12.0}", r.target, r.msgs_per_s);
         }
         println!("hub on JetStream / raw publisher = {vs_raw:.2} (target ≥ 0.80)");
+        println!("two hubs, one log / raw publisher = {two_vs_raw:.2}");
+        println!("two hubs / one hub, same log     = {two_vs_one:.2}");
         println!("hub on JetStream / hub on files  = {vs_file:.2}");
     }
     Ok(())
@@ -199,7 +220,68 @@ async fn phase(t: &mut Target, load: Load) -> anyhow::Result<f64> {
     match t {
         Target::Hub { addr, clients, .. } => Ok(driver::run(*addr, clients, load).await?.rate()),
         Target::Raw { js, devices } => raw_phase(js, devices, load).await,
+        Target::Hubs { hubs, .. } => {
+            let runs = hubs
+                .iter()
+                .map(|(addr, clients)| driver::run(*addr, clients, load));
+            let measured = futures::future::try_join_all(runs).await?;
+            Ok(measured.iter().map(driver::Measured::rate).sum())
+        }
     }
+}
+
+/// `count` hubs sharing the log at `url` (`--hub-id`), with the `n` bench
+/// devices divided by which hub writes their partition.
+async fn start_hubs(dir: &Path, n: usize, url: &str, count: usize) -> anyhow::Result<Target> {
+    std::fs::create_dir_all(dir)?;
+    let mut clients = bench_clients(n);
+    let registry = register(dir, "bench", &mut clients).await?;
+    let mut processes = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..count {
+        let id = format!("hub{i}");
+        let args = ["--partitions", "8", "--log", url, "--hub-id", &id];
+        let hub = spawn_hub(&dir.join(&id), "bench", &registry, &args).await?;
+        addrs.push((hub.mqtt, format!("http://{}", hub.http)));
+        processes.push(hub.process);
+    }
+    // Until every partition has a writer and every hub some.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let owners = loop {
+        let mut owners: Vec<Option<usize>> = vec![None; PARTITIONS as usize];
+        let mut each = vec![0usize; count];
+        for (i, (_, http)) in addrs.iter().enumerate() {
+            let status = fleet_api::client::HubClient::new(http.clone(), None)
+                .status()
+                .await
+                .map_err(|e| anyhow::anyhow!("status of {http}: {e}"))?;
+            for p in status.owned.unwrap_or_default() {
+                if let Some(o) = owners.get_mut(p.0 as usize) {
+                    *o = Some(i);
+                    each[i] += 1;
+                }
+            }
+        }
+        if owners.iter().all(Option::is_some) && each.iter().all(|n| *n > 0) {
+            break owners;
+        }
+        if Instant::now() > deadline {
+            bail!("the {count} hubs never divided the partitions: {owners:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut hubs: Vec<(std::net::SocketAddr, Vec<Client>)> =
+        addrs.iter().map(|(mqtt, _)| (*mqtt, Vec::new())).collect();
+    for c in clients {
+        let p = partition_for(&DeviceId::new(&c.id)?, PARTITIONS);
+        let owner = owners[p.0 as usize].unwrap_or(0);
+        hubs[owner].1.push(c);
+    }
+    hubs.retain(|(_, cs)| !cs.is_empty());
+    Ok(Target::Hubs {
+        hubs,
+        _processes: processes,
+    })
 }
 
 async fn raw_phase(

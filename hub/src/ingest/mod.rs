@@ -289,7 +289,10 @@ impl Ingest {
             // restart still holds the floor.
             log.set_retention_floor(
                 p,
-                if mode == Replication::Off || !linked {
+                if shared {
+                    // Takeovers rebuild from the whole shared log.
+                    Offset(0)
+                } else if mode == Replication::Off || !linked {
                     covered
                 } else {
                     covered.min(peer_pulled.durable(p))
@@ -416,9 +419,11 @@ impl Ingest {
             && let Some(&(last, at)) = part.accepted.get(device)
             && last >= m
         {
+            // The barrier is queued under the lock: nothing (a reload at a
+            // takeover) can come between it and the original's append.
+            let barrier = self.log.flush(p);
             drop(part);
             metrics::counter!("fleet_hub_duplicates_total").increment(1);
-            let barrier = self.log.flush(p);
             let replicated = sync.then(|| self.wait_replicated(p, at));
             return Ok(async move {
                 barrier.await?;
@@ -541,6 +546,11 @@ impl Ingest {
         let p = partition_for(device, self.log.partitions());
         let (mid, barrier) = {
             let part = self.part(p);
+            // A partition written elsewhere (or being taken over) has no
+            // trustworthy ledger here.
+            if !self.owns(p) {
+                return Err(IngestError::NotOwner(p));
+            }
             (
                 part.accepted.get(device).map(|(m, _)| *m),
                 self.log.flush(p),
@@ -555,6 +565,9 @@ impl Ingest {
         let p = partition_for(device, self.log.partitions());
         let r = self.replicated[p.0 as usize].borrow().offset;
         let part = self.part(p);
+        if !self.owns(p) {
+            return None;
+        }
         if !part.linked {
             // Detached: durable here is what `replicated` means.
             return part.accepted.get(device).map(|(m, _)| *m);

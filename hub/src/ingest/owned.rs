@@ -71,16 +71,30 @@ impl Ingest {
     pub async fn give_up(&self, p: PartitionId) {
         let was = {
             // Under the partition's lock: no publish is between its check
-            // and its append once this returns.
-            let _part = self.part(p);
+            // and its append once this returns. The ledger goes too: it may
+            // hold mids whose appends failed, and only a takeover's replay
+            // says what is stored.
+            let mut part = self.part(p);
+            part.accepted.clear();
+            part.unreplicated.clear();
+            part.replicated_mid.clear();
             self.owned[p.0 as usize].swap(false, Ordering::AcqRel)
         };
         if was {
             let _ = self.log.flush(p).await;
             tracing::info!(partition = %p, "partition given up");
         }
+        self.refresh(p).await;
+    }
+
+    /// Reloads a partition this hub does not write, so that what other
+    /// hubs wrote is readable here.
+    pub async fn refresh(&self, p: PartitionId) {
+        if self.owns(p) {
+            return;
+        }
         if let Err(e) = self.log.reload(p, false).await {
-            tracing::warn!(partition = %p, error = %e, "cannot reload a partition given up; reads of it may lag");
+            tracing::warn!(partition = %p, error = %e, "cannot reload a partition written elsewhere; reads of it may lag");
         }
     }
 }

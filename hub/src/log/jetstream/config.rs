@@ -34,6 +34,8 @@ pub struct JetStreamConfig {
     /// partition is written before this hub holds its lease and took it
     /// over ([`super::Leases`]). `None`: this hub is the log's only writer.
     pub hub_id: Option<String>,
+    /// With `hub_id`: how long a silent hub still holds its partitions.
+    pub lease_ttl: Duration,
 }
 
 /// A `--log` value that is not a usable JetStream URL.
@@ -88,6 +90,7 @@ impl JetStreamConfig {
             retention_check: Duration::from_secs(30),
             fsync_recheck: Duration::from_secs(30),
             hub_id: None,
+            lease_ttl: Duration::from_millis(1500),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

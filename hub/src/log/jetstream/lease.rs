@@ -27,11 +27,21 @@ use tokio::time::Instant;
 
 use crate::log::{LogError, LogResult};
 
+/// One hub as this one has seen it.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    /// When this watch first saw it.
+    first: Instant,
+    /// When its heartbeat last changed.
+    last: Instant,
+    /// The heartbeat's revision then.
+    revision: u64,
+}
+
 /// What this hub has seen of the bucket.
 #[derive(Debug, Default)]
 struct View {
-    /// Per hub: when it was first seen, and when its heartbeat last changed.
-    members: HashMap<String, (Instant, Instant)>,
+    members: HashMap<String, Member>,
     /// Per partition: the holder and the lease's revision.
     holders: HashMap<u32, (String, u64)>,
     /// Since when the current watch has been running.
@@ -57,6 +67,9 @@ pub struct Placement {
 pub struct Leases {
     kv: kv::Store,
     me: String,
+    /// Written into every heartbeat: a second process beating under the
+    /// same hub id is noticed.
+    nonce: String,
     view: Arc<Mutex<View>>,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -90,6 +103,7 @@ impl Leases {
         bucket: &str,
         replicas: usize,
         me: &str,
+        ttl: Duration,
         deadline: Instant,
     ) -> LogResult<Leases> {
         if !valid_hub_id(me) {
@@ -117,11 +131,33 @@ impl Leases {
             }
         })
         .await?;
+        // A hub id another live process beats under would make both
+        // hubs take each other's partitions for their own.
+        let beat_key = format!("m.{me}");
+        if let Ok(Some(before)) = kv.entry(&beat_key).await
+            && before.operation == kv::Operation::Put
+        {
+            tokio::time::sleep(ttl).await;
+            if let Ok(Some(after)) = kv.entry(&beat_key).await
+                && after.revision != before.revision
+            {
+                return Err(LogError::Io(format!(
+                    "hub id {me:?} is in use by another live hub of the region; give each hub its own --hub-id"
+                )));
+            }
+        }
+        let nonce = format!("{:016x}", rand::random::<u64>());
         let view = Arc::new(Mutex::new(View::default()));
-        let watcher = tokio::spawn(watch(kv.clone(), view.clone()));
+        let watcher = tokio::spawn(watch(
+            kv.clone(),
+            view.clone(),
+            me.to_string(),
+            nonce.clone(),
+        ));
         let leases = Leases {
             kv,
             me: me.to_string(),
+            nonce,
             view,
             watcher,
         };
@@ -138,9 +174,9 @@ impl Leases {
     /// # Errors
     /// When the bucket cannot be written.
     pub async fn beat(&self) -> LogResult<()> {
-        let now = registry_sync::hlc::wall_ms().to_string();
+        let value = format!("{} {}", self.nonce, registry_sync::hlc::wall_ms());
         self.kv
-            .put(format!("m.{}", self.me), Bytes::from(now))
+            .put(format!("m.{}", self.me), Bytes::from(value))
             .await
             .map(|_| ())
             .map_err(|e| io("heartbeat", e))
@@ -154,17 +190,21 @@ impl Leases {
         let mut live: Vec<String> = view
             .members
             .iter()
-            .filter(|(_, (_, last))| now.duration_since(*last) < ttl)
+            .filter(|(_, m)| now.duration_since(m.last) < ttl)
             .map(|(id, _)| id.clone())
             .collect();
         let mut steady: Vec<String> = view
             .members
             .iter()
-            .filter(|(_, (first, last))| {
-                now.duration_since(*last) < ttl && now.duration_since(*first) >= ttl
-            })
+            .filter(|(_, m)| now.duration_since(m.last) < ttl && now.duration_since(m.first) >= ttl)
             .map(|(id, _)| id.clone())
             .collect();
+        // This hub's own heartbeats coming back through the watch prove the
+        // view current; without them, silence of others proves nothing.
+        let current = view
+            .members
+            .get(&self.me)
+            .is_some_and(|m| now.duration_since(m.last) < ttl);
         if !live.contains(&self.me) {
             live.push(self.me.clone());
         }
@@ -174,9 +214,32 @@ impl Leases {
             live,
             steady,
             holders: view.holders.clone(),
-            settled: view
-                .watching_since
-                .is_some_and(|since| now.duration_since(since) >= ttl),
+            settled: current
+                && view
+                    .watching_since
+                    .is_some_and(|since| now.duration_since(since) >= ttl),
+        }
+    }
+
+    /// Whether `hub` has not beaten since this view last saw it, read from
+    /// the bucket itself (not the watch, which may lag): a lease is taken
+    /// from a hub only when this says so. `false` when it cannot be read.
+    pub async fn silent(&self, hub: &str) -> bool {
+        let seen = self
+            .view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .members
+            .get(hub)
+            .map(|m| m.revision);
+        match self.kv.entry(format!("m.{hub}")).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Some(e.revision) == seen,
+            // Gone (it left) or never there: nobody beats for it.
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(hub, error = %e, "cannot read a hub's heartbeat; not taking its partitions");
+                false
+            }
         }
     }
 
@@ -250,16 +313,29 @@ impl Leases {
 }
 
 /// Follows the bucket into `view`, watching again after any break.
-async fn watch(kv: kv::Store, view: Arc<Mutex<View>>) {
+async fn watch(kv: kv::Store, view: Arc<Mutex<View>>, me: String, nonce: String) {
     loop {
         match kv.watch_with_history(">").await {
             Ok(mut w) => {
-                view.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .watching_since = Some(Instant::now());
+                {
+                    // Heard-from times start again: a hub seen only in the
+                    // history is neither proven live nor steady.
+                    let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+                    v.watching_since = Some(Instant::now());
+                    v.members.clear();
+                }
                 while let Some(entry) = w.next().await {
                     match entry {
-                        Ok(entry) => apply(&view, entry),
+                        Ok(entry) => {
+                            if entry.key.strip_prefix("m.") == Some(me.as_str())
+                                && entry.operation == kv::Operation::Put
+                                && entry.delta == 0
+                                && !entry.value.starts_with(nonce.as_bytes())
+                            {
+                                tracing::error!(hub_id = %me, "another process beats under this hub id; give each hub its own --hub-id");
+                            }
+                            apply(&view, entry);
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "lease watch broke; watching again");
                             break;
@@ -283,10 +359,18 @@ fn apply(view: &Mutex<View>, entry: kv::Entry) {
     if let Some(hub) = entry.key.strip_prefix("m.") {
         if put {
             let now = Instant::now();
+            let revision = entry.revision;
             view.members
                 .entry(hub.to_string())
-                .and_modify(|(_, last)| *last = now)
-                .or_insert((now, now));
+                .and_modify(|m| {
+                    m.last = now;
+                    m.revision = revision;
+                })
+                .or_insert(Member {
+                    first: now,
+                    last: now,
+                    revision,
+                });
         } else {
             view.members.remove(hub);
         }

@@ -334,7 +334,15 @@ impl JetStreamLog {
         }
         let leases = match &config.hub_id {
             Some(me) => Some(Arc::new(
-                Leases::open(&js, &names.leases(), config.replicas, me, deadline).await?,
+                Leases::open(
+                    &js,
+                    &names.leases(),
+                    config.replicas,
+                    me,
+                    config.lease_ttl,
+                    deadline,
+                )
+                .await?,
             )),
             None => None,
         };

@@ -70,6 +70,11 @@ impl Writer {
         // Ids of this writer's publishes must not repeat ones it sent
         // under an earlier view.
         self.writer_id = format!("{:016x}", rand::random::<u64>());
+        // The view is the servers' now: a failure of the earlier one (a
+        // stream moved by another writer) is over. Nothing acknowledges on
+        // this writer's flushes while the partition is not owned (the
+        // ingest checks ownership under its lock, and a takeover empties
+        // the ledger before this reload).
         self.failed = None;
         *self.part.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.part.switch(meta, Offset(hw));
