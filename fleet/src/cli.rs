@@ -246,7 +246,7 @@ fn log_choice(log: &str, hubs_per_region: usize) -> anyhow::Result<bool> {
             anyhow::bail!("--hubs-per-region {n} needs --log jetstream (a file log has one writer)")
         }
         n => anyhow::bail!(
-            "--hubs-per-region {n}: several hubs per region on one JetStream are not implemented yet; one hub per region is"
+            "--hubs-per-region {n}: a two-region fleet with several hubs per region is not built yet (several hubs of one region run with `hub run --hub-id`, without --peer); one hub per region is"
         ),
     }
     Ok(jetstream)

@@ -626,3 +626,44 @@ async fn a_server_restarted_without_fsync_makes_the_log_refuse_writes() {
     let got = log.read(P0, Offset(0), ALL).await.unwrap();
     assert_eq!(got.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_last_record_is_found_without_reading_the_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::shared();
+    let url = cluster.log_url("last");
+    let log = open(&url, 1).await;
+    let last = |device: &str| {
+        let log = log.clone();
+        let device = DeviceId::new(device).unwrap();
+        async move {
+            log.last_of(P0, &device)
+                .await
+                .unwrap()
+                .map(|r| (r.offset.0, r.record.mid.map(|m| m.0)))
+        }
+    };
+    // a.1 … a.5 at 0..5, then "b.x" (a dot in the id) interleaved with a.
+    for m in 1..=5 {
+        log.append(P0, rec("a", m, 1)).await.unwrap();
+    }
+    for m in 1..=3 {
+        log.append(P0, rec("b.x", m, 1)).await.unwrap();
+        log.append(P0, rec("a", 5 + m, 1)).await.unwrap();
+    }
+    assert_eq!(last("a").await, Some((10, Some(8))));
+    assert_eq!(last("b.x").await, Some((9, Some(3))));
+    assert_eq!(last("b").await, None, "a prefix of another id");
+    assert_eq!(last("nobody").await, None);
+    // A failback cuts 8.. away (a.7 at 8, a.8 at 10, b.x 3 at 9): the last
+    // records are those before the cut, in the old generation, and then
+    // the new generation's.
+    log.cut_and_archive(P0, Offset(8), dir.path().join("cut"))
+        .await
+        .unwrap();
+    assert_eq!(last("a").await, Some((6, Some(6))));
+    assert_eq!(last("b.x").await, Some((7, Some(2))));
+    log.append(P0, rec("b.x", 3, 2)).await.unwrap();
+    assert_eq!(last("b.x").await, Some((8, Some(3))));
+    assert_eq!(last("a").await, Some((6, Some(6))));
+}

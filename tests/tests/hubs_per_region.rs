@@ -433,7 +433,11 @@ async fn a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice() {
     }
     let sa = status(&a).await;
     assert_eq!(sa.epoch.0, 1);
-    assert!(owned(&sa).contains(&divided[0][0]));
+    let p = partition_for(&DeviceId::new(device.as_str()).unwrap(), PARTITIONS);
+    assert!(
+        owned(&sa).contains(&p.0),
+        "a writes the device's partition again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

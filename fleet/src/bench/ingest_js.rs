@@ -45,8 +45,10 @@ enum Target {
     /// Several hubs of one region sharing one log, each device sent to the
     /// hub that writes its partition (as the concierge would).
     Hubs {
+        /// Per hub: its MQTT address and the devices it writes.
         hubs: Vec<(std::net::SocketAddr, Vec<Client>)>,
-        _processes: Vec<tokio::process::Child>,
+        http: Vec<std::net::SocketAddr>,
+        processes: Vec<tokio::process::Child>,
     },
     /// async-nats publishing straight into the streams.
     Raw {
@@ -136,6 +138,32 @@ pub async fn run(
             rates[i].push(rate);
         }
     }
+    // Last, one of the two hubs is killed under load.
+    let mut takeover = None;
+    if let Some((
+        _,
+        Target::Hubs {
+            hubs,
+            http,
+            processes,
+        },
+    )) = targets.get_mut(2)
+    {
+        let devices = hubs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, cs))| cs.iter().map(move |c| (c.clone(), i)))
+            .collect();
+        let addrs: Vec<_> = http
+            .iter()
+            .copied()
+            .zip(hubs.iter().map(|(m, _)| *m))
+            .collect();
+        let t = super::takeover::measure(&addrs, devices, &mut processes[0], 0, 1500)
+            .await
+            .context("kill one of two hubs")?;
+        takeover = Some(t);
+    }
     let rows: Vec<Row> = targets
         .iter()
         .zip(&rates)
@@ -159,6 +187,7 @@ pub async fn run(
                 "jetstream_vs_file_log": vs_file,
                 "two_hubs_vs_raw_publisher": two_vs_raw,
                 "two_hubs_vs_one": two_vs_one,
+                "hub_killed": takeover,
             })
         );
     } else {
@@ -170,6 +199,12 @@ pub async fn run(
         println!("two hubs, one log / raw publisher = {two_vs_raw:.2}");
         println!("two hubs / one hub, same log     = {two_vs_one:.2}");
         println!("hub on JetStream / hub on files  = {vs_file:.2}");
+        if let Some(t) = &takeover {
+            println!(
+                "one of two hubs killed: its {} devices' first PUBACK after the kill p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (lease {} ms, no failover)",
+                t.devices, t.p50_ms, t.p99_ms, t.max_ms, t.lease_ttl_ms
+            );
+        }
     }
     Ok(())
 }
@@ -223,6 +258,7 @@ async fn phase(t: &mut Target, load: Load) -> anyhow::Result<f64> {
         Target::Hubs { hubs, .. } => {
             let runs = hubs
                 .iter()
+                .filter(|(_, clients)| !clients.is_empty())
                 .map(|(addr, clients)| driver::run(*addr, clients, load));
             let measured = futures::future::try_join_all(runs).await?;
             Ok(measured.iter().map(driver::Measured::rate).sum())
@@ -242,7 +278,7 @@ async fn start_hubs(dir: &Path, n: usize, url: &str, count: usize) -> anyhow::Re
         let id = format!("hub{i}");
         let args = ["--partitions", "8", "--log", url, "--hub-id", &id];
         let hub = spawn_hub(&dir.join(&id), "bench", &registry, &args).await?;
-        addrs.push((hub.mqtt, format!("http://{}", hub.http)));
+        addrs.push((hub.mqtt, hub.http));
         processes.push(hub.process);
     }
     // Until every partition has a writer and every hub some.
@@ -251,6 +287,7 @@ async fn start_hubs(dir: &Path, n: usize, url: &str, count: usize) -> anyhow::Re
         let mut owners: Vec<Option<usize>> = vec![None; PARTITIONS as usize];
         let mut each = vec![0usize; count];
         for (i, (_, http)) in addrs.iter().enumerate() {
+            let http = format!("http://{http}");
             let status = fleet_api::client::HubClient::new(http.clone(), None)
                 .status()
                 .await
@@ -277,10 +314,10 @@ async fn start_hubs(dir: &Path, n: usize, url: &str, count: usize) -> anyhow::Re
         let owner = owners[p.0 as usize].unwrap_or(0);
         hubs[owner].1.push(c);
     }
-    hubs.retain(|(_, cs)| !cs.is_empty());
     Ok(Target::Hubs {
         hubs,
-        _processes: processes,
+        http: addrs.iter().map(|(_, http)| *http).collect(),
+        processes,
     })
 }
 

@@ -10,6 +10,7 @@ pub mod front;
 pub mod ingest;
 mod ingest_js;
 pub mod replication;
+mod takeover;
 
 use clap::Subcommand;
 

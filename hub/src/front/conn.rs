@@ -594,7 +594,7 @@ impl Conn<'_> {
                 Ok(())
             }
             Err(IngestError::NotPrimary) => Err("not_primary"),
-            Err(IngestError::NotOwner(_)) => Err("partition_moved"),
+            Err(IngestError::NotOwner(_) | IngestError::NotLearned(_)) => Err("partition_moved"),
             Err(e @ IngestError::MidJump { .. }) => {
                 metrics::counter!("fleet_hub_refused_total", "reason" => "mid_jump").increment(1);
                 tracing::info!(device_id = %self.device, error = %e, "refusing an implausible mid");

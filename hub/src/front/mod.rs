@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, IngestError};
 use crate::sessions::Sessions;
 use crate::state::HubState;
 
@@ -311,12 +311,22 @@ impl Front {
             },
         };
         match outcome {
-            AuthOutcome::Enabled if !self.ingest.owns(self.ingest.partition_of(&device)) => {
-                // Another hub of the region writes its partition: the
-                // device asks the concierge again.
-                return Err(Refusal(ServiceUnavailable, "partition_elsewhere"));
+            AuthOutcome::Enabled => {
+                // On a log shared by several hubs: the device's partition
+                // must be this hub's, and its last mid known (looked up
+                // once after a takeover). Otherwise it asks the concierge
+                // again.
+                match self.ingest.learn(&device).await {
+                    Ok(()) => {}
+                    Err(IngestError::NotOwner(_)) => {
+                        return Err(Refusal(ServiceUnavailable, "partition_elsewhere"));
+                    }
+                    Err(e) => {
+                        tracing::warn!(device_id = %device, error = %e, "cannot learn the device's last mid");
+                        return Err(Refusal(ServiceUnavailable, "log_unavailable"));
+                    }
+                }
             }
-            AuthOutcome::Enabled => {}
             AuthOutcome::Disabled => return Err(Refusal(NotAuthorized, "disabled")),
             AuthOutcome::Unknown | AuthOutcome::WrongKey => {
                 // The offender pays, not the fleet: its source's bucket.

@@ -49,6 +49,8 @@ pub enum IngestError {
     NotPrimary,
     #[error("partition {0} is written by another hub of the region")]
     NotOwner(PartitionId),
+    #[error("the device's last mid in partition {0} is not known here yet")]
+    NotLearned(PartitionId),
     #[error(
         "replication out of step on partition {partition}: expected offset {expected}, got {got}"
     )]
@@ -141,6 +143,15 @@ struct PartitionLedger {
     /// When the peer last pulled this partition: a detached peer that is
     /// catching up holds the retention floor too.
     pulled_at: Option<Instant>,
+    /// Taken over on a shared log: a device is looked up in the log when it
+    /// first comes ([`Ingest::learn`]) instead of replaying the partition;
+    /// until then nothing is decided for it.
+    lazy: bool,
+    /// With `lazy`: the devices looked up since the takeover.
+    learned: std::collections::HashSet<DeviceId>,
+    /// Bumped at every takeover and give-up: a lookup that straddles one
+    /// is not applied.
+    era: u64,
 }
 
 /// A peer that pulled within this long counts as pulling.
@@ -305,6 +316,9 @@ impl Ingest {
                 replicated_mid: HashMap::new(),
                 linked,
                 pulled_at: None,
+                lazy: false,
+                learned: std::collections::HashSet::new(),
+                era: 0,
             }));
             // Until the secondary says otherwise, nothing written before a
             // restart counts as replicated (unless there is no secondary).
@@ -413,6 +427,9 @@ impl Ingest {
         }
         if !self.owns(p) {
             return Err(IngestError::NotOwner(p));
+        }
+        if part.lazy && !part.learned.contains(device) {
+            return Err(IngestError::NotLearned(p));
         }
         let sync = self.mode == Replication::Sync && part.linked;
         if let Some(m) = mid
@@ -543,6 +560,7 @@ impl Ingest {
         &self,
         device: &DeviceId,
     ) -> Result<(Option<Mid>, Option<Mid>), IngestError> {
+        self.learn(device).await?;
         let p = partition_for(device, self.log.partitions());
         let (mid, barrier) = {
             let part = self.part(p);

@@ -1,15 +1,14 @@
 //! Which partitions this hub writes, on a log shared by several hubs of a
-//! region. A partition is taken over only after its state is rebuilt from
-//! the shared log, and nothing is decided for it while that runs: a
-//! half-rebuilt ledger would acknowledge a resend as a duplicate of a
-//! record it has not seen stored.
+//! region. After a takeover nothing is decided for a device before its
+//! last mid is learned from the log: a ledger that does not know it would
+//! store a resend twice, or (knowing a failed, unstored mid) acknowledge a
+//! resend as a duplicate of a record that is not stored.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use fleet_api::{Offset, PartitionId};
+use fleet_api::{DeviceId, Offset, PartitionId, partition_for};
 
-use super::{Cover, Ingest, Replication, replay};
+use super::{Cover, Ingest, IngestError, Replication};
 use crate::log::LogError;
 
 impl Ingest {
@@ -36,19 +35,21 @@ impl Ingest {
     }
 
     /// Starts writing partition `p` (its lease is held): reloads the log's
-    /// view of it (whatever another hub wrote), rebuilds every device's last
-    /// mid from the log, and only then takes publishes for it.
+    /// view of it (whatever another hub wrote) and takes publishes for it,
+    /// each device's only once its last mid is learned from the log
+    /// ([`Ingest::learn`], when it connects). Nothing is replayed, so a
+    /// takeover costs the same however long the partition is.
     ///
     /// # Errors
-    /// When the log cannot be reloaded or read; `p` stays unowned.
+    /// When the log cannot be reloaded; `p` stays unowned.
     pub async fn take_over(&self, p: PartitionId) -> Result<(), LogError> {
         self.give_up(p).await;
         self.log.reload(p, true).await?;
-        let mut accepted = HashMap::new();
-        let start = self.log.log_start(p);
-        replay(self.log.as_ref(), p, start, &mut accepted).await?;
         let mut part = self.part(p);
-        part.accepted = accepted;
+        part.accepted.clear();
+        part.learned.clear();
+        part.lazy = true;
+        part.era = part.era.wrapping_add(1);
         part.next = self.log.high_watermark(p);
         part.unreplicated.clear();
         part.replicated_mid.clear();
@@ -76,6 +77,8 @@ impl Ingest {
             // says what is stored.
             let mut part = self.part(p);
             part.accepted.clear();
+            part.learned.clear();
+            part.era = part.era.wrapping_add(1);
             part.unreplicated.clear();
             part.replicated_mid.clear();
             self.owned[p.0 as usize].swap(false, Ordering::AcqRel)
@@ -85,6 +88,40 @@ impl Ingest {
             tracing::info!(partition = %p, "partition given up");
         }
         self.refresh(p).await;
+    }
+
+    /// Learns `device`'s last mid from the log, once per takeover, before
+    /// anything is decided for it (a device that has no record is new).
+    ///
+    /// # Errors
+    /// When the partition is not (or no longer) this hub's, or the log
+    /// cannot be read: the device is not taken now.
+    pub async fn learn(&self, device: &DeviceId) -> Result<(), IngestError> {
+        let p = partition_for(device, self.log.partitions());
+        let era = {
+            let part = self.part(p);
+            if !self.owns(p) {
+                return Err(IngestError::NotOwner(p));
+            }
+            if !part.lazy || part.learned.contains(device) {
+                return Ok(());
+            }
+            part.era
+        };
+        let last = self.log.last_of(p, device).await?;
+        let mut part = self.part(p);
+        if part.era != era || !self.owns(p) {
+            return Err(IngestError::NotOwner(p));
+        }
+        // Learned once: a concurrent connect of the same device may have
+        // learned it first, and decided publishes since.
+        if part.learned.insert(device.clone())
+            && let Some(r) = last
+            && let Some(m) = r.record.mid
+        {
+            part.accepted.insert(device.clone(), (m, r.offset));
+        }
+        Ok(())
     }
 
     /// Reloads a partition this hub does not write, so that what other

@@ -175,6 +175,21 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         history: Vec<(Epoch, Offset)>,
     ) -> BoxFuture<'static, LogResult<u64>>;
 
+    /// The last record of `device` in partition `p` (appends only ever
+    /// raise a device's mid, so it holds the highest), found without
+    /// reading the partition; `None` when the device has none. A backend
+    /// that cannot answer this says so, and its callers replay instead.
+    fn last_of(
+        &self,
+        p: PartitionId,
+        device: &DeviceId,
+    ) -> BoxFuture<'_, LogResult<Option<Record>>> {
+        let _ = (p, device);
+        Box::pin(futures::future::ready(Err(LogError::Io(
+            "this log cannot look up a device's last record".to_string(),
+        ))))
+    }
+
     /// Reloads partition `p` from the backend: on a log shared by several
     /// hubs, what another hub wrote becomes readable here. `own`: this hub
     /// writes the partition from now on (appends continue after whatever is

@@ -8,6 +8,7 @@
 //! monitoring ports), unless the operator opts out.
 
 mod config;
+mod last;
 pub mod lease;
 mod meta;
 mod read;
@@ -237,6 +238,7 @@ pub struct JetStreamLog {
     max_message: usize,
     /// The partitions' leases, when several hubs share the log.
     leases: Option<Arc<Leases>>,
+    names: StreamNames,
 }
 
 impl std::fmt::Debug for JetStreamLog {
@@ -351,6 +353,7 @@ impl JetStreamLog {
             writers,
             max_message,
             leases,
+            names,
         }))
     }
 
@@ -731,6 +734,15 @@ impl EventLog for JetStreamLog {
             history,
             reply,
         })
+    }
+
+    fn last_of(
+        &self,
+        p: PartitionId,
+        device: &fleet_api::DeviceId,
+    ) -> BoxFuture<'_, LogResult<Option<Record>>> {
+        let device = device.clone();
+        async move { self.part(p)?.last_of(&self.names, device.as_str()).await }.boxed()
     }
 
     fn reload(&self, p: PartitionId, own: bool) -> BoxFuture<'static, LogResult<()>> {
