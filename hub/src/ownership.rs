@@ -6,8 +6,9 @@
 //!   (`fleet_api::rendezvous`, the same choice the concierge makes), so a
 //!   hub joining moves about 1/N partitions and a hub dying moves its own.
 //! - A partition whose lease is free, or whose holder stopped beating, is
-//!   taken by compare-and-set by the hub it now belongs to, which rebuilds
-//!   its devices' state from the log before taking a publish for it.
+//!   taken by compare-and-set by the hub it now belongs to, which reloads
+//!   it from the servers and looks each device's last mid up in the log
+//!   before taking a publish of that device.
 //! - A hub that holds a partition another steady hub now wins gives it up
 //!   (nothing more is decided for it, what was decided is flushed, its
 //!   devices are told to go) and then releases the lease.
@@ -72,9 +73,9 @@ impl Ownership {
 
     /// Runs until `shutdown`, then leaves (releases its leases at once).
     pub async fn run(mut self, shutdown: CancellationToken) {
-        // Heartbeats in a task of their own: a long takeover (a large
-        // partition to replay) or a flush waiting on the servers must not
-        // make this hub look dead to the others.
+        // Heartbeats in a task of their own: a takeover or a flush waiting
+        // on servers in trouble must not make this hub look dead to the
+        // others.
         let beats = tokio::spawn(beat_loop(self.leases.clone(), self.ttl / 6));
         let mut tick = tokio::time::interval(self.ttl / 6);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -666,4 +666,20 @@ async fn a_devices_last_record_is_found_without_reading_the_partition() {
     log.append(P0, rec("b.x", 3, 2)).await.unwrap();
     assert_eq!(last("b.x").await, Some((8, Some(3))));
     assert_eq!(last("a").await, Some((6, Some(6))));
+    // a.7 at 9, then a failback cuts it (9..): a's last message in that
+    // generation is in its cut tail, and its live part (8..9) has none of
+    // a's records: a's last is still the one in the oldest generation.
+    log.append(P0, rec("a", 7, 2)).await.unwrap();
+    log.cut_and_archive(P0, Offset(9), dir.path().join("cut2"))
+        .await
+        .unwrap();
+    assert_eq!(last("a").await, Some((6, Some(6))));
+    // c.1 at 9 and c.2 at 10, cut at 10: c's last is the one at 9.
+    log.append(P0, rec("c", 1, 2)).await.unwrap();
+    log.append(P0, rec("c", 2, 2)).await.unwrap();
+    log.cut_and_archive(P0, Offset(10), dir.path().join("cut3"))
+        .await
+        .unwrap();
+    assert_eq!(last("c").await, Some((9, Some(1))));
+    assert_eq!(last("a").await, Some((6, Some(6))));
 }

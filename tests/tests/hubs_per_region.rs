@@ -260,6 +260,24 @@ impl Flapper {
         }
     }
 
+    /// [`Flapper::run`] until `target`, connecting again (after a pause,
+    /// as a device backs off) whenever the connection breaks: right after
+    /// a partition moved, a hub may still take the device before it learns
+    /// that its view is stale; its append then fails unacknowledged.
+    async fn settle(&mut self, hub: &HubNode, target: usize) {
+        let mut tries = 0;
+        while !self.run(hub, target, 0).await {
+            tries += 1;
+            assert!(
+                tries < 50,
+                "{} never got through to {}",
+                self.device,
+                hub.mqtt
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn connect(&self, hub: &HubNode) -> Conn {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let c = loop {
@@ -340,17 +358,17 @@ async fn a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup() {
     assert!(f.run(&a, 300, 64).await);
     a.node.kill9();
     // b takes the partition over; the device resends what is in flight.
-    assert!(f.run(&b, 600, 0).await);
+    f.settle(&b, 600).await;
     // a comes back (same id): the partition returns to it, which closes
     // the device's connection to b while publishes are in flight.
     a.restart(&h);
     let moved_back = !f.run(&b, usize::MAX, 0).await;
     assert!(moved_back, "the connection to b was never closed");
-    assert!(f.run(&a, 900, 0).await);
+    f.settle(&a, 900).await;
     // And once more to b, a killed again mid-stream.
     assert!(f.run(&a, 1000, 64).await);
     a.node.kill9();
-    assert!(f.run(&b, 1200, 0).await);
+    f.settle(&b, 1200).await;
 
     // Resends of what a had stored were recognised, not stored again.
     assert!(b.metric("fleet_hub_duplicates_total").await > 0.0);
@@ -408,7 +426,7 @@ async fn a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice() {
         .status()
         .unwrap();
     assert!(stop.success());
-    assert!(f.run(&b, 700, 0).await);
+    f.settle(&b, 700).await;
     // a resumes believing it still writes its partitions: whatever it
     // still tries to store must not land beside b's records.
     let cont = std::process::Command::new("kill")
@@ -420,7 +438,10 @@ async fn a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice() {
     // off b with publishes in flight), then the device goes on at a.
     let moved_back = !f.run(&b, usize::MAX, 0).await;
     assert!(moved_back, "the connection to b was never closed");
-    assert!(f.run(&a, 1100, 0).await);
+    // The resumed a may still take the device before it learns that its
+    // view is stale: its first append then fails (the stream moved), the
+    // device is not acknowledged and connects again, as a device does.
+    f.settle(&a, 1100).await;
 
     let stored = stored_mids(&a, Bytes::Raw).await;
     assert_once_in_order(&stored);
@@ -507,4 +528,76 @@ async fn hub_id_settings_that_cannot_work_are_refused_with_one_clear_line() {
             std::fs::read_to_string(h.logs().join(format!("{label}.log"))).unwrap_or_default();
         assert!(err.contains(says), "{extra:?}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_learns_the_highest_mid_behind_a_plain_publish() {
+    let h = harness!("a_takeover_learns_the_highest_mid_behind_a_plain_publish");
+    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("mixed-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let url = cluster.log_url("eu");
+    let mut a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
+    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
+    let divided = until_divided(&[&a, &b]).await;
+    let device = ids
+        .iter()
+        .find(|d| {
+            let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
+            divided[0].contains(&p.0)
+        })
+        .expect("a device of hub a")
+        .clone();
+    let key = reg.key(&device);
+    // Numbered 1..=20, then one plain publish (no mid) last.
+    let (mut c, code) = RawClient::connect(a.mqtt, &device, Some((&device, &key))).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    for mid in 1..=20u64 {
+        let topic = format!("devices/{device}/messages/events/{mid}");
+        c.publish(
+            &topic,
+            QoS::AtLeastOnce,
+            mid as u16,
+            &payload_of(&device, mid),
+        )
+        .await;
+        assert!(matches!(
+            c.recv(Duration::from_secs(30)).await,
+            Ok(Packet::PubAck(_))
+        ));
+    }
+    let plain = format!("devices/{device}/messages/events");
+    c.publish(&plain, QoS::AtLeastOnce, 100, &payload_of(&device, 0))
+        .await;
+    assert!(matches!(
+        c.recv(Duration::from_secs(30)).await,
+        Ok(Packet::PubAck(_))
+    ));
+    a.node.kill9();
+    // At b, after the takeover: resends of 19 and 20 are duplicates, 21 new.
+    let mut f = Flapper {
+        key: key.clone(),
+        device: device.clone(),
+        next_mid: 21,
+        unacked: [(19, ()), (20, ())].into_iter().collect(),
+        acked: Vec::new(),
+        conn: None,
+    };
+    assert!(f.run(&b, 3, 0).await);
+    assert!(b.metric("fleet_hub_duplicates_total").await >= 2.0);
+    let stored = stored_mids(&b, Bytes::Raw).await;
+    let mids = &stored[&device];
+    let rest = mids.len() - 21;
+    assert_eq!(
+        mids[..],
+        (1..=20)
+            .chain([0])
+            .chain(21..21 + rest as u64)
+            .collect::<Vec<u64>>()[..],
+        "each mid once, in order (0: the plain publish)"
+    );
 }

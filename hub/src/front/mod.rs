@@ -311,22 +311,7 @@ impl Front {
             },
         };
         match outcome {
-            AuthOutcome::Enabled => {
-                // On a log shared by several hubs: the device's partition
-                // must be this hub's, and its last mid known (looked up
-                // once after a takeover). Otherwise it asks the concierge
-                // again.
-                match self.ingest.learn(&device).await {
-                    Ok(()) => {}
-                    Err(IngestError::NotOwner(_)) => {
-                        return Err(Refusal(ServiceUnavailable, "partition_elsewhere"));
-                    }
-                    Err(e) => {
-                        tracing::warn!(device_id = %device, error = %e, "cannot learn the device's last mid");
-                        return Err(Refusal(ServiceUnavailable, "log_unavailable"));
-                    }
-                }
-            }
+            AuthOutcome::Enabled => {}
             AuthOutcome::Disabled => return Err(Refusal(NotAuthorized, "disabled")),
             AuthOutcome::Unknown | AuthOutcome::WrongKey => {
                 // The offender pays, not the fleet: its source's bucket.
@@ -346,6 +331,18 @@ impl Front {
         {
             return Err(Refusal(ServiceUnavailable, "rate_limited"));
         }
-        Ok(device)
+        // On a log shared by several hubs: the device's partition must be
+        // this hub's, and its last mid known (looked up once after a
+        // takeover). Otherwise it asks the concierge again.
+        match self.ingest.learn(&device).await {
+            Ok(()) => Ok(device),
+            Err(IngestError::NotOwner(_)) => {
+                Err(Refusal(ServiceUnavailable, "partition_elsewhere"))
+            }
+            Err(e) => {
+                tracing::warn!(device_id = %device, error = %e, "cannot learn the device's last mid");
+                Err(Refusal(ServiceUnavailable, "log_unavailable"))
+            }
+        }
     }
 }

@@ -301,7 +301,8 @@ impl Ingest {
             log.set_retention_floor(
                 p,
                 if shared {
-                    // Takeovers rebuild from the whole shared log.
+                    // The shared log is the only record of every device's
+                    // last mid (no shared snapshots yet).
                     Offset(0)
                 } else if mode == Replication::Off || !linked {
                     covered
@@ -565,9 +566,13 @@ impl Ingest {
         let (mid, barrier) = {
             let part = self.part(p);
             // A partition written elsewhere (or being taken over) has no
-            // trustworthy ledger here.
+            // trustworthy ledger here; nor has a device not learned since
+            // the last takeover (one may have run since `learn` above).
             if !self.owns(p) {
                 return Err(IngestError::NotOwner(p));
+            }
+            if part.lazy && !part.learned.contains(device) {
+                return Err(IngestError::NotLearned(p));
             }
             (
                 part.accepted.get(device).map(|(m, _)| *m),
@@ -783,9 +788,9 @@ impl Ingest {
     /// the attached peer has durably pulled (as recorded on disk).
     pub async fn snapshot(&self) {
         if self.shared {
-            // A takeover rebuilds from the shared log, never from one hub's
-            // snapshot; and retention keeps the log whole (floor 0), since
-            // the log is then the only record of every device's last mid.
+            // A takeover learns devices from the shared log, never from
+            // one hub's snapshot; and retention keeps the log whole (floor
+            // 0), since it is the only record of every device's last mid.
             return;
         }
         // File writes and fsyncs run off the runtime's threads.

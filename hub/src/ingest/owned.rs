@@ -73,8 +73,8 @@ impl Ingest {
         let was = {
             // Under the partition's lock: no publish is between its check
             // and its append once this returns. The ledger goes too: it may
-            // hold mids whose appends failed, and only a takeover's replay
-            // says what is stored.
+            // hold mids whose appends failed, and only the log says what is
+            // stored (looked up again after a takeover).
             let mut part = self.part(p);
             part.accepted.clear();
             part.learned.clear();
@@ -108,7 +108,18 @@ impl Ingest {
             }
             part.era
         };
-        let last = self.log.last_of(p, device).await?;
+        let last = match self.log.last_of(p, device).await? {
+            // Its last record has no mid (plain publishes mixed with
+            // numbered ones): the highest mid is further back, found by
+            // reading the partition (rare; devices that number always do).
+            Some(r) if r.record.mid.is_none() => {
+                let mut accepted = super::Accepted::new();
+                super::replay(self.log.as_ref(), p, self.log.log_start(p), &mut accepted).await?;
+                accepted.remove(device)
+            }
+            Some(r) => r.record.mid.map(|m| (m, r.offset)),
+            None => None,
+        };
         let mut part = self.part(p);
         if part.era != era || !self.owns(p) {
             return Err(IngestError::NotOwner(p));
@@ -116,10 +127,9 @@ impl Ingest {
         // Learned once: a concurrent connect of the same device may have
         // learned it first, and decided publishes since.
         if part.learned.insert(device.clone())
-            && let Some(r) = last
-            && let Some(m) = r.record.mid
+            && let Some(found) = last
         {
-            part.accepted.insert(device.clone(), (m, r.offset));
+            part.accepted.insert(device.clone(), found);
         }
         Ok(())
     }

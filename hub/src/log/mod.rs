@@ -175,10 +175,10 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         history: Vec<(Epoch, Offset)>,
     ) -> BoxFuture<'static, LogResult<u64>>;
 
-    /// The last record of `device` in partition `p` (appends only ever
-    /// raise a device's mid, so it holds the highest), found without
-    /// reading the partition; `None` when the device has none. A backend
-    /// that cannot answer this says so, and its callers replay instead.
+    /// The last record of `device` in partition `p`, found without reading
+    /// the partition; `None` when the device has none. Appends only ever
+    /// raise a device's mid, so when it has a mid it is the highest. A
+    /// backend that cannot answer this says so (then no hub shares it).
     fn last_of(
         &self,
         p: PartitionId,

@@ -2,7 +2,8 @@
 //! partition: every device has its own subject, and a stream answers the
 //! last message of a subject directly. A takeover on a shared log learns a
 //! device's highest mid this way when the device first comes (appends only
-//! ever raise a device's mid, so its last record holds its highest).
+//! ever raise a device's mid, so a last record with a mid holds the
+//! highest; one without sends the caller to read the partition).
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use fleet_api::Offset;
@@ -54,15 +55,18 @@ impl Part {
                 Decoded::Short { .. } => return Err(corrupt("truncated frame".to_string())),
                 Decoded::Bad(why) => return Err(corrupt(why.to_string())),
             };
-            return match end {
+            match end {
                 Some(end) if record.offset.0 >= end => {
                     // Cut away: the device's last record in this
                     // generation's live part, by reading it (rare: after a
-                    // failback, for a device silent since).
-                    self.scan_last(first.max(meta.start), end, device).await
+                    // failback, for a device silent since); none there,
+                    // the older generations may hold one.
+                    if let Some(r) = self.scan_last(first.max(meta.start), end, device).await? {
+                        return Ok(Some(r));
+                    }
                 }
-                _ => Ok(Some(record)),
-            };
+                _ => return Ok(Some(record)),
+            }
         }
         Ok(None)
     }
