@@ -201,6 +201,46 @@ async fn two_hubs_in_a_region_one_killed_loses_nothing_and_fails_nothing_over() 
     assert_eq!(stored.len(), ids.len());
 }
 
+/// Two hubs of region eu sharing a fresh R3 log, with the partitions
+/// divided, and a registered device whose partition hub a writes.
+struct Pair {
+    _cluster: NatsCluster,
+    reg: Registry,
+    a: HubNode,
+    b: HubNode,
+    device: String,
+}
+
+impl Pair {
+    async fn start(h: &tests::Harness, prefix: &str) -> Pair {
+        let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+            .await
+            .unwrap();
+        let ids: Vec<String> = (0..16).map(|i| format!("{prefix}-{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut reg = Registry::sqlite(h.dir(), "eu").await;
+        reg.add(&refs).await;
+        let url = cluster.log_url("eu");
+        let a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
+        let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
+        let divided = until_divided(&[&a, &b]).await;
+        let device = ids
+            .into_iter()
+            .find(|d| {
+                let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
+                divided[0].contains(&p.0)
+            })
+            .expect("a device of hub a");
+        Pair {
+            _cluster: cluster,
+            reg,
+            a,
+            b,
+            device,
+        }
+    }
+}
+
 /// A connection of the [`Flapper`]: to which hub, and what is in flight.
 struct Conn {
     hub: std::net::SocketAddr,
@@ -221,6 +261,17 @@ struct Flapper {
 }
 
 impl Flapper {
+    fn new(reg: &Registry, device: &str) -> Flapper {
+        Flapper {
+            key: reg.key(device),
+            device: device.to_string(),
+            next_mid: 1,
+            unacked: BTreeMap::new(),
+            acked: Vec::new(),
+            conn: None,
+        }
+    }
+
     /// Publishes on its connection to `hub` (connecting first, retrying
     /// while the hub refuses: the partition is not there yet) until
     /// `target` are acknowledged in all, then sends `send_only` more
@@ -326,34 +377,14 @@ impl Flapper {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup() {
     let h = harness!("a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup");
-    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
-        .await
-        .unwrap();
-    let ids: Vec<String> = (0..16).map(|i| format!("flap-{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let mut reg = Registry::sqlite(h.dir(), "eu").await;
-    reg.add(&refs).await;
-    let url = cluster.log_url("eu");
-    let mut a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
-    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
-    let divided = until_divided(&[&a, &b]).await;
-    // A device whose partition hub a writes.
-    let device = ids
-        .iter()
-        .find(|d| {
-            let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
-            divided[0].contains(&p.0)
-        })
-        .expect("a device of hub a")
-        .clone();
-    let mut f = Flapper {
-        key: reg.key(&device),
-        device: device.clone(),
-        next_mid: 1,
-        unacked: BTreeMap::new(),
-        acked: Vec::new(),
-        conn: None,
-    };
+    let Pair {
+        _cluster,
+        reg,
+        mut a,
+        b,
+        device,
+    } = Pair::start(&h, "flap").await;
+    let mut f = Flapper::new(&reg, &device);
     // On a, with 64 more in flight when a is killed.
     assert!(f.run(&a, 300, 64).await);
     a.node.kill9();
@@ -390,33 +421,14 @@ async fn a_device_moved_between_two_hubs_both_ways_keeps_order_and_dedup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice() {
     let h = harness!("a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice");
-    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
-        .await
-        .unwrap();
-    let ids: Vec<String> = (0..16).map(|i| format!("pause-{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let mut reg = Registry::sqlite(h.dir(), "eu").await;
-    reg.add(&refs).await;
-    let url = cluster.log_url("eu");
-    let a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
-    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
-    let divided = until_divided(&[&a, &b]).await;
-    let device = ids
-        .iter()
-        .find(|d| {
-            let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
-            divided[0].contains(&p.0)
-        })
-        .expect("a device of hub a")
-        .clone();
-    let mut f = Flapper {
-        key: reg.key(&device),
-        device: device.clone(),
-        next_mid: 1,
-        unacked: BTreeMap::new(),
-        acked: Vec::new(),
-        conn: None,
-    };
+    let Pair {
+        _cluster,
+        reg,
+        a,
+        b,
+        device,
+    } = Pair::start(&h, "pause").await;
+    let mut f = Flapper::new(&reg, &device);
     assert!(f.run(&a, 300, 64).await);
     // a stops (a long GC pause, a stopped VM) with publishes in flight,
     // and is taken for dead: b takes its partitions over.
@@ -443,13 +455,32 @@ async fn a_paused_hub_that_resumes_after_a_takeover_stores_nothing_twice() {
     // device is not acknowledged and connects again, as a device does.
     f.settle(&a, 1100).await;
 
-    let stored = stored_mids(&a, Bytes::Raw).await;
+    // A hub's view of a partition it just got back may lag the log for a
+    // moment (it is reloaded from the servers); what was acknowledged must
+    // become readable, so the read is repeated until it covers the acked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let stored = stored_mids(&a, Bytes::Raw).await;
+        let covered = stored
+            .get(&device)
+            .is_some_and(|m| f.acked.iter().all(|x| m.binary_search(x).is_ok()));
+        if covered || tokio::time::Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_once_in_order(&stored);
     let mids = &stored[&device];
     for m in &f.acked {
         assert!(
             mids.binary_search(m).is_ok(),
-            "{device}: mid {m} acknowledged, not stored"
+            "{device}: mid {m} acknowledged, not stored; stored around it: {:?}; acked around it: {:?}",
+            &mids[mids.partition_point(|x| x < m).saturating_sub(5)
+                ..(mids.partition_point(|x| x < m) + 5).min(mids.len())],
+            f.acked
+                .iter()
+                .position(|x| x == m)
+                .map(|at| &f.acked[at.saturating_sub(5)..(at + 5).min(f.acked.len())])
         );
     }
     let sa = status(&a).await;
@@ -533,25 +564,13 @@ async fn hub_id_settings_that_cannot_work_are_refused_with_one_clear_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_learns_the_highest_mid_behind_a_plain_publish() {
     let h = harness!("a_takeover_learns_the_highest_mid_behind_a_plain_publish");
-    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
-        .await
-        .unwrap();
-    let ids: Vec<String> = (0..16).map(|i| format!("mixed-{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let mut reg = Registry::sqlite(h.dir(), "eu").await;
-    reg.add(&refs).await;
-    let url = cluster.log_url("eu");
-    let mut a = h.hub("hub-a", "eu", &reg.url, &hub_args(&url, "a"));
-    let b = h.hub("hub-b", "eu", &reg.url, &hub_args(&url, "b"));
-    let divided = until_divided(&[&a, &b]).await;
-    let device = ids
-        .iter()
-        .find(|d| {
-            let p = partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS);
-            divided[0].contains(&p.0)
-        })
-        .expect("a device of hub a")
-        .clone();
+    let Pair {
+        _cluster,
+        reg,
+        mut a,
+        b,
+        device,
+    } = Pair::start(&h, "mixed").await;
     let key = reg.key(&device);
     // Numbered 1..=20, then one plain publish (no mid) last.
     let (mut c, code) = RawClient::connect(a.mqtt, &device, Some((&device, &key))).await;
@@ -579,14 +598,9 @@ async fn a_takeover_learns_the_highest_mid_behind_a_plain_publish() {
     ));
     a.node.kill9();
     // At b, after the takeover: resends of 19 and 20 are duplicates, 21 new.
-    let mut f = Flapper {
-        key: key.clone(),
-        device: device.clone(),
-        next_mid: 21,
-        unacked: [(19, ()), (20, ())].into_iter().collect(),
-        acked: Vec::new(),
-        conn: None,
-    };
+    let mut f = Flapper::new(&reg, &device);
+    f.next_mid = 21;
+    f.unacked = [(19, ()), (20, ())].into_iter().collect();
     assert!(f.run(&b, 3, 0).await);
     assert!(b.metric("fleet_hub_duplicates_total").await >= 2.0);
     let stored = stored_mids(&b, Bytes::Raw).await;

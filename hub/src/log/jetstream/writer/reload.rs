@@ -62,7 +62,15 @@ impl Writer {
         })
         .await?;
         stream = self.part.stream(current).unwrap_or(stream);
-        let hw = info.state.last_sequence;
+        // A stream's state may be answered by a server that lags (seen
+        // under load after a takeover): within the same generations the
+        // view never goes back (a cut starts a new generation).
+        let (seen_meta, seen_hw) = self.part.snapshot();
+        let hw = if seen_meta.gens == meta.gens {
+            info.state.last_sequence.max(seen_hw.0)
+        } else {
+            info.state.last_sequence
+        };
         self.meta = meta.clone();
         self.revision = revision;
         self.stream = stream;
