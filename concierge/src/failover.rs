@@ -42,21 +42,6 @@ pub async fn run(
     let spec = fleet
         .spec(to)
         .ok_or_else(|| FailoverError::UnknownRegion(to.clone()))?;
-    let hubs = &fleet.config.hubs;
-    if let Some(several) = hubs
-        .iter()
-        .map(|h| &h.region)
-        .find(|r| hubs.iter().filter(|h| &h.region == *r).count() > 1)
-    {
-        // Role and epoch are still kept per hub: promoting or fencing one
-        // hub of several would leave the others in the old role.
-        return Err(FailoverError::Check {
-            region: to.clone(),
-            message: format!(
-                "region {several} has several hubs; failover between regions with several hubs is not supported yet"
-            ),
-        });
-    }
     let checks = crate::checks::before(fleet, to, mode, trigger != "automatic").await?;
     let request = PromoteRequest {
         expected_epoch: fleet.max_epoch(),

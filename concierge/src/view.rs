@@ -196,12 +196,25 @@ impl Fleet {
             .unwrap_or(Epoch(0))
     }
 
+    /// The hub of `region` to talk to for the region (a promotion, its
+    /// checks): the first healthy one, else the first configured. With
+    /// several hubs, any hub speaks for its region (they share role and
+    /// epoch).
     pub fn spec(&self, region: &Region) -> Option<HubSpec> {
-        self.config
+        let healthy = self
             .hubs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|h| &h.region == region)
-            .cloned()
+            .find(|h| &h.spec.region == region && h.healthy)
+            .map(|h| h.spec.clone());
+        healthy.or_else(|| {
+            self.config
+                .hubs
+                .iter()
+                .find(|h| &h.region == region)
+                .cloned()
+        })
     }
 
     /// The regions for `GET /v1/regions` and the status page.

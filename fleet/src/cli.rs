@@ -207,6 +207,7 @@ async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
     opts.auto_failover_after_s = args.auto_failover_after_s;
     opts.ttl_s = 5;
     opts.jetstream = log_choice(&args.log, args.hubs_per_region)?;
+    opts.hubs_per_region = args.hubs_per_region;
     let fleet = crate::up::Fleet::up(crate::up::Launcher::current()?, opts).await?;
     if json {
         println!(
@@ -219,6 +220,7 @@ async fn up(args: UpArgs, json: bool) -> anyhow::Result<()> {
                 "dns": fleet.dns,
                 "regions": fleet.regions.iter().map(|r| serde_json::json!({
                     "region": r.name, "http": r.http, "mqtt": r.mqtt, "stream": r.stream, "registry": r.registry,
+                    "more_hubs": r.more.iter().map(|m| serde_json::json!({"http": m.http, "mqtt": m.mqtt})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "stream_password": fleet.stream_password.expose(),
             })
@@ -245,9 +247,8 @@ fn log_choice(log: &str, hubs_per_region: usize) -> anyhow::Result<bool> {
         n if !jetstream => {
             anyhow::bail!("--hubs-per-region {n} needs --log jetstream (a file log has one writer)")
         }
-        n => anyhow::bail!(
-            "--hubs-per-region {n}: a two-region fleet with several hubs per region is not built yet (several hubs of one region run with `hub run --hub-id`, without --peer); one hub per region is"
-        ),
+        n if n > 8 => anyhow::bail!("--hubs-per-region {n}: at most 8 on one machine"),
+        _ => {}
     }
     Ok(jetstream)
 }
@@ -291,6 +292,7 @@ async fn drill(args: DrillArgs, json: bool) -> anyhow::Result<()> {
     }
     opts.payload_bytes = args.payload_bytes;
     opts.jetstream = log_choice(&args.log, args.hubs_per_region)?;
+    opts.hubs_per_region = args.hubs_per_region;
     let report = crate::drill::run(crate::up::Launcher::current()?, opts, |line| {
         eprintln!("drill: {line}")
     })

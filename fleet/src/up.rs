@@ -221,6 +221,8 @@ pub struct UpOptions {
     /// Each region's log on its own JetStream cluster (three nats-server
     /// processes, R3, fsync before ack) instead of the embedded file log.
     pub jetstream: bool,
+    /// Hubs per region (several share the region's JetStream log).
+    pub hubs_per_region: usize,
 }
 
 impl UpOptions {
@@ -235,6 +237,7 @@ impl UpOptions {
             peer_detach_after_s: None,
             max_lag_ms: None,
             jetstream: false,
+            hubs_per_region: 1,
         }
     }
 }
@@ -251,11 +254,37 @@ pub struct RegionProcs {
     pub stream: SocketAddr,
     /// The region's JetStream cluster (with `--log jetstream`).
     pub nats: Option<NatsCluster>,
+    /// The region's other hubs (`--hubs-per-region` above 1), on the same
+    /// log as `hub`.
+    pub more: Vec<MoreHub>,
+}
+
+/// A region's second (third…) hub.
+#[derive(Debug)]
+pub struct MoreHub {
+    pub hub: Proc,
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
 }
 
 impl RegionProcs {
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// Every hub's HTTP URL, the first hub's first.
+    pub fn http_urls(&self) -> Vec<String> {
+        std::iter::once(self.http)
+            .chain(self.more.iter().map(|m| m.http))
+            .map(|a| format!("http://{a}"))
+            .collect()
+    }
+
+    /// Every hub's HTTP and MQTT address.
+    fn hubs(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        std::iter::once((self.http, self.mqtt))
+            .chain(self.more.iter().map(|m| (m.http, m.mqtt)))
+            .collect()
     }
 }
 
@@ -310,11 +339,26 @@ impl Fleet {
             store.claim_region(&Region::new(*r)?).await?;
             store.close().await;
         }
-        let https = [reserve([127, 0, 0, 1])?, reserve([127, 0, 0, 1])?];
+        let n = opts.hubs_per_region.max(1);
+        if n > 1 && !opts.jetstream {
+            anyhow::bail!("several hubs per region need the JetStream log");
+        }
+        let mut https = Vec::new();
+        for _ in 0..2 {
+            let mut region = Vec::new();
+            for _ in 0..n {
+                region.push(reserve([127, 0, 0, 1])?);
+            }
+            https.push(region);
+        }
         let mut regions = Vec::new();
         for (i, r) in names.iter().enumerate() {
-            let peer = format!("http://{}", https[1 - i]);
-            let data = dir.join(format!("hub-{r}"));
+            // Every hub of the other region (any of them speaks for it).
+            let peer = https[1 - i]
+                .iter()
+                .map(|a| format!("http://{a}"))
+                .collect::<Vec<_>>()
+                .join(",");
             let nats = if opts.jetstream {
                 let nats_dir = dir.join(format!("nats-{r}"));
                 std::fs::create_dir_all(&nats_dir)?;
@@ -326,77 +370,96 @@ impl Fleet {
             } else {
                 None
             };
-            let mut args = vec![
-                "hub".into(),
-                "--json".into(),
-                "run".into(),
-                "--region".into(),
-                (*r).to_string(),
-                "--data".into(),
-                data.display().to_string(),
-                "--registry".into(),
-                registries[i].clone(),
-                "--mqtt".into(),
-                "127.0.0.1:0".into(),
-                "--http".into(),
-                https[i].to_string(),
-                "--admin-token".into(),
-                admin_token.expose().to_string(),
-                "--role".into(),
-                if i == 0 {
-                    "primary".into()
+            let mut started = Vec::new();
+            for (j, http) in https[i].iter().copied().enumerate() {
+                let suffix = if j == 0 {
+                    String::new()
                 } else {
-                    "secondary".into()
-                },
-                "--peer".into(),
-                peer,
-                "--peer-token".into(),
-                peer_token.expose().to_string(),
-                "--replication".into(),
-                opts.replication.clone(),
-                "--partitions".into(),
-                opts.partitions.to_string(),
-                "--stream".into(),
-                "127.0.0.1:0".into(),
-                "--stream-password".into(),
-                stream_password.expose().to_string(),
-                // On loopback every device comes from one address: the
-                // per-address limits (there for fleets on many machines)
-                // would pace the whole fleet as one client.
-                "--connect-rate-per-source".into(),
-                "1000000".into(),
-                // What a hub admits on this kind of machine (`fleet bench
-                // connections`: 13,000-19,000 CONNECT/s), with room.
-                "--connect-rate".into(),
-                "10000".into(),
-                "--max-pending-per-source".into(),
-                "1000000".into(),
-            ];
-            if let Some(s) = opts.peer_detach_after_s {
-                args.extend(["--peer-detach-after-s".into(), s.to_string()]);
+                    (j + 1).to_string()
+                };
+                let data = dir.join(format!("hub-{r}{suffix}"));
+                let mut args = vec![
+                    "hub".into(),
+                    "--json".into(),
+                    "run".into(),
+                    "--region".into(),
+                    (*r).to_string(),
+                    "--data".into(),
+                    data.display().to_string(),
+                    "--registry".into(),
+                    registries[i].clone(),
+                    "--mqtt".into(),
+                    "127.0.0.1:0".into(),
+                    "--http".into(),
+                    http.to_string(),
+                    "--admin-token".into(),
+                    admin_token.expose().to_string(),
+                    "--role".into(),
+                    if i == 0 {
+                        "primary".into()
+                    } else {
+                        "secondary".into()
+                    },
+                    "--peer".into(),
+                    peer.clone(),
+                    "--peer-token".into(),
+                    peer_token.expose().to_string(),
+                    "--replication".into(),
+                    opts.replication.clone(),
+                    "--partitions".into(),
+                    opts.partitions.to_string(),
+                    "--stream".into(),
+                    "127.0.0.1:0".into(),
+                    "--stream-password".into(),
+                    stream_password.expose().to_string(),
+                    // On loopback every device comes from one address: the
+                    // per-address limits (there for fleets on many machines)
+                    // would pace the whole fleet as one client.
+                    "--connect-rate-per-source".into(),
+                    "1000000".into(),
+                    // What a hub admits on this kind of machine (`fleet bench
+                    // connections`: 13,000-19,000 CONNECT/s), with room.
+                    "--connect-rate".into(),
+                    "10000".into(),
+                    "--max-pending-per-source".into(),
+                    "1000000".into(),
+                ];
+                if let Some(s) = opts.peer_detach_after_s {
+                    args.extend(["--peer-detach-after-s".into(), s.to_string()]);
+                }
+                if let Some(n) = &nats {
+                    args.extend(["--log".into(), n.log_url(&format!("fleet_{r}"))]);
+                }
+                if let Some(ms) = opts.max_lag_ms.filter(|_| opts.replication == "async") {
+                    args.extend(["--max-lag-ms".into(), ms.to_string()]);
+                }
+                if n > 1 {
+                    args.extend(["--hub-id".into(), format!("{r}{}", j + 1)]);
+                }
+                let mut hub =
+                    Proc::start(&launcher, &dir, &format!("hub-{r}{suffix}"), args, true).await?;
+                let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+                    hub.ready[k]
+                        .as_str()
+                        .context("address")?
+                        .parse()
+                        .context("address")
+                };
+                let (mqtt, stream) = (addr("mqtt")?, addr("stream")?);
+                // Restarts keep the ports others know.
+                if let Some(i) = hub.args.iter().position(|a| a == "--mqtt") {
+                    hub.args[i + 1] = mqtt.to_string();
+                }
+                if let Some(i) = hub.args.iter().position(|a| a == "--stream") {
+                    hub.args[i + 1] = stream.to_string();
+                }
+                started.push((hub, http, mqtt, stream));
             }
-            if let Some(n) = &nats {
-                args.extend(["--log".into(), n.log_url(&format!("fleet_{r}"))]);
-            }
-            if let Some(ms) = opts.max_lag_ms.filter(|_| opts.replication == "async") {
-                args.extend(["--max-lag-ms".into(), ms.to_string()]);
-            }
-            let mut hub = Proc::start(&launcher, &dir, &format!("hub-{r}"), args, true).await?;
-            let addr = |k: &str| -> anyhow::Result<SocketAddr> {
-                hub.ready[k]
-                    .as_str()
-                    .context("address")?
-                    .parse()
-                    .context("address")
-            };
-            let (mqtt, stream) = (addr("mqtt")?, addr("stream")?);
-            // Restarts keep the ports others know.
-            if let Some(i) = hub.args.iter().position(|a| a == "--mqtt") {
-                hub.args[i + 1] = mqtt.to_string();
-            }
-            if let Some(i) = hub.args.iter().position(|a| a == "--stream") {
-                hub.args[i + 1] = stream.to_string();
-            }
+            let mut started = started.into_iter();
+            let (hub, http, mqtt, stream) = started.next().context("a region without hubs")?;
+            let more = started
+                .map(|(hub, http, mqtt, _)| MoreHub { hub, http, mqtt })
+                .collect();
             let other = &registries[1 - i];
             let follower = Proc::start(
                 &launcher,
@@ -420,10 +483,11 @@ impl Fleet {
                 hub,
                 follower,
                 registry: registries[i].clone(),
-                http: https[i],
+                http,
                 mqtt,
                 stream,
                 nats,
+                more,
             });
         }
         // Two concierge replicas on one port of two loopback addresses, so
@@ -473,8 +537,10 @@ impl Fleet {
                 "10000",
             ]);
             for r in &regions {
-                args.push("--hub".into());
-                args.push(format!("{}={},mqtt://{}", r.name, r.http_url(), r.mqtt));
+                for (http, mqtt) in r.hubs() {
+                    args.push("--hub".into());
+                    args.push(format!("{}=http://{http},mqtt://{mqtt}", r.name));
+                }
             }
             for h in &concierge_http {
                 args.push("--replica".into());
@@ -510,6 +576,9 @@ impl Fleet {
     /// JetStream servers, if any (SIGKILL).
     pub async fn kill_region(&mut self, r: usize) {
         self.regions[r].hub.kill9().await;
+        for m in &mut self.regions[r].more {
+            m.hub.kill9().await;
+        }
         self.regions[r].follower.kill9().await;
         if let Some(n) = &mut self.regions[r].nats {
             n.kill_all();
@@ -526,6 +595,9 @@ impl Fleet {
             n.restart_all().await.map_err(anyhow::Error::msg)?;
         }
         self.regions[r].hub.restart(&dir, true).await?;
+        for m in &mut self.regions[r].more {
+            m.hub.restart(&dir, true).await?;
+        }
         self.regions[r].follower.restart(&dir, false).await?;
         Ok(())
     }
@@ -537,6 +609,9 @@ impl Fleet {
         }
         for r in &mut self.regions {
             r.follower.stop().await;
+            for m in &mut r.more {
+                m.hub.stop().await;
+            }
             r.hub.stop().await;
         }
     }
@@ -558,6 +633,12 @@ impl Fleet {
                 r.http,
                 r.stream
             );
+            for m in &r.more {
+                s += &format!(
+                    "    and hub          mqtt://{}  http://{} (same log)\n",
+                    m.mqtt, m.http
+                );
+            }
             if let Some(n) = &r.nats {
                 s += &format!(
                     "    its log: JetStream {} (R3, fsync before ack; monitors {})\n",

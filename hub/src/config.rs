@@ -54,9 +54,11 @@ pub struct RunArgs {
     /// Role of a new data directory (a stored role always wins) [default: primary].
     #[arg(long, env = "FLEET_ROLE")]
     pub role: Option<Role>,
-    /// The other region's hub HTTP URL (replication).
-    #[arg(long, env = "FLEET_PEER")]
-    pub peer: Option<String>,
+    /// The other region's hub HTTP URL (replication). Repeat it (or
+    /// separate with commas) for every hub of a region with several hubs.
+    #[arg(long, env = "FLEET_PEER", value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many")]
+    pub peer: Option<Vec<String>>,
     /// `sync` or `async` replication [default: async].
     #[arg(long, env = "FLEET_REPLICATION")]
     pub replication: Option<String>,
@@ -215,7 +217,8 @@ pub struct HubConfig {
     /// Extra roots trusted when calling the peer over HTTPS.
     pub peer_roots: Vec<reqwest::Certificate>,
     /// The other region's hub (HTTP URL), when there is one.
-    pub peer: Option<String>,
+    /// The other region's hubs (empty: no peer region).
+    pub peers: Vec<String>,
     /// The peers' replication credential (both hubs hold the same); `None`
     /// without a peer.
     pub peer_token: Option<Secret>,
@@ -233,7 +236,7 @@ impl HubConfig {
     pub fn new(region: Region, data: PathBuf, registry: String, admin_token: Secret) -> Self {
         Self {
             peer_token: None,
-            peer: None,
+            peers: Vec::new(),
             replication: Replication::Off,
             max_lag: None,
             peer_detach_after: None,
@@ -390,22 +393,29 @@ impl RunArgs {
             (true, Some("sync")) => Replication::Sync,
             (true, Some(other)) => bail!("--replication {other:?}: expected sync or async"),
         };
-        if let Some(p) = &peer
-            && !(p.starts_with("http://") || p.starts_with("https://"))
-        {
-            bail!("--peer {p:?}: expected the other hub's HTTP URL (http://HOST:PORT)");
+        for p in peer.iter().flatten() {
+            let p = p.trim();
+            if !(p.starts_with("http://") || p.starts_with("https://")) {
+                bail!("--peer {p:?}: expected the other hub's HTTP URL (http://HOST:PORT)");
+            }
+            let p = p.trim_end_matches('/').to_string();
+            if c.peers.contains(&p) {
+                bail!("--peer {p} is given twice");
+            }
+            if p.starts_with("http://")
+                && !["http://127.", "http://localhost", "http://[::1]"]
+                    .iter()
+                    .any(|l| p.starts_with(l))
+            {
+                tracing::warn!(peer = %p, "the peer is plain http: the peer token and replicated telemetry cross the network unencrypted; serve the API over https (--http-tls-cert) and use an https:// peer");
+            }
+            c.peers.push(p);
         }
-        c.peer = peer.map(|p| p.trim_end_matches('/').to_string());
-        if let Some(p) = &c.peer
-            && p.starts_with("http://")
-            && !["http://127.", "http://localhost", "http://[::1]"]
-                .iter()
-                .any(|l| p.starts_with(l))
-        {
-            tracing::warn!(peer = %p, "the peer is plain http: the peer token and replicated telemetry cross the network unencrypted; serve the API over https (--http-tls-cert) and use an https:// peer");
+        if peer.is_some() && c.peers.is_empty() {
+            bail!("--peer is empty: expected the other region's hub URL(s)");
         }
         if let Some(ca) = peer_ca {
-            if c.peer.is_none() {
+            if c.peers.is_empty() {
                 bail!("--peer-ca needs --peer");
             }
             c.peer_roots = fleet_api::client::load_ca(&ca).context("--peer-ca")?;
@@ -417,7 +427,7 @@ impl RunArgs {
             c.max_lag = Some(Duration::from_millis(ms.max(1)));
         }
         if let Some(s) = peer_detach_after_s {
-            if c.peer.is_none() {
+            if c.peers.is_empty() {
                 bail!("--peer-detach-after-s needs --peer");
             }
             if s == 0 {
@@ -555,13 +565,8 @@ impl RunArgs {
         c.retention_bytes = retention_bytes;
         c.retention_age = retention_hours.map(|h| Duration::from_secs(h * 3600));
         if c.jetstream.as_ref().is_some_and(|j| j.hub_id.is_some()) {
-            // Not yet built: role and epoch are per hub, and a takeover
-            // rebuilds de-duplication from the whole shared log.
-            if c.peer.is_some() {
-                bail!(
-                    "--hub-id with --peer: several hubs per region replicating to another region are not supported yet (one hub per region replicates)"
-                );
-            }
+            // Not yet built: a takeover would find a silent device's last
+            // record gone (de-duplication state is not shared).
             if c.retention_bytes.is_some() || c.retention_age.is_some() {
                 bail!(
                     "--hub-id with --retention-*: retention on a log shared by several hubs is not supported yet"
@@ -606,4 +611,18 @@ impl RunArgs {
         tracing::info!(open_files = ?limit, mqtt = budget.mqtt, pending = budget.pending, http = budget.http, stream = budget.stream, "connection caps");
         Ok((c, mqtt, http))
     }
+}
+
+/// `peer = "URL"` or `peer = ["URL", …]` in a config file.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
 }

@@ -139,6 +139,11 @@ impl From<ControlError> for ApiError {
                 ErrorCode::Unavailable,
                 e.to_string(),
             ),
+            ControlError::NotOwner(_) => Self::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                ErrorCode::Conflict,
+                e.to_string(),
+            ),
             ControlError::Log(l) => l.into(),
         }
     }

@@ -132,7 +132,7 @@ impl Hub {
         let sessions = Arc::new(Sessions::default());
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        if let Some(leases) = leases {
+        if let Some(leases) = leases.clone() {
             // This hub's share of the region's partitions, before anything
             // (replication, promotion checks) works on them.
             let ownership = ownership::Ownership::new(
@@ -157,8 +157,13 @@ impl Hub {
 
         let mqtt_addr = listeners.mqtt.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
-        let control = Control::new(&config, ingest.clone(), sessions.clone())
+        let control = Control::new(&config, ingest.clone(), sessions.clone(), leases)
             .context("the peer HTTP client")?;
+        // The region's role before this hub acts on its own.
+        control
+            .join_region()
+            .await
+            .context("join the region's role and epoch")?;
         control.fence_until_checked();
         control.spawn(&mut tasks, &shutdown);
         control.first_look(Duration::from_secs(2)).await;

@@ -29,8 +29,13 @@ async fn drill(name: &str, mode: Mode, replication: &str) {
 }
 
 async fn drill_on(name: &str, mode: Mode, replication: &str, jetstream: bool) {
+    drill_with(name, mode, replication, jetstream, 1).await;
+}
+
+async fn drill_with(name: &str, mode: Mode, replication: &str, jetstream: bool, hubs: usize) {
     let report = run_drill(name, |opts| {
         opts.jetstream = jetstream;
+        opts.hubs_per_region = hubs;
         opts.devices = 20;
         opts.rate = 10.0;
         opts.duration_s = 12;
@@ -116,6 +121,36 @@ async fn forced_drill_on_jetstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_drill_on_jetstream() {
     drill_on("planned_drill_on_jetstream", Mode::Planned, "sync", true).await;
+}
+
+/// Two hubs per region on each region's JetStream log: the devices spread
+/// over the active region's hubs, each partition is pulled from the hub
+/// that writes it, and the whole region a (both hubs, three servers) dies;
+/// b's two hubs become primary together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_drill_with_two_hubs_per_region() {
+    drill_with(
+        "forced_drill_with_two_hubs_per_region",
+        Mode::Forced,
+        "sync",
+        true,
+        2,
+    )
+    .await;
+}
+
+/// A planned promotion of a region of two hubs from a region of two: the
+/// fence stops both of a's hubs before b takes over, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_drill_with_two_hubs_per_region() {
+    drill_with(
+        "planned_drill_with_two_hubs_per_region",
+        Mode::Planned,
+        "async",
+        true,
+        2,
+    )
+    .await;
 }
 
 /// A region lost far longer than the devices' small outboxes could bridge

@@ -534,11 +534,11 @@ async fn hub_id_settings_that_cannot_work_are_refused_with_one_clear_line() {
                 "--hub-id",
                 "a",
                 "--peer",
-                "http://127.0.0.1:1",
+                "http://127.0.0.1:1,http://127.0.0.1:1/",
                 "--peer-token",
                 "peer-token-0123456789",
             ],
-            "--hub-id with --peer",
+            "--peer http://127.0.0.1:1 is given twice",
         ),
         (
             vec!["--log", nats, "--hub-id", "a", "--retention-hours", "2"],

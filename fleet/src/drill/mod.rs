@@ -13,14 +13,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fleet_api::concierge::{FailoverResponse, Mode, RegionsResponse};
 use fleet_api::hub::StatusResponse;
-use fleet_api::{DeviceId, DeviceStatus, Offset, PartitionId, Role, Tags};
+use fleet_api::{DeviceId, DeviceStatus, Role, Tags};
 use registry_sync::store::NewDevice;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::up::{Fleet, Launcher, Proc, UpOptions};
 
+mod read;
 mod report;
+use read::{every, read_log};
 pub mod rto;
 pub use report::{Divergence, DrillReport, Percentiles, Steps, summary};
 
@@ -51,6 +53,8 @@ pub struct DrillOptions {
     pub payload_bytes: usize,
     /// Each region's log on its own R3 JetStream cluster.
     pub jetstream: bool,
+    /// Hubs per region (several share the region's JetStream log).
+    pub hubs_per_region: usize,
 }
 
 /// Which region a drill loses.
@@ -78,6 +82,7 @@ impl DrillOptions {
             max_outbox_bytes: None,
             payload_bytes: 100,
             jetstream: false,
+            hubs_per_region: 1,
         }
     }
 }
@@ -203,6 +208,7 @@ pub async fn run(
     // detach it on its own.
     up.max_lag_ms = Some(5000);
     up.jetstream = opts.jetstream;
+    up.hubs_per_region = opts.hubs_per_region;
     if opts.lose == Lose::Secondary {
         up.peer_detach_after_s = Some(2);
     }
@@ -213,6 +219,8 @@ pub async fn run(
     let mut fleet = Fleet::up(launcher, up).await?;
     let http = reqwest::Client::new();
     let urls: Vec<String> = fleet.regions.iter().map(|r| r.http_url()).collect();
+    // Every hub of each region (several with --hubs-per-region).
+    let hubs: Vec<Vec<String>> = fleet.regions.iter().map(|r| r.http_urls()).collect();
     let concierge = format!("http://{}", fleet.concierge_http[0]);
 
     // Devices, registered in region a and copied to b.
@@ -341,10 +349,11 @@ pub async fn run(
         fleet.kill_region(1).await;
         mark("secondary killed");
         wait_until(Duration::from_secs(30), "region a to detach b", || async {
-            status(&http, &urls[0]).await.is_some_and(|s| {
+            every(&http, &hubs[0], |s| {
                 s.peer
                     .is_some_and(|p| p.state == fleet_api::hub::PeerState::Detached)
             })
+            .await
         })
         .await?;
         steps.detect_ms = t0.elapsed().as_millis() as u64;
@@ -363,7 +372,7 @@ pub async fn run(
         wait_until(
             Duration::from_secs(120),
             "b to catch up (lag 0)",
-            || async { status(&http, &urls[0]).await.is_some_and(caught_up) },
+            || async { every(&http, &hubs[0], caught_up).await },
         )
         .await?;
         steps.catch_up_ms = back.elapsed().as_millis() as u64;
@@ -397,11 +406,7 @@ pub async fn run(
                 wait_until(
                     Duration::from_secs(30),
                     "region b to be promoted",
-                    || async {
-                        status(&http, &urls[1])
-                            .await
-                            .is_some_and(|s| s.role == Role::Primary)
-                    },
+                    || async { every(&http, &hubs[1], |s| s.role == Role::Primary).await },
                 )
                 .await?;
                 steps.promote_ms = t0.elapsed().as_millis() as u64;
@@ -454,15 +459,16 @@ pub async fn run(
             mark("a returns");
             let back = Instant::now();
             wait_until(Duration::from_secs(60), "region a to follow b", || async {
-                status(&http, &urls[0]).await.is_some_and(|s| {
+                every(&http, &hubs[0], |s| {
                     s.role == Role::Secondary && s.replication.is_some_and(|r| r.lag_records == 0)
                 })
+                .await
             })
             .await?;
             // b ran alone since the forced promotion; a planned promotion back
             // is refused until b counts on a again (a holds everything).
             wait_until(Duration::from_secs(60), "a to catch up (lag 0)", || async {
-                status(&http, &urls[1]).await.is_some_and(caught_up)
+                every(&http, &hubs[1], caught_up).await
             })
             .await?;
             steps.catch_up_ms = back.elapsed().as_millis() as u64;
@@ -508,8 +514,8 @@ pub async fn run(
         ..DrillReport::default()
     };
     let mut stored: Vec<HashMap<String, Vec<u64>>> = Vec::new();
-    for (i, url) in urls.iter().enumerate() {
-        let by_device = read_log(url, &fleet.admin_token).await?;
+    for (i, region) in hubs.iter().enumerate() {
+        let by_device = read_log(region, &fleet.admin_token).await?;
         report.stored_by_region.insert(
             fleet.regions[i].name.to_string(),
             by_device.values().map(|m| m.len() as u64).sum(),
@@ -557,23 +563,26 @@ pub async fn run(
         report.rto_ms = report.rto.rto_ms;
         report.devices_moved = report.rto.devices_moved;
     }
-    for url in &urls {
+    for url in hubs.iter().flatten() {
         report.duplicates_suppressed += metric(&http, url, "fleet_hub_duplicates_total").await;
     }
-    // Region a was the old primary: its failback report says what it archived.
-    // Never assumed: a report that cannot be read fails the drill.
-    let fb: fleet_api::hub::FailbackReport = http
-        .get(format!("{}/v1/failback", urls[0]))
-        .bearer_auth(fleet.admin_token.expose())
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .context("ask the old primary for its failback report")?
-        .json()
-        .await
-        .context("read the old primary's failback report")?;
-    report.archived_records = fb.archived_records;
-    report.archive_missing = fb.missing_count;
+    // Region a was the old primary: its hubs' failback reports say what
+    // they archived. Never assumed: a report that cannot be read fails the
+    // drill.
+    for url in &hubs[0] {
+        let fb: fleet_api::hub::FailbackReport = http
+            .get(format!("{url}/v1/failback"))
+            .bearer_auth(fleet.admin_token.expose())
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .context("ask the old primary for its failback report")?
+            .json()
+            .await
+            .context("read the old primary's failback report")?;
+        report.archived_records += fb.archived_records;
+        report.archive_missing += fb.missing_count;
+    }
     report.peak_in_outbox = peak_in_outbox(&fleet.dir.join("simulate.log"));
     report.duration_s = secs(start);
     // Every generated message acknowledged and stored once, none dropped.
@@ -694,42 +703,6 @@ async fn divergence(fleet: &Fleet) -> anyhow::Result<u64> {
 /// Every record of a hub's log: mids per device (with repeats), and per
 /// device the time of its first record written after `since_ms` in a later
 /// epoch than the first (the new primary's).
-async fn read_log(
-    url: &str,
-    token: &fleet_api::Secret,
-) -> anyhow::Result<HashMap<String, Vec<u64>>> {
-    let client = fleet_api::client::HubClient::new(url, Some(token.clone()));
-    let status = client.status().await?;
-    let mut by_device: HashMap<String, Vec<u64>> = HashMap::new();
-    for p in 0..status.partitions.len() as u32 {
-        let mut from = Offset(0);
-        loop {
-            let page = client
-                .records_upto(
-                    PartitionId(p),
-                    from,
-                    10_000,
-                    Duration::ZERO,
-                    fleet_api::hub::ReadUpto::Committed,
-                )
-                .await?;
-            let Some(last) = page.records.last() else {
-                break;
-            };
-            from = last.offset.next();
-            for r in page.records {
-                if let Some(m) = r.mid {
-                    by_device
-                        .entry(r.device_id.to_string())
-                        .or_default()
-                        .push(m.0);
-                }
-            }
-        }
-    }
-    Ok(by_device)
-}
-
 async fn metric(http: &reqwest::Client, url: &str, name: &str) -> u64 {
     let Ok(r) = http.get(format!("{url}/metrics")).send().await else {
         return 0;

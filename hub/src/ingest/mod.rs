@@ -738,7 +738,9 @@ impl Ingest {
 
     /// Records not yet in the other region, and the age of the oldest.
     pub fn lag(&self, p: PartitionId) -> (u64, Duration) {
-        if self.mode == Replication::Off {
+        // A partition another hub of the region writes is its lag to report
+        // (its pulls, and so its replicated point, are there).
+        if self.mode == Replication::Off || (self.shared() && !self.owns(p)) {
             return (0, Duration::ZERO);
         }
         let records = self

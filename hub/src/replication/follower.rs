@@ -15,9 +15,9 @@ use crate::log::Record;
 impl Control {
     /// Replicates partition `p` while this hub is secondary.
     pub(super) async fn pull_loop(self: Arc<Self>, p: PartitionId) {
-        let Some(peer) = self.peer.clone() else {
+        if self.peers.is_empty() {
             return;
-        };
+        }
         // Pull only once the peer was looked at (its partition count among
         // other things).
         let _ = self.looked.subscribe().wait_for(|l| *l).await;
@@ -49,6 +49,9 @@ impl Control {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
+            let Some(peer) = self.peer_for(p) else {
+                return;
+            };
             if !reconciled {
                 match self.reconcile(&peer, p).await {
                     Ok(()) => {
@@ -56,7 +59,8 @@ impl Control {
                         self.ingest.confirm(p, log.high_watermark(p));
                     }
                     Err(e) => {
-                        tracing::info!(partition = %p, error = %e, "cannot reconcile with the primary yet");
+                        tracing::info!(partition = %p, %peer, error = %e, "cannot reconcile with the primary yet");
+                        self.next_peer_for(p, &peer);
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         continue;
                     }
@@ -88,13 +92,17 @@ impl Control {
                         tracing::warn!(partition = %p, "this log is ahead of the primary's; reconciling");
                         reconciled = false;
                     } else {
-                        tracing::debug!(partition = %p, %status, "the peer does not serve replication now");
+                        // Not the primary, or (several hubs there) not the
+                        // hub that writes this partition: ask the next one.
+                        tracing::debug!(partition = %p, %status, %peer, "the peer does not serve replication now");
+                        self.next_peer_for(p, &peer);
                     }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     continue;
                 }
                 Err(e) => {
-                    tracing::debug!(partition = %p, error = %e, "cannot reach the primary");
+                    tracing::debug!(partition = %p, %peer, error = %e, "cannot reach the primary");
+                    self.next_peer_for(p, &peer);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }

@@ -41,6 +41,11 @@ impl Control {
         if now.role != Role::Primary {
             return Err(ControlError::NotPrimary);
         }
+        // The hub that writes `p` holds its devices' sessions and ledger:
+        // only a pull it serves acknowledges them.
+        if self.ingest.shared() && !self.ingest.owns(p) {
+            return Err(ControlError::NotOwner(p));
+        }
         if let Some(theirs) = self.partition_mismatch() {
             return Err(ControlError::Conflict(format!(
                 "the peer has {theirs} partitions and this hub {}: replication is refused",
@@ -81,6 +86,10 @@ impl Control {
         // secondary's answer could make its peer archive what it holds.
         if self.state.get().role != Role::Primary {
             return Err(ControlError::NotPrimary);
+        }
+        // Another hub's partition: this hub's view of its end may lag.
+        if self.ingest.shared() && !self.ingest.owns(p) {
+            return Err(ControlError::NotOwner(p));
         }
         let log = log_of(&self.ingest);
         // The end first: an epoch is in the history before its first record
@@ -133,7 +142,7 @@ impl Control {
             }
             if n.is_multiple_of(10) {
                 metrics::gauge!("fleet_hub_replication_lag_seconds").set(worst.as_secs_f64());
-                if self.peer.is_some() {
+                if !self.peers.is_empty() {
                     let link = self.peer_link();
                     let detached = link.state == fleet_api::hub::PeerState::Detached;
                     metrics::gauge!("fleet_hub_peer_detached").set(if detached {

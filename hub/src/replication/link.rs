@@ -27,7 +27,27 @@ impl Control {
     /// # Errors
     /// Without a peer, or when the state cannot be persisted.
     pub fn detach(&self, manual: bool, why: &str) -> Result<PeerLink, ControlError> {
-        if self.peer.is_none() {
+        let link = self.detach_here(manual, why)?;
+        // The region's hubs run alone together.
+        self.publish_detached(self.state.detached());
+        Ok(link)
+    }
+
+    /// A detachment as of now.
+    pub(super) fn detachment(&self, manual: bool) -> Detached {
+        let log = log_of(&self.ingest);
+        Detached {
+            since_ms: UnixMillis::now().0,
+            manual,
+            high_watermarks: (0..log.partitions())
+                .map(|p| log.high_watermark(PartitionId(p)).0)
+                .collect(),
+        }
+    }
+
+    /// Detaches the peer on this hub (see [`Control::detach`]).
+    pub(super) fn detach_here(&self, manual: bool, why: &str) -> Result<PeerLink, ControlError> {
+        if self.peers.is_empty() {
             return Err(ControlError::Conflict("this hub has no peer".into()));
         }
         {
@@ -40,16 +60,7 @@ impl Control {
             let next = match self.state.detached() {
                 Some(d) if d.manual || !manual => None,
                 Some(d) => Some(Detached { manual: true, ..d }),
-                None => {
-                    let log = log_of(&self.ingest);
-                    Some(Detached {
-                        since_ms: UnixMillis::now().0,
-                        manual,
-                        high_watermarks: (0..log.partitions())
-                            .map(|p| log.high_watermark(PartitionId(p)).0)
-                            .collect(),
-                    })
-                }
+                None => Some(self.detachment(manual)),
             };
             if let Some(next) = next {
                 self.state.set_detached(Some(next)).map_err(|e| {
@@ -80,7 +91,7 @@ impl Control {
     /// # Errors
     /// Without a peer, or when the state cannot be persisted.
     pub fn attach(&self) -> Result<PeerLink, ControlError> {
-        if self.peer.is_none() {
+        if self.peers.is_empty() {
             return Err(ControlError::Conflict("this hub has no peer".into()));
         }
         {
@@ -119,11 +130,19 @@ impl Control {
         let Some(d) = self.state.detached() else {
             return;
         };
-        if d.manual || (0..partitions).any(|p| !self.ingest.linked(PartitionId(p))) {
+        // In a region of several hubs, each hub takes the peer back for
+        // the partitions it writes (the others' pulls reach their hubs).
+        let counts = |p: PartitionId| !self.in_region() || self.ingest.owns(p);
+        if d.manual
+            || (0..partitions)
+                .map(PartitionId)
+                .any(|p| counts(p) && !self.ingest.linked(p))
+        {
             return;
         }
         match self.state.set_detached(None) {
             Ok(()) => {
+                self.publish_detached(None);
                 let detached_for_s = UnixMillis::now().0.saturating_sub(d.since_ms) / 1000;
                 tracing::info!(
                     detached_for_s,
@@ -136,7 +155,7 @@ impl Control {
 
     /// Whether this hub has a peer region.
     pub fn has_peer(&self) -> bool {
-        self.peer.is_some()
+        !self.peers.is_empty()
     }
 
     /// `peer` of `GET /v1/status`.

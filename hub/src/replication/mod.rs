@@ -36,6 +36,8 @@
 //! - `link`: detaching a lost peer (running alone) and taking it back.
 //! - `peer`: the HTTP calls to the peer.
 //! - `peer_watch`: watching the peer's role and epoch.
+//! - `region`: role, epoch, fence and detachment shared by the hubs of a
+//!   region on one JetStream log.
 
 mod failback;
 mod follower;
@@ -45,6 +47,7 @@ mod link;
 mod peer;
 mod peer_watch;
 mod promotion;
+mod region;
 mod role;
 
 use std::path::PathBuf;
@@ -74,6 +77,8 @@ pub enum ControlError {
     NotPrimary,
     #[error("{0}")]
     Unavailable(String),
+    #[error("partition {0} is written by another hub of this region; ask it")]
+    NotOwner(PartitionId),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -93,7 +98,22 @@ struct PeerView {
 
 /// The replication and role controller of one hub.
 pub struct Control {
-    peer: Option<String>,
+    /// The other region's hubs (empty: no peer region).
+    peers: Vec<String>,
+    /// Per partition, the index in `peers` its pulls go to (the hub that
+    /// writes it over there answers; others send this hub on).
+    pull_peer: Mutex<Vec<usize>>,
+    /// The index in `peers` the peer watch looks at first.
+    watch_peer: std::sync::atomic::AtomicUsize,
+    /// The region's lease bucket when several hubs share this log: role,
+    /// epoch, fence and detachment are the region's (see `region`).
+    region: Option<Arc<crate::log::jetstream::Leases>>,
+    /// How long a silent hub of the region still counts as live.
+    lease_ttl: Duration,
+    /// The region's detachment this hub last followed or wrote (its
+    /// `since_ms`): a detachment is followed once, so a hub that took the
+    /// peer back is not detached again by the value it is about to clear.
+    region_detached_seen: Mutex<Option<u64>>,
     peer_token: Secret,
     max_lag: Option<Duration>,
     peer_detach_after: Option<Duration>,
@@ -126,7 +146,7 @@ pub struct Control {
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Control")
-            .field("peer", &self.peer)
+            .field("peers", &self.peers)
             .finish_non_exhaustive()
     }
 }
@@ -145,19 +165,25 @@ impl Control {
         config: &HubConfig,
         ingest: Arc<Ingest>,
         sessions: Arc<Sessions>,
+        region: Option<Arc<crate::log::jetstream::Leases>>,
     ) -> anyhow::Result<Arc<Control>> {
         let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(30));
         let http = fleet_api::client::trusting(builder, &config.peer_roots).build()?;
-        let peer = config.peer.clone();
+        let peers = config.peers.clone();
         let peer_token = config.peer_token.clone().unwrap_or_else(|| Secret::new(""));
         let max_lag = config.max_lag;
         let peer_detach_after = config.peer_detach_after;
         let data_dir = config.data.as_path();
         let partitions = ingest.log().partitions() as usize;
         Ok(Arc::new(Control {
-            peer,
+            pull_peer: Mutex::new(vec![0; partitions]),
+            watch_peer: std::sync::atomic::AtomicUsize::new(0),
+            peers,
+            region,
+            lease_ttl: config.lease_ttl,
+            region_detached_seen: Mutex::new(None),
             peer_token,
             max_lag,
             peer_detach_after,
@@ -197,7 +223,17 @@ impl Control {
         tasks: &mut tokio::task::JoinSet<()>,
         shutdown: &CancellationToken,
     ) {
-        if self.peer.is_some() {
+        if let Some(kv) = self.region.clone() {
+            let me = self.clone();
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = token.cancelled() => {}
+                    () = me.follow_region(kv) => {}
+                }
+            });
+        }
+        if !self.peers.is_empty() {
             for p in 0..self.partitions() {
                 let me = self.clone();
                 let token = shutdown.clone();
@@ -258,6 +294,9 @@ impl Control {
             let p = PartitionId(p);
             let (records, age) = if re.role == Role::Primary {
                 self.ingest.lag(p)
+            } else if self.in_region() && !self.ingest.owns(p) {
+                // Pulled by another hub of the region: its lag.
+                (0, Duration::ZERO)
             } else {
                 let theirs = view
                     .high_watermarks
@@ -274,9 +313,10 @@ impl Control {
             lag_records += records;
             lag = lag.max(age);
         }
-        let Some(peer) = self.peer.clone() else {
+        if self.peers.is_empty() {
             return (None, false, 0);
-        };
+        }
+        let peer = self.peers.join(",");
         let state = if self.partition_mismatch().is_some() {
             "partition_mismatch"
         } else if self.reconciling.load(Ordering::Acquire) {

@@ -16,6 +16,49 @@ const PULL_MAX: usize = 2000;
 const PULL_WAIT: Duration = Duration::from_millis(1000);
 
 impl Control {
+    /// The peer hub that partition `p`'s pulls go to now.
+    pub(super) fn peer_for(&self, p: PartitionId) -> Option<String> {
+        let at = self
+            .pull_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(p.0 as usize)
+            .copied()
+            .unwrap_or(0);
+        self.peers.get(at % self.peers.len().max(1)).cloned()
+    }
+
+    /// `peer` did not serve partition `p` (unreachable, or not the hub
+    /// that writes it over there): the next pull asks the next peer hub.
+    pub(super) fn next_peer_for(&self, p: PartitionId, peer: &str) {
+        if self.peers.len() < 2 {
+            return;
+        }
+        let mut at = self.pull_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = at.get_mut(p.0 as usize)
+            && self.peers.get(*slot % self.peers.len()).map(String::as_str) == Some(peer)
+        {
+            *slot = (*slot + 1) % self.peers.len();
+        }
+    }
+
+    /// The status of the first peer hub that answers (the one that
+    /// answered last is asked first), with its URL.
+    pub(super) async fn any_peer_status(&self) -> Option<(String, StatusResponse)> {
+        let n = self.peers.len();
+        let start = self.watch_peer.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..n {
+            let at = (start + i) % n;
+            let peer = &self.peers[at];
+            if let Some(s) = self.peer_status(peer).await {
+                self.watch_peer
+                    .store(at, std::sync::atomic::Ordering::Relaxed);
+                return Some((peer.clone(), s));
+            }
+        }
+        None
+    }
+
     /// POSTs `body` to `url` and reads the JSON answer; an error answer
     /// becomes `"{status}: {message}"`.
     pub(super) async fn call<T: serde::de::DeserializeOwned>(

@@ -13,12 +13,17 @@ use super::Control;
 impl Control {
     /// Watches the peer: learns a higher epoch, fences a stale primary.
     pub(super) async fn peer_watch(self: Arc<Self>) {
-        let Some(peer) = self.peer.clone() else {
+        if self.peers.is_empty() {
             return;
-        };
+        }
         let mut first = true;
         loop {
-            let status = self.peer_status(&peer).await;
+            // Any hub of the peer region speaks for it (they share role and
+            // epoch); the peer is unreachable when none answers.
+            let (peer, status) = match self.any_peer_status().await {
+                Some((peer, s)) => (Some(peer), Some(s)),
+                None => (None, None),
+            };
             let unreachable_since = {
                 let mut view = self.view();
                 view.reachable = status.is_some();
@@ -46,10 +51,13 @@ impl Control {
                 let me = self.state.get();
                 if s.epoch > me.epoch {
                     self.learn(s.epoch, "the peer holds a higher epoch");
-                } else if me.role == Role::Primary && s.role == Role::Primary && s.epoch < me.epoch
+                } else if me.role == Role::Primary
+                    && s.role == Role::Primary
+                    && s.epoch < me.epoch
+                    && let Some(peer) = peer
                 {
                     tracing::warn!(peer_epoch = %s.epoch, "the peer is a stale primary; telling it to demote");
-                    self.tell_peer_to_demote(peer.clone(), me.epoch).await;
+                    self.tell_peer_to_demote(peer, me.epoch).await;
                 }
             }
             // A restarted primary waits for a look that *succeeds* (see
@@ -78,14 +86,14 @@ impl Control {
     /// A hub that restarts as primary with a peer waits for one look at the
     /// peer before accepting writes: someone may have taken over meanwhile.
     pub fn fence_until_checked(&self) {
-        if self.peer.is_some() && self.state.get().role == Role::Primary {
+        if !self.peers.is_empty() && self.state.get().role == Role::Primary {
             self.state.set_fenced(true);
         }
     }
 
     /// Waits (at most `limit`) for the first look at the peer.
     pub async fn first_look(&self, limit: Duration) {
-        if self.peer.is_none() {
+        if self.peers.is_empty() {
             return;
         }
         let mut rx = self.looked.subscribe();

@@ -47,18 +47,44 @@ impl Control {
                 }
             )));
         }
-        *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner()) = body.epoch;
-        self.fence_planned
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.state.set_fenced(true);
-        self.sessions
-            .kick_all(body.epoch.map_or(Kick::Demoted, Kick::Moving));
-        tracing::warn!("fenced: no more writes while the peer takes over");
+        if self.in_region() {
+            // Every hub of the region stops, not only this one; an
+            // operator's fence is one for the next epoch.
+            let epoch = match body.epoch {
+                Some(e) => e,
+                None => Epoch(now.epoch.0.checked_add(1).ok_or_else(|| {
+                    ControlError::Conflict("the epoch cannot grow any further".into())
+                })?),
+            };
+            let high_watermarks = self.fence_region(epoch).await?;
+            return Ok(FenceResponse { high_watermarks });
+        }
+        self.fence_here(body.epoch).await;
         let mut high_watermarks = Vec::new();
         for p in 0..self.partitions() {
             high_watermarks.push(self.ingest.barrier(PartitionId(p)).await?);
         }
         Ok(FenceResponse { high_watermarks })
+    }
+
+    /// Stops this hub's writes for the peer's promotion to `epoch` (`None`:
+    /// an operator's fence) and closes its device connections; in a region
+    /// of several hubs, also flushes the partitions this hub writes.
+    pub(super) async fn fence_here(&self, epoch: Option<Epoch>) {
+        *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner()) = epoch;
+        self.fence_planned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.set_fenced(true);
+        self.sessions
+            .kick_all(epoch.map_or(Kick::Demoted, Kick::Moving));
+        tracing::warn!(for_epoch = ?epoch.map(|e| e.0), "fenced: no more writes while the peer takes over");
+        if self.in_region() {
+            for p in self.ingest.owned_partitions().unwrap_or_default() {
+                if let Err(e) = self.ingest.barrier(p).await {
+                    tracing::warn!(partition = %p, error = %e, "cannot flush a fenced partition");
+                }
+            }
+        }
     }
 
     /// `POST /v1/unfence`: a planned promotion was abandoned. `only_for`:
@@ -67,6 +93,19 @@ impl Control {
     /// # Errors
     /// When `only_for` is not the epoch this hub was fenced for.
     pub fn unfence(&self, only_for: Option<Epoch>) -> Result<(), ControlError> {
+        self.unfence_here(only_for)?;
+        if let Some(kv) = self.region.clone() {
+            tokio::spawn(async move {
+                if let Err(e) = super::region::unfence_in(&kv, only_for).await {
+                    tracing::warn!(error = %e, "cannot lift the region's fence");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Lifts this hub's own fence (see [`Control::unfence`]).
+    pub(super) fn unfence_here(&self, only_for: Option<Epoch>) -> Result<(), ControlError> {
         if let Some(e) = only_for {
             let fenced_for = *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner());
             if !self.state.fenced() || fenced_for != Some(e) {
@@ -114,25 +153,55 @@ impl Control {
         let mut unreplicated = Vec::new();
         match req.mode {
             Mode::Planned => {
-                let peer = self
-                    .peer
-                    .clone()
-                    .ok_or_else(|| ControlError::Unavailable("no peer to take over from".into()))?;
-                let fenced: FenceResponse = self
-                    .call(&format!("{peer}/v1/fence"), &EpochBody { epoch: Some(next) }, Duration::from_secs(30))
-                    .await
-                    .map_err(|e| ControlError::Unavailable(format!("planned promotion needs the primary, which did not fence: {e}; use forced")))?;
+                if self.peers.is_empty() {
+                    return Err(ControlError::Unavailable(
+                        "no peer to take over from".into(),
+                    ));
+                }
+                // Any hub of the primary region fences all of it.
+                let mut fenced = None;
+                let mut failures = Vec::new();
+                for peer in &self.peers {
+                    match self
+                        .call::<FenceResponse>(
+                            &format!("{peer}/v1/fence"),
+                            &EpochBody { epoch: Some(next) },
+                            Duration::from_secs(30),
+                        )
+                        .await
+                    {
+                        Ok(f) => {
+                            fenced = Some((peer.clone(), f));
+                            break;
+                        }
+                        Err(e) => failures.push(format!("{peer}: {e}")),
+                    }
+                }
+                let Some((peer, fenced)) = fenced else {
+                    return Err(ControlError::Unavailable(format!(
+                        "planned promotion needs the primary, which did not fence: {}; use forced",
+                        failures.join("; ")
+                    )));
+                };
                 // Catch up to exactly what the primary holds.
                 let log = log_of(&self.ingest).clone();
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
-                    let behind = fenced
+                    let behind: Vec<PartitionId> = fenced
                         .high_watermarks
                         .iter()
                         .enumerate()
-                        .any(|(p, hw)| log.high_watermark(PartitionId(p as u32)) < *hw);
-                    if !behind {
+                        .map(|(p, hw)| (PartitionId(p as u32), *hw))
+                        .filter(|(p, hw)| log.high_watermark(*p) < *hw)
+                        .map(|(p, _)| p)
+                        .collect();
+                    if behind.is_empty() {
                         break;
+                    }
+                    // Partitions other hubs of this region pull: read how
+                    // far they got.
+                    for p in behind {
+                        self.ingest.refresh(p).await;
                     }
                     if Instant::now() > deadline {
                         let _ = self
@@ -149,7 +218,7 @@ impl Control {
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                self.become_primary(next, req.expected_epoch)?;
+                self.become_primary(next, req.expected_epoch, None).await?;
                 if let Err(e) = self
                     .call::<serde_json::Value>(
                         &format!("{peer}/v1/demote"),
@@ -174,15 +243,20 @@ impl Control {
                         });
                     }
                 }
-                self.become_primary(next, req.expected_epoch)?;
-                if let Some(peer) = self.peer.clone() {
-                    // The lost primary does not count until it returns and
-                    // catches up: acknowledgements must not wait for it.
+                // The lost primary does not count until it returns and
+                // catches up: acknowledgements must not wait for it (in a
+                // region of several hubs, for any of them).
+                let detached = (!self.peers.is_empty()).then(|| self.detachment(false));
+                self.become_primary(next, req.expected_epoch, detached)
+                    .await?;
+                if !self.peers.is_empty() {
                     if let Err(e) = self.detach(false, "forced promotion: the old primary is lost")
                     {
                         tracing::warn!(error = %e, "cannot detach the lost primary");
                     }
-                    tokio::spawn(self.tell_peer_to_demote(peer, next));
+                    for peer in self.peers.clone() {
+                        tokio::spawn(self.tell_peer_to_demote(peer, next));
+                    }
                 }
             }
         }
@@ -201,11 +275,30 @@ impl Control {
 
     /// Moves to primary at `epoch`, unless a higher or equal epoch arrived
     /// while the promotion ran.
-    fn become_primary(&self, epoch: Epoch, expected: Epoch) -> Result<(), ControlError> {
+    async fn become_primary(
+        &self,
+        epoch: Epoch,
+        expected: Epoch,
+        detached: Option<crate::state::Detached>,
+    ) -> Result<(), ControlError> {
+        // The region first (one winner among its hubs), then this hub; the
+        // others follow the region's value.
+        self.lead_region(epoch, expected, detached).await?;
         // What the old primary sent was acknowledged by this hub's pulls;
         // from now on the old primary is the one pulling.
         match self.transition(Move::Lead(epoch), "promoted")? {
             Moved::Done => Ok(()),
+            // This hub already followed the region's value it just wrote.
+            Moved::Refused { current }
+                if self.in_region()
+                    && current
+                        == (crate::state::RoleEpoch {
+                            role: fleet_api::Role::Primary,
+                            epoch,
+                        }) =>
+            {
+                Ok(())
+            }
             Moved::Refused { current } => Err(ControlError::EpochMismatch {
                 current: current.epoch,
                 expected,

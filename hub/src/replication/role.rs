@@ -26,6 +26,13 @@ pub(super) enum Move {
     StepDown,
     /// Become primary at a higher epoch (a promotion).
     Lead(Epoch),
+    /// Take the region's role and epoch, written by another hub of it (the
+    /// same rule as the moves above).
+    Adopt(RoleEpoch),
+    /// At start: take the region's role and epoch when its epoch is not
+    /// lower than this hub's (the region's word beats a role this hub had
+    /// alone under the same epoch).
+    Join(RoleEpoch),
 }
 
 impl Move {
@@ -44,6 +51,7 @@ impl Move {
                 role: Role::Primary,
                 epoch,
             },
+            Move::Adopt(re) | Move::Join(re) => re,
         }
     }
 }
@@ -60,7 +68,7 @@ pub(super) enum Moved {
 
 /// The transition rule: `epoch' > epoch` (either role), or the same epoch
 /// with a primary stepping down.
-fn allowed(now: RoleEpoch, next: RoleEpoch) -> bool {
+pub(super) fn allowed(now: RoleEpoch, next: RoleEpoch) -> bool {
     next.epoch > now.epoch
         || (next.epoch == now.epoch && now.role == Role::Primary && next.role == Role::Secondary)
 }
@@ -78,7 +86,11 @@ impl Control {
         let guard = self.role_change.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.state.get();
         let next = m.target(now);
-        if !allowed(now, next) {
+        let ok = match m {
+            Move::Join(_) => next.epoch >= now.epoch && next != now,
+            _ => allowed(now, next),
+        };
+        if !ok {
             return Ok(Moved::Refused { current: now });
         }
         if next.role == Role::Secondary {
@@ -145,7 +157,9 @@ impl Control {
             return;
         }
         // A move to secondary never fails: it fences when it cannot persist.
-        let _ = self.transition(Move::Follow(epoch), why);
+        if let Ok(Moved::Done) = self.transition(Move::Follow(epoch), why) {
+            self.raise_region();
+        }
     }
 
     /// `POST /v1/demote`: learn a higher epoch, or (without one, as an
@@ -154,7 +168,9 @@ impl Control {
         match body.epoch {
             Some(e) => self.learn(e, "asked to demote"),
             None => {
-                let _ = self.transition(Move::StepDown, "asked to step down");
+                if let Ok(Moved::Done) = self.transition(Move::StepDown, "asked to step down") {
+                    self.raise_region();
+                }
             }
         }
     }

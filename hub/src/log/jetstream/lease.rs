@@ -23,6 +23,7 @@ use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use fleet_api::PartitionId;
 use futures::StreamExt;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::log::{LogError, LogResult};
@@ -40,12 +41,14 @@ struct Member {
 
 /// What this hub has seen of the bucket.
 #[derive(Debug, Default)]
-struct View {
+pub(super) struct View {
     members: HashMap<String, Member>,
     /// Per partition: the holder and the lease's revision.
     holders: HashMap<u32, (String, u64)>,
     /// Since when the current watch has been running.
     watching_since: Option<Instant>,
+    /// Region-wide values (`s.…`): the region's role, fence answers.
+    pub(super) shared: HashMap<String, (Bytes, u64)>,
 }
 
 /// The leases as seen now.
@@ -65,12 +68,14 @@ pub struct Placement {
 /// The lease bucket of one shared log, as one hub uses it.
 #[derive(Debug)]
 pub struct Leases {
-    kv: kv::Store,
+    pub(super) kv: kv::Store,
     me: String,
     /// Written into every heartbeat: a second process beating under the
     /// same hub id is noticed.
     nonce: String,
-    view: Arc<Mutex<View>>,
+    pub(super) view: Arc<Mutex<View>>,
+    /// Bumped whenever a region-wide value (`s.…`) changes.
+    pub(super) shared_changed: watch::Sender<u64>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -80,7 +85,7 @@ impl Drop for Leases {
     }
 }
 
-fn io(what: &str, e: impl std::fmt::Display) -> LogError {
+pub(super) fn io(what: &str, e: impl std::fmt::Display) -> LogError {
     LogError::Io(format!("jetstream leases: {what}: {e}"))
 }
 
@@ -148,9 +153,11 @@ impl Leases {
         }
         let nonce = format!("{:016x}", rand::random::<u64>());
         let view = Arc::new(Mutex::new(View::default()));
-        let watcher = tokio::spawn(watch(
+        let shared_changed = watch::Sender::new(0);
+        let watcher = tokio::spawn(follow(
             kv.clone(),
             view.clone(),
+            shared_changed.clone(),
             me.to_string(),
             nonce.clone(),
         ));
@@ -159,6 +166,7 @@ impl Leases {
             me: me.to_string(),
             nonce,
             view,
+            shared_changed,
             watcher,
         };
         leases.beat().await?;
@@ -313,7 +321,13 @@ impl Leases {
 }
 
 /// Follows the bucket into `view`, watching again after any break.
-async fn watch(kv: kv::Store, view: Arc<Mutex<View>>, me: String, nonce: String) {
+async fn follow(
+    kv: kv::Store,
+    view: Arc<Mutex<View>>,
+    shared_changed: watch::Sender<u64>,
+    me: String,
+    nonce: String,
+) {
     loop {
         match kv.watch_with_history(">").await {
             Ok(mut w) => {
@@ -334,7 +348,9 @@ async fn watch(kv: kv::Store, view: Arc<Mutex<View>>, me: String, nonce: String)
                             {
                                 tracing::error!(hub_id = %me, "another process beats under this hub id; give each hub its own --hub-id");
                             }
-                            apply(&view, entry);
+                            if apply(&view, entry) {
+                                shared_changed.send_modify(|n| *n = n.wrapping_add(1));
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "lease watch broke; watching again");
@@ -352,10 +368,26 @@ async fn watch(kv: kv::Store, view: Arc<Mutex<View>>, me: String, nonce: String)
     }
 }
 
-fn apply(view: &Mutex<View>, entry: kv::Entry) {
+/// Applies one entry; true when a region-wide value changed.
+fn apply(view: &Mutex<View>, entry: kv::Entry) -> bool {
     tracing::debug!(key = %entry.key, revision = entry.revision, operation = ?entry.operation, "lease bucket entry");
     let mut view = view.lock().unwrap_or_else(|e| e.into_inner());
     let put = entry.operation == kv::Operation::Put;
+    if entry.key.starts_with("s.") {
+        let newer = view
+            .shared
+            .get(&entry.key)
+            .is_none_or(|(_, rev)| *rev <= entry.revision);
+        if newer {
+            if put {
+                view.shared
+                    .insert(entry.key.clone(), (entry.value.clone(), entry.revision));
+            } else {
+                view.shared.remove(&entry.key);
+            }
+        }
+        return newer;
+    }
     if let Some(hub) = entry.key.strip_prefix("m.") {
         if put {
             let now = Instant::now();
@@ -389,4 +421,5 @@ fn apply(view: &Mutex<View>, entry: kv::Entry) {
             view.holders.remove(&p);
         }
     }
+    false
 }

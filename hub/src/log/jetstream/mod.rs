@@ -13,6 +13,7 @@ pub mod lease;
 mod meta;
 mod read;
 mod retention;
+mod shared;
 mod writer;
 
 use std::collections::HashMap;
