@@ -262,12 +262,12 @@ impl Leases {
         let done = match seen {
             None => match self.kv.create(lease_key(p), value).await {
                 Ok(rev) => Ok(rev),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+                Err(e) if super::shared::created_elsewhere(&e) => return Ok(false),
                 Err(e) => Err(io("create lease", e)),
             },
             Some(rev) => match self.kv.update(lease_key(p), value, rev).await {
                 Ok(rev) => Ok(rev),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(e) if super::shared::lost_race(&e) => {
                     return Ok(false);
                 }
                 Err(e) => Err(io("take lease", e)),

@@ -137,7 +137,7 @@ impl MetaStore {
                 Ok(rev) => return Ok(rev),
                 Err(e) => e,
             };
-            if err.kind() == kv::UpdateErrorKind::WrongLastRevision {
+            if super::shared::lost_race(&err) {
                 // Our earlier, unanswered attempt may be what moved it: then
                 // the entry is ours, nonce included.
                 match self.load(p).await {

@@ -51,12 +51,12 @@ impl Leases {
         match seen {
             None => match self.kv.create(key, value).await {
                 Ok(rev) => Ok(Ok(rev)),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Err(Changed)),
+                Err(e) if created_elsewhere(&e) => Ok(Err(Changed)),
                 Err(e) => Err(io(&format!("create {key}"), e)),
             },
             Some(rev) => match self.kv.update(key, value, rev).await {
                 Ok(rev) => Ok(Ok(rev)),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Err(Changed)),
+                Err(e) if lost_race(&e) => Ok(Err(Changed)),
                 Err(e) => Err(io(&format!("write {key}"), e)),
             },
         }
@@ -77,4 +77,17 @@ impl Leases {
     pub fn shared_changes(&self) -> watch::Receiver<u64> {
         self.shared_changed.subscribe()
     }
+}
+
+/// A compare-and-set that lost: async-nats reports it as
+/// `WrongLastRevision`, or (seen under a race of two writers) as another
+/// kind carrying the server's "wrong last sequence" (JetStream error 10071).
+pub(super) fn lost_race(e: &kv::UpdateError) -> bool {
+    e.kind() == kv::UpdateErrorKind::WrongLastRevision
+        || e.to_string().contains("wrong last sequence")
+}
+
+/// A create that found the key there (see [`lost_race`]).
+pub(super) fn created_elsewhere(e: &kv::CreateError) -> bool {
+    e.kind() == kv::CreateErrorKind::AlreadyExists || e.to_string().contains("wrong last sequence")
 }
