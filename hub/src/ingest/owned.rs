@@ -59,6 +59,13 @@ impl Ingest {
                 offset: part.next,
                 local,
             });
+        } else {
+            // Linked as the region is now: a detachment (or attachment)
+            // decided while another hub wrote this partition must not carry
+            // over from this hub's earlier look at it.
+            part.linked = self.state.detached().is_none();
+            let linked = part.linked;
+            self.replicated[p.0 as usize].send_modify(|c| c.local = !linked);
         }
         self.owned[p.0 as usize].store(true, Ordering::Release);
         drop(part);

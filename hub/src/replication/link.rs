@@ -27,10 +27,11 @@ impl Control {
     /// # Errors
     /// Without a peer, or when the state cannot be persisted.
     pub fn detach(&self, manual: bool, why: &str) -> Result<PeerLink, ControlError> {
-        let link = self.detach_here(manual, why)?;
-        // The region's hubs run alone together.
-        self.publish_detached(self.state.detached());
-        Ok(link)
+        // In a region of several hubs, each hub detaches on its own view of
+        // the peer (its own pulls): one hub's lost route must not make the
+        // others acknowledge alone while their pulls still flow. Only a
+        // forced promotion detaches the whole region (in its compare-and-set).
+        self.detach_here(manual, why)
     }
 
     /// A detachment as of now.

@@ -114,6 +114,8 @@ pub struct Control {
     /// `since_ms`): a detachment is followed once, so a hub that took the
     /// peer back is not detached again by the value it is about to clear.
     region_detached_seen: Mutex<Option<u64>>,
+    /// The region's fence (its id) this hub last stopped for and answered.
+    fence_seen: Mutex<Option<u64>>,
     peer_token: Secret,
     max_lag: Option<Duration>,
     peer_detach_after: Option<Duration>,
@@ -184,6 +186,7 @@ impl Control {
             region,
             lease_ttl: config.lease_ttl,
             region_detached_seen: Mutex::new(None),
+            fence_seen: Mutex::new(None),
             peer_token,
             max_lag,
             peer_detach_after,

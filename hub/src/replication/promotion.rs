@@ -116,6 +116,7 @@ impl Control {
         }
         self.fence_planned
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if self.state.fenced() {
             tracing::warn!("unfenced: accepting writes again");
             self.state.set_fenced(false);

@@ -16,8 +16,11 @@
 //!   every hub stops accepting, flushes the partitions it writes and answers
 //!   under `s.fenced.{hub}`; the fenced hub reports the region's final high
 //!   watermarks only when every live hub has answered;
-//! - a detachment (the peer region lost) is the region's; each hub takes
-//!   the peer back as the pulls of its own partitions catch up.
+//! - a forced promotion detaches the whole region (in its compare-and-set);
+//!   each hub takes the peer back as the pulls of its own partitions catch
+//!   up, and the first to do so clears the region's value. Other
+//!   detachments (a peer unreachable too long, an operator's) are each
+//!   hub's own.
 //!
 //! A hub that was paused through a fence (not live, so not waited for) may
 //! still store a device's publish afterwards: it is acknowledged with a
@@ -51,6 +54,10 @@ pub(super) struct RegionRole {
     /// Fenced for the peer's planned promotion to this epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fenced_for: Option<Epoch>,
+    /// Which fence (a fresh random id for each): hubs answer with it, so an
+    /// answer to an earlier, abandoned fence never counts for this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fence_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     detached: Option<Detached>,
 }
@@ -120,6 +127,7 @@ async fn raise(kv: &Leases, state: &HubState) -> Result<(), ControlError> {
                 role: mine.role,
                 epoch: mine.epoch,
                 fenced_for: None,
+                fence_id: None,
                 detached: (v.epoch == mine.epoch)
                     .then(|| v.detached.clone())
                     .flatten(),
@@ -128,6 +136,7 @@ async fn raise(kv: &Leases, state: &HubState) -> Result<(), ControlError> {
                 role: mine.role,
                 epoch: mine.epoch,
                 fenced_for: None,
+                fence_id: None,
                 detached: state.detached(),
             }),
         })
@@ -196,15 +205,23 @@ impl Control {
             return;
         }
         let fenced_for = *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner());
-        match v.fenced_for {
-            Some(e) if fenced_for != Some(e) => {
-                self.fence_here(Some(e)).await;
-                let body = Bytes::from(e.0.to_string());
-                if let Err(err) = kv.put_shared(&fence_key(kv.me()), body).await {
-                    tracing::warn!(error = %err, "cannot tell the region this hub is fenced");
+        match (v.fenced_for, v.fence_id) {
+            (Some(e), Some(id)) => {
+                let new = self
+                    .fence_seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(id)
+                    != Some(id);
+                if new {
+                    self.fence_here(Some(e)).await;
+                    let body = Bytes::from(id.to_string());
+                    if let Err(err) = kv.put_shared(&fence_key(kv.me()), body).await {
+                        tracing::warn!(error = %err, "cannot tell the region this hub is fenced");
+                    }
                 }
             }
-            None if fenced_for.is_some() && self.state.fenced() => {
+            (None, _) if fenced_for.is_some() && self.state.fenced() => {
                 let _ = self.unfence_here(None);
             }
             _ => {}
@@ -235,9 +252,19 @@ impl Control {
         if let Some(kv) = self.region.clone() {
             let state = self.state.clone();
             tokio::spawn(async move {
-                if let Err(e) = raise(&kv, &state).await {
-                    tracing::warn!(error = %e, "cannot move the region's role to this hub's; it learns the epoch from the peer");
+                // Until it lands (a bucket briefly unreachable): the other
+                // hubs learn a step-down from nowhere else.
+                for attempt in 0..150u32 {
+                    match raise(&kv, &state).await {
+                        Ok(()) => return,
+                        Err(e) if attempt % 25 == 0 => {
+                            tracing::warn!(error = %e, "cannot move the region's role to this hub's yet; retrying");
+                        }
+                        Err(_) => {}
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
+                tracing::error!("gave up moving the region's role to this hub's");
             });
         }
     }
@@ -267,6 +294,7 @@ impl Control {
                 role: Role::Primary,
                 epoch: next,
                 fenced_for: None,
+                fence_id: None,
                 detached: detached.clone(),
             })),
         })
@@ -318,23 +346,24 @@ impl Control {
             return Err(ControlError::Unavailable("no region".into()));
         };
         let mine = self.state.get();
+        // A fresh fence every time (a retry too): every hub stops and
+        // answers again.
+        let id = rand::random::<u64>();
+        *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
         update(&kv, |seen| match seen {
             Some(v) if v.epoch != mine.epoch || v.role != Role::Primary => {
                 Err(ControlError::NotPrimary)
             }
-            Some(v) if v.fenced_for == Some(epoch) => Ok(None),
             Some(v) => Ok(Some(RegionRole {
                 fenced_for: Some(epoch),
+                fence_id: Some(id),
                 ..v.clone()
             })),
             None => Err(ControlError::NotPrimary),
         })
         .await?;
         // This hub fences itself at once; the others through the watch.
-        let already = *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner()) == Some(epoch);
-        if !already {
-            self.fence_here(Some(epoch)).await;
-        }
+        self.fence_here(Some(epoch)).await;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let live = kv.placement(self.lease_ttl).live;
@@ -346,7 +375,7 @@ impl Control {
                     .ok()
                     .flatten()
                     .and_then(|(b, _)| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
-                if answered != Some(epoch.0) {
+                if answered != Some(id) {
                     missing.push(hub.clone());
                 }
             }
@@ -382,8 +411,11 @@ impl Control {
         let Some(kv) = self.region.clone() else {
             return Ok(());
         };
-        self.unfence_here(only_for)?;
-        unfence_in(&kv, only_for).await
+        // The region's fence goes even when this hub's own was lifted
+        // already (or never set).
+        let here = self.unfence_here(only_for);
+        unfence_in(&kv, only_for).await?;
+        here
     }
 }
 
@@ -393,6 +425,7 @@ pub(super) async fn unfence_in(kv: &Leases, only_for: Option<Epoch>) -> Result<(
         Some(v) if v.fenced_for.is_some() && only_for.is_none_or(|e| v.fenced_for == Some(e)) => {
             Ok(Some(RegionRole {
                 fenced_for: None,
+                fence_id: None,
                 ..v.clone()
             }))
         }
