@@ -354,7 +354,7 @@ async fn records(
     let from = Offset(q.from);
     if replication {
         // A replication pull: `from` acknowledges everything below it.
-        api.control.on_pull(p, from, q.epoch.map(Epoch))?;
+        api.control.on_pull(p, from, q.epoch.map(Epoch)).await?;
     }
     let limits = ReadLimits {
         max_records: q.max.unwrap_or(1000).clamp(1, MAX_RECORDS),

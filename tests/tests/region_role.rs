@@ -16,10 +16,11 @@ async fn status(url: &str) -> Option<StatusResponse> {
         .ok()
 }
 
-/// Two hubs of region b promoted at the same moment with the same expected
-/// epoch: exactly one wins, and afterwards every hub of b is primary at the
-/// new epoch and every hub of a secondary at it (none left behind in the
-/// old role).
+/// A fence of region a (two hubs) stops and frees both hubs, however often
+/// and through whichever hub. Then two hubs of region b promoted at the same
+/// moment with the same expected epoch: exactly one wins, and afterwards
+/// every hub of b is primary at the new epoch and every hub of a secondary
+/// at it (none left behind in the old role).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hubs_of_a_region_promoted_at_once_have_one_winner_and_move_together() {
     let h = tests::harness!("two_hubs_of_a_region_promoted_at_once");
@@ -39,6 +40,42 @@ async fn two_hubs_of_a_region_promoted_at_once_have_one_winner_and_move_together
         assert_eq!(s.epoch, Epoch(1), "{url}");
     }
     let http = reqwest::Client::new();
+    // A fence given to one hub of a stops both, an unfence frees both, and
+    // a second fence for the same epoch (through the other hub) stops both
+    // again: an earlier fence's answers never count for a later one.
+    let fenced_everywhere = |want: bool| {
+        let a = a.clone();
+        async move {
+            for url in &a {
+                if status(url).await.is_none_or(|s| s.fenced != want) {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    for (fence_at, unfence_at) in [(&a[0], &a[0]), (&a[1], &a[0]), (&a[0], &a[1])] {
+        let r = http
+            .post(format!("{fence_at}/v1/fence"))
+            .bearer_auth(fleet.admin_token.expose())
+            .json(&serde_json::json!({"epoch": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        let f: fleet_api::hub::FenceResponse = r.json().await.unwrap();
+        assert_eq!(f.high_watermarks.len(), 8);
+        tests::wait_for(10, "both hubs of a fenced", || fenced_everywhere(true)).await;
+        let r = http
+            .post(format!("{unfence_at}/v1/unfence"))
+            .bearer_auth(fleet.admin_token.expose())
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        tests::wait_for(10, "both hubs of a unfenced", || fenced_everywhere(false)).await;
+    }
     let promote = |url: String| {
         let http = http.clone();
         let token = fleet.admin_token.expose().to_string();

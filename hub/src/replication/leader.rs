@@ -19,7 +19,7 @@ impl Control {
     ///
     /// # Errors
     /// When this hub is not the primary, or the secondary is ahead of it.
-    pub fn on_pull(
+    pub async fn on_pull(
         &self,
         p: PartitionId,
         from: Offset,
@@ -54,6 +54,10 @@ impl Control {
         }
         let hw = log_of(&self.ingest).high_watermark(p);
         if from > hw {
+            // A replica ahead of this hub's view: before it cuts anything
+            // on this word, make sure this hub still writes `p` (a paused
+            // hub's view is stale, and the writer now is another).
+            self.confirm_writer(p).await?;
             return Err(ControlError::Conflict(format!(
                 "diverged: the replica asks from offset {from} but this log ends at {hw}; reconcile first"
             )));
@@ -75,6 +79,20 @@ impl Control {
         Ok(now.epoch)
     }
 
+    /// In a region of several hubs: this hub still holds `p`'s lease, as
+    /// the bucket itself says (an answer a replica may cut its log on is
+    /// not given from a view a paused hub kept).
+    async fn confirm_writer(&self, p: PartitionId) -> Result<(), ControlError> {
+        let Some(kv) = &self.region else {
+            return Ok(());
+        };
+        match kv.holder_now(p).await {
+            Ok(Some(h)) if h == kv.me() => Ok(()),
+            Ok(_) => Err(ControlError::NotOwner(p)),
+            Err(e) => Err(ControlError::Unavailable(e.to_string())),
+        }
+    }
+
     /// `GET /v1/partitions/{p}/epoch_end?epoch=E`: the first offset written
     /// in an epoch later than `E` (the high watermark when there is none),
     /// and the largest epoch not above `E` in this history.
@@ -91,6 +109,7 @@ impl Control {
         if self.ingest.shared() && !self.ingest.owns(p) {
             return Err(ControlError::NotOwner(p));
         }
+        self.confirm_writer(p).await?;
         let log = log_of(&self.ingest);
         // The end first: an epoch is in the history before its first record
         // moves the end, so this order never answers with a too-early end.

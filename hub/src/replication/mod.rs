@@ -36,10 +36,11 @@
 //! - `link`: detaching a lost peer (running alone) and taking it back.
 //! - `peer`: the HTTP calls to the peer.
 //! - `peer_watch`: watching the peer's role and epoch.
-//! - `region`: role, epoch, fence and detachment shared by the hubs of a
-//!   region on one JetStream log.
+//! - `region`: role, epoch and detachment shared by the hubs of a region on
+//!   one JetStream log; `fence`: their fence for a planned promotion.
 
 mod failback;
+mod fence;
 mod follower;
 mod history;
 mod leader;

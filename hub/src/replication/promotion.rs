@@ -96,7 +96,7 @@ impl Control {
         self.unfence_here(only_for)?;
         if let Some(kv) = self.region.clone() {
             tokio::spawn(async move {
-                if let Err(e) = super::region::unfence_in(&kv, only_for).await {
+                if let Err(e) = super::fence::unfence_in(&kv, only_for).await {
                     tracing::warn!(error = %e, "cannot lift the region's fence");
                 }
             });

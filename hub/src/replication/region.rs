@@ -12,10 +12,8 @@
 //!   wins;
 //! - a hub that learns a higher epoch (or steps down) moves itself first,
 //!   the safe direction, then raises the region's value to its own;
-//! - a fence for a planned promotion is written into the region's value;
-//!   every hub stops accepting, flushes the partitions it writes and answers
-//!   under `s.fenced.{hub}`; the fenced hub reports the region's final high
-//!   watermarks only when every live hub has answered;
+//! - a fence for a planned promotion is written into the region's value
+//!   and answered by every hub (see `fence`);
 //! - a forced promotion detaches the whole region (in its compare-and-set);
 //!   each hub takes the peer back as the pulls of its own partitions catch
 //!   up, and the first to do so clears the region's value. Other
@@ -31,35 +29,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleet_api::{Epoch, Offset, PartitionId, Role};
+use fleet_api::{Epoch, Role};
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use super::role::{Move, allowed};
-use super::{Control, ControlError, log_of};
+use super::{Control, ControlError};
 use crate::log::jetstream::Leases;
 use crate::state::{Detached, HubState, RoleEpoch};
 
 const ROLE_KEY: &str = "s.role";
 
-fn fence_key(hub: &str) -> String {
+pub(super) fn fence_key(hub: &str) -> String {
     format!("s.fenced.{hub}")
 }
 
 /// The region's role as stored in the lease bucket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct RegionRole {
-    role: Role,
-    epoch: Epoch,
+    pub(super) role: Role,
+    pub(super) epoch: Epoch,
     /// Fenced for the peer's planned promotion to this epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    fenced_for: Option<Epoch>,
+    pub(super) fenced_for: Option<Epoch>,
     /// Which fence (a fresh random id for each): hubs answer with it, so an
     /// answer to an earlier, abandoned fence never counts for this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    fence_id: Option<u64>,
+    pub(super) fence_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    detached: Option<Detached>,
+    pub(super) detached: Option<Detached>,
 }
 
 impl RegionRole {
@@ -97,7 +94,7 @@ async fn swap(kv: &Leases, next: &RegionRole, seen: Option<u64>) -> Result<bool,
 
 /// Changes the region's value with `change` (None: leave it) until a
 /// compare-and-set goes through.
-async fn update(
+pub(super) async fn update(
     kv: &Leases,
     mut change: impl FnMut(Option<&RegionRole>) -> Result<Option<RegionRole>, ControlError>,
 ) -> Result<(), ControlError> {
@@ -204,28 +201,7 @@ impl Control {
         if v.epoch != mine.epoch || mine.role != Role::Primary {
             return;
         }
-        let fenced_for = *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner());
-        match (v.fenced_for, v.fence_id) {
-            (Some(e), Some(id)) => {
-                let new = self
-                    .fence_seen
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .replace(id)
-                    != Some(id);
-                if new {
-                    self.fence_here(Some(e)).await;
-                    let body = Bytes::from(id.to_string());
-                    if let Err(err) = kv.put_shared(&fence_key(kv.me()), body).await {
-                        tracing::warn!(error = %err, "cannot tell the region this hub is fenced");
-                    }
-                }
-            }
-            (None, _) if fenced_for.is_some() && self.state.fenced() => {
-                let _ = self.unfence_here(None);
-            }
-            _ => {}
-        }
+        self.follow_fence(kv, &v).await;
         if let Some(d) = v.detached {
             let new = {
                 let mut seen = self
@@ -337,99 +313,4 @@ impl Control {
             }
         });
     }
-
-    /// A fence for the peer's planned promotion to `epoch`, for the whole
-    /// region: written into the region's value, then waited for until every
-    /// live hub has flushed and answered. Returns the final high watermarks.
-    pub(super) async fn fence_region(&self, epoch: Epoch) -> Result<Vec<Offset>, ControlError> {
-        let Some(kv) = self.region.clone() else {
-            return Err(ControlError::Unavailable("no region".into()));
-        };
-        let mine = self.state.get();
-        // A fresh fence every time (a retry too): every hub stops and
-        // answers again.
-        let id = rand::random::<u64>();
-        *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
-        update(&kv, |seen| match seen {
-            Some(v) if v.epoch != mine.epoch || v.role != Role::Primary => {
-                Err(ControlError::NotPrimary)
-            }
-            Some(v) => Ok(Some(RegionRole {
-                fenced_for: Some(epoch),
-                fence_id: Some(id),
-                ..v.clone()
-            })),
-            None => Err(ControlError::NotPrimary),
-        })
-        .await?;
-        // This hub fences itself at once; the others through the watch.
-        self.fence_here(Some(epoch)).await;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let live = kv.placement(self.lease_ttl).live;
-            let mut missing = Vec::new();
-            for hub in live.iter().filter(|h| h.as_str() != kv.me()) {
-                let answered = kv
-                    .read_shared(&fence_key(hub))
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|(b, _)| std::str::from_utf8(&b).ok()?.parse::<u64>().ok());
-                if answered != Some(id) {
-                    missing.push(hub.clone());
-                }
-            }
-            if missing.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = self.unfence_region(Some(epoch)).await;
-                return Err(ControlError::Unavailable(format!(
-                    "hubs {} of this region did not confirm the fence; unfenced",
-                    missing.join(", ")
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let log = log_of(&self.ingest).clone();
-        let mut high_watermarks = Vec::new();
-        for p in 0..self.partitions() {
-            let p = PartitionId(p);
-            if self.ingest.owns(p) {
-                high_watermarks.push(self.ingest.barrier(p).await?);
-            } else {
-                // Written (and flushed) by another hub: read its end now.
-                self.ingest.refresh(p).await;
-                high_watermarks.push(log.high_watermark(p));
-            }
-        }
-        Ok(high_watermarks)
-    }
-
-    /// Lifts the region's fence (for `only_for`, when given).
-    pub(super) async fn unfence_region(&self, only_for: Option<Epoch>) -> Result<(), ControlError> {
-        let Some(kv) = self.region.clone() else {
-            return Ok(());
-        };
-        // The region's fence goes even when this hub's own was lifted
-        // already (or never set).
-        let here = self.unfence_here(only_for);
-        unfence_in(&kv, only_for).await?;
-        here
-    }
-}
-
-/// Lifts the region's fence in the bucket (for `only_for`, when given).
-pub(super) async fn unfence_in(kv: &Leases, only_for: Option<Epoch>) -> Result<(), ControlError> {
-    update(kv, |seen| match seen {
-        Some(v) if v.fenced_for.is_some() && only_for.is_none_or(|e| v.fenced_for == Some(e)) => {
-            Ok(Some(RegionRole {
-                fenced_for: None,
-                fence_id: None,
-                ..v.clone()
-            }))
-        }
-        _ => Ok(None),
-    })
-    .await
 }

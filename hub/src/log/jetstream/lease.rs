@@ -251,6 +251,21 @@ impl Leases {
         }
     }
 
+    /// Partition `p`'s lease holder, read from the bucket itself (not the
+    /// watch, which may lag).
+    ///
+    /// # Errors
+    /// When the bucket cannot be read.
+    pub async fn holder_now(&self, p: PartitionId) -> LogResult<Option<String>> {
+        match self.kv.entry(lease_key(p)).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                Ok(Some(String::from_utf8_lossy(&e.value).into_owned()))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(io("read lease", e)),
+        }
+    }
+
     /// Takes partition `p`'s lease: creates it when `seen` is `None`, else
     /// replaces the lease at revision `seen`. `Ok(false)`: someone else
     /// changed it first.
