@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Context;
 use fleet_api::hub::StatusResponse;
 use fleet_api::{Offset, PartitionId};
 
@@ -24,57 +23,64 @@ pub(super) async fn every(
     true
 }
 
-/// A region's log, each partition read from the hub that writes it (a
-/// region of several hubs shares one log; the writer's view is current).
+/// A region's log. A region of several hubs shares one log, and a hub's
+/// view of a partition another hub writes may lag a moment (never run
+/// ahead): each partition is read from every hub and the longest read kept
+/// (the same offsets hold the same records on every hub).
 pub(super) async fn read_log(
     urls: &[String],
     token: &fleet_api::Secret,
 ) -> anyhow::Result<HashMap<String, Vec<u64>>> {
-    let first = urls.first().context("a region without hubs")?;
     let mut clients = Vec::new();
+    let mut partitions = 0;
     for url in urls {
         let client = fleet_api::client::HubClient::new(url, Some(token.clone()));
-        let status = client.status().await?;
-        clients.push((client, status));
+        partitions = partitions.max(client.status().await?.partitions.len() as u32);
+        clients.push(client);
     }
-    let partitions = clients[0].1.partitions.len() as u32;
+    anyhow::ensure!(!clients.is_empty(), "a region without hubs");
     let mut by_device: HashMap<String, Vec<u64>> = HashMap::new();
     for p in 0..partitions {
-        let client = clients
-            .iter()
-            .find(|(_, s)| {
-                s.owned
-                    .as_ref()
-                    .is_some_and(|o| o.contains(&PartitionId(p)))
-            })
-            .map_or_else(
-                || fleet_api::client::HubClient::new(first, Some(token.clone())),
-                |(c, _)| c.clone(),
-            );
-        let mut from = Offset(0);
-        loop {
-            let page = client
-                .records_upto(
-                    PartitionId(p),
-                    from,
-                    10_000,
-                    Duration::ZERO,
-                    fleet_api::hub::ReadUpto::Committed,
-                )
-                .await?;
-            let Some(last) = page.records.last() else {
-                break;
-            };
-            from = last.offset.next();
-            for r in page.records {
-                if let Some(m) = r.mid {
-                    by_device
-                        .entry(r.device_id.to_string())
-                        .or_default()
-                        .push(m.0);
-                }
+        let mut longest: Vec<(String, u64)> = Vec::new();
+        for client in &clients {
+            let read = read_partition(client, PartitionId(p)).await?;
+            if read.len() > longest.len() {
+                longest = read;
             }
+        }
+        for (device, mid) in longest {
+            by_device.entry(device).or_default().push(mid);
         }
     }
     Ok(by_device)
+}
+
+/// Partition `p` as one hub serves it: each record's device and mid.
+async fn read_partition(
+    client: &fleet_api::client::HubClient,
+    p: PartitionId,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    let mut from = Offset(0);
+    loop {
+        let page = client
+            .records_upto(
+                p,
+                from,
+                10_000,
+                Duration::ZERO,
+                fleet_api::hub::ReadUpto::Committed,
+            )
+            .await?;
+        let Some(last) = page.records.last() else {
+            break;
+        };
+        from = last.offset.next();
+        for r in page.records {
+            if let Some(m) = r.mid {
+                out.push((r.device_id.to_string(), m.0));
+            }
+        }
+    }
+    Ok(out)
 }

@@ -42,18 +42,31 @@ impl Control {
     /// Follows the fence in the region's value `v` (already at this hub's
     /// epoch, this hub primary): stops and answers a new fence, lifts this
     /// hub's fence when the region's is gone.
-    pub(super) async fn follow_fence(&self, kv: &Leases, v: &RegionRole) {
+    pub(super) async fn follow_fence(&self, kv: &Leases, v: &RegionRole, rev: u64) {
         let fenced_for = *self.fenced_for.lock().unwrap_or_else(|e| e.into_inner());
         match (v.fenced_for, v.fence_id) {
             (Some(e), Some(id)) => {
-                let new = self
-                    .fence_seen
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .replace(id)
-                    != Some(id);
+                let new = {
+                    let mut seen = self.fence_seen.lock().unwrap_or_else(|e| e.into_inner());
+                    let new = seen.is_none_or(|(seen_id, _)| seen_id != id);
+                    if new {
+                        *seen = Some((id, rev));
+                    }
+                    new
+                };
                 if new {
                     self.fence_here(Some(e)).await;
+                    // Unfenced meanwhile (an operator, or a newer value):
+                    // no answer, the fence must not pass on this hub's word.
+                    let still = self.state.fenced()
+                        && self
+                            .fence_seen
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .is_some_and(|(seen_id, _)| seen_id == id);
+                    if !still {
+                        return;
+                    }
                     let log = log_of(&self.ingest);
                     let answer = Answer {
                         id,
@@ -75,7 +88,17 @@ impl Control {
                     }
                 }
             }
-            (None, _) if fenced_for.is_some() && self.state.fenced() => {
+            // Only a value newer than the fence this hub wrote or followed
+            // lifts it (a lagging watch may still show an older one).
+            (None, _)
+                if fenced_for.is_some()
+                    && self.state.fenced()
+                    && self
+                        .fence_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_none_or(|(_, fence_rev)| rev > fence_rev) =>
+            {
                 let _ = self.unfence_here(None);
             }
             _ => {}
@@ -92,8 +115,9 @@ impl Control {
         // A fresh fence every time (a retry too): every hub stops and
         // answers again.
         let id = rand::random::<u64>();
-        *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
-        update(&kv, |seen| match seen {
+        // Before the write: this hub's own watch must not answer it.
+        *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, u64::MAX));
+        let written = update(&kv, |seen| match seen {
             Some(v) if v.epoch != mine.epoch || v.role != Role::Primary => {
                 Err(ControlError::NotPrimary)
             }
@@ -105,17 +129,29 @@ impl Control {
             None => Err(ControlError::NotPrimary),
         })
         .await?;
+        if let Some(rev) = written {
+            *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, rev));
+        }
         // This hub fences itself at once; the others through the watch.
         self.fence_here(Some(epoch)).await;
-        let answers = match self.answers(&kv, id).await {
-            Ok(a) => a,
+        match self.fenced_end(&kv, id, epoch).await {
+            Ok(hws) => Ok(hws),
             Err(e) => {
                 let _ = self.unfence_region(Some(epoch)).await;
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// The rest of [`Control::fence_region`]: the answers, and the ends.
+    async fn fenced_end(
+        &self,
+        kv: &Leases,
+        id: u64,
+        epoch: Epoch,
+    ) -> Result<Vec<Offset>, ControlError> {
+        let answers = self.answers(kv, id).await?;
         if let Some((hub, _)) = answers.iter().find(|(_, a)| a.detached) {
-            let _ = self.unfence_region(Some(epoch)).await;
             return Err(ControlError::Conflict(format!(
                 "hub {hub} of this region still runs detached from the peer; a planned promotion waits until the peer holds every record there; unfenced"
             )));
@@ -143,6 +179,17 @@ impl Control {
             };
             high_watermarks.push(hw);
         }
+        // Still this fence, and this hub still fenced: nothing lifted it
+        // while the ends were read.
+        let current = super::region::read(kv).await?;
+        let intact = current.is_some_and(|(v, _)| {
+            v.fence_id == Some(id) && v.fenced_for == Some(epoch) && v.role == Role::Primary
+        }) && self.state.fenced();
+        if !intact {
+            return Err(ControlError::Conflict(
+                "the fence was lifted or replaced while it was being taken".into(),
+            ));
+        }
         Ok(high_watermarks)
     }
 
@@ -150,7 +197,18 @@ impl Control {
     async fn answers(&self, kv: &Leases, id: u64) -> Result<Vec<(String, Answer)>, ControlError> {
         let deadline = Instant::now() + ANSWER_WAIT;
         loop {
-            let live = kv.placement(self.lease_ttl).live;
+            let placement = kv.placement(self.lease_ttl);
+            // An unsettled view may not know a live hub at all.
+            if !placement.settled {
+                if Instant::now() > deadline {
+                    return Err(ControlError::Unavailable(
+                        "this hub's view of the region's hubs is not current; unfenced".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let live = placement.live;
             let mut missing = Vec::new();
             let mut answers = Vec::new();
             for hub in live.iter().filter(|h| h.as_str() != kv.me()) {
@@ -205,4 +263,5 @@ pub(super) async fn unfence_in(kv: &Leases, only_for: Option<Epoch>) -> Result<(
         _ => Ok(None),
     })
     .await
+    .map(|_| ())
 }

@@ -114,6 +114,12 @@ impl Control {
     /// counts on the peer again when that is everything it holds.
     pub(super) fn caught_up(&self, p: PartitionId, from: Offset) {
         let Some(d) = self.state.detached() else {
+            // In a region of several hubs, a partition taken over while
+            // this hub was detached may still be unlinked after the hub
+            // attached: it counts on the peer again the same way.
+            if self.in_region() && !self.ingest.linked(p) {
+                let _ = self.ingest.relink(p, from);
+            }
             return;
         };
         if d.manual || self.state.get().role != Role::Primary {

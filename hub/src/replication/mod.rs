@@ -47,6 +47,7 @@ mod leader;
 mod link;
 mod peer;
 mod peer_watch;
+mod planned;
 mod promotion;
 mod region;
 mod role;
@@ -115,8 +116,9 @@ pub struct Control {
     /// `since_ms`): a detachment is followed once, so a hub that took the
     /// peer back is not detached again by the value it is about to clear.
     region_detached_seen: Mutex<Option<u64>>,
-    /// The region's fence (its id) this hub last stopped for and answered.
-    fence_seen: Mutex<Option<u64>>,
+    /// The region's fence this hub last wrote or stopped for: its id and
+    /// the revision of the region's value that carried it.
+    fence_seen: Mutex<Option<(u64, u64)>>,
     peer_token: Secret,
     max_lag: Option<Duration>,
     peer_detach_after: Option<Duration>,

@@ -93,7 +93,9 @@ impl Control {
     /// # Errors
     /// When `only_for` is not the epoch this hub was fenced for.
     pub fn unfence(&self, only_for: Option<Epoch>) -> Result<(), ControlError> {
-        self.unfence_here(only_for)?;
+        // The region's fence goes even when this hub's own was lifted
+        // already (or never set on this hub).
+        let here = self.unfence_here(only_for);
         if let Some(kv) = self.region.clone() {
             tokio::spawn(async move {
                 if let Err(e) = super::fence::unfence_in(&kv, only_for).await {
@@ -101,7 +103,7 @@ impl Control {
                 }
             });
         }
-        Ok(())
+        here
     }
 
     /// Lifts this hub's own fence (see [`Control::unfence`]).
@@ -184,42 +186,16 @@ impl Control {
                         failures.join("; ")
                     )));
                 };
-                // Catch up to exactly what the primary holds.
-                let log = log_of(&self.ingest).clone();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let behind: Vec<PartitionId> = fenced
-                        .high_watermarks
-                        .iter()
-                        .enumerate()
-                        .map(|(p, hw)| (PartitionId(p as u32), *hw))
-                        .filter(|(p, hw)| log.high_watermark(*p) < *hw)
-                        .map(|(p, _)| p)
-                        .collect();
-                    if behind.is_empty() {
-                        break;
-                    }
-                    // Partitions other hubs of this region pull: read how
-                    // far they got.
-                    for p in behind {
-                        self.ingest.refresh(p).await;
-                    }
-                    if Instant::now() > deadline {
-                        let _ = self
-                            .call::<serde_json::Value>(
-                                &format!("{peer}/v1/unfence"),
-                                &EpochBody { epoch: Some(next) },
-                                Duration::from_secs(5),
-                            )
-                            .await;
-                        return Err(ControlError::Unavailable(
-                            "the secondary did not catch up within 60 s; the primary was unfenced"
-                                .into(),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                // Catch up to exactly what the primary holds, then take
+                // over; anything failing lifts the fence again.
+                let taken = match self.catch_up_to(&peer, &fenced).await {
+                    Ok(()) => self.become_primary(next, req.expected_epoch, None).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = taken {
+                    self.unfence_peers(next).await;
+                    return Err(e);
                 }
-                self.become_primary(next, req.expected_epoch, None).await?;
                 if let Err(e) = self
                     .call::<serde_json::Value>(
                         &format!("{peer}/v1/demote"),

@@ -73,7 +73,7 @@ fn unavailable(e: impl std::fmt::Display) -> ControlError {
 }
 
 /// The region's value and its revision, read from the bucket.
-async fn read(kv: &Leases) -> Result<Option<(RegionRole, u64)>, ControlError> {
+pub(super) async fn read(kv: &Leases) -> Result<Option<(RegionRole, u64)>, ControlError> {
     match kv.read_shared(ROLE_KEY).await.map_err(unavailable)? {
         None => Ok(None),
         Some((bytes, rev)) => serde_json::from_slice(&bytes)
@@ -82,29 +82,34 @@ async fn read(kv: &Leases) -> Result<Option<(RegionRole, u64)>, ControlError> {
     }
 }
 
-/// Writes `next` over the value seen at `seen`; `Ok(false)`: it changed.
-async fn swap(kv: &Leases, next: &RegionRole, seen: Option<u64>) -> Result<bool, ControlError> {
+/// Writes `next` over the value seen at `seen`; `Ok(None)`: it changed,
+/// else the revision written.
+async fn swap(
+    kv: &Leases,
+    next: &RegionRole,
+    seen: Option<u64>,
+) -> Result<Option<u64>, ControlError> {
     let body = Bytes::from(serde_json::to_vec(next).map_err(unavailable)?);
     Ok(kv
         .swap_shared(ROLE_KEY, body, seen)
         .await
         .map_err(unavailable)?
-        .is_ok())
+        .ok())
 }
 
 /// Changes the region's value with `change` (None: leave it) until a
-/// compare-and-set goes through.
+/// compare-and-set goes through; the revision written, if any.
 pub(super) async fn update(
     kv: &Leases,
     mut change: impl FnMut(Option<&RegionRole>) -> Result<Option<RegionRole>, ControlError>,
-) -> Result<(), ControlError> {
+) -> Result<Option<u64>, ControlError> {
     for _ in 0..50 {
         let seen = read(kv).await?;
         let Some(next) = change(seen.as_ref().map(|(v, _)| v))? else {
-            return Ok(());
+            return Ok(None);
         };
-        if swap(kv, &next, seen.map(|(_, rev)| rev)).await? {
-            return Ok(());
+        if let Some(rev) = swap(kv, &next, seen.map(|(_, rev)| rev)).await? {
+            return Ok(Some(rev));
         }
     }
     Err(ControlError::Unavailable(
@@ -112,11 +117,30 @@ pub(super) async fn update(
     ))
 }
 
+/// Retries `raise` (or another write of the region's value) until it lands.
+async fn until_written<F, Fut>(what: &str, mut write: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ControlError>>,
+{
+    for attempt in 0..150u32 {
+        match write().await {
+            Ok(()) => return,
+            Err(e) if attempt % 25 == 0 => {
+                tracing::warn!(error = %e, what, "cannot write the region's value yet; retrying");
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::error!(what, "gave up writing the region's value");
+}
+
 /// Raises the region's role and epoch to this hub's (a hub that learned a
 /// higher epoch, or stepped down), keeping a fence or detachment of the
 /// same epoch.
 async fn raise(kv: &Leases, state: &HubState) -> Result<(), ControlError> {
-    update(kv, |seen| {
+    let _ = update(kv, |seen| {
         let mine = state.get();
         Ok(match seen {
             Some(v) if !allowed(v.role_epoch(), mine) => None,
@@ -138,7 +162,8 @@ async fn raise(kv: &Leases, state: &HubState) -> Result<(), ControlError> {
             }),
         })
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 impl Control {
@@ -165,8 +190,8 @@ impl Control {
             }
         }
         raise(&kv, &self.state).await?;
-        if let Some((v, _)) = read(&kv).await? {
-            self.adopt(&kv, v).await;
+        if let Some((v, rev)) = read(&kv).await? {
+            self.adopt(&kv, v, rev).await;
         }
         tracing::info!(role = %self.state.get().role, epoch = %self.state.get().epoch, "joined the region's role");
         Ok(())
@@ -183,25 +208,32 @@ impl Control {
             }
             let seen = kv
                 .seen_shared(ROLE_KEY)
-                .and_then(|(b, _)| serde_json::from_slice::<RegionRole>(&b).ok());
-            if let Some(v) = seen {
-                self.adopt(&kv, v).await;
+                .and_then(|(b, rev)| Some((serde_json::from_slice::<RegionRole>(&b).ok()?, rev)));
+            if let Some((v, rev)) = seen {
+                self.adopt(&kv, v, rev).await;
             }
         }
     }
 
     /// Moves this hub to the region's value: a higher epoch (or a step
     /// down), then at the same epoch a fence and a detachment.
-    async fn adopt(&self, kv: &Leases, v: RegionRole) {
+    async fn adopt(&self, kv: &Leases, v: RegionRole, rev: u64) {
         let mine = self.state.get();
         if v.role_epoch() != mine && allowed(mine, v.role_epoch()) {
             let _ = self.transition(Move::Adopt(v.role_epoch()), "the region's role changed");
+        } else if v.role_epoch() != mine && allowed(v.role_epoch(), mine) {
+            // This hub is ahead (a step-down or a learned epoch whose write
+            // did not land): the region follows it, not the other way.
+            if let Err(e) = raise(kv, &self.state).await {
+                tracing::debug!(error = %e, "cannot raise the region's role yet");
+            }
+            return;
         }
         let mine = self.state.get();
         if v.epoch != mine.epoch || mine.role != Role::Primary {
             return;
         }
-        self.follow_fence(kv, &v).await;
+        self.follow_fence(kv, &v, rev).await;
         if let Some(d) = v.detached {
             let new = {
                 let mut seen = self
@@ -230,17 +262,7 @@ impl Control {
             tokio::spawn(async move {
                 // Until it lands (a bucket briefly unreachable): the other
                 // hubs learn a step-down from nowhere else.
-                for attempt in 0..150u32 {
-                    match raise(&kv, &state).await {
-                        Ok(()) => return,
-                        Err(e) if attempt % 25 == 0 => {
-                            tracing::warn!(error = %e, "cannot move the region's role to this hub's yet; retrying");
-                        }
-                        Err(_) => {}
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                tracing::error!("gave up moving the region's role to this hub's");
+                until_written("role", || raise(&kv, &state)).await;
             });
         }
     }
@@ -275,6 +297,7 @@ impl Control {
             })),
         })
         .await
+        .map(|_| ())
     }
 
     /// Writes this hub's detachment (or attachment, `None`) into the
@@ -291,26 +314,29 @@ impl Control {
         }
         let state = self.state.clone();
         tokio::spawn(async move {
-            let done = update(&kv, |seen| {
-                let mine = state.get();
-                Ok(match seen {
-                    Some(v)
-                        if v.epoch == mine.epoch
-                            && v.role == Role::Primary
-                            && v.detached.is_some() != detached.is_some() =>
-                    {
-                        Some(RegionRole {
-                            detached: detached.clone(),
-                            ..v.clone()
-                        })
-                    }
-                    _ => None,
+            // Until it lands: a detachment left behind would be followed by
+            // every hub that starts later.
+            until_written("detachment", || async {
+                update(&kv, |seen| {
+                    let mine = state.get();
+                    Ok(match seen {
+                        Some(v)
+                            if v.epoch == mine.epoch
+                                && v.role == Role::Primary
+                                && v.detached.is_some() != detached.is_some() =>
+                        {
+                            Some(RegionRole {
+                                detached: detached.clone(),
+                                ..v.clone()
+                            })
+                        }
+                        _ => None,
+                    })
                 })
+                .await
+                .map(|_| ())
             })
             .await;
-            if let Err(e) = done {
-                tracing::warn!(error = %e, "cannot write the region's detachment");
-            }
         });
     }
 }
