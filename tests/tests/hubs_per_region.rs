@@ -615,3 +615,117 @@ async fn a_takeover_learns_the_highest_mid_behind_a_plain_publish() {
         "each mid once, in order (0: the plain publish)"
     );
 }
+
+/// Region eu (two hubs, primary) replicates synchronously to region us (two
+/// hubs, each on its own R3 log): every partition is pulled by the us hub
+/// that writes it, from the eu hub that writes it. One us hub is killed with
+/// SIGKILL under load: the other takes its partitions, and with them their
+/// pulls, so every publish is still acknowledged (sync: only once both
+/// regions hold it), nothing is lost, and us holds every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_hub_killed_under_sync_load_hands_its_pulls_over() {
+    let h = harness!("a_secondary_hub_killed_under_sync_load_hands_its_pulls_over");
+    let eu_log = NatsCluster::start(&h.dir().join("nats-eu"), "eu", 3)
+        .await
+        .unwrap();
+    let us_log = NatsCluster::start(&h.dir().join("nats-us"), "us", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("dev-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let us_reg = Registry::sqlite(h.dir(), "us").await;
+    let ports: Vec<String> = (0..4)
+        .map(|_| fleet::up::reserve([127, 0, 0, 1]).unwrap().to_string())
+        .collect();
+    let peers = |i: usize| format!("http://{},http://{}", ports[i], ports[i + 1]);
+    let (eu_peers, us_peers) = (peers(2), peers(0));
+    let (eu_url, us_url) = (eu_log.log_url("eu"), us_log.log_url("us"));
+    let hub = |label: &str,
+               region: &str,
+               reg: &str,
+               url: &str,
+               id: &str,
+               port: &str,
+               peers: &str,
+               role: &str| {
+        let mut args = hub_args(url, id);
+        args.extend([
+            "--http",
+            port,
+            "--peer",
+            peers,
+            "--replication",
+            "sync",
+            "--role",
+            role,
+        ]);
+        h.hub(label, region, reg, &args)
+    };
+    let e1 = hub(
+        "eu-1", "eu", &reg.url, &eu_url, "e1", &ports[0], &eu_peers, "primary",
+    );
+    let e2 = hub(
+        "eu-2", "eu", &reg.url, &eu_url, "e2", &ports[1], &eu_peers, "primary",
+    );
+    let u1 = hub(
+        "us-1",
+        "us",
+        &us_reg.url,
+        &us_url,
+        "u1",
+        &ports[2],
+        &us_peers,
+        "secondary",
+    );
+    let mut u2 = hub(
+        "us-2",
+        "us",
+        &us_reg.url,
+        &us_url,
+        "u2",
+        &ports[3],
+        &us_peers,
+        "secondary",
+    );
+    until_divided(&[&e1, &e2]).await;
+    let us_divided = until_divided(&[&u1, &u2]).await;
+    assert!(!us_divided[1].is_empty(), "us-2 pulls some partitions");
+    let c = h.concierge("concierge", "127.0.0.1:0", &[("eu", &e1), ("eu", &e2)], &[]);
+    let keys = h.keys_file(&reg, &ids);
+    let report = h.dir().join("report.ndjson");
+    let args = h.simulate_args(&c, &keys, &report, "20", "10", &[]);
+    let sim = tokio::task::spawn_blocking({
+        let mut cmd = h.command("simulate", &args);
+        move || cmd.output()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    u2.node.kill9();
+    let out = sim.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["in_outbox"], 0, "{summary}");
+    assert_eq!(summary["dropped"], 0, "{summary}");
+    assert_eq!(summary["acknowledged"], summary["generated"], "{summary}");
+    // us-1 writes (and pulls) every partition now, and holds every record
+    // once, in order, with no hole.
+    let s1 = status(&u1).await;
+    assert_eq!(owned(&s1), (0..PARTITIONS).collect::<Vec<_>>());
+    assert_eq!(s1.role, fleet_api::Role::Secondary);
+    let stored = stored_mids(&u1, Bytes::Simulated).await;
+    assert_once_in_order(&stored);
+    let total: usize = stored.values().map(Vec::len).sum();
+    assert_eq!(total as u64, summary["generated"].as_u64().unwrap());
+    for (device, mids) in &stored {
+        assert_eq!(
+            mids.last().copied(),
+            Some(mids.len() as u64),
+            "{device}: a hole"
+        );
+    }
+}
