@@ -23,10 +23,10 @@ pub(super) async fn every(
     true
 }
 
-/// A region's log. A region of several hubs shares one log, and a hub's
-/// view of a partition another hub writes may lag a moment (never run
-/// ahead): each partition is read from every hub and the longest read kept
-/// (the same offsets hold the same records on every hub).
+/// A region's log. A region of several hubs shares one log; each partition
+/// is read from the hub that writes it (its view is current), else, when
+/// no hub claims it, from every hub that answers, keeping the longest read
+/// (a view that lags holds a prefix of the same records).
 pub(super) async fn read_log(
     urls: &[String],
     token: &fleet_api::Secret,
@@ -35,20 +35,37 @@ pub(super) async fn read_log(
     let mut partitions = 0;
     for url in urls {
         let client = fleet_api::client::HubClient::new(url, Some(token.clone()));
-        partitions = partitions.max(client.status().await?.partitions.len() as u32);
-        clients.push(client);
+        let status = client.status().await?;
+        partitions = partitions.max(status.partitions.len() as u32);
+        clients.push((client, status.owned.unwrap_or_default()));
     }
     anyhow::ensure!(!clients.is_empty(), "a region without hubs");
     let mut by_device: HashMap<String, Vec<u64>> = HashMap::new();
     for p in 0..partitions {
-        let mut longest: Vec<(String, u64)> = Vec::new();
-        for client in &clients {
-            let read = read_partition(client, PartitionId(p)).await?;
-            if read.len() > longest.len() {
-                longest = read;
+        let p = PartitionId(p);
+        let writer = clients.iter().find(|(_, owned)| owned.contains(&p));
+        let read = match writer {
+            Some((client, _)) => read_partition(client, p).await?,
+            None => {
+                let mut longest: Option<Vec<(String, u64)>> = None;
+                let mut failed = None;
+                for (client, _) in &clients {
+                    match read_partition(client, p).await {
+                        Ok(r) if longest.as_ref().is_none_or(|l| r.len() > l.len()) => {
+                            longest = Some(r);
+                        }
+                        Ok(_) => {}
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                match (longest, failed) {
+                    (Some(l), _) => l,
+                    (None, Some(e)) => return Err(e),
+                    (None, None) => Vec::new(),
+                }
             }
-        }
-        for (device, mid) in longest {
+        };
+        for (device, mid) in read {
             by_device.entry(device).or_default().push(mid);
         }
     }

@@ -115,8 +115,13 @@ impl Control {
         // A fresh fence every time (a retry too): every hub stops and
         // answers again.
         let id = rand::random::<u64>();
-        // Before the write: this hub's own watch must not answer it.
-        *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, u64::MAX));
+        // Before the write: this hub's own watch must not answer it (and
+        // no older value may lift it meanwhile); put back if it fails.
+        let before = self
+            .fence_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((id, u64::MAX));
         let written = update(&kv, |seen| match seen {
             Some(v) if v.epoch != mine.epoch || v.role != Role::Primary => {
                 Err(ControlError::NotPrimary)
@@ -128,7 +133,14 @@ impl Control {
             })),
             None => Err(ControlError::NotPrimary),
         })
-        .await?;
+        .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = before;
+                return Err(e);
+            }
+        };
         if let Some(rev) = written {
             *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, rev));
         }
@@ -137,7 +149,10 @@ impl Control {
         match self.fenced_end(&kv, id, epoch).await {
             Ok(hws) => Ok(hws),
             Err(e) => {
-                let _ = self.unfence_region(Some(epoch)).await;
+                // Only this fence: a newer one (a retry through another
+                // hub) stays.
+                let _ = self.unfence_here(Some(epoch));
+                let _ = unfence_in(&kv, Some(epoch), Some(id)).await;
                 Err(e)
             }
         }
@@ -195,7 +210,8 @@ impl Control {
 
     /// Every other live hub's answer to fence `id`, waited for.
     async fn answers(&self, kv: &Leases, id: u64) -> Result<Vec<(String, Answer)>, ControlError> {
-        let deadline = Instant::now() + ANSWER_WAIT;
+        // A view settles within the lease time after a (re)watch.
+        let deadline = Instant::now() + ANSWER_WAIT + self.lease_ttl * 2;
         loop {
             let placement = kv.placement(self.lease_ttl);
             // An unsettled view may not know a live hub at all.
@@ -236,24 +252,21 @@ impl Control {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-
-    /// Lifts the region's fence (for `only_for`, when given).
-    pub(super) async fn unfence_region(&self, only_for: Option<Epoch>) -> Result<(), ControlError> {
-        let Some(kv) = self.region.clone() else {
-            return Ok(());
-        };
-        // The region's fence goes even when this hub's own was lifted
-        // already (or never set).
-        let here = self.unfence_here(only_for);
-        unfence_in(&kv, only_for).await?;
-        here
-    }
 }
 
-/// Lifts the region's fence in the bucket (for `only_for`, when given).
-pub(super) async fn unfence_in(kv: &Leases, only_for: Option<Epoch>) -> Result<(), ControlError> {
+/// Lifts the region's fence in the bucket (for `only_for`, when given;
+/// only fence `id`, when given).
+pub(super) async fn unfence_in(
+    kv: &Leases,
+    only_for: Option<Epoch>,
+    id: Option<u64>,
+) -> Result<(), ControlError> {
     update(kv, |seen| match seen {
-        Some(v) if v.fenced_for.is_some() && only_for.is_none_or(|e| v.fenced_for == Some(e)) => {
+        Some(v)
+            if v.fenced_for.is_some()
+                && only_for.is_none_or(|e| v.fenced_for == Some(e))
+                && id.is_none_or(|id| v.fence_id == Some(id)) =>
+        {
             Ok(Some(RegionRole {
                 fenced_for: None,
                 fence_id: None,

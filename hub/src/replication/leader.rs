@@ -122,8 +122,6 @@ impl Control {
     /// # Errors
     /// When the log cannot be read.
     pub async fn epochs(&self, p: PartitionId) -> Result<EpochHistory, ControlError> {
-        // Another hub's partition: read its history from the servers now.
-        self.ingest.refresh(p).await;
         let log = log_of(&self.ingest);
         let epochs = log
             .epoch_history(p)

@@ -119,6 +119,9 @@ pub struct Control {
     /// The region's fence this hub last wrote or stopped for: its id and
     /// the revision of the region's value that carried it.
     fence_seen: Mutex<Option<(u64, u64)>>,
+    /// The epoch at which an operator stepped this hub down: under it, the
+    /// region's `primary` is not followed back.
+    stepped_down: Mutex<Option<Epoch>>,
     peer_token: Secret,
     max_lag: Option<Duration>,
     peer_detach_after: Option<Duration>,
@@ -190,6 +193,7 @@ impl Control {
             lease_ttl: config.lease_ttl,
             region_detached_seen: Mutex::new(None),
             fence_seen: Mutex::new(None),
+            stepped_down: Mutex::new(None),
             peer_token,
             max_lag,
             peer_detach_after,

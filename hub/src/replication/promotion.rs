@@ -98,7 +98,7 @@ impl Control {
         let here = self.unfence_here(only_for);
         if let Some(kv) = self.region.clone() {
             tokio::spawn(async move {
-                if let Err(e) = super::fence::unfence_in(&kv, only_for).await {
+                if let Err(e) = super::fence::unfence_in(&kv, only_for, None).await {
                     tracing::warn!(error = %e, "cannot lift the region's fence");
                 }
             });
@@ -188,14 +188,14 @@ impl Control {
                 };
                 // Catch up to exactly what the primary holds, then take
                 // over; anything failing lifts the fence again.
-                let taken = match self.catch_up_to(&peer, &fenced).await {
-                    Ok(()) => self.become_primary(next, req.expected_epoch, None).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = taken {
+                if let Err(e) = self.catch_up_to(&peer, &fenced).await {
                     self.unfence_peers(next).await;
                     return Err(e);
                 }
+                // A failed switch leaves the primary fenced: the region's
+                // value may already say this region leads (an operator
+                // unfences, or the epoch reaches the old primary).
+                self.become_primary(next, req.expected_epoch, None).await?;
                 if let Err(e) = self
                     .call::<serde_json::Value>(
                         &format!("{peer}/v1/demote"),

@@ -139,11 +139,17 @@ where
 /// Raises the region's role and epoch to this hub's (a hub that learned a
 /// higher epoch, or stepped down), keeping a fence or detachment of the
 /// same epoch.
-async fn raise(kv: &Leases, state: &HubState) -> Result<(), ControlError> {
+async fn raise(kv: &Leases, state: &HubState, step_down: bool) -> Result<(), ControlError> {
     let _ = update(kv, |seen| {
         let mine = state.get();
         Ok(match seen {
-            Some(v) if !allowed(v.role_epoch(), mine) => None,
+            // A higher epoch moves the region; the same epoch only by an
+            // operator's step-down (a hub that merely learned the epoch
+            // must not demote a region that leads it).
+            Some(v) if v.epoch > mine.epoch => None,
+            Some(v) if v.epoch == mine.epoch && !(step_down && allowed(v.role_epoch(), mine)) => {
+                None
+            }
             Some(v) => Some(RegionRole {
                 role: mine.role,
                 epoch: mine.epoch,
@@ -189,7 +195,7 @@ impl Control {
                 self.transition(Move::Join(v.role_epoch()), "joining the region's role")?;
             }
         }
-        raise(&kv, &self.state).await?;
+        raise(&kv, &self.state, false).await?;
         if let Some((v, rev)) = read(&kv).await? {
             self.adopt(&kv, v, rev).await;
         }
@@ -219,12 +225,24 @@ impl Control {
     /// down), then at the same epoch a fence and a detachment.
     async fn adopt(&self, kv: &Leases, v: RegionRole, rev: u64) {
         let mine = self.state.get();
-        if v.role_epoch() != mine && allowed(mine, v.role_epoch()) {
-            let _ = self.transition(Move::Adopt(v.role_epoch()), "the region's role changed");
-        } else if v.role_epoch() != mine && allowed(v.role_epoch(), mine) {
-            // This hub is ahead (a step-down or a learned epoch whose write
-            // did not land): the region follows it, not the other way.
-            if let Err(e) = raise(kv, &self.state).await {
+        let stepped_down = *self.stepped_down.lock().unwrap_or_else(|e| e.into_inner());
+        // The region leads the epoch this hub only learned (from the peer
+        // or a pull, before it saw the region's promotion): it leads too.
+        let leads_learned = v.epoch == mine.epoch
+            && v.role == Role::Primary
+            && mine.role == Role::Secondary
+            && stepped_down != Some(mine.epoch);
+        if v.role_epoch() != mine && (allowed(mine, v.role_epoch()) || leads_learned) {
+            let _ = self.transition(Move::Join(v.role_epoch()), "the region's role changed");
+        } else if v.epoch < mine.epoch
+            || (v.epoch == mine.epoch
+                && stepped_down == Some(mine.epoch)
+                && v.role == Role::Primary)
+        {
+            // This hub is ahead (a learned epoch, or an operator's step-down,
+            // whose write did not land): the region follows it.
+            let step_down = v.epoch == mine.epoch;
+            if let Err(e) = raise(kv, &self.state, step_down).await {
                 tracing::debug!(error = %e, "cannot raise the region's role yet");
             }
             return;
@@ -256,13 +274,17 @@ impl Control {
 
     /// After a move to secondary (learned or stepped down) on this hub:
     /// the region follows, in the background.
-    pub(super) fn raise_region(&self) {
+    pub(super) fn raise_region(&self, step_down: bool) {
+        if step_down {
+            *self.stepped_down.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(self.state.get().epoch);
+        }
         if let Some(kv) = self.region.clone() {
             let state = self.state.clone();
             tokio::spawn(async move {
                 // Until it lands (a bucket briefly unreachable): the other
                 // hubs learn a step-down from nowhere else.
-                until_written("role", || raise(&kv, &state)).await;
+                until_written("role", || raise(&kv, &state, step_down)).await;
             });
         }
     }

@@ -26,12 +26,11 @@ pub(super) enum Move {
     StepDown,
     /// Become primary at a higher epoch (a promotion).
     Lead(Epoch),
-    /// Take the region's role and epoch, written by another hub of it (the
-    /// same rule as the moves above).
-    Adopt(RoleEpoch),
-    /// At start: take the region's role and epoch when its epoch is not
-    /// lower than this hub's (the region's word beats a role this hub had
-    /// alone under the same epoch).
+    /// Take the region's role and epoch (written by another hub of it) when
+    /// its epoch is not lower than this hub's: at start the region's word
+    /// beats a role this hub had alone under the same epoch; while running,
+    /// the caller allows it by the rule above, or for a region that leads
+    /// an epoch this hub only learned.
     Join(RoleEpoch),
 }
 
@@ -51,7 +50,7 @@ impl Move {
                 role: Role::Primary,
                 epoch,
             },
-            Move::Adopt(re) | Move::Join(re) => re,
+            Move::Join(re) => re,
         }
     }
 }
@@ -158,7 +157,7 @@ impl Control {
         }
         // A move to secondary never fails: it fences when it cannot persist.
         if let Ok(Moved::Done) = self.transition(Move::Follow(epoch), why) {
-            self.raise_region();
+            self.raise_region(false);
         }
     }
 
@@ -169,7 +168,7 @@ impl Control {
             Some(e) => self.learn(e, "asked to demote"),
             None => {
                 if let Ok(Moved::Done) = self.transition(Move::StepDown, "asked to step down") {
-                    self.raise_region();
+                    self.raise_region(true);
                 }
             }
         }
