@@ -25,6 +25,8 @@ use crate::log::jetstream::Leases;
 
 /// How long the fenced hub waits for every live hub's answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
+/// At most this longer while its view of the region's hubs settles.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// A hub's answer to a fence.
 #[derive(Debug, Serialize, Deserialize)]
@@ -138,6 +140,8 @@ impl Control {
             Ok(w) => w,
             Err(e) => {
                 *self.fence_seen.lock().unwrap_or_else(|e| e.into_inner()) = before;
+                // The write may have landed unanswered: take it back.
+                lift(&kv, epoch, id).await;
                 return Err(e);
             }
         };
@@ -150,9 +154,16 @@ impl Control {
             Ok(hws) => Ok(hws),
             Err(e) => {
                 // Only this fence: a newer one (a retry through another
-                // hub) stays.
-                let _ = self.unfence_here(Some(epoch));
-                let _ = unfence_in(&kv, Some(epoch), Some(id)).await;
+                // hub), which this hub may already have answered, stays.
+                let still_mine = self
+                    .fence_seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some_and(|(seen, _)| seen == id);
+                if still_mine {
+                    let _ = self.unfence_here(Some(epoch));
+                }
+                lift(&kv, epoch, id).await;
                 Err(e)
             }
         }
@@ -210,8 +221,9 @@ impl Control {
 
     /// Every other live hub's answer to fence `id`, waited for.
     async fn answers(&self, kv: &Leases, id: u64) -> Result<Vec<(String, Answer)>, ControlError> {
-        // A view settles within the lease time after a (re)watch.
-        let deadline = Instant::now() + ANSWER_WAIT + self.lease_ttl * 2;
+        // A view settles within the lease time after a (re)watch; all of it
+        // stays below the promoting peer's 30 s call.
+        let deadline = Instant::now() + ANSWER_WAIT + (self.lease_ttl * 2).min(SETTLE_WAIT);
         loop {
             let placement = kv.placement(self.lease_ttl);
             // An unsettled view may not know a live hub at all.
@@ -251,6 +263,18 @@ impl Control {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Takes fence `id` for `epoch` out of the region's value, a few times
+/// until it goes (best effort: an operator's unfence is the rest).
+async fn lift(kv: &Leases, epoch: Epoch, id: u64) {
+    for _ in 0..5 {
+        match unfence_in(kv, Some(epoch), Some(id)).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot lift a failed fence yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

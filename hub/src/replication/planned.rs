@@ -48,21 +48,13 @@ impl Control {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Each partition's history as the hub that writes it over there
-        // knows it (another hub's view may not have its newest epoch yet).
-        let mut writers = std::collections::HashMap::new();
-        for url in &self.peers {
-            if let Some(s) = self.peer_status(url).await {
-                for p in s.owned.unwrap_or_default() {
-                    writers.insert(p, url.clone());
-                }
-            }
-        }
+        // Each partition's history as the fenced hub knows it: it read
+        // every partition's end from the servers while it fenced (or writes
+        // it), and histories do not change under a fence.
         for (i, hw) in fenced.high_watermarks.iter().enumerate() {
             let p = PartitionId(i as u32);
             self.ingest.refresh(p).await;
-            let at = writers.get(&p).map_or(peer, String::as_str);
-            let theirs = self.peer_epochs(at, p).await.map_err(|e| {
+            let theirs = self.peer_epochs(peer, p).await.map_err(|e| {
                 ControlError::Unavailable(format!(
                     "the primary's history of partition {p}: {e}; the primary was unfenced"
                 ))
@@ -76,6 +68,10 @@ impl Control {
                 .map(|(_, s)| *s)
                 .max()
                 .unwrap_or(Offset(0));
+            // Nothing below the end on one side to compare.
+            if from >= *hw {
+                continue;
+            }
             if normal(&mine, from, *hw) != normal(&theirs, from, *hw) {
                 return Err(ControlError::Conflict(format!(
                     "partition {p} here is not the primary's history below offset {hw} (it has not reconciled with it yet); the primary was unfenced, try again"

@@ -181,6 +181,8 @@ impl Control {
                     }
                 }
                 let Some((peer, fenced)) = fenced else {
+                    // A fence may have landed unanswered (a timeout).
+                    self.unfence_peers(next).await;
                     return Err(ControlError::Unavailable(format!(
                         "planned promotion needs the primary, which did not fence: {}; use forced",
                         failures.join("; ")
@@ -192,10 +194,19 @@ impl Control {
                     self.unfence_peers(next).await;
                     return Err(e);
                 }
-                // A failed switch leaves the primary fenced: the region's
-                // value may already say this region leads (an operator
-                // unfences, or the epoch reaches the old primary).
-                self.become_primary(next, req.expected_epoch, None).await?;
+                // The region's compare-and-set: refused, nothing was written
+                // and the primary goes on; unclear (the bucket did not
+                // answer), it stays fenced (this region may lead already).
+                match self.lead_region(next, req.expected_epoch, None).await {
+                    Ok(()) => {}
+                    Err(e @ (ControlError::EpochMismatch { .. } | ControlError::Conflict(_))) => {
+                        self.unfence_peers(next).await;
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+                // A failed switch here leaves the primary fenced, as before.
+                self.switch_to_primary(next, req.expected_epoch)?;
                 if let Err(e) = self
                     .call::<serde_json::Value>(
                         &format!("{peer}/v1/demote"),
@@ -261,6 +272,11 @@ impl Control {
         // The region first (one winner among its hubs), then this hub; the
         // others follow the region's value.
         self.lead_region(epoch, expected, detached).await?;
+        self.switch_to_primary(epoch, expected)
+    }
+
+    /// This hub's own move to primary at `epoch` (after the region's).
+    fn switch_to_primary(&self, epoch: Epoch, expected: Epoch) -> Result<(), ControlError> {
         // What the old primary sent was acknowledged by this hub's pulls;
         // from now on the old primary is the one pulling.
         match self.transition(Move::Lead(epoch), "promoted")? {
