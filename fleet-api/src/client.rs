@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::hub::{EpochHistory, ReadUpto, RecordsResponse, StatusResponse};
+use crate::hub::{EpochHistory, ReadUpto, RecordsResponse, StatusResponse, WireRecord};
 use crate::{ErrorBody, ErrorCode, Offset, PartitionId, Secret};
 
 /// Errors of the hub client.
@@ -159,6 +159,26 @@ impl HubClient {
             upto.as_str()
         ))
         .await
+    }
+
+    /// Every committed record of partition `p`, read page by page from
+    /// the start.
+    ///
+    /// # Errors
+    /// Transport or API errors.
+    pub async fn committed_records(&self, p: PartitionId) -> Result<Vec<WireRecord>, ClientError> {
+        let mut out = Vec::new();
+        let mut from = Offset(0);
+        loop {
+            let page = self
+                .records_upto(p, from, 10_000, Duration::ZERO, ReadUpto::Committed)
+                .await?;
+            let Some(last) = page.records.last() else {
+                return Ok(out);
+            };
+            from = last.offset.next();
+            out.extend(page.records);
+        }
     }
 }
 

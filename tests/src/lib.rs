@@ -520,27 +520,13 @@ impl HubNode {
     ) -> Vec<fleet_api::hub::WireRecord> {
         let id = DeviceId::new(device).expect("device id");
         let p = fleet_api::partition_for(&id, partitions);
-        let client = self.client();
-        let mut out = Vec::new();
-        let mut from = fleet_api::Offset(0);
-        loop {
-            let page = client
-                .records_upto(
-                    p,
-                    from,
-                    10_000,
-                    Duration::ZERO,
-                    fleet_api::hub::ReadUpto::Committed,
-                )
-                .await
-                .expect("read records");
-            let Some(last) = page.records.last() else {
-                break;
-            };
-            from = last.offset.next();
-            out.extend(page.records.into_iter().filter(|r| r.device_id == id));
-        }
-        out
+        self.client()
+            .committed_records(p)
+            .await
+            .expect("read records")
+            .into_iter()
+            .filter(|r| r.device_id == id)
+            .collect()
     }
 
     pub fn url(&self) -> String {

@@ -74,42 +74,66 @@ async fn stored_mids(hub: &HubNode, bytes: Bytes) -> HashMap<String, Vec<u64>> {
     let client = hub.client();
     let mut out: HashMap<String, Vec<u64>> = HashMap::new();
     for p in 0..PARTITIONS {
-        let mut from = fleet_api::Offset(0);
-        loop {
-            let page = client
-                .records_upto(
-                    PartitionId(p),
-                    from,
-                    10_000,
-                    Duration::ZERO,
-                    fleet_api::hub::ReadUpto::Committed,
-                )
-                .await
-                .expect("read records");
-            let Some(last) = page.records.last() else {
-                break;
+        let records = client
+            .committed_records(PartitionId(p))
+            .await
+            .expect("read records");
+        for r in records {
+            let mid = r.mid.map_or(0, |m| m.0);
+            let own_bytes = match bytes {
+                Bytes::Raw => r.payload == payload_of(r.device_id.as_str(), mid),
+                Bytes::Simulated => {
+                    String::from_utf8_lossy(&r.payload).contains(&format!("\"seq\":{mid},"))
+                }
             };
-            from = last.offset.next();
-            for r in page.records {
-                let mid = r.mid.map_or(0, |m| m.0);
-                let own_bytes = match bytes {
-                    Bytes::Raw => r.payload == payload_of(r.device_id.as_str(), mid),
-                    Bytes::Simulated => {
-                        String::from_utf8_lossy(&r.payload).contains(&format!("\"seq\":{mid},"))
-                    }
-                };
-                assert!(
-                    own_bytes,
-                    "{} mid {mid}: stored bytes are not the ones sent",
-                    r.device_id
-                );
-                out.entry(r.device_id.to_string())
-                    .or_default()
-                    .push(r.mid.map_or(0, |m| m.0));
-            }
+            assert!(
+                own_bytes,
+                "{} mid {mid}: stored bytes are not the ones sent",
+                r.device_id
+            );
+            out.entry(r.device_id.to_string())
+                .or_default()
+                .push(r.mid.map_or(0, |m| m.0));
         }
     }
     out
+}
+
+/// `device-agent simulate` ended with every message acknowledged and
+/// nothing left or dropped; its summary.
+fn all_acknowledged(out: std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["in_outbox"], 0, "{summary}");
+    assert_eq!(summary["dropped"], 0, "{summary}");
+    assert_eq!(summary["acknowledged"], summary["generated"], "{summary}");
+    summary
+}
+
+/// `hub`'s log holds every message the simulation generated, once, in
+/// order: mids are dense from 1 per device, so the count is the highest
+/// mid and there is no hole.
+async fn all_stored(hub: &HubNode, summary: &serde_json::Value) -> HashMap<String, Vec<u64>> {
+    let stored = stored_mids(hub, Bytes::Simulated).await;
+    assert_once_in_order(&stored);
+    let total: usize = stored.values().map(Vec::len).sum();
+    assert_eq!(
+        total as u64,
+        summary["generated"].as_u64().unwrap(),
+        "stored records"
+    );
+    for (device, mids) in &stored {
+        assert_eq!(
+            mids.last().copied(),
+            Some(mids.len() as u64),
+            "{device}: a hole"
+        );
+    }
+    stored
 }
 
 /// Each device's mids are stored once each, in order.
@@ -165,39 +189,14 @@ async fn two_hubs_in_a_region_one_killed_loses_nothing_and_fails_nothing_over() 
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.node.kill9();
-    let out = sim.await.unwrap().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["in_outbox"], 0, "{summary}");
-    assert_eq!(summary["dropped"], 0, "{summary}");
-    assert_eq!(summary["acknowledged"], summary["generated"], "{summary}");
+    let summary = all_acknowledged(sim.await.unwrap().unwrap());
 
     // The surviving hub took every partition, in the same region and epoch.
     let sb = status(&b).await;
     assert_eq!(owned(&sb), (0..PARTITIONS).collect::<Vec<_>>());
     assert_eq!(sb.epoch.0, 1, "no regional failover");
     assert_eq!(sb.role, fleet_api::Role::Primary);
-    let stored = stored_mids(&b, Bytes::Simulated).await;
-    assert_once_in_order(&stored);
-    // Mids are dense from 1 per device: the count is the highest mid, and
-    // every acknowledged message is in the log.
-    let total: usize = stored.values().map(Vec::len).sum();
-    assert_eq!(
-        total as u64,
-        summary["generated"].as_u64().unwrap(),
-        "stored records"
-    );
-    for (device, mids) in &stored {
-        assert_eq!(
-            mids.last().copied(),
-            Some(mids.len() as u64),
-            "{device}: a hole"
-        );
-    }
+    let stored = all_stored(&b, &summary).await;
     assert_eq!(stored.len(), ids.len());
 }
 
@@ -700,32 +699,23 @@ async fn a_secondary_hub_killed_under_sync_load_hands_its_pulls_over() {
         let mut cmd = h.command("simulate", &args);
         move || cmd.output()
     });
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // us-2 has pulled records of its partitions when it dies.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while status(&u2)
+        .await
+        .partitions
+        .iter()
+        .all(|p| p.high_watermark.0 == 0)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "us-2 never pulled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     u2.node.kill9();
-    let out = sim.await.unwrap().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["in_outbox"], 0, "{summary}");
-    assert_eq!(summary["dropped"], 0, "{summary}");
-    assert_eq!(summary["acknowledged"], summary["generated"], "{summary}");
+    let summary = all_acknowledged(sim.await.unwrap().unwrap());
     // us-1 writes (and pulls) every partition now, and holds every record
     // once, in order, with no hole.
     let s1 = status(&u1).await;
     assert_eq!(owned(&s1), (0..PARTITIONS).collect::<Vec<_>>());
     assert_eq!(s1.role, fleet_api::Role::Secondary);
-    let stored = stored_mids(&u1, Bytes::Simulated).await;
-    assert_once_in_order(&stored);
-    let total: usize = stored.values().map(Vec::len).sum();
-    assert_eq!(total as u64, summary["generated"].as_u64().unwrap());
-    for (device, mids) in &stored {
-        assert_eq!(
-            mids.last().copied(),
-            Some(mids.len() as u64),
-            "{device}: a hole"
-        );
-    }
+    all_stored(&u1, &summary).await;
 }

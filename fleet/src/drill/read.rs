@@ -2,10 +2,9 @@
 //! region's log.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
+use fleet_api::PartitionId;
 use fleet_api::hub::StatusResponse;
-use fleet_api::{Offset, PartitionId};
 
 use super::status;
 
@@ -77,27 +76,10 @@ async fn read_partition(
     client: &fleet_api::client::HubClient,
     p: PartitionId,
 ) -> anyhow::Result<Vec<(String, u64)>> {
-    let mut out = Vec::new();
-    let mut from = Offset(0);
-    loop {
-        let page = client
-            .records_upto(
-                p,
-                from,
-                10_000,
-                Duration::ZERO,
-                fleet_api::hub::ReadUpto::Committed,
-            )
-            .await?;
-        let Some(last) = page.records.last() else {
-            break;
-        };
-        from = last.offset.next();
-        for r in page.records {
-            if let Some(m) = r.mid {
-                out.push((r.device_id.to_string(), m.0));
-            }
-        }
-    }
-    Ok(out)
+    Ok(client
+        .committed_records(p)
+        .await?
+        .into_iter()
+        .filter_map(|r| Some((r.device_id.to_string(), r.mid?.0)))
+        .collect())
 }

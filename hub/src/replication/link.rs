@@ -149,7 +149,7 @@ impl Control {
         }
         match self.state.set_detached(None) {
             Ok(()) => {
-                self.publish_detached(None);
+                self.clear_region_detached();
                 let detached_for_s = UnixMillis::now().0.saturating_sub(d.since_ms) / 1000;
                 tracing::info!(
                     detached_for_s,

@@ -322,22 +322,15 @@ impl Control {
         .map(|_| ())
     }
 
-    /// Writes this hub's detachment (or attachment, `None`) into the
-    /// region's value of the same epoch, in the background.
-    pub(super) fn publish_detached(&self, detached: Option<Detached>) {
+    /// This hub took the peer back: the region's detachment (a forced
+    /// promotion's) is cleared, so hubs that start later do not follow it.
+    /// In the background, until it lands.
+    pub(super) fn clear_region_detached(&self) {
         let Some(kv) = self.region.clone() else {
             return;
         };
-        if let Some(d) = &detached {
-            *self
-                .region_detached_seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(d.since_ms);
-        }
         let state = self.state.clone();
         tokio::spawn(async move {
-            // Until it lands: a detachment left behind would be followed by
-            // every hub that starts later.
             until_written("detachment", || async {
                 update(&kv, |seen| {
                     let mine = state.get();
@@ -345,10 +338,10 @@ impl Control {
                         Some(v)
                             if v.epoch == mine.epoch
                                 && v.role == Role::Primary
-                                && v.detached.is_some() != detached.is_some() =>
+                                && v.detached.is_some() =>
                         {
                             Some(RegionRole {
-                                detached: detached.clone(),
+                                detached: None,
                                 ..v.clone()
                             })
                         }
