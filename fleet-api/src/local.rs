@@ -20,17 +20,27 @@ pub const NATS_SERVER_VERSION: &str = "2.15.1";
 /// ephemeral range, so that the many port-0 binds of parallel tests cannot
 /// take it between this check and the process binding it.
 pub fn reserve_port() -> SocketAddr {
+    reserve_on([127, 0, 0, 1]).unwrap_or_else(|| panic!("no free port below the ephemeral range"))
+}
+
+/// A free `IP:PORT` (TCP and UDP) below the ephemeral range, as
+/// [`reserve_port`]. Every reservation of this process goes through here:
+/// a port handed out and released is not handed out again, whoever asks
+/// (two allocators with counters of their own did hand out one port twice).
+pub fn reserve_on(ip: [u8; 4]) -> Option<SocketAddr> {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = (std::process::id() % 500) as u16 * 20;
     for _ in 0..12_000 {
-        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
-            drop(l);
-            return SocketAddr::from(([127, 0, 0, 1], port));
+        let port = 20_000 + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % 12_000;
+        let addr = SocketAddr::from((ip, port));
+        let tcp_ok = TcpListener::bind(addr).is_ok();
+        let udp_ok = std::net::UdpSocket::bind(addr).is_ok();
+        if tcp_ok && udp_ok {
+            return Some(addr);
         }
     }
-    panic!("no free port below the ephemeral range")
+    None
 }
 
 /// Where the pinned nats-server is: `FLEET_NATS_SERVER`, else where

@@ -182,21 +182,7 @@ impl Proc {
 /// # Errors
 /// When no port is free.
 pub fn reserve(ip: [u8; 4]) -> anyhow::Result<SocketAddr> {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    // Each call starts past the last one: a released port is not handed out twice.
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let seed = (std::process::id() as u16).wrapping_mul(37);
-    for _ in 0..12_000u16 {
-        let i = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + seed.wrapping_add(i.wrapping_mul(101)) % 12_000;
-        let addr = SocketAddr::from((ip, port));
-        let tcp_ok = std::net::TcpListener::bind(addr).is_ok();
-        let udp_ok = std::net::UdpSocket::bind(addr).is_ok();
-        if tcp_ok && udp_ok {
-            return Ok(addr);
-        }
-    }
-    bail!("no free port")
+    fleet_api::local::reserve_on(ip).context("no free port")
 }
 
 /// How a fleet runs.
