@@ -564,15 +564,6 @@ impl RunArgs {
         }
         c.retention_bytes = retention_bytes;
         c.retention_age = retention_hours.map(|h| Duration::from_secs(h * 3600));
-        if c.jetstream.as_ref().is_some_and(|j| j.hub_id.is_some()) {
-            // Not yet built: a takeover would find a silent device's last
-            // record gone (de-duplication state is not shared).
-            if c.retention_bytes.is_some() || c.retention_age.is_some() {
-                bail!(
-                    "--hub-id with --retention-*: retention on a log shared by several hubs is not supported yet"
-                );
-            }
-        }
         for (flag, ms) in [
             ("--retention-check-ms", retention_check_ms),
             ("--snapshot-every-ms", snapshot_every_ms),

@@ -683,3 +683,61 @@ async fn a_devices_last_record_is_found_without_reading_the_partition() {
     assert_eq!(last("c").await, Some((9, Some(1))));
     assert_eq!(last("a").await, Some((6, Some(6))));
 }
+
+/// Retention keeps each purged device's last mid (what a hub taking the
+/// partition over learns when the device has no record left), and a
+/// failback cut that takes the record it came from voids it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_devices_last_mid_is_kept_until_a_cut_takes_its_record() {
+    use hub::log::jetstream::RetentionPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::shared();
+    let log = open(&cluster.log_url("purged"), 1).await;
+    let purged = |device: &str| {
+        let log = log.clone();
+        let device = DeviceId::new(device).unwrap();
+        async move {
+            log.purged_last(P0, &device)
+                .await
+                .unwrap()
+                .map(|(m, o)| (m.0, o.0))
+        }
+    };
+    let all_of_it = RetentionPolicy {
+        bytes: Some(1),
+        age: None,
+    };
+    // a.1 … a.5 at 0..5, b:x.1 … b:x.3 at 5..8, a.6 at 8.
+    for m in 1..=5 {
+        log.append(P0, rec("a", m, 1)).await.unwrap();
+    }
+    for m in 1..=3 {
+        log.append(P0, rec("b:x", m, 1)).await.unwrap();
+    }
+    log.append(P0, rec("a", 6, 1)).await.unwrap();
+    assert_eq!(purged("a").await, None, "nothing purged yet");
+    log.set_retention_floor(P0, Offset(8));
+    assert_eq!(log.retain_now(all_of_it).await.unwrap(), 8);
+    assert_eq!(purged("a").await, Some((5, 4)));
+    assert_eq!(purged("b:x").await, Some((3, 7)));
+    assert_eq!(purged("c").await, None);
+    let b = DeviceId::new("b:x").unwrap();
+    assert!(log.last_of(P0, &b).await.unwrap().is_none());
+    // A failback cut at 6, below the retained start: b:x's last purged
+    // record (at 7) is no longer in the history, a's (at 4) still is.
+    log.cut_and_archive(P0, Offset(6), dir.path().join("cut"))
+        .await
+        .unwrap();
+    assert_eq!(purged("b:x").await, None);
+    assert_eq!(purged("a").await, Some((5, 4)));
+    // The new primary's history from 6 on: b:x.2 at 6 (epoch 2), then a
+    // purge of it replaces the void entry, though that one's offset is
+    // higher.
+    log.append(P0, rec("b:x", 2, 2)).await.unwrap();
+    log.append(P0, rec("c", 1, 2)).await.unwrap();
+    assert_eq!(purged("b:x").await, None, "its record is still there");
+    log.set_retention_floor(P0, Offset(7));
+    assert_eq!(log.retain_now(all_of_it).await.unwrap(), 1);
+    assert_eq!(purged("b:x").await, Some((2, 6)));
+    assert!(log.last_of(P0, &b).await.unwrap().is_none());
+}

@@ -540,10 +540,6 @@ async fn hub_id_settings_that_cannot_work_are_refused_with_one_clear_line() {
             "--peer http://127.0.0.1:1 is given twice",
         ),
         (
-            vec!["--log", nats, "--hub-id", "a", "--retention-hours", "2"],
-            "--hub-id with --retention-*",
-        ),
-        (
             vec!["--log", nats, "--hub-id", "a", "--lease-ttl-ms", "5"],
             "--lease-ttl-ms must be between",
         ),

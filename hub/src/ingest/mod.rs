@@ -302,8 +302,7 @@ impl Ingest {
             log.set_retention_floor(
                 p,
                 if shared {
-                    // The shared log is the only record of every device's
-                    // last mid (no shared snapshots yet).
+                    // Nothing is this hub's before a takeover.
                     Offset(0)
                 } else if mode == Replication::Off || !linked {
                     covered
@@ -763,9 +762,18 @@ impl Ingest {
     /// When the log cannot be read.
     pub async fn rebuild(&self, p: PartitionId) -> Result<(), LogError> {
         let mut accepted = HashMap::new();
-        let start = self.log.log_start(p);
-        replay(self.log.as_ref(), p, start, &mut accepted).await?;
+        if !self.shared {
+            let start = self.log.log_start(p);
+            replay(self.log.as_ref(), p, start, &mut accepted).await?;
+        }
         let mut part = self.part(p);
+        if self.shared {
+            // Every device is learned again from the cut log (and what its
+            // retention purged), as after a takeover.
+            part.learned.clear();
+            part.lazy = true;
+            part.era = part.era.wrapping_add(1);
+        }
         part.accepted = accepted;
         part.next = self.log.high_watermark(p);
         part.unreplicated.clear();

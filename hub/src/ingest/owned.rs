@@ -53,6 +53,10 @@ impl Ingest {
         part.next = self.log.high_watermark(p);
         part.unreplicated.clear();
         part.replicated_mid.clear();
+        // What the peer pulled counts again only from pulls served here:
+        // a value this hub kept from an earlier turn may be above a cut
+        // another hub made since.
+        self.peer_pulled.cut(p, Offset(0));
         if self.mode == Replication::Off {
             let local = self.replicated[p.0 as usize].borrow().local;
             self.replicated[p.0 as usize].send_replace(Cover {
@@ -90,6 +94,8 @@ impl Ingest {
             part.replicated_mid.clear();
             self.owned[p.0 as usize].swap(false, Ordering::AcqRel)
         };
+        // Retention purges only what this hub writes.
+        self.log.set_retention_floor(p, Offset(0));
         if was {
             let _ = self.log.flush(p).await;
             tracing::info!(partition = %p, "partition given up");
@@ -116,16 +122,23 @@ impl Ingest {
             part.era
         };
         let last = match self.log.last_of(p, device).await? {
+            Some(r) if r.record.mid.is_some() => r.record.mid.map(|m| (m, r.offset)),
             // Its last record has no mid (plain publishes mixed with
             // numbered ones): the highest mid is further back, found by
-            // reading the partition (rare; devices that number always do).
-            Some(r) if r.record.mid.is_none() => {
+            // reading the partition (rare; devices that number always do),
+            // or among what retention purged.
+            Some(_) => {
                 let mut accepted = super::Accepted::new();
                 super::replay(self.log.as_ref(), p, self.log.log_start(p), &mut accepted).await?;
-                accepted.remove(device)
+                match accepted.remove(device) {
+                    Some(found) => Some(found),
+                    None => self.log.purged_last(p, device).await?,
+                }
             }
-            Some(r) => r.record.mid.map(|m| (m, r.offset)),
-            None => None,
+            // None retained: its records (if it had any) were purged, its
+            // last mid kept before they went. Asked after the log, which
+            // keeps the record until that is written.
+            None => self.log.purged_last(p, device).await?,
         };
         let mut part = self.part(p);
         if part.era != era || !self.owns(p) {

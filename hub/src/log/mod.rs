@@ -190,6 +190,21 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         ))))
     }
 
+    /// The highest mid of `device` among records of `p` that retention
+    /// purged, with the offset it was at, when that record is still in the
+    /// partition's history; `None` when none was purged (a log that keeps
+    /// every device's last mid elsewhere, as the file log's hub does in its
+    /// snapshots, has none). Looked up when [`EventLog::last_of`] finds no
+    /// numbered record.
+    fn purged_last(
+        &self,
+        p: PartitionId,
+        device: &DeviceId,
+    ) -> BoxFuture<'_, LogResult<Option<(Mid, Offset)>>> {
+        let _ = (p, device);
+        Box::pin(futures::future::ready(Ok(None)))
+    }
+
     /// Reloads partition `p` from the backend: on a log shared by several
     /// hubs, what another hub wrote becomes readable here. `own`: this hub
     /// writes the partition from now on (appends continue after whatever is

@@ -167,3 +167,44 @@ impl MetaStore {
 fn encode(meta: &PartMeta) -> Bytes {
     Bytes::from(serde_json::to_vec(meta).expect("metadata serializes"))
 }
+
+/// The key-value bucket `name` (`replicas` replicas on file storage, one
+/// value per key), created when missing; one found with other settings is
+/// refused.
+pub(super) async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    replicas: usize,
+    deadline: tokio::time::Instant,
+) -> LogResult<kv::Store> {
+    use async_nats::jetstream::stream::StorageType;
+    let config = kv::Config {
+        bucket: name.to_string(),
+        history: 1,
+        num_replicas: replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    };
+    let kv = super::retrying(name, deadline, || async {
+        match js.get_key_value(name).await {
+            Ok(kv) => Ok(kv),
+            Err(_) => match js.create_key_value(config.clone()).await {
+                Ok(kv) => Ok(kv),
+                // Created meanwhile by another hub.
+                Err(e) => js
+                    .get_key_value(name)
+                    .await
+                    .map_err(|_| LogError::Io(format!("create bucket {name}: {e}"))),
+            },
+        }
+    })
+    .await?;
+    let found = &kv.stream.cached_info().config;
+    if found.storage != StorageType::File || found.num_replicas != replicas {
+        return Err(LogError::Io(format!(
+            "bucket {name}: {} replica(s) on {:?} storage; the log wants {replicas} on file storage",
+            found.num_replicas, found.storage
+        )));
+    }
+    Ok(kv)
+}

@@ -11,6 +11,7 @@ mod config;
 mod last;
 pub mod lease;
 mod meta;
+mod purged;
 mod read;
 mod retention;
 mod shared;
@@ -22,7 +23,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, stream};
 use fleet_api::{Epoch, Offset, PartitionId};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, verify_fsync};
 pub use lease::{Leases, Placement};
 use meta::{MetaStore, PartMeta};
+use purged::PurgedStore;
 pub use retention::RetentionPolicy;
 use writer::{Cmd, Writer};
 
@@ -90,6 +92,10 @@ impl StreamNames {
 
     fn leases(&self) -> String {
         format!("{}_leases", self.prefix)
+    }
+
+    fn purged(&self) -> String {
+        format!("{}_purged", self.prefix)
     }
 }
 
@@ -240,6 +246,7 @@ pub struct JetStreamLog {
     /// The partitions' leases, when several hubs share the log.
     leases: Option<Arc<Leases>>,
     names: StreamNames,
+    purged: PurgedStore,
 }
 
 impl std::fmt::Debug for JetStreamLog {
@@ -269,38 +276,10 @@ impl JetStreamLog {
         let names = StreamNames {
             prefix: config.prefix.clone(),
         };
-        let bucket = kv::Config {
-            bucket: names.bucket(),
-            history: 1,
-            num_replicas: config.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        };
-        let kv = retrying(&names.bucket(), deadline, || async {
-            match js.get_key_value(names.bucket()).await {
-                Ok(kv) => Ok(kv),
-                Err(_) => match js.create_key_value(bucket.clone()).await {
-                    Ok(kv) => Ok(kv),
-                    // Created meanwhile by another hub.
-                    Err(e) => js.get_key_value(names.bucket()).await.map_err(|_| {
-                        LogError::Io(format!("create bucket {}: {e}", names.bucket()))
-                    }),
-                },
-            }
-        })
-        .await?;
-        let bucket_config = &kv.stream.cached_info().config;
-        if bucket_config.storage != stream::StorageType::File
-            || bucket_config.num_replicas != config.replicas
-        {
-            return Err(LogError::Io(format!(
-                "bucket {}: {} replica(s) on {:?} storage; the log wants {} on file storage",
-                names.bucket(),
-                bucket_config.num_replicas,
-                bucket_config.storage,
-                config.replicas
-            )));
-        }
+        let kv = meta::open_bucket(&js, &names.bucket(), config.replicas, deadline).await?;
+        let purged = PurgedStore::new(
+            meta::open_bucket(&js, &names.purged(), config.replicas, deadline).await?,
+        );
         let store = MetaStore::new(kv);
         let mut parts = Vec::new();
         let mut writers = Vec::new();
@@ -327,6 +306,7 @@ impl JetStreamLog {
         if !config.retention.is_off() {
             tokio::spawn(retention::retention_loop(
                 parts.iter().map(Arc::downgrade).collect(),
+                purged.clone(),
                 writers
                     .iter()
                     .map(mpsc::UnboundedSender::downgrade)
@@ -355,6 +335,7 @@ impl JetStreamLog {
             max_message,
             leases,
             names,
+            purged,
         }))
     }
 
@@ -366,7 +347,7 @@ impl JetStreamLog {
     pub async fn retain_now(&self, policy: RetentionPolicy) -> LogResult<u64> {
         let mut total = 0;
         for (part, writer) in self.parts.iter().zip(&self.writers) {
-            total += retention::retain_partition(part, writer, policy).await?;
+            total += retention::retain_partition(part, &self.purged, writer, policy).await?;
         }
         Ok(total)
     }
@@ -744,6 +725,20 @@ impl EventLog for JetStreamLog {
     ) -> BoxFuture<'_, LogResult<Option<Record>>> {
         let device = device.clone();
         async move { self.part(p)?.last_of(&self.names, device.as_str()).await }.boxed()
+    }
+
+    fn purged_last(
+        &self,
+        p: PartitionId,
+        device: &fleet_api::DeviceId,
+    ) -> BoxFuture<'_, LogResult<Option<(fleet_api::Mid, Offset)>>> {
+        let device = device.clone();
+        async move {
+            self.part(p)?
+                .purged_last(&self.purged, device.as_str())
+                .await
+        }
+        .boxed()
     }
 
     fn reload(&self, p: PartitionId, own: bool) -> BoxFuture<'static, LogResult<()>> {

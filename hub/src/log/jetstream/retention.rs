@@ -15,6 +15,7 @@ use fleet_api::PartitionId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Part;
+use super::purged::PurgedStore;
 use super::writer::Cmd;
 use crate::log::{LogError, LogResult};
 
@@ -35,6 +36,7 @@ impl RetentionPolicy {
 /// Every `every`, purges what `policy` lets go in each partition.
 pub(super) async fn retention_loop(
     parts: Vec<std::sync::Weak<Part>>,
+    purged: PurgedStore,
     writers: Vec<mpsc::WeakUnboundedSender<Cmd>>,
     policy: RetentionPolicy,
     every: Duration,
@@ -59,7 +61,7 @@ pub(super) async fn retention_loop(
             return;
         };
         for (part, writer) in parts.iter().zip(&writers) {
-            if let Err(e) = retain_partition(part, writer, policy).await {
+            if let Err(e) = retain_partition(part, &purged, writer, policy).await {
                 tracing::warn!(partition = %part.id, error = %e, "jetstream retention failed");
             }
         }
@@ -70,12 +72,18 @@ pub(super) async fn retention_loop(
 /// One retention pass over partition `part`: how many records went.
 pub(super) async fn retain_partition(
     part: &Arc<Part>,
+    purged: &PurgedStore,
     writer: &mpsc::UnboundedSender<Cmd>,
     policy: RetentionPolicy,
 ) -> LogResult<u64> {
     let Some(upto) = purge_point(part, policy).await? else {
         return Ok(0);
     };
+    // Every purged device's last mid is kept first: the partition's next
+    // writer learns it from there (the writer purges no further than this).
+    let from = part.meta().start;
+    let devices = part.note_purged(purged, from, upto).await?;
+    tracing::debug!(partition = %part.id, from, upto, devices, "purged devices' last mids kept");
     let (reply, rx) = oneshot::channel();
     writer
         .send(Cmd::Retain { upto, reply })

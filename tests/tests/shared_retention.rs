@@ -1,0 +1,212 @@
+//! Retention on a log shared by two hubs of a region (one R3 JetStream of
+//! three real nats-server processes). A device silent while retention
+//! purges all its records, whose partition then moves to the other hub
+//! (SIGKILL), still has its resends recognised as duplicates there: the
+//! last mid of every purged device is kept before its records go.
+
+use std::time::Duration;
+
+use fleet_api::hub::{ReadUpto, StatusResponse};
+use fleet_api::local::NatsCluster;
+use fleet_api::{DeviceId, PartitionId, partition_for};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tests::durability::payload_of;
+use tests::mqtt::RawClient;
+use tests::{HubNode, Registry, harness};
+
+const PARTITIONS: u32 = 8;
+
+async fn status(hub: &HubNode) -> StatusResponse {
+    let url = format!("{}/v1/status", hub.url());
+    reqwest::get(&url).await.unwrap().json().await.unwrap()
+}
+
+fn owns(s: &StatusResponse, p: PartitionId) -> bool {
+    s.owned.as_ref().is_some_and(|o| o.contains(&p))
+}
+
+async fn until<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes `mids` of `device` one by one at `hub`, each acknowledged
+/// before the next (reconnecting while the hub refuses the partition).
+async fn publish(hub: &HubNode, reg: &Registry, device: &str, mids: impl Iterator<Item = u64>) {
+    let key = reg.key(device);
+    let mut client: Option<RawClient> = None;
+    for mid in mids {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => {
+                    let (c, code) =
+                        RawClient::connect(hub.mqtt, device, Some((device, &key))).await;
+                    if code != Some(ConnectReturnCode::Success) {
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "{device} was never taken: {code:?}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    client.insert(c)
+                }
+            };
+            let topic = format!("devices/{device}/messages/events/{mid}");
+            c.publish(&topic, QoS::AtLeastOnce, 1, &payload_of(device, mid))
+                .await;
+            match c.recv(Duration::from_secs(30)).await {
+                Ok(Packet::PubAck(_)) => break,
+                other => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{device} mid {mid} was never acknowledged: {other:?}"
+                    );
+                    client = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+/// `device`'s mids among the retained records of `p`, in log order.
+async fn retained_mids(hub: &HubNode, p: PartitionId, device: &str) -> Vec<u64> {
+    let mut from = status(hub).await.partitions[p.0 as usize].log_start;
+    let mut mids = Vec::new();
+    loop {
+        let page = hub
+            .client()
+            .records_upto(p, from, 10_000, Duration::ZERO, ReadUpto::Committed)
+            .await
+            .expect("read the retained records");
+        let Some(last) = page.records.last() else {
+            return mids;
+        };
+        from = last.offset.next();
+        mids.extend(
+            page.records
+                .iter()
+                .filter(|r| r.device_id.as_str() == device)
+                .map(|r| r.mid.map_or(0, |m| m.0)),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_whose_records_were_purged_is_still_deduplicated_after_a_takeover() {
+    let h = harness!(
+        "a_silent_device_whose_records_were_purged_is_still_deduplicated_after_a_takeover"
+    );
+    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..64).map(|i| format!("ret-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let url = cluster.log_url("eu");
+    let args = |id: &'static str| -> Vec<String> {
+        [
+            "--log",
+            url.as_str(),
+            "--hub-id",
+            id,
+            "--lease-ttl-ms",
+            "1000",
+            "--retention-bytes",
+            "20000",
+            "--retention-check-ms",
+            "100",
+            "--snapshot-every-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args_a = args("a");
+    let args_b = args("b");
+    let mut a = h.hub(
+        "hub-a",
+        "eu",
+        &reg.url,
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = h.hub(
+        "hub-b",
+        "eu",
+        &reg.url,
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    // Two devices of one partition that hub a writes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Once the partitions are divided (hub a holds them all at first).
+    let p = loop {
+        let (sa, sb) = (status(&a).await, status(&b).await);
+        let (oa, ob) = (sa.owned.unwrap_or_default(), sb.owned.unwrap_or_default());
+        if oa.len() + ob.len() == PARTITIONS as usize && !oa.is_empty() && !ob.is_empty() {
+            break oa[0];
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions were never divided: {oa:?} {ob:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut of_p = ids
+        .iter()
+        .filter(|d| partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS) == p);
+    let silent = of_p.next().expect("a device in the partition").clone();
+    let loud = of_p
+        .next()
+        .expect("a second device in the partition")
+        .clone();
+
+    publish(&a, &reg, &silent, 1..=20).await;
+    // The loud device alone: its records push the silent one's out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut next = 1;
+    while status(&a).await.partitions[p.0 as usize].log_start.0 <= 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention never purged the silent device's records"
+        );
+        publish(&a, &reg, &loud, next..next + 50).await;
+        next += 50;
+    }
+    assert!(retained_mids(&a, p, &silent).await.is_empty());
+
+    a.node.kill9();
+    until(30, "hub b to take the partition over", || async {
+        owns(&status(&b).await, p)
+    })
+    .await;
+    // Resends of what it sent before (its outbox had not seen them
+    // acknowledged): duplicates, stored nothing; then a new mid.
+    publish(&b, &reg, &silent, [19, 20, 21].into_iter()).await;
+    assert!(b.metric("fleet_hub_duplicates_total").await >= 2.0);
+    assert_eq!(
+        retained_mids(&b, p, &silent).await,
+        vec![21],
+        "the resends were stored again"
+    );
+    // The loud device goes on where it was, on b.
+    publish(&b, &reg, &loud, next..next + 5).await;
+    let loud_mids = retained_mids(&b, p, &loud).await;
+    assert!(
+        loud_mids.windows(2).all(|w| w[1] == w[0] + 1),
+        "{loud_mids:?}"
+    );
+    assert_eq!(loud_mids.last(), Some(&(next + 4)));
+}
