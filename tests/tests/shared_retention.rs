@@ -85,11 +85,20 @@ async fn retained_mids(hub: &HubNode, p: PartitionId, device: &str) -> Vec<u64> 
     let mut from = status(hub).await.partitions[p.0 as usize].log_start;
     let mut mids = Vec::new();
     loop {
-        let page = hub
+        let page = match hub
             .client()
             .records_upto(p, from, 10_000, Duration::ZERO, ReadUpto::Committed)
             .await
-            .expect("read the retained records");
+        {
+            Ok(page) => page,
+            // Retention passed the read meanwhile: again from the start.
+            Err(fleet_api::client::ClientError::Api { status: 410, .. }) => {
+                from = status(hub).await.partitions[p.0 as usize].log_start;
+                mids.clear();
+                continue;
+            }
+            Err(e) => panic!("read the retained records: {e}"),
+        };
         let Some(last) = page.records.last() else {
             return mids;
         };
@@ -151,13 +160,21 @@ async fn a_silent_device_whose_records_were_purged_is_still_deduplicated_after_a
     );
     // Two devices of one partition that hub a writes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    // Once the partitions are divided (hub a holds them all at first).
+    // Once the partitions are divided (hub a holds them all at first, then
+    // hands some over) and the division has held for a second.
+    let mut seen = None;
     let p = loop {
         let (sa, sb) = (status(&a).await, status(&b).await);
         let (oa, ob) = (sa.owned.unwrap_or_default(), sb.owned.unwrap_or_default());
         if oa.len() + ob.len() == PARTITIONS as usize && !oa.is_empty() && !ob.is_empty() {
-            break oa[0];
+            if seen.as_ref() == Some(&oa) {
+                break oa[0];
+            }
+            seen = Some(oa.clone());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
+        seen = None;
         assert!(
             tokio::time::Instant::now() < deadline,
             "the partitions were never divided: {oa:?} {ob:?}"

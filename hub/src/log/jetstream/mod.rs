@@ -246,6 +246,7 @@ pub struct JetStreamLog {
     /// The partitions' leases, when several hubs share the log.
     leases: Option<Arc<Leases>>,
     names: StreamNames,
+    store: MetaStore,
     purged: PurgedStore,
 }
 
@@ -306,6 +307,7 @@ impl JetStreamLog {
         if !config.retention.is_off() {
             tokio::spawn(retention::retention_loop(
                 parts.iter().map(Arc::downgrade).collect(),
+                store.clone(),
                 purged.clone(),
                 writers
                     .iter()
@@ -335,6 +337,7 @@ impl JetStreamLog {
             max_message,
             leases,
             names,
+            store,
             purged,
         }))
     }
@@ -347,7 +350,8 @@ impl JetStreamLog {
     pub async fn retain_now(&self, policy: RetentionPolicy) -> LogResult<u64> {
         let mut total = 0;
         for (part, writer) in self.parts.iter().zip(&self.writers) {
-            total += retention::retain_partition(part, &self.purged, writer, policy).await?;
+            total += retention::retain_partition(part, &self.store, &self.purged, writer, policy)
+                .await?;
         }
         Ok(total)
     }
@@ -711,11 +715,27 @@ impl EventLog for JetStreamLog {
         base: Offset,
         history: Vec<(Epoch, Offset)>,
     ) -> BoxFuture<'static, LogResult<u64>> {
-        self.call(p, |reply| Cmd::Skip {
-            base,
-            history,
-            reply,
-        })
+        // What the skip drops goes as a purge does: its devices' last mids
+        // are kept first (a takeover of this shared log learns them).
+        let (Ok(part), Some(writer)) = (self.part(p), self.writers.get(p.0 as usize)) else {
+            return futures::future::ready(Err(LogError::NoSuchPartition(p))).boxed();
+        };
+        let (part, writer) = (part.clone(), writer.clone());
+        let (store, purged) = (self.store.clone(), self.purged.clone());
+        async move {
+            let (meta, hw) = part.snapshot();
+            part.note_purged(&store, &purged, meta.start, hw.0).await?;
+            let (reply, rx) = oneshot::channel();
+            writer
+                .send(Cmd::Skip {
+                    base,
+                    history,
+                    reply,
+                })
+                .map_err(|_| LogError::Closed)?;
+            rx.await.unwrap_or(Err(LogError::Closed))
+        }
+        .boxed()
     }
 
     fn last_of(

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
+use super::meta::MetaStore;
 use super::shared::{created_elsewhere, lost_race};
 use crate::log::{LogError, LogResult, ReadLimits};
 
@@ -92,6 +93,11 @@ impl PurgedStore {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
             Err(e) => return Err(io("read", e)),
         };
+        // A delete or purge marker (an operator's `nats kv del`): no entry.
+        if m.payload.is_empty() {
+            tracing::warn!(partition = %p, device, "a purged device's kept mid was deleted from the bucket");
+            return Ok(None);
+        }
         let entry = serde_json::from_slice(&m.payload).map_err(|e| LogError::Corrupt {
             partition: p,
             offset: Offset(0),
@@ -142,13 +148,23 @@ impl PurgedStore {
 impl super::Part {
     /// Writes the entry of every device with a numbered record in offsets
     /// `from..upto`, before they are purged. Nothing may be purged when
-    /// this fails.
+    /// this fails. Refused when the partition's metadata in the bucket is
+    /// not this hub's view of it (another hub took the partition over, or
+    /// cut it): entries are judged against that view.
     pub(super) async fn note_purged(
         &self,
+        metas: &MetaStore,
         store: &PurgedStore,
         from: u64,
         upto: u64,
     ) -> LogResult<usize> {
+        let (meta, hw) = self.snapshot();
+        if metas.load(self.id).await?.map(|(m, _)| m) != Some(meta.clone()) {
+            return Err(LogError::Io(format!(
+                "partition {}: its metadata moved since this hub read it; nothing purged",
+                self.id
+            )));
+        }
         let mut last: HashMap<String, Purged> = HashMap::new();
         let mut at = from;
         while at < upto {
@@ -181,9 +197,10 @@ impl super::Part {
             }
             at = end.0;
         }
+        // A record a cut took meanwhile is nobody's last.
+        last.retain(|_, e| e.valid(&meta.epochs, hw.0).is_some());
         let n = last.len();
         let p = self.id;
-        let (meta, hw) = self.snapshot();
         let (epochs, hw) = (&meta.epochs, hw.0);
         let written: Vec<LogResult<()>> = futures::stream::iter(last)
             .map(|(device, entry)| async move { store.raise(p, &device, entry, epochs, hw).await })

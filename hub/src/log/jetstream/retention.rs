@@ -15,9 +15,13 @@ use fleet_api::PartitionId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Part;
+use super::meta::MetaStore;
 use super::purged::PurgedStore;
 use super::writer::Cmd;
 use crate::log::{LogError, LogResult};
+
+/// The most records one pass purges from a partition.
+const PER_PASS: u64 = 100_000;
 
 /// How much a partition keeps: `bytes` (its streams' bytes) and `age` (the
 /// servers' receive time of a record), each when set.
@@ -36,6 +40,7 @@ impl RetentionPolicy {
 /// Every `every`, purges what `policy` lets go in each partition.
 pub(super) async fn retention_loop(
     parts: Vec<std::sync::Weak<Part>>,
+    meta: MetaStore,
     purged: PurgedStore,
     writers: Vec<mpsc::WeakUnboundedSender<Cmd>>,
     policy: RetentionPolicy,
@@ -61,7 +66,7 @@ pub(super) async fn retention_loop(
             return;
         };
         for (part, writer) in parts.iter().zip(&writers) {
-            if let Err(e) = retain_partition(part, &purged, writer, policy).await {
+            if let Err(e) = retain_partition(part, &meta, &purged, writer, policy).await {
                 tracing::warn!(partition = %part.id, error = %e, "jetstream retention failed");
             }
         }
@@ -72,6 +77,7 @@ pub(super) async fn retention_loop(
 /// One retention pass over partition `part`: how many records went.
 pub(super) async fn retain_partition(
     part: &Arc<Part>,
+    meta: &MetaStore,
     purged: &PurgedStore,
     writer: &mpsc::UnboundedSender<Cmd>,
     policy: RetentionPolicy,
@@ -81,12 +87,15 @@ pub(super) async fn retain_partition(
     };
     // Every purged device's last mid is kept first: the partition's next
     // writer learns it from there (the writer purges no further than this).
+    // A pass reads at most PER_PASS records (memory and time stay bounded
+    // however far behind retention is; the next pass goes on).
     let from = part.meta().start;
-    let devices = part.note_purged(purged, from, upto).await?;
+    let upto = upto.min(from.saturating_add(PER_PASS));
+    let devices = part.note_purged(meta, purged, from, upto).await?;
     tracing::debug!(partition = %part.id, from, upto, devices, "purged devices' last mids kept");
     let (reply, rx) = oneshot::channel();
     writer
-        .send(Cmd::Retain { upto, reply })
+        .send(Cmd::Retain { from, upto, reply })
         .map_err(|_| LogError::Closed)?;
     let n = rx.await.map_err(|_| LogError::Closed)??;
     if n > 0 {

@@ -61,6 +61,10 @@ pub(super) enum Cmd {
     Fail { why: String },
     /// Purge the records below `upto` (retention); replies how many went.
     Retain {
+        /// The start the purged devices' mids were kept from: a writer
+        /// whose start moved since (a cut, a skip, another hub) purges
+        /// nothing.
+        from: u64,
         upto: u64,
         reply: oneshot::Sender<LogResult<u64>>,
     },
@@ -256,11 +260,12 @@ impl Writer {
                     self.fail(why);
                 }
             }
-            Cmd::Retain { upto, reply } => {
+            Cmd::Retain { from, upto, reply } => {
                 let r = match self.failed {
                     Some(_) => Err(self.refuse()),
                     // Only the partition's writer moves its start.
                     None if !self.owned => Ok(0),
+                    None if self.meta.start != from => Ok(0),
                     None => self.retain(upto).await,
                 };
                 let _ = reply.send(r);

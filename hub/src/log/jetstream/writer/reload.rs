@@ -85,7 +85,14 @@ impl Writer {
         // the ledger before this reload).
         self.failed = None;
         *self.part.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.part.switch(meta, Offset(hw));
+        self.part.switch(meta.clone(), Offset(hw));
+        if own {
+            // The metadata is written under this writer's id: a hub that
+            // wrote the partition before and does not know it lost it (a
+            // paused process) can no longer move its start, cut it or
+            // note an epoch, all of which compare against the revision.
+            self.set_meta(meta).await?;
+        }
         self.owned = own;
         if own && info.config.sealed {
             self.roll().await?;
