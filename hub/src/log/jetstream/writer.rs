@@ -2,14 +2,20 @@
 //!
 //! Appends are pipelined, yet each publish carries the sequence the stream
 //! must end at before it (`Nats-Expected-Last-Sequence`) and an id unique to
-//! this writer and offset (`Nats-Msg-Id`). So offsets are exactly call
+//! this writer and offset (`Fleet-Write-Id`). So offsets are exactly call
 //! order: if one publish is lost, every later one is refused by the server
 //! rather than stored out of order (a device's later mid can never be
 //! stored, then its earlier one dropped as a "duplicate"). After any error
 //! the writer confirms the unconfirmed publishes one by one, in order, with
-//! the same id: a resend of a stored one is answered as a duplicate with
-//! its sequence. A publish refused because the stream moved without it
-//! means another writer appended: the partition fails (it is fenced).
+//! the same id: a resend of a stored one is refused (the stream moved past
+//! its expected sequence), and the message stored at its offset is read
+//! back: with this id it is ours, with another a second writer appended
+//! and the partition fails (it is fenced).
+//!
+//! The id is not `Nats-Msg-Id`: the servers' de-duplication would keep
+//! every id of the last two minutes in memory and check it on every
+//! publish, for nothing the expected sequence does not already guarantee
+//! (measured by `fleet bench ingest --log jetstream`: see the README).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -38,6 +44,9 @@ mod reload;
 /// Publishes awaiting acknowledgement per partition; more wait in the
 /// channel. Bounds memory and what one resync must confirm.
 const MAX_INFLIGHT: usize = 4096;
+
+/// The header naming the writer and offset of a stored record.
+const WRITE_ID: &str = "Fleet-Write-Id";
 
 pub(super) enum Cmd {
     Append {
@@ -79,8 +88,9 @@ pub(super) enum Cmd {
 /// A publish not yet known to be stored.
 struct Item {
     offset: u64,
-    subject: String,
-    headers: HeaderMap,
+    subject: async_nats::Subject,
+    /// Its `Fleet-Write-Id`.
+    id: String,
     body: Bytes,
     reply: oneshot::Sender<LogResult<Offset>>,
     flushes: Vec<oneshot::Sender<LogResult<()>>>,
@@ -372,16 +382,10 @@ impl Writer {
         let subject = self
             .names
             .subject(self.p(), generation, rec.device_id.as_str());
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}.{offset}", self.writer_id).as_str(),
-        );
-        headers.insert("Nats-Expected-Last-Sequence", offset.to_string().as_str());
         let item = Item {
             offset,
-            subject,
-            headers,
+            subject: subject.into(),
+            id: format!("{}.{offset}", self.writer_id),
             body: Bytes::from(body),
             reply,
             flushes: Vec::new(),
@@ -397,10 +401,18 @@ impl Writer {
 }
 
 /// Sends `item`; the returned future resolves with its acknowledgement.
+/// The headers are made here for each send, not kept with the item: they
+/// follow from it, and a copy per publish showed in the hub's profile.
 async fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
+    let mut headers = HeaderMap::new();
+    headers.insert(WRITE_ID, item.id.as_str());
+    headers.insert(
+        "Nats-Expected-Last-Sequence",
+        item.offset.to_string().as_str(),
+    );
     let msg = PublishMessage::build()
         .payload(item.body.clone())
-        .headers(item.headers.clone());
+        .headers(headers);
     match js.send_publish(item.subject.clone(), msg).await {
         Ok(fut) => Box::pin(async move { fut.await.map_err(publish_err) }),
         Err(e) => Box::pin(futures::future::ready(Err(publish_err(e)))),
@@ -740,8 +752,8 @@ async fn confirm(
                 // by another writer.
                 match super::read::get(stream, item.offset + 1).await {
                     Ok(Some(m)) => {
-                        let ours = m.headers.get("Nats-Msg-Id").map(|v| v.as_str())
-                            == item.headers.get("Nats-Msg-Id").map(|v| v.as_str());
+                        let ours =
+                            m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str());
                         if ours {
                             return Ok(());
                         }
