@@ -2,7 +2,9 @@
 //! three real nats-server processes). A device silent while retention
 //! purges all its records, whose partition then moves to the other hub
 //! (SIGKILL), still has its resends recognised as duplicates there: the
-//! last mid of every purged device is kept before its records go.
+//! last mid of every purged device is kept before its records go. And
+//! retention never purges what the peer region has not pulled, through a
+//! takeover too.
 
 use std::time::Duration;
 
@@ -226,4 +228,160 @@ async fn a_silent_device_whose_records_were_purged_is_still_deduplicated_after_a
         "{loud_mids:?}"
     );
     assert_eq!(loud_mids.last(), Some(&(next + 4)));
+}
+
+/// The status of partition `p` at `hub`: (log start, high watermark).
+async fn span(hub: &HubNode, p: PartitionId) -> (u64, u64) {
+    let s = status(hub).await.partitions[p.0 as usize].clone();
+    (s.log_start.0, s.high_watermark.0)
+}
+
+/// Region eu (two hubs on one R3 JetStream log, retention on) replicates
+/// to region us (one hub). While us is down, eu's retention keeps every
+/// record us has not pulled, also after the hub writing the partition is
+/// killed and the other takes it over (it trusts no floor it did not see
+/// pulled itself); us comes back and pulls everything, skipping nothing;
+/// only then does retention go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_the_peer_has_not_pulled_through_a_takeover() {
+    let h = harness!("retention_keeps_what_the_peer_has_not_pulled_through_a_takeover");
+    let cluster = NatsCluster::start(&h.dir().join("nats"), "js", 3)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..64).map(|i| format!("peer-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut reg = Registry::sqlite(h.dir(), "eu").await;
+    reg.add(&refs).await;
+    let us_reg = Registry::sqlite(h.dir(), "us").await;
+    let ports: Vec<String> = (0..3)
+        .map(|_| fleet::up::reserve([127, 0, 0, 1]).unwrap().to_string())
+        .collect();
+    let url = cluster.log_url("eu");
+    let us_peer = format!("http://{}", ports[2]);
+    let eu_peers = format!("http://{},http://{}", ports[0], ports[1]);
+    let eu_args = |id: &'static str, port: &str| -> Vec<String> {
+        [
+            "--log",
+            url.as_str(),
+            "--hub-id",
+            id,
+            "--lease-ttl-ms",
+            "1000",
+            "--http",
+            port,
+            "--peer",
+            us_peer.as_str(),
+            "--replication",
+            "async",
+            "--role",
+            "primary",
+            "--retention-bytes",
+            "20000",
+            "--retention-check-ms",
+            "100",
+            "--snapshot-every-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (a1, a2) = (eu_args("e1", &ports[0]), eu_args("e2", &ports[1]));
+    let mut e1 = h.hub(
+        "eu-1",
+        "eu",
+        &reg.url,
+        &a1.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let e2 = h.hub(
+        "eu-2",
+        "eu",
+        &reg.url,
+        &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut us = h.hub(
+        "us-1",
+        "us",
+        &us_reg.url,
+        &[
+            "--http",
+            &ports[2],
+            "--peer",
+            &eu_peers,
+            "--replication",
+            "async",
+            "--role",
+            "secondary",
+        ],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = None;
+    let p = loop {
+        let (s1, s2) = (status(&e1).await, status(&e2).await);
+        let (o1, o2) = (s1.owned.unwrap_or_default(), s2.owned.unwrap_or_default());
+        if o1.len() + o2.len() == PARTITIONS as usize && !o1.is_empty() && !o2.is_empty() {
+            if seen.as_ref() == Some(&o1) {
+                break o1[0];
+            }
+            seen = Some(o1.clone());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        seen = None;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions were never divided: {o1:?} {o2:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let device = ids
+        .iter()
+        .find(|d| partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS) == p)
+        .expect("a device in the partition")
+        .clone();
+    publish(&e1, &reg, &device, 1..=100).await;
+    until(30, "us to pull the first records", || async {
+        span(&us, p).await.1 == 100
+    })
+    .await;
+    us.node.kill9();
+    // Far more than retention keeps, while us cannot pull.
+    publish(&e1, &reg, &device, 101..=700).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start, hw) = span(&e1, p).await;
+    assert_eq!(hw, 700);
+    assert!(
+        start <= 100,
+        "e1 purged what us had not pulled: starts at {start}"
+    );
+    e1.node.kill9();
+    until(30, "e2 to take the partition over", || async {
+        owns(&status(&e2).await, p)
+    })
+    .await;
+    publish(&e2, &reg, &device, 701..=800).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start, _) = span(&e2, p).await;
+    assert!(
+        start <= 100,
+        "e2 purged what us had not pulled: starts at {start}"
+    );
+    us.restart(&h);
+    until(60, "us to pull everything", || async {
+        span(&us, p).await.1 == 800
+    })
+    .await;
+    assert_eq!(
+        us.metric("fleet_hub_replication_skipped_records_total")
+            .await,
+        0.0,
+        "us skipped records retention deleted"
+    );
+    let mids = retained_mids(&us, p, &device).await;
+    assert_eq!(mids, (1..=800).collect::<Vec<u64>>());
+    // Pulled: retention goes on.
+    until(60, "e2's retention to go on once us pulled", || async {
+        span(&e2, p).await.0 > 100
+    })
+    .await;
 }

@@ -20,8 +20,9 @@ use super::purged::PurgedStore;
 use super::writer::Cmd;
 use crate::log::{LogError, LogResult};
 
-/// The most records one pass purges from a partition.
-const PER_PASS: u64 = 100_000;
+/// The most records one pass purges from a partition (what a failed pass
+/// has to read again; the devices' mids it keeps are bounded by the fleet).
+const PER_PASS: u64 = 1_000_000;
 
 /// How much a partition keeps: `bytes` (its streams' bytes) and `age` (the
 /// servers' receive time of a record), each when set.
@@ -65,11 +66,18 @@ pub(super) async fn retention_loop(
         else {
             return;
         };
-        for (part, writer) in parts.iter().zip(&writers) {
-            if let Err(e) = retain_partition(part, &meta, &purged, writer, policy).await {
-                tracing::warn!(partition = %part.id, error = %e, "jetstream retention failed");
+        // Partitions at once: a pass reads what it purges (to keep the
+        // devices' mids), and one partition's pass must not wait for all
+        // the others'.
+        let passes = parts.iter().zip(&writers).map(|(part, writer)| {
+            let (meta, purged) = (&meta, &purged);
+            async move {
+                if let Err(e) = retain_partition(part, meta, purged, writer, policy).await {
+                    tracing::warn!(partition = %part.id, error = %e, "jetstream retention failed");
+                }
             }
-        }
+        });
+        futures::future::join_all(passes).await;
         metrics::counter!("fleet_hub_retention_passes_total").increment(1);
     }
 }
