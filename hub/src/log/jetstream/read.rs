@@ -1,7 +1,7 @@
 //! Reading records back by offset.
 
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{self, DirectGetErrorKind};
+use async_nats::jetstream::stream::{self, DirectGetErrorKind, LastRawMessageErrorKind};
 use fleet_api::{Offset, PartitionId};
 use futures::StreamExt;
 
@@ -22,7 +22,7 @@ pub(super) async fn get(s: &stream::Stream, seq: u64) -> LogResult<Option<Stream
     }
     match s.get_raw_message(seq).await {
         Ok(m) => Ok(Some(m)),
-        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(LogError::Io(format!(
             "jetstream get of sequence {seq}: {e}"
         ))),

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream};
@@ -101,7 +100,6 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishErr>> + S
 /// Why a publish did not come back acknowledged.
 #[derive(Debug)]
 struct PublishErr {
-    kind: PublishErrorKind,
     text: String,
 }
 
@@ -421,7 +419,6 @@ async fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
 
 fn publish_err(e: async_nats::jetstream::context::PublishError) -> PublishErr {
     PublishErr {
-        kind: e.kind(),
         text: e.to_string(),
     }
 }
@@ -747,26 +744,22 @@ async fn confirm(
                     item.offset, ack.sequence
                 ));
             }
-            Err(e) if e.kind == PublishErrorKind::WrongLastSequence => {
-                // Stored by our earlier attempt (then the id matches) or
-                // by another writer.
-                match super::read::get(stream, item.offset + 1).await {
-                    Ok(Some(m)) => {
-                        let ours =
-                            m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str());
-                        if ours {
-                            return Ok(());
-                        }
-                        return Err(format!(
-                            "another writer appended at offset {}: this hub is fenced",
-                            item.offset
-                        ));
+            // Whatever the error is called (a refused expectation, a
+            // timeout), a message at this offset is final: ours (its id)
+            // or another writer's.
+            Err(e) => match super::read::get(stream, item.offset + 1).await {
+                Ok(Some(m)) => {
+                    if m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str()) {
+                        return Ok(());
                     }
-                    Ok(None) => e.text,
-                    Err(err) => err.to_string(),
+                    return Err(format!(
+                        "another writer appended at offset {}: this hub is fenced",
+                        item.offset
+                    ));
                 }
-            }
-            Err(e) => e.text,
+                Ok(None) => e.text,
+                Err(err) => format!("{}; reading it back: {err}", e.text),
+            },
         };
         if Instant::now() + pause > deadline {
             return Err(format!(
