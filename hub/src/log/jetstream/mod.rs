@@ -11,6 +11,7 @@ mod config;
 mod last;
 pub mod lease;
 mod meta;
+mod names;
 mod purged;
 mod read;
 mod retention;
@@ -32,6 +33,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, verify_fsync};
 pub use lease::{Leases, Placement};
 use meta::{MetaStore, PartMeta};
+pub use names::stream_layout;
+use names::{StreamNames, push_u64};
 use purged::PurgedStore;
 pub use retention::RetentionPolicy;
 use writer::{Cmd, Writer};
@@ -41,78 +44,6 @@ use super::{EventLog, LogError, LogResult, NewRecord, ReadLimits, Record};
 /// Room for a frame's fixed fields, the largest device id and region, and
 /// the message headers.
 pub(super) const MESSAGE_OVERHEAD: usize = 1024;
-
-/// Names of a log's streams, subjects and bucket.
-#[derive(Clone, Debug)]
-pub(super) struct StreamNames {
-    prefix: String,
-}
-
-impl StreamNames {
-    fn stream(&self, p: PartitionId, generation: u32) -> String {
-        format!("{}_p{}_g{generation}", self.prefix, p.0)
-    }
-
-    /// `{prefix}.{p}.{g}.{device}`: one subject per device, so the last
-    /// record of a device can be found without a scan. A device id's dots
-    /// are written `%2E` (a subject token holds none).
-    fn subject(&self, p: PartitionId, generation: u32, device: &str) -> String {
-        format!(
-            "{}.{}.{generation}.{}",
-            self.prefix,
-            p.0,
-            device.replace('.', "%2E")
-        )
-    }
-
-    fn config(
-        &self,
-        p: PartitionId,
-        generation: u32,
-        replicas: usize,
-        first: u64,
-    ) -> stream::Config {
-        stream::Config {
-            name: self.stream(p, generation),
-            subjects: vec![format!("{}.{}.{generation}.>", self.prefix, p.0)],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            discard: stream::DiscardPolicy::New,
-            duplicate_window: Duration::from_secs(120),
-            allow_direct: true,
-            first_sequence: (first > 0).then_some(first + 1),
-            ..Default::default()
-        }
-    }
-
-    fn bucket(&self) -> String {
-        format!("{}_meta", self.prefix)
-    }
-
-    fn leases(&self) -> String {
-        format!("{}_leases", self.prefix)
-    }
-
-    fn purged(&self) -> String {
-        format!("{}_purged", self.prefix)
-    }
-}
-
-/// The stream configuration of a new partition `p` of the log `prefix`,
-/// and the subject of `device`'s records in it: what a raw publisher uses
-/// to write the same records the same way (`fleet bench ingest`).
-pub fn stream_layout(
-    prefix: &str,
-    p: PartitionId,
-    replicas: usize,
-    device: &str,
-) -> (stream::Config, String) {
-    let names = StreamNames {
-        prefix: prefix.to_string(),
-    };
-    (names.config(p, 0, replicas, 0), names.subject(p, 0, device))
-}
 
 /// What readers share with a partition's writer.
 #[derive(Debug)]

@@ -383,7 +383,13 @@ impl Writer {
         let item = Item {
             offset,
             subject: subject.into(),
-            id: format!("{}.{offset}", self.writer_id),
+            id: {
+                let mut id = String::with_capacity(self.writer_id.len() + 21);
+                id.push_str(&self.writer_id);
+                id.push('.');
+                super::push_u64(&mut id, offset);
+                id
+            },
             body: Bytes::from(body),
             reply,
             flushes: Vec::new(),
@@ -404,10 +410,9 @@ impl Writer {
 async fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
     let mut headers = HeaderMap::new();
     headers.insert(WRITE_ID, item.id.as_str());
-    headers.insert(
-        "Nats-Expected-Last-Sequence",
-        item.offset.to_string().as_str(),
-    );
+    let mut expected = String::with_capacity(20);
+    super::push_u64(&mut expected, item.offset);
+    headers.insert("Nats-Expected-Last-Sequence", expected.as_str());
     let msg = PublishMessage::build()
         .payload(item.body.clone())
         .headers(headers);
