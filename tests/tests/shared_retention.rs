@@ -82,6 +82,32 @@ async fn publish(hub: &HubNode, reg: &Registry, device: &str, mids: impl Iterato
     }
 }
 
+/// Once two hubs have divided the partitions (the first holds them all at
+/// first, then hands some over) and the division has held for a second:
+/// the first partition the first hub writes.
+async fn first_of_a_settled_division(a: &HubNode, b: &HubNode) -> PartitionId {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = None;
+    loop {
+        let (sa, sb) = (status(a).await, status(b).await);
+        let (oa, ob) = (sa.owned.unwrap_or_default(), sb.owned.unwrap_or_default());
+        if oa.len() + ob.len() == PARTITIONS as usize && !oa.is_empty() && !ob.is_empty() {
+            if seen.as_ref() == Some(&oa) {
+                return oa[0];
+            }
+            seen = Some(oa);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        seen = None;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions were never divided: {oa:?} {ob:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `device`'s mids among the retained records of `p`, in log order.
 async fn retained_mids(hub: &HubNode, p: PartitionId, device: &str) -> Vec<u64> {
     let mut from = status(hub).await.partitions[p.0 as usize].log_start;
@@ -161,28 +187,7 @@ async fn a_silent_device_whose_records_were_purged_is_still_deduplicated_after_a
         &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     // Two devices of one partition that hub a writes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    // Once the partitions are divided (hub a holds them all at first, then
-    // hands some over) and the division has held for a second.
-    let mut seen = None;
-    let p = loop {
-        let (sa, sb) = (status(&a).await, status(&b).await);
-        let (oa, ob) = (sa.owned.unwrap_or_default(), sb.owned.unwrap_or_default());
-        if oa.len() + ob.len() == PARTITIONS as usize && !oa.is_empty() && !ob.is_empty() {
-            if seen.as_ref() == Some(&oa) {
-                break oa[0];
-            }
-            seen = Some(oa.clone());
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        seen = None;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the partitions were never divided: {oa:?} {ob:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let p = first_of_a_settled_division(&a, &b).await;
     let mut of_p = ids
         .iter()
         .filter(|d| partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS) == p);
@@ -314,26 +319,7 @@ async fn retention_keeps_what_the_peer_has_not_pulled_through_a_takeover() {
             "secondary",
         ],
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut seen = None;
-    let p = loop {
-        let (s1, s2) = (status(&e1).await, status(&e2).await);
-        let (o1, o2) = (s1.owned.unwrap_or_default(), s2.owned.unwrap_or_default());
-        if o1.len() + o2.len() == PARTITIONS as usize && !o1.is_empty() && !o2.is_empty() {
-            if seen.as_ref() == Some(&o1) {
-                break o1[0];
-            }
-            seen = Some(o1.clone());
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        seen = None;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the partitions were never divided: {o1:?} {o2:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let p = first_of_a_settled_division(&e1, &e2).await;
     let device = ids
         .iter()
         .find(|d| partition_for(&DeviceId::new(d.as_str()).unwrap(), PARTITIONS) == p)

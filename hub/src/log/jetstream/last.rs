@@ -10,7 +10,7 @@ use fleet_api::Offset;
 
 use super::{Part, StreamNames};
 use crate::log::frame::{self, Decoded};
-use crate::log::{LogError, LogResult, ReadLimits, Record};
+use crate::log::{LogError, LogResult, Record};
 
 impl Part {
     pub(super) async fn last_of(
@@ -74,27 +74,12 @@ impl Part {
     /// The last record of `device` among offsets `from..to`, by reading them.
     async fn scan_last(&self, from: u64, to: u64, device: &str) -> LogResult<Option<Record>> {
         let mut last = None;
-        let mut at = from;
-        while at < to {
-            let batch = self
-                .read(
-                    Offset(at),
-                    ReadLimits {
-                        max_records: 10_000,
-                        max_bytes: 64 << 20,
-                    },
-                )
-                .await?;
-            let Some(end) = batch.last().map(|r| r.offset.next()) else {
-                break;
-            };
-            for r in batch {
-                if r.offset.0 < to && r.record.device_id.as_str() == device {
-                    last = Some(r);
-                }
+        self.each_record(from, to, |r| {
+            if r.record.device_id.as_str() == device {
+                last = Some(r);
             }
-            at = end.0;
-        }
+        })
+        .await?;
         Ok(last)
     }
 }

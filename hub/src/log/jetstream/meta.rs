@@ -80,23 +80,11 @@ impl MetaStore {
     /// The partition's metadata and its revision, if any, read from the
     /// bucket's leader (a replica answering a direct get may lag).
     pub async fn load(&self, p: PartitionId) -> LogResult<Option<(PartMeta, u64)>> {
-        let subject = format!("{}{}", self.kv.prefix, key(p));
-        let m = match self
-            .kv
-            .stream
-            .get_last_raw_message_by_subject(&subject)
+        let Some(m) = leader_entry(&self.kv, &key(p))
             .await
-        {
-            Ok(m) => m,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                ) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(io("read", e)),
+            .map_err(|e| io("read", e))?
+        else {
+            return Ok(None);
         };
         let meta: PartMeta =
             serde_json::from_slice(&m.payload).map_err(|err| LogError::Corrupt {
@@ -207,4 +195,22 @@ pub(super) async fn open_bucket(
         )));
     }
     Ok(kv)
+}
+
+/// The last message of `key` in bucket `kv`, read from the bucket's leader
+/// (a replica answering a direct get may lag behind a write just made).
+pub(super) async fn leader_entry(
+    kv: &kv::Store,
+    key: &str,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, impl std::fmt::Display> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    match kv
+        .stream
+        .get_last_raw_message_by_subject(&format!("{}{key}", kv.prefix))
+        .await
+    {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }

@@ -13,16 +13,15 @@
 //! nothing to delete.
 
 use async_nats::jetstream::kv;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use fleet_api::{Mid, Offset, PartitionId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-use super::meta::MetaStore;
+use super::meta::{MetaStore, leader_entry};
 use super::shared::{created_elsewhere, lost_race};
-use crate::log::{LogError, LogResult, ReadLimits};
+use crate::log::{LogError, LogResult};
 
 /// How many devices' entries are written at once.
 const CONCURRENCY: usize = 64;
@@ -82,16 +81,11 @@ impl PurgedStore {
     /// bucket's leader (a replica answering a direct get may lag behind
     /// a write that preceded a purge).
     pub async fn get(&self, p: PartitionId, device: &str) -> LogResult<Option<(Purged, u64)>> {
-        let subject = format!("{}{}", self.kv.prefix, key(p, device));
-        let m = match self
-            .kv
-            .stream
-            .get_last_raw_message_by_subject(&subject)
+        let Some(m) = leader_entry(&self.kv, &key(p, device))
             .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-            Err(e) => return Err(io("read", e)),
+            .map_err(|e| io("read", e))?
+        else {
+            return Ok(None);
         };
         // A delete or purge marker (an operator's `nats kv del`): no entry.
         if m.payload.is_empty() {
@@ -166,36 +160,23 @@ impl super::Part {
             )));
         }
         let mut last: HashMap<String, Purged> = HashMap::new();
-        let mut at = from;
-        while at < upto {
-            let batch = self
-                .read(
-                    Offset(at),
-                    ReadLimits {
-                        max_records: 10_000,
-                        max_bytes: 64 << 20,
-                    },
-                )
-                .await?;
-            let Some(end) = batch.last().map(|r| r.offset.next()) else {
-                return Err(LogError::Io(format!(
-                    "partition {}: nothing to read at offset {at}, below {upto}",
-                    self.id
-                )));
-            };
-            for r in batch.into_iter().filter(|r| r.offset.0 < upto) {
+        let reached = self
+            .each_record(from, upto, |r| {
                 if let Some(mid) = r.record.mid {
-                    last.insert(
-                        r.record.device_id.into_string(),
-                        Purged {
-                            mid: mid.0,
-                            offset: r.offset.0,
-                            epoch: r.record.epoch.0,
-                        },
-                    );
+                    let entry = Purged {
+                        mid: mid.0,
+                        offset: r.offset.0,
+                        epoch: r.record.epoch.0,
+                    };
+                    last.insert(r.record.device_id.into_string(), entry);
                 }
-            }
-            at = end.0;
+            })
+            .await?;
+        if reached < upto {
+            return Err(LogError::Io(format!(
+                "partition {}: nothing to read at offset {reached}, below {upto}",
+                self.id
+            )));
         }
         // A record a cut took meanwhile is nobody's last.
         last.retain(|_, e| e.valid(&meta.epochs, hw.0).is_some());

@@ -89,3 +89,33 @@ fn decode(p: PartitionId, offset: u64, body: &[u8]) -> LogResult<Record> {
         Decoded::Bad(why) => Err(corrupt(why.to_string())),
     }
 }
+
+impl super::Part {
+    /// Calls `f` with every record of offsets `from..to`, in order, read
+    /// page by page; returns the offset it read up to (below `to` when the
+    /// partition ends first).
+    pub(super) async fn each_record(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(Record),
+    ) -> LogResult<u64> {
+        let mut at = from;
+        while at < to {
+            let limits = ReadLimits {
+                max_records: 10_000,
+                max_bytes: 64 << 20,
+            };
+            let batch = self.read(Offset(at), limits).await?;
+            let Some(end) = batch.last().map(|r| r.offset.next()) else {
+                break;
+            };
+            batch
+                .into_iter()
+                .filter(|r| r.offset.0 < to)
+                .for_each(&mut f);
+            at = end.0;
+        }
+        Ok(at.min(to))
+    }
+}
