@@ -235,6 +235,17 @@ async fn a_silent_device_whose_records_were_purged_is_still_deduplicated_after_a
     assert_eq!(loud_mids.last(), Some(&(next + 4)));
 }
 
+/// Waits for `n` more retention passes at `hub` (each after a floor was
+/// set: snapshots and passes both run every 100 ms).
+async fn retention_passes(hub: &HubNode, n: u32) {
+    let metric = "fleet_hub_retention_passes_total";
+    let from = hub.metric(metric).await;
+    until(30, "retention passes", || async {
+        hub.metric(metric).await >= from + f64::from(n)
+    })
+    .await;
+}
+
 /// The status of partition `p` at `hub`: (log start, high watermark).
 async fn span(hub: &HubNode, p: PartitionId) -> (u64, u64) {
     let s = status(hub).await.partitions[p.0 as usize].clone();
@@ -333,7 +344,7 @@ async fn retention_keeps_what_the_peer_has_not_pulled_through_a_takeover() {
     us.node.kill9();
     // Far more than retention keeps, while us cannot pull.
     publish(&e1, &reg, &device, 101..=700).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    retention_passes(&e1, 5).await;
     let (start, hw) = span(&e1, p).await;
     assert_eq!(hw, 700);
     assert!(
@@ -346,7 +357,7 @@ async fn retention_keeps_what_the_peer_has_not_pulled_through_a_takeover() {
     })
     .await;
     publish(&e2, &reg, &device, 701..=800).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    retention_passes(&e2, 5).await;
     let (start, _) = span(&e2, p).await;
     assert!(
         start <= 100,
