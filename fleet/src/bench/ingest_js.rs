@@ -85,7 +85,10 @@ pub async fn run(
             )
             .await?,
         ),
-        ("raw-jetstream", start_raw(&cluster, connections).await?),
+        (
+            "raw-jetstream",
+            start_raw(&cluster, connections, "bench_hub").await?,
+        ),
         (
             "2hubs-jetstream",
             start_hubs(
@@ -128,7 +131,15 @@ pub async fn run(
     }
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for round in 0..rounds {
-        for (i, (name, t)) in targets.iter_mut().enumerate() {
+        // Every other round in reverse order: the machine's speed drifts
+        // (seen here: +25 % over a minute), and a fixed order would give
+        // whichever target comes later the faster minutes.
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (name, t) = &mut targets[i];
             let rate = phase(t, load)
                 .await
                 .with_context(|| format!("{name} phase"))?;
@@ -138,6 +149,13 @@ pub async fn run(
             rates[i].push(rate);
         }
     }
+    // The hub against the raw publisher round by round: the two phases of
+    // a round are next to each other in time.
+    let paired: Vec<f64> = rates[0]
+        .iter()
+        .zip(&rates[1])
+        .map(|(hub, raw)| hub / raw.max(1e-9))
+        .collect();
     // Last, one of the two hubs is killed under load.
     let mut takeover = None;
     if let Some((
@@ -184,6 +202,8 @@ pub async fn run(
                 "machine": machine(),
                 "results": rows,
                 "hub_vs_raw_publisher": vs_raw,
+                "hub_vs_raw_publisher_by_round": paired,
+                "hub_vs_raw_publisher_median_of_rounds": median(&paired),
                 "jetstream_vs_file_log": vs_file,
                 "two_hubs_vs_raw_publisher": two_vs_raw,
                 "two_hubs_vs_one": two_vs_one,
@@ -196,6 +216,12 @@ pub async fn run(
             println!("{:<14} {:>12.0}", r.target, r.msgs_per_s);
         }
         println!("hub on JetStream / raw publisher = {vs_raw:.2} (target ≥ 0.80)");
+        let by_round: Vec<String> = paired.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "  round by round: {} (median {:.2})",
+            by_round.join(" "),
+            median(&paired)
+        );
         println!("two hubs, one log / raw publisher = {two_vs_raw:.2}");
         println!("two hubs / one hub, same log     = {two_vs_one:.2}");
         println!("hub on JetStream / hub on files  = {vs_file:.2}");
@@ -223,14 +249,22 @@ async fn start_hub(dir: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Targe
     })
 }
 
-async fn start_raw(cluster: &NatsCluster, n: usize) -> anyhow::Result<Target> {
-    let addrs = cluster
-        .servers
-        .iter()
-        .map(|s| format!("nats://{}", s.client).parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()?;
+/// The raw publisher, placed as the hub whose streams are named after
+/// `hub_prefix` is: connected to the same server, each partition's stream
+/// led by the server that leads the hub's (where a stream's leader sits
+/// and whether publishes reach it through another server changes the
+/// servers' cost per message by a third between placements).
+async fn start_raw(cluster: &NatsCluster, n: usize, hub_prefix: &str) -> anyhow::Result<Target> {
+    let server = hub_server(
+        cluster,
+        &hub::log::jetstream::connection_name(hub_prefix, None),
+    )
+    .await?;
+    let addr: async_nats::ServerAddr =
+        format!("nats://{}", cluster.servers[server].client).parse()?;
     let client = async_nats::ConnectOptions::new()
-        .connect(addrs)
+        .name("fleet-bench raw publisher")
+        .connect(addr)
         .await
         .context("connect the raw publisher")?;
     let js = jetstream::new(client);
@@ -240,6 +274,9 @@ async fn start_raw(cluster: &NatsCluster, n: usize) -> anyhow::Result<Target> {
         js.get_or_create_stream(config)
             .await
             .map_err(|e| anyhow::anyhow!("create raw stream: {e}"))?;
+        let (hub_stream, _) = stream_layout(hub_prefix, fleet_api::PartitionId(p), 3, "x");
+        let (raw_stream, _) = stream_layout("bench_raw", fleet_api::PartitionId(p), 3, "x");
+        follow_leader(&js, &hub_stream.name, &raw_stream.name).await?;
     }
     for i in 0..n {
         let id = DeviceId::new(format!("bench-{i:04}"))?;
@@ -248,6 +285,64 @@ async fn start_raw(cluster: &NatsCluster, n: usize) -> anyhow::Result<Target> {
         devices.push((subject, id));
     }
     Ok(Target::Raw { js, devices })
+}
+
+/// Which of the cluster's servers holds the connection named `name`.
+async fn hub_server(cluster: &NatsCluster, name: &str) -> anyhow::Result<usize> {
+    let http = reqwest::Client::new();
+    for (i, s) in cluster.servers.iter().enumerate() {
+        let url = format!("http://{}/connz?subs=0&limit=10000", s.monitor);
+        let connz: serde_json::Value = http.get(&url).send().await?.json().await?;
+        let found = connz["connections"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"].as_str() == Some(name)));
+        if found {
+            return Ok(i);
+        }
+    }
+    bail!("no server holds a connection named {name:?}")
+}
+
+/// Moves the leader of stream `follower` to the server leading `leader`.
+async fn follow_leader(
+    js: &jetstream::Context,
+    leader: &str,
+    follower: &str,
+) -> anyhow::Result<()> {
+    let leader_of = |name: String| async move {
+        let mut s = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
+        anyhow::Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let want = leader_of(leader.to_string()).await?;
+        let have = leader_of(follower.to_string()).await?;
+        if want.is_some() && want == have {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("stream {follower} is led by {have:?}, not by {want:?} as {leader} is");
+        }
+        if let (Some(want), Some(_)) = (&want, &have) {
+            let asked: Result<serde_json::Value, _> = js
+                .request(
+                    format!("STREAM.LEADER.STEPDOWN.{follower}"),
+                    &serde_json::json!({ "placement": { "preferred": want } }),
+                )
+                .await;
+            if let Err(e) = asked {
+                tracing::debug!(error = %e, stream = follower, "leader stepdown");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// One measured phase; messages acknowledged per second.

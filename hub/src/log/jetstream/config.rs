@@ -265,6 +265,7 @@ async fn attempt(
         Some(verify_fsync(config).await?)
     };
     let client = async_nats::ConnectOptions::new()
+        .name(connection_name(&config.prefix, config.hub_id.as_deref()))
         .connection_timeout(Duration::from_secs(5))
         .connect(addrs)
         .await
@@ -280,6 +281,15 @@ async fn attempt(
         )));
     }
     Ok(client)
+}
+
+/// The name the hub's connection shows in the servers' monitoring
+/// (`/connz`): `fleet-hub {prefix}`, and the hub id when hubs share the log.
+pub fn connection_name(prefix: &str, hub_id: Option<&str>) -> String {
+    match hub_id {
+        Some(id) => format!("fleet-hub {prefix} {id}"),
+        None => format!("fleet-hub {prefix}"),
+    }
 }
 
 /// Every `every`, checks again that the servers fsync before they

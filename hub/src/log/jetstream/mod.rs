@@ -30,7 +30,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, verify_fsync};
+pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, connection_name, verify_fsync};
 pub use lease::{Leases, Placement};
 use meta::{MetaStore, PartMeta};
 pub use names::stream_layout;

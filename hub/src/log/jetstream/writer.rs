@@ -19,18 +19,13 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use fleet_api::{Epoch, Offset, PartitionId};
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -38,7 +33,11 @@ use super::meta::{MetaStore, PartMeta};
 use super::{Part, StreamNames};
 use crate::log::{LogError, LogResult, NewRecord, ReadLimits, frame};
 
+mod acks;
+mod inflight;
 mod reload;
+
+use acks::{Acks, Answer};
 
 /// Publishes awaiting acknowledgement per partition; more wait in the
 /// channel. Bounds memory and what one resync must confirm.
@@ -93,14 +92,10 @@ struct Item {
     body: Bytes,
     reply: oneshot::Sender<LogResult<Offset>>,
     flushes: Vec<oneshot::Sender<LogResult<()>>>,
-}
-
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishErr>> + Send>>;
-
-/// Why a publish did not come back acknowledged.
-#[derive(Debug)]
-struct PublishErr {
-    text: String,
+    /// The servers' answer, once it came (answers come in any order).
+    answer: Option<Answer>,
+    /// The tick it was sent at.
+    sent: u64,
 }
 
 pub(super) struct Writer {
@@ -120,9 +115,7 @@ pub(super) struct Writer {
     /// The servers' largest message.
     pub max_message: usize,
     inflight: VecDeque<Item>,
-    /// In a mutex only to make the writer `Sync` (reached by `&mut self`,
-    /// so never locked).
-    acks: std::sync::Mutex<FuturesOrdered<AckFuture>>,
+    acks: Acks,
     failed: Option<String>,
     /// The failure cannot be reloaded away (the servers do not fsync).
     sticky: bool,
@@ -146,6 +139,7 @@ impl Writer {
     ) -> Writer {
         Writer {
             part,
+            acks: Acks::new(js.client()),
             js,
             names,
             store,
@@ -160,7 +154,6 @@ impl Writer {
             replicas,
             max_message: usize::MAX,
             inflight: VecDeque::new(),
-            acks: std::sync::Mutex::new(FuturesOrdered::new()),
             failed: None,
             sticky: false,
             owned: true,
@@ -169,9 +162,10 @@ impl Writer {
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         loop {
+            self.settle().await;
             tokio::select! {
                 biased;
-                Some(res) = self.acks().next(), if !self.inflight.is_empty() => self.on_ack(res).await,
+                event = self.acks.event(!self.inflight.is_empty()) => self.on_event(event),
                 cmd = rx.recv(), if self.inflight.len() < MAX_INFLIGHT => match cmd {
                     Some(cmd) => {
                         self.handle(cmd).await;
@@ -188,10 +182,6 @@ impl Writer {
             }
         }
         self.drain().await;
-    }
-
-    fn acks(&mut self) -> &mut FuturesOrdered<AckFuture> {
-        self.acks.get_mut().unwrap_or_else(|e| e.into_inner())
     }
 
     fn p(&self) -> PartitionId {
@@ -380,7 +370,7 @@ impl Writer {
         let subject = self
             .names
             .subject(self.p(), generation, rec.device_id.as_str());
-        let item = Item {
+        let mut item = Item {
             offset,
             subject: subject.into(),
             id: {
@@ -393,114 +383,43 @@ impl Writer {
             body: Bytes::from(body),
             reply,
             flushes: Vec::new(),
+            answer: None,
+            sent: self.acks.ticks,
         };
-        // Sent here, not when the acknowledgement is first polled: measured
-        // (fleet bench ingest --log jetstream) 0.49x -> 0.65x of a raw
-        // publisher.
-        let ack = send(&self.js, &item).await;
-        self.acks().push_back(ack);
+        if let Err(e) = self
+            .acks
+            .send(
+                item.subject.clone(),
+                offset,
+                headers(&item),
+                item.body.clone(),
+            )
+            .await
+        {
+            item.answer = Some(Err(e));
+        }
         self.inflight.push_back(item);
         self.next += 1;
     }
 }
 
-/// Sends `item`; the returned future resolves with its acknowledgement.
-/// The headers are made here for each send, not kept with the item: they
-/// follow from it, and a copy per publish showed in the hub's profile.
-async fn send(js: &jetstream::Context, item: &Item) -> AckFuture {
+/// A publish's headers, made for each send rather than kept with the item:
+/// they follow from it, and a copy per publish showed in the hub's profile.
+fn headers(item: &Item) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(WRITE_ID, item.id.as_str());
     let mut expected = String::with_capacity(20);
     super::push_u64(&mut expected, item.offset);
     headers.insert("Nats-Expected-Last-Sequence", expected.as_str());
-    let msg = PublishMessage::build()
-        .payload(item.body.clone())
-        .headers(headers);
-    match js.send_publish(item.subject.clone(), msg).await {
-        Ok(fut) => Box::pin(async move { fut.await.map_err(publish_err) }),
-        Err(e) => Box::pin(futures::future::ready(Err(publish_err(e)))),
-    }
-}
-
-fn publish_err(e: async_nats::jetstream::context::PublishError) -> PublishErr {
-    PublishErr {
-        text: e.to_string(),
-    }
+    headers
 }
 
 impl Writer {
-    async fn on_ack(&mut self, res: Result<PublishAck, PublishErr>) {
-        let Some(item) = self.inflight.pop_front() else {
-            return;
-        };
-        match res {
-            Ok(ack) if ack.sequence == item.offset + 1 => self.complete(item),
-            Ok(ack) => {
-                let why = format!(
-                    "offset {} was stored at sequence {} (the stream moved: another writer?)",
-                    item.offset, ack.sequence
-                );
-                self.inflight.push_front(item);
-                self.fail(why);
-            }
-            Err(e) => {
-                tracing::warn!(partition = %self.p(), offset = item.offset, error = %e.text, "jetstream publish failed; confirming in order");
-                self.inflight.push_front(item);
-                self.resync().await;
-            }
-        }
-    }
-
-    fn complete(&mut self, item: Item) {
-        self.part.advance(Offset(item.offset + 1));
-        let _ = item.reply.send(Ok(Offset(item.offset)));
-        for f in item.flushes {
-            let _ = f.send(Ok(()));
-        }
-    }
-
-    /// Confirms every unconfirmed publish, in order, by resending it with
-    /// the same id and expectation.
-    async fn resync(&mut self) {
-        *self.acks() = FuturesOrdered::new();
-        while let Some(item) = self.inflight.pop_front() {
-            let deadline = Instant::now() + self.retry_for;
-            let (js, stream) = (self.js.clone(), self.stream.clone());
-            match confirm(&js, &stream, &item, deadline, self.retry_for).await {
-                Ok(()) => self.complete(item),
-                Err(why) => {
-                    self.inflight.push_front(item);
-                    self.fail(why);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Waits for every publish in flight; `Err` if the partition failed.
-    async fn quiesce(&mut self) -> LogResult<()> {
-        self.drain().await;
-        match self.failed {
-            Some(_) => Err(self.refuse()),
-            None => Ok(()),
-        }
-    }
-
-    /// Waits for every publish in flight.
-    async fn drain(&mut self) {
-        while !self.inflight.is_empty() && self.failed.is_none() {
-            match self.acks().next().await {
-                Some(res) => self.on_ack(res).await,
-                None => self.resync().await,
-            }
-        }
-    }
-
     fn fail(&mut self, why: String) {
         tracing::error!(partition = %self.p(), reason = %why, "jetstream partition refuses writes");
         self.failed = Some(why.clone());
         self.part.fail(why);
-        *self.acks() = FuturesOrdered::new();
+        self.acks.new_round();
         for item in self.inflight.drain(..) {
             let err = LogError::Failed {
                 partition: self.part.id,
@@ -729,50 +648,5 @@ impl Writer {
             });
         }
         Ok(stream)
-    }
-}
-
-async fn confirm(
-    js: &jetstream::Context,
-    stream: &stream::Stream,
-    item: &Item,
-    deadline: Instant,
-    retry_for: Duration,
-) -> Result<(), String> {
-    let mut pause = Duration::from_millis(50);
-    loop {
-        let last = match send(js, item).await.await {
-            Ok(ack) if ack.sequence == item.offset + 1 => return Ok(()),
-            Ok(ack) => {
-                return Err(format!(
-                    "offset {} was stored at sequence {}",
-                    item.offset, ack.sequence
-                ));
-            }
-            // Whatever the error is called (a refused expectation, a
-            // timeout), a message at this offset is final: ours (its id)
-            // or another writer's.
-            Err(e) => match super::read::get(stream, item.offset + 1).await {
-                Ok(Some(m)) => {
-                    if m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str()) {
-                        return Ok(());
-                    }
-                    return Err(format!(
-                        "another writer appended at offset {}: this hub is fenced",
-                        item.offset
-                    ));
-                }
-                Ok(None) => e.text,
-                Err(err) => format!("{}; reading it back: {err}", e.text),
-            },
-        };
-        if Instant::now() + pause > deadline {
-            return Err(format!(
-                "offset {} not confirmed within {:?}: {last}",
-                item.offset, retry_for
-            ));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

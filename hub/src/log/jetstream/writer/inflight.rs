@@ -1,0 +1,196 @@
+//! What a writer has in flight: answers matched to publishes, completed
+//! in order; after an error, every unconfirmed publish confirmed one by
+//! one by resending it and reading back.
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, stream};
+use fleet_api::Offset;
+use tokio::time::Instant;
+
+use super::acks::{Answer, Event};
+use super::{Item, WRITE_ID, Writer, headers};
+use crate::log::LogResult;
+
+/// Sends `item` once more through the JetStream context (the slow path,
+/// after an error) and waits for its acknowledgement.
+async fn send_and_wait(js: &jetstream::Context, item: &Item) -> Answer {
+    let msg = PublishMessage::build()
+        .payload(item.body.clone())
+        .headers(headers(item));
+    let ack = js
+        .send_publish(item.subject.clone(), msg)
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|a| a.sequence).map_err(|e| e.to_string())
+}
+
+impl Writer {
+    pub(super) fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Answer(answer) => self.answered(answer),
+            Event::Tick => self.check_expired(),
+        }
+    }
+
+    /// Notes an answer to a publish in flight; `None`: the subscription
+    /// ended, and what is in flight must be confirmed.
+    pub(super) fn answered(&mut self, answer: Option<(u64, Answer)>) {
+        let Some((offset, answer)) = answer else {
+            if let Some(front) = self.inflight.front_mut() {
+                front.answer = Some(Err("the acknowledgements' subscription ended".into()));
+            }
+            return;
+        };
+        let Some(first) = self.inflight.front().map(|i| i.offset) else {
+            return;
+        };
+        let Some(i) = offset.checked_sub(first) else {
+            return;
+        };
+        if let Some(item) = usize::try_from(i)
+            .ok()
+            .and_then(|i| self.inflight.get_mut(i))
+            && item.offset == offset
+            && item.answer.is_none()
+        {
+            item.answer = Some(answer);
+        }
+    }
+
+    /// A publish unanswered for too long is taken for failed (and then
+    /// confirmed by reading back).
+    pub(super) fn check_expired(&mut self) {
+        let ticks_ok = |sent| !self.acks.expired(sent);
+        if let Some(front) = self.inflight.front_mut()
+            && front.answer.is_none()
+            && !ticks_ok(front.sent)
+        {
+            front.answer = Some(Err("no acknowledgement within 5 s".into()));
+        }
+    }
+
+    /// Completes the answered publishes at the front, in order.
+    pub(super) async fn settle(&mut self) {
+        while let Some(answer) = self.inflight.front_mut().and_then(|i| i.answer.take()) {
+            let Some(item) = self.inflight.pop_front() else {
+                return;
+            };
+            match answer {
+                Ok(seq) if seq == item.offset + 1 => self.complete(item),
+                Ok(seq) => {
+                    let why = format!(
+                        "offset {} was stored at sequence {seq} (the stream moved: another writer?)",
+                        item.offset
+                    );
+                    self.inflight.push_front(item);
+                    self.fail(why);
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %self.p(), offset = item.offset, error = %e, "jetstream publish failed; confirming in order");
+                    self.inflight.push_front(item);
+                    self.resync().await;
+                }
+            }
+        }
+    }
+
+    pub(super) fn complete(&mut self, item: Item) {
+        self.part.advance(Offset(item.offset + 1));
+        let _ = item.reply.send(Ok(Offset(item.offset)));
+        for f in item.flushes {
+            let _ = f.send(Ok(()));
+        }
+    }
+
+    /// Confirms every unconfirmed publish, in order, by resending it with
+    /// the same id and expectation.
+    pub(super) async fn resync(&mut self) {
+        self.acks.new_round();
+        while let Some(item) = self.inflight.pop_front() {
+            if let Some(Ok(seq)) = item.answer
+                && seq == item.offset + 1
+            {
+                self.complete(item);
+                continue;
+            }
+            let deadline = Instant::now() + self.retry_for;
+            let (js, stream) = (self.js.clone(), self.stream.clone());
+            match confirm(&js, &stream, &item, deadline, self.retry_for).await {
+                Ok(()) => self.complete(item),
+                Err(why) => {
+                    self.inflight.push_front(item);
+                    self.fail(why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for every publish in flight; `Err` if the partition failed.
+    pub(super) async fn quiesce(&mut self) -> LogResult<()> {
+        self.drain().await;
+        match self.failed {
+            Some(_) => Err(self.refuse()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every publish in flight.
+    pub(super) async fn drain(&mut self) {
+        loop {
+            self.settle().await;
+            if self.inflight.is_empty() || self.failed.is_some() {
+                return;
+            }
+            let event = self.acks.event(true).await;
+            self.on_event(event);
+        }
+    }
+}
+
+async fn confirm(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    item: &Item,
+    deadline: Instant,
+    retry_for: Duration,
+) -> Result<(), String> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let last = match send_and_wait(js, item).await {
+            Ok(seq) if seq == item.offset + 1 => return Ok(()),
+            Ok(seq) => {
+                return Err(format!(
+                    "offset {} was stored at sequence {seq}",
+                    item.offset
+                ));
+            }
+            // Whatever the error is called (a refused expectation, a
+            // timeout), a message at this offset is final: ours (its id)
+            // or another writer's.
+            Err(e) => match super::super::read::get(stream, item.offset + 1).await {
+                Ok(Some(m)) => {
+                    if m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str()) {
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "another writer appended at offset {}: this hub is fenced",
+                        item.offset
+                    ));
+                }
+                Ok(None) => e,
+                Err(err) => format!("{e}; reading it back: {err}"),
+            },
+        };
+        if Instant::now() + pause > deadline {
+            return Err(format!(
+                "offset {} not confirmed within {:?}: {last}",
+                item.offset, retry_for
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
