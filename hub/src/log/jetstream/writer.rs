@@ -386,7 +386,7 @@ impl Writer {
             answer: None,
             sent: self.acks.ticks,
         };
-        if let Err(e) = self
+        let sent = self
             .acks
             .send(
                 item.subject.clone(),
@@ -394,12 +394,20 @@ impl Writer {
                 headers(&item),
                 item.body.clone(),
             )
-            .await
-        {
+            .await;
+        let failed = sent.is_err();
+        if let Err(e) = sent {
+            tracing::warn!(partition = %self.p(), offset, error = %e, "jetstream publish not sent; confirming in order");
             item.answer = Some(Err(e));
         }
         self.inflight.push_back(item);
         self.next += 1;
+        if failed {
+            // Confirm now rather than hand the client more (each would wait
+            // as long again): what is in flight is stored or the partition
+            // fails, and later appends are refused at once.
+            self.resync().await;
+        }
     }
 }
 

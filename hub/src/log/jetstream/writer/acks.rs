@@ -1,7 +1,8 @@
 //! A partition writer's acknowledgements, all on one subscription.
 //!
-//! Each publish names the reply subject `{inbox}{round}.{offset}` under the
-//! writer's own inbox: the servers' acknowledgements arrive on one
+//! Each publish names the reply subject `{inbox}.{round}-{offset}` under
+//! the writer's own inbox (one token under it, as async-nats's own request
+//! inbox, so that the same subscribe permission covers it): the servers' acknowledgements arrive on one
 //! subscription and are matched to their publishes by that subject, in any
 //! order. The round changes whenever the writer gives up on what it had in
 //! flight (a resync, a failure, a reload): a late acknowledgement of an
@@ -27,6 +28,11 @@ use serde::Deserialize;
 /// Ticks (seconds) a publish waits for its acknowledgement before the
 /// writer confirms it by reading back (async-nats's default is 5 s).
 const TIMEOUT_TICKS: u64 = 5;
+
+/// How long handing a publish (or the subscription) to the client may
+/// take: the client stops taking them while it reconnects, and a writer
+/// blocked here would neither time out what it has in flight nor fail.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the servers answered to one publish.
 pub(super) type Answer = Result<u64, String>;
@@ -85,22 +91,30 @@ impl Acks {
         body: Bytes,
     ) -> Result<(), String> {
         if self.sub.is_none() {
-            let sub = self
-                .client
-                .subscribe(format!("{}*.*", self.inbox))
-                .await
-                .map_err(|e| format!("subscribe to acknowledgements: {e}"))?;
+            let sub = tokio::time::timeout(
+                SEND_TIMEOUT,
+                self.client.subscribe(format!("{}*", self.inbox)),
+            )
+            .await
+            .map_err(|_| "subscribe to acknowledgements: timed out".to_string())?
+            .map_err(|e| format!("subscribe to acknowledgements: {e}"))?;
             self.sub = Some(sub);
         }
         let mut reply = String::with_capacity(self.inbox.len() + 24);
         reply.push_str(&self.inbox);
         super::super::push_u64(&mut reply, self.round);
-        reply.push('.');
+        reply.push('-');
         super::super::push_u64(&mut reply, offset);
-        self.client
-            .publish_with_reply_and_headers(subject, reply, headers, body)
-            .await
-            .map_err(|e| format!("publish: {e}"))
+        // Not sent when the timeout cancels it (the client's channel is
+        // cancel-safe): the writer then confirms it as after any error.
+        tokio::time::timeout(
+            SEND_TIMEOUT,
+            self.client
+                .publish_with_reply_and_headers(subject, reply, headers, body),
+        )
+        .await
+        .map_err(|_| "publish: the client took no publish for 5 s (reconnecting?)".to_string())?
+        .map_err(|e| format!("publish: {e}"))
     }
 
     /// Forget everything in flight: acknowledgements of it are ignored.
@@ -160,7 +174,7 @@ async fn next(sub: &mut Option<Subscriber>, inbox: &str, round: u64) -> Option<(
 
 fn parse(msg: &Message, inbox: &str, round: u64) -> Option<(u64, Answer)> {
     let rest = msg.subject.as_str().strip_prefix(inbox)?;
-    let (r, offset) = rest.split_once('.')?;
+    let (r, offset) = rest.split_once('-')?;
     if r.parse::<u64>().ok()? != round {
         return None;
     }
@@ -216,13 +230,13 @@ mod tests {
     #[test]
     fn answers_of_an_earlier_round_or_another_inbox_are_ignored() {
         let mut m = msg(r#"{"stream":"s","seq":8}"#);
-        m.subject = "_INBOX.abc.3.7".into();
+        m.subject = "_INBOX.abc.3-7".into();
         assert_eq!(parse(&m, "_INBOX.abc.", 3), Some((7, Ok(8))));
         assert_eq!(parse(&m, "_INBOX.abc.", 4), None);
         assert_eq!(parse(&m, "_INBOX.abd.", 3), None);
         m.subject = "_INBOX.abc.3".into();
         assert_eq!(parse(&m, "_INBOX.abc.", 3), None);
-        m.subject = "_INBOX.abc.3.x".into();
+        m.subject = "_INBOX.abc.3-x".into();
         assert_eq!(parse(&m, "_INBOX.abc.", 3), None);
     }
 

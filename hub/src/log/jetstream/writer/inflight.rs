@@ -11,7 +11,10 @@ use tokio::time::Instant;
 
 use super::acks::{Answer, Event};
 use super::{Item, WRITE_ID, Writer, headers};
-use crate::log::LogResult;
+use crate::log::{LogError, LogResult};
+
+/// How long reading a record back may take.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends `item` once more through the JetStream context (the slow path,
 /// after an error) and waits for its acknowledgement.
@@ -170,7 +173,15 @@ async fn confirm(
             // Whatever the error is called (a refused expectation, a
             // timeout), a message at this offset is final: ours (its id)
             // or another writer's.
-            Err(e) => match super::super::read::get(stream, item.offset + 1).await {
+            // Bounded: async-nats does not time out handing a request to
+            // a client that is reconnecting with its queue full.
+            Err(e) => match tokio::time::timeout(
+                READ_BACK_TIMEOUT,
+                super::super::read::get(stream, item.offset + 1),
+            )
+            .await
+            .unwrap_or_else(|_| Err(LogError::Io("timed out".to_string())))
+            {
                 Ok(Some(m)) => {
                     if m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str()) {
                         return Ok(());
