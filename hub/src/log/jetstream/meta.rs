@@ -199,18 +199,23 @@ pub(super) async fn open_bucket(
 
 /// The last message of `key` in bucket `kv`, read from the bucket's leader
 /// (a replica answering a direct get may lag behind a write just made).
+/// Bounded: async-nats waits without bound to hand a request to a client
+/// that is reconnecting with its queue full, and a partition's writer (an
+/// epoch noted before an append) waits on this.
 pub(super) async fn leader_entry(
     kv: &kv::Store,
     key: &str,
-) -> Result<Option<async_nats::jetstream::message::StreamMessage>, impl std::fmt::Display> {
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, String> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    match kv
-        .stream
-        .get_last_raw_message_by_subject(&format!("{}{key}", kv.prefix))
-        .await
-    {
-        Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(e),
+    let subject = format!("{}{key}", kv.prefix);
+    let read = kv.stream.get_last_raw_message_by_subject(&subject);
+    match tokio::time::timeout(LEADER_READ_TIMEOUT, read).await {
+        Ok(Ok(m)) => Ok(Some(m)),
+        Ok(Err(e)) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {LEADER_READ_TIMEOUT:?}")),
     }
 }
+
+/// How long one read of a bucket entry may take.
+const LEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
