@@ -209,13 +209,10 @@ pub(super) async fn leader_entry(
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
     let subject = format!("{}{key}", kv.prefix);
     let read = kv.stream.get_last_raw_message_by_subject(&subject);
-    match tokio::time::timeout(LEADER_READ_TIMEOUT, read).await {
+    match tokio::time::timeout(super::NATS_WAIT, read).await {
         Ok(Ok(m)) => Ok(Some(m)),
         Ok(Err(e)) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {LEADER_READ_TIMEOUT:?}")),
+        Err(_) => Err(format!("no answer within {:?}", super::NATS_WAIT)),
     }
 }
-
-/// How long one read of a bucket entry may take.
-const LEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

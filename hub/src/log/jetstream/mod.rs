@@ -30,6 +30,12 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// The longest the log waits on the NATS client for one thing: handing it
+/// a publish or a request (async-nats waits without bound while it
+/// reconnects with its queue full), or an answer (async-nats's own
+/// default).
+const NATS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, connection_name, verify_fsync};
 pub use lease::{Leases, Placement};
 use meta::{MetaStore, PartMeta};

@@ -25,14 +25,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 
-/// Ticks (seconds) a publish waits for its acknowledgement before the
-/// writer confirms it by reading back (async-nats's default is 5 s).
-const TIMEOUT_TICKS: u64 = 5;
+use super::super::NATS_WAIT;
 
-/// How long handing a publish (or the subscription) to the client may
-/// take: the client stops taking them while it reconnects, and a writer
-/// blocked here would neither time out what it has in flight nor fail.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ticks (seconds) a publish waits for its acknowledgement before the
+/// writer confirms it by reading back.
+const TIMEOUT_TICKS: u64 = NATS_WAIT.as_secs();
 
 /// What the servers answered to one publish.
 pub(super) type Answer = Result<u64, String>;
@@ -91,13 +88,13 @@ impl Acks {
         body: Bytes,
     ) -> Result<(), String> {
         if self.sub.is_none() {
-            let sub = tokio::time::timeout(
-                SEND_TIMEOUT,
-                self.client.subscribe(format!("{}*", self.inbox)),
-            )
-            .await
-            .map_err(|_| "subscribe to acknowledgements: timed out".to_string())?
-            .map_err(|e| format!("subscribe to acknowledgements: {e}"))?;
+            // Bounded: a writer blocked here would neither time out what it
+            // has in flight nor fail.
+            let sub =
+                tokio::time::timeout(NATS_WAIT, self.client.subscribe(format!("{}*", self.inbox)))
+                    .await
+                    .map_err(|_| "subscribe to acknowledgements: timed out".to_string())?
+                    .map_err(|e| format!("subscribe to acknowledgements: {e}"))?;
             self.sub = Some(sub);
         }
         let mut reply = String::with_capacity(self.inbox.len() + 24);
@@ -108,12 +105,12 @@ impl Acks {
         // Not sent when the timeout cancels it (the client's channel is
         // cancel-safe): the writer then confirms it as after any error.
         tokio::time::timeout(
-            SEND_TIMEOUT,
+            NATS_WAIT,
             self.client
                 .publish_with_reply_and_headers(subject, reply, headers, body),
         )
         .await
-        .map_err(|_| "publish: the client took no publish for 5 s (reconnecting?)".to_string())?
+        .map_err(|_| format!("publish: the client took none for {NATS_WAIT:?} (reconnecting?)"))?
         .map_err(|e| format!("publish: {e}"))
     }
 

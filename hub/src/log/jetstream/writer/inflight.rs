@@ -13,9 +13,6 @@ use super::acks::{Answer, Event};
 use super::{Item, WRITE_ID, Writer, headers};
 use crate::log::{LogError, LogResult};
 
-/// How long reading a record back may take.
-const READ_BACK_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Sends `item` once more through the JetStream context (the slow path,
 /// after an error) and waits for its acknowledgement.
 async fn send_and_wait(js: &jetstream::Context, item: &Item) -> Answer {
@@ -65,12 +62,14 @@ impl Writer {
     /// A publish unanswered for too long is taken for failed (and then
     /// confirmed by reading back).
     pub(super) fn check_expired(&mut self) {
-        let ticks_ok = |sent| !self.acks.expired(sent);
-        if let Some(front) = self.inflight.front_mut()
-            && front.answer.is_none()
-            && !ticks_ok(front.sent)
-        {
-            front.answer = Some(Err("no acknowledgement within 5 s".into()));
+        let Some(front) = self.inflight.front_mut() else {
+            return;
+        };
+        if front.answer.is_none() && self.acks.expired(front.sent) {
+            front.answer = Some(Err(format!(
+                "no acknowledgement within {:?}",
+                super::super::NATS_WAIT
+            )));
         }
     }
 
@@ -176,7 +175,7 @@ async fn confirm(
             // Bounded: async-nats does not time out handing a request to
             // a client that is reconnecting with its queue full.
             Err(e) => match tokio::time::timeout(
-                READ_BACK_TIMEOUT,
+                super::super::NATS_WAIT,
                 super::super::read::get(stream, item.offset + 1),
             )
             .await
