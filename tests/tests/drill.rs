@@ -47,6 +47,10 @@ async fn drill_with(name: &str, mode: Mode, replication: &str, jetstream: bool, 
     .await;
     // Load, however much this machine generated (nominally ~1,500).
     assert!(report.sent > 100, "{report:?}");
+    // The region stayed away the whole outage, however long starting the
+    // fleet took (a kill scheduled from before the fleet was up once came
+    // so late that failback followed the promotion by 130 ms).
+    assert!(report.steps.away_ms >= 4000, "{:?}", report.steps);
     assert_eq!(report.lost, 0, "acknowledged but lost");
     assert_eq!(report.duplicate_records, 0, "stored twice");
     assert_eq!(
@@ -174,6 +178,7 @@ async fn long_outage(name: &str, lose: Lose, replication: &str) {
     .await;
     // Load, however much this machine generated (nominally ~4,000).
     assert!(report.sent > 300, "{report:?}");
+    assert!(report.steps.away_ms >= 30_000, "{:?}", report.steps);
     assert_eq!(report.dropped, 0, "outboxes overflowed");
     assert_eq!(report.lost, 0, "acknowledged but lost");
     assert_eq!(report.duplicate_records, 0, "stored twice");

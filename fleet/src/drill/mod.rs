@@ -40,9 +40,10 @@ pub struct DrillOptions {
     pub duration_s: u64,
     /// Forced mode: the concierge promotes by itself (else the drill asks it to).
     pub auto_promotion: bool,
-    /// Seconds after the start when the primary is lost.
+    /// Seconds after the devices start when the region is lost.
     pub kill_at_s: u64,
-    /// Seconds the lost region stays away.
+    /// Seconds the lost region stays away, from its loss (the kill, or the
+    /// planned promotion) to its return (failback).
     pub outage_s: u64,
     /// Which region is lost: the primary (failover, failback) or the
     /// secondary (the primary detaches it and runs alone).
@@ -324,6 +325,12 @@ pub async fn run(
     }
     sim_args.extend(["--payload-bytes".into(), opts.payload_bytes.to_string()]);
     let mut sim = Proc::start(&fleet.launcher, &fleet.dir, "simulate", sim_args, false).await?;
+    // The schedule counts from here, not from the drill's start: starting
+    // the fleet takes seconds (more on a loaded machine, or on JetStream),
+    // and a kill scheduled from before it came too early, with the outage
+    // then cut short (a failback 130 ms after the promotion, before some
+    // devices had published in the new region).
+    let devices_started = Instant::now();
     mark("devices start");
     say(&format!(
         "{} devices publish {} msg/s each for {} s",
@@ -334,7 +341,7 @@ pub async fn run(
     say(&format!(
         "identity RPO: a device created in region a reached region b's hub in {identity_rpo_ms} ms"
     ));
-    tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s)).await;
+    tokio::time::sleep_until(devices_started + Duration::from_secs(opts.kill_at_s)).await;
     let kill_wall = wall_ms();
     let mut steps = Steps {
         identity_rpo_ms,
@@ -362,9 +369,12 @@ pub async fn run(
             "region a detached b after {} ms and acknowledges alone",
             steps.detect_ms
         ));
-        tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s + opts.outage_s)).await;
+        // The lost region stays away for the whole outage, however long
+        // detection and promotion took.
+        tokio::time::sleep_until(t0 + Duration::from_secs(opts.outage_s)).await;
         divergence_before = divergence(&fleet).await?;
         steps.written_while_detached = written_while_detached(&http, &urls[0]).await;
+        steps.away_ms = t0.elapsed().as_millis() as u64;
         say("region b returns");
         fleet.restart_region(1).await?;
         mark("b returns");
@@ -450,10 +460,13 @@ pub async fn run(
             .json(&serde_json::json!({}))
             .send()
             .await;
-        tokio::time::sleep_until(start + Duration::from_secs(opts.kill_at_s + opts.outage_s)).await;
+        // The lost region stays away for the whole outage, however long
+        // detection and promotion took.
+        tokio::time::sleep_until(t0 + Duration::from_secs(opts.outage_s)).await;
         divergence_before = divergence(&fleet).await?;
         if opts.mode == Mode::Forced {
             steps.written_while_detached = written_while_detached(&http, &urls[1]).await;
+            steps.away_ms = t0.elapsed().as_millis() as u64;
             say("region a returns");
             fleet.restart_region(0).await?;
             mark("a returns");
@@ -478,6 +491,9 @@ pub async fn run(
             ));
         }
         let fb0 = Instant::now();
+        if opts.mode == Mode::Planned {
+            steps.away_ms = t0.elapsed().as_millis() as u64;
+        }
         say("failback: planned promotion of region a");
         failover(&http, &concierge, &fleet, "a", Mode::Planned).await?;
         steps.failback_ms = fb0.elapsed().as_millis() as u64;

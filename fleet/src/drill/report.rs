@@ -21,6 +21,9 @@ pub struct Steps {
     pub promote_ms: u64,
     pub first_publish_ms: u64,
     pub failback_ms: u64,
+    /// How long the lost region was away: from its loss (the kill, or the
+    /// planned promotion) to its return (restart; planned: the failback).
+    pub away_ms: u64,
     /// From the lost region's return until the survivor counts on it again
     /// (it caught up without a full resync).
     pub catch_up_ms: u64,
@@ -126,8 +129,12 @@ pub fn summary(r: &DrillReport) -> String {
         r.dropped, r.peak_in_outbox
     );
     s += &format!(
-        "  detect {} ms, promote {} ms, first publish in the new region {} ms, failback {} ms\n",
-        r.steps.detect_ms, r.steps.promote_ms, r.steps.first_publish_ms, r.steps.failback_ms
+        "  detect {} ms, promote {} ms, first publish in the new region {} ms, failback {} ms; the region was away {} ms\n",
+        r.steps.detect_ms,
+        r.steps.promote_ms,
+        r.steps.first_publish_ms,
+        r.steps.failback_ms,
+        r.steps.away_ms
     );
     s += &format!(
         "  ran alone (peer detached): {} records written without a second copy; caught up {} ms after the region returned\n",
