@@ -776,3 +776,59 @@ async fn a_writer_that_lost_its_partition_purges_nothing() {
     assert_eq!(b.log_start(P0), Offset(0), "the stale writer purged");
     assert_eq!(b.read(P0, Offset(0), ALL).await.unwrap().len(), 10);
 }
+
+/// Records stored by a hub from before the writer's id moved from a header
+/// into the message body (the frame alone, `Fleet-Write-Id` header) read
+/// as before, are found as a device's last record, and appends go on after
+/// them; a hub's own confirmation after an error still tells its records
+/// from another writer's (`a_second_writer_fences_the_first`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stored_with_the_older_header_layout_still_read() {
+    let cluster = NatsCluster::shared();
+    let url = cluster.log_url("legacy");
+    let log = open(&url, 1).await;
+    assert_eq!(log.append(P0, rec("d", 1, 1)).await.unwrap(), Offset(0));
+    drop(log);
+    // What an older hub stored at offset 1.
+    let (config, subject) = hub::log::jetstream::stream_layout("legacy", P0, 3, "d");
+    let servers: Vec<async_nats::ServerAddr> = cluster
+        .urls()
+        .split(',')
+        .map(|u| u.parse().unwrap())
+        .collect();
+    let client = async_nats::connect(servers).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut frame = Vec::new();
+    hub::log::frame::encode(&mut frame, Offset(1), &rec("d", 2, 1));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Fleet-Write-Id", "0123456789abcdef.1");
+    headers.insert("Nats-Expected-Last-Sequence", "1");
+    let ack = js
+        .publish_with_headers(subject, headers, Bytes::from(frame))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        (ack.stream.as_str(), ack.sequence),
+        (config.name.as_str(), 2)
+    );
+
+    let log = open(&url, 1).await;
+    let got = log.read(P0, Offset(0), ALL).await.unwrap();
+    let mids: Vec<(u64, u64)> = got
+        .iter()
+        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
+        .collect();
+    assert_eq!(mids, [(0, 1), (1, 2)]);
+    assert_eq!(got[1].record.payload, Bytes::from("d/2"));
+    let last = log
+        .last_of(P0, &DeviceId::new("d").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((last.offset, last.record.mid), (Offset(1), Some(Mid(2))));
+    assert_eq!(log.append(P0, rec("d", 3, 1)).await.unwrap(), Offset(2));
+    let got = log.read(P0, Offset(2), ALL).await.unwrap();
+    assert_eq!(got[0].record.mid, Some(Mid(3)));
+}

@@ -16,7 +16,8 @@ use fleet_api::local::NatsCluster;
 use fleet_api::{DeviceId, Epoch, Mid, Offset, Region, UnixMillis, partition_for};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use hub::log::{NewRecord, frame, jetstream::stream_layout};
+use hub::log::NewRecord;
+use hub::log::jetstream::{stored_body, stream_layout};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -458,7 +459,7 @@ async fn raw_phase(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-/// The frame the hub would store for this publish.
+/// The message body the hub would store for this publish.
 fn record(id: &DeviceId, mid: u64, payload: usize) -> Bytes {
     let rec = NewRecord {
         device_id: id.clone(),
@@ -468,7 +469,5 @@ fn record(id: &DeviceId, mid: u64, payload: usize) -> Bytes {
         epoch: Epoch(1),
         payload: Bytes::from(vec![b'x'; payload]),
     };
-    let mut out = Vec::with_capacity(payload + 64);
-    frame::encode(&mut out, Offset(mid), &rec);
-    Bytes::from(out)
+    stored_body(Offset(mid), &rec)
 }

@@ -43,7 +43,7 @@ impl Part {
                 offset: Offset(m.sequence.saturating_sub(1)),
                 detail,
             };
-            let record = match frame::decode(&m.payload) {
+            let record = match frame::decode(super::body::frame(&m.payload)) {
                 Decoded::Frame { offset, record, .. } if offset.0 + 1 == m.sequence => Record {
                     partition: self.id,
                     offset,

@@ -7,6 +7,7 @@
 //! acknowledge (`jetstream { sync_interval: always }`, read from their
 //! monitoring ports), unless the operator opts out.
 
+mod body;
 mod config;
 mod last;
 pub mod lease;
@@ -36,6 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// default).
 const NATS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+pub use body::stored_body;
 pub use config::{ConfigError, FsyncUnverified, JetStreamConfig, connection_name, verify_fsync};
 pub use lease::{Leases, Placement};
 use meta::{MetaStore, PartMeta};
@@ -47,8 +49,8 @@ use writer::{Cmd, Writer};
 
 use super::{EventLog, LogError, LogResult, NewRecord, ReadLimits, Record};
 
-/// Room for a frame's fixed fields, the largest device id and region, and
-/// the message headers.
+/// Room for a frame's fixed fields, the largest device id and region, the
+/// writer's id before the frame (`body::PREFIX`), and the message headers.
 pub(super) const MESSAGE_OVERHEAD: usize = 1024;
 
 /// What readers share with a partition's writer.
@@ -392,7 +394,7 @@ async fn open_partition(
     if meta.epochs.iter().any(|(_, start)| *start >= hw) {
         let mut fixed = meta;
         fixed.epochs.retain(|(_, start)| *start < hw);
-        fixed.writer.clone_from(&writer.writer_id);
+        fixed.writer = writer.writer_id.to_string();
         let deadline = tokio::time::Instant::now() + config.retry_for;
         let rev = store.update(p, &fixed, revision, deadline).await?;
         writer.meta = fixed.clone();

@@ -76,7 +76,7 @@ fn decode(p: PartitionId, offset: u64, body: &[u8]) -> LogResult<Record> {
         offset: Offset(offset),
         detail,
     };
-    match frame::decode(body) {
+    match frame::decode(super::body::frame(body)) {
         Decoded::Frame {
             offset: o, record, ..
         } if o.0 == offset => Ok(Record {

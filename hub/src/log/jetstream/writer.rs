@@ -1,16 +1,16 @@
 //! One task per partition appends to the partition's current stream.
 //!
 //! Appends are pipelined, yet each publish carries the sequence the stream
-//! must end at before it (`Nats-Expected-Last-Sequence`) and an id unique to
-//! this writer and offset (`Fleet-Write-Id`). So offsets are exactly call
+//! must end at before it (`Nats-Expected-Last-Sequence`), and its body
+//! starts with this writer's id (`body.rs`). So offsets are exactly call
 //! order: if one publish is lost, every later one is refused by the server
 //! rather than stored out of order (a device's later mid can never be
 //! stored, then its earlier one dropped as a "duplicate"). After any error
 //! the writer confirms the unconfirmed publishes one by one, in order, with
-//! the same id: a resend of a stored one is refused (the stream moved past
+//! the same body: a resend of a stored one is refused (the stream moved past
 //! its expected sequence), and the message stored at its offset is read
-//! back: with this id it is ours, with another a second writer appended
-//! and the partition fails (it is fenced).
+//! back: with this body (this writer's id, this offset) it is ours, with
+//! another a second writer appended and the partition fails (it is fenced).
 //!
 //! The id is not `Nats-Msg-Id`: the servers' de-duplication would keep
 //! every id of the last two minutes in memory and check it on every
@@ -29,6 +29,7 @@ use fleet_api::{Epoch, Offset, PartitionId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::body::{self, WriterId};
 use super::meta::{MetaStore, PartMeta};
 use super::{Part, StreamNames};
 use crate::log::{LogError, LogResult, NewRecord, ReadLimits, frame};
@@ -42,9 +43,6 @@ use acks::{Acks, Answer};
 /// Publishes awaiting acknowledgement per partition; more wait in the
 /// channel. Bounds memory and what one resync must confirm.
 const MAX_INFLIGHT: usize = 4096;
-
-/// The header naming the writer and offset of a stored record.
-const WRITE_ID: &str = "Fleet-Write-Id";
 
 pub(super) enum Cmd {
     Append {
@@ -87,8 +85,7 @@ pub(super) enum Cmd {
 struct Item {
     offset: u64,
     subject: async_nats::Subject,
-    /// Its `Fleet-Write-Id`.
-    id: String,
+    /// This writer's id, then the record's frame.
     body: Bytes,
     reply: oneshot::Sender<LogResult<Offset>>,
     flushes: Vec<oneshot::Sender<LogResult<()>>>,
@@ -108,8 +105,8 @@ pub(super) struct Writer {
     pub stream: stream::Stream,
     /// The offset the next append gets.
     pub next: u64,
-    /// Distinguishes this writer's message ids from any other's.
-    pub writer_id: String,
+    /// Distinguishes this writer's messages from any other's.
+    pub writer_id: WriterId,
     pub retry_for: Duration,
     pub replicas: usize,
     /// The servers' largest message.
@@ -147,9 +144,7 @@ impl Writer {
             revision,
             stream,
             next,
-            // A nonce, not a choice a test needs to steer: ids of two
-            // writers must never collide.
-            writer_id: format!("{:016x}", rand::random::<u64>()),
+            writer_id: WriterId::new(),
             retry_for,
             replicas,
             max_message: usize::MAX,
@@ -329,7 +324,7 @@ impl Writer {
     }
 
     async fn set_meta(&mut self, mut meta: PartMeta) -> LogResult<()> {
-        meta.writer.clone_from(&self.writer_id);
+        meta.writer = self.writer_id.to_string();
         let deadline = Instant::now() + self.retry_for;
         match self
             .store
@@ -365,7 +360,8 @@ impl Writer {
             return;
         }
         let (generation, _) = self.meta.current_gen();
-        let mut body = Vec::with_capacity(rec.payload.len() + 64);
+        let mut body = Vec::with_capacity(rec.payload.len() + 64 + body::PREFIX);
+        body::start(&mut body, self.writer_id);
         frame::encode(&mut body, Offset(offset), &rec);
         let subject = self
             .names
@@ -373,13 +369,6 @@ impl Writer {
         let mut item = Item {
             offset,
             subject: subject.into(),
-            id: {
-                let mut id = String::with_capacity(self.writer_id.len() + 21);
-                id.push_str(&self.writer_id);
-                id.push('.');
-                super::push_u64(&mut id, offset);
-                id
-            },
             body: Bytes::from(body),
             reply,
             flushes: Vec::new(),
@@ -415,7 +404,6 @@ impl Writer {
 /// they follow from it, and a copy per publish showed in the hub's profile.
 fn headers(item: &Item) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(WRITE_ID, item.id.as_str());
     let mut expected = String::with_capacity(20);
     super::push_u64(&mut expected, item.offset);
     headers.insert("Nats-Expected-Last-Sequence", expected.as_str());
@@ -588,7 +576,7 @@ impl Writer {
                 return Err(e);
             }
         };
-        meta.writer.clone_from(&self.writer_id);
+        meta.writer = self.writer_id.to_string();
         let deadline = Instant::now() + self.retry_for;
         match self
             .store

@@ -10,7 +10,7 @@ use fleet_api::Offset;
 use tokio::time::Instant;
 
 use super::acks::{Answer, Event};
-use super::{Item, WRITE_ID, Writer, headers};
+use super::{Item, Writer, headers};
 use crate::log::{LogError, LogResult};
 
 /// Sends `item` once more through the JetStream context (the slow path,
@@ -107,7 +107,7 @@ impl Writer {
     }
 
     /// Confirms every unconfirmed publish, in order, by resending it with
-    /// the same id and expectation.
+    /// the same body (this writer's id) and expectation.
     pub(super) async fn resync(&mut self) {
         self.acks.new_round();
         while let Some(item) = self.inflight.pop_front() {
@@ -182,7 +182,8 @@ async fn confirm(
             .unwrap_or_else(|_| Err(LogError::Io("timed out".to_string())))
             {
                 Ok(Some(m)) => {
-                    if m.headers.get(WRITE_ID).map(|v| v.as_str()) == Some(item.id.as_str()) {
+                    // The body holds this writer's id and the offset.
+                    if m.payload == item.body {
                         return Ok(());
                     }
                     return Err(format!(

@@ -77,7 +77,7 @@ impl Writer {
         self.next = hw;
         // Ids of this writer's publishes must not repeat ones it sent
         // under an earlier view.
-        self.writer_id = format!("{:016x}", rand::random::<u64>());
+        self.writer_id = super::WriterId::new();
         // The view is the servers' now: a failure of the earlier one (a
         // stream moved by another writer) is over. Nothing acknowledges on
         // this writer's flushes while the partition is not owned (the
