@@ -205,3 +205,89 @@ async fn confirm(
         pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use fleet_api::local::NatsCluster;
+    use fleet_api::{DeviceId, Epoch, Mid, PartitionId, Region, UnixMillis};
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::log::NewRecord;
+    use crate::log::jetstream::{stored_body, stream_layout};
+
+    fn rec(mid: u64) -> NewRecord {
+        NewRecord {
+            device_id: DeviceId::new("d").unwrap(),
+            mid: Some(Mid(mid)),
+            enqueued_at: UnixMillis(1_700_000_000_000),
+            region: Region::new("eu").unwrap(),
+            epoch: Epoch(1),
+            payload: Bytes::from(format!("d/{mid}")),
+        }
+    }
+
+    fn item(offset: u64, subject: &str, body: Bytes) -> Item {
+        Item {
+            offset,
+            subject: subject.to_string().into(),
+            body,
+            reply: oneshot::channel().0,
+            flushes: Vec::new(),
+            answer: None,
+            sent: 0,
+        }
+    }
+
+    /// The confirmation after an error, against real servers: a publish
+    /// that was stored but whose answer never came is ours (its resend is
+    /// refused, the body at its offset is the one sent); the same record
+    /// stored at its offset by another writer (another id) is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stored_publish_is_ours_and_another_writers_same_record_is_not() {
+        let cluster = NatsCluster::shared();
+        let servers: Vec<async_nats::ServerAddr> = cluster
+            .urls()
+            .split(',')
+            .map(|u| u.parse().unwrap())
+            .collect();
+        let js = jetstream::new(async_nats::connect(servers).await.unwrap());
+        let (config, subject) = stream_layout("confirm", PartitionId(0), 3, "d");
+        let stream = js.create_stream(config).await.unwrap();
+        let wait = Duration::from_secs(10);
+
+        // Offset 0: stored, its answer lost.
+        let ours = stored_body(Offset(0), &rec(1));
+        js.publish(subject.clone(), ours.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let sent = item(0, &subject, ours);
+        confirm(&js, &stream, &sent, Instant::now() + wait, wait)
+            .await
+            .unwrap();
+
+        // Offset 1: another writer stored the same record first.
+        let theirs = stored_body(Offset(1), &rec(2));
+        js.publish(subject.clone(), theirs)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let mine = item(1, &subject, stored_body(Offset(1), &rec(2)));
+        let err = confirm(&js, &stream, &mine, Instant::now() + wait, wait)
+            .await
+            .unwrap_err();
+        assert!(err.contains("another writer"), "{err}");
+
+        // Offset 2: nothing there yet: the resend stores it.
+        let next = item(2, &subject, stored_body(Offset(2), &rec(3)));
+        confirm(&js, &stream, &next, Instant::now() + wait, wait)
+            .await
+            .unwrap();
+        let m = stream.get_raw_message(3).await.unwrap();
+        assert_eq!(m.payload, next.body);
+    }
+}
