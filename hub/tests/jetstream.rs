@@ -36,6 +36,14 @@ async fn open(url: &str, partitions: u32) -> Arc<JetStreamLog> {
         .unwrap()
 }
 
+/// `(offset, mid)` of each record.
+fn offsets_and_mids(records: &[hub::log::Record]) -> Vec<(u64, u64)> {
+    records
+        .iter()
+        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
+        .collect()
+}
+
 /// `(offset, mid)` of every frame in an archive file.
 fn archived(path: &std::path::Path) -> Vec<(u64, u64)> {
     use hub::log::frame::{Decoded, decode};
@@ -62,10 +70,7 @@ fn archived(path: &std::path::Path) -> Vec<(u64, u64)> {
 /// Every acknowledged `(offset, mid)` reads back as that record.
 async fn assert_all_there(log: &JetStreamLog, acked: &BTreeMap<u64, u64>) {
     let got = log.read(P0, Offset(0), ALL).await.unwrap();
-    let stored: BTreeMap<u64, u64> = got
-        .iter()
-        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
-        .collect();
+    let stored: BTreeMap<u64, u64> = offsets_and_mids(&got).into_iter().collect();
     for (off, mid) in acked {
         assert_eq!(
             stored.get(off),
@@ -497,10 +502,7 @@ async fn retention_purges_by_size_and_age_never_past_the_floor() {
     assert_eq!(log.retain_now(by_age).await.unwrap(), 198 - start);
     assert_eq!(log.log_start(P0), Offset(198));
     let kept = log.read(P0, Offset(198), ALL).await.unwrap();
-    let got: Vec<(u64, u64)> = kept
-        .iter()
-        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
-        .collect();
+    let got = offsets_and_mids(&kept);
     assert_eq!(got, [(198, 199), (199, 200)]);
     let client = async_nats::connect(format!("nats://{}", cluster.servers[0].client))
         .await
@@ -791,12 +793,9 @@ async fn records_stored_with_the_older_header_layout_still_read() {
     drop(log);
     // What an older hub stored at offset 1.
     let (config, subject) = hub::log::jetstream::stream_layout("legacy", P0, 3, "d");
-    let servers: Vec<async_nats::ServerAddr> = cluster
-        .urls()
-        .split(',')
-        .map(|u| u.parse().unwrap())
-        .collect();
-    let client = async_nats::connect(servers).await.unwrap();
+    let client = async_nats::connect(format!("nats://{}", cluster.servers[0].client))
+        .await
+        .unwrap();
     let js = async_nats::jetstream::new(client);
     let mut frame = Vec::new();
     hub::log::frame::encode(&mut frame, Offset(1), &rec("d", 2, 1));
@@ -816,10 +815,7 @@ async fn records_stored_with_the_older_header_layout_still_read() {
 
     let log = open(&url, 1).await;
     let got = log.read(P0, Offset(0), ALL).await.unwrap();
-    let mids: Vec<(u64, u64)> = got
-        .iter()
-        .map(|r| (r.offset.0, r.record.mid.unwrap().0))
-        .collect();
+    let mids = offsets_and_mids(&got);
     assert_eq!(mids, [(0, 1), (1, 2)]);
     assert_eq!(got[1].record.payload, Bytes::from("d/2"));
     let last = log

@@ -22,7 +22,7 @@ const TAG: u8 = 0xF2;
 const _: () = assert!(TAG != frame::MAGIC);
 
 /// Bytes before the frame.
-pub(super) const PREFIX: usize = 9;
+const PREFIX: usize = 9;
 
 /// One writer's id: a nonce, new for each view of the partition the writer
 /// takes, so two writers' (or two views') ids never meet.
@@ -43,20 +43,20 @@ impl fmt::Display for WriterId {
     }
 }
 
-/// Starts a message body: the writer's id; the frame follows.
-pub(super) fn start(out: &mut Vec<u8>, writer: WriterId) {
+/// The body `writer` stores for `rec` at `offset`: its id, then the frame.
+pub(super) fn encode(writer: WriterId, offset: Offset, rec: &NewRecord) -> Bytes {
+    let mut out = Vec::with_capacity(rec.payload.len() + 64 + PREFIX);
     out.push(TAG);
     out.extend_from_slice(&writer.0.to_le_bytes());
+    frame::encode(&mut out, offset, rec);
+    Bytes::from(out)
 }
 
 /// The body a hub stores for `rec` at `offset` (under a writer id of its
 /// own): what a raw publisher writes to store the same bytes (`fleet bench
 /// ingest --log jetstream`).
 pub fn stored_body(offset: Offset, rec: &NewRecord) -> Bytes {
-    let mut out = Vec::with_capacity(rec.payload.len() + 64 + PREFIX);
-    start(&mut out, WriterId::new());
-    frame::encode(&mut out, offset, rec);
-    Bytes::from(out)
+    encode(WriterId::new(), offset, rec)
 }
 
 /// The frame a message body holds (what follows a writer id, or the whole
@@ -74,14 +74,26 @@ mod tests {
 
     #[test]
     fn a_body_gives_back_its_frame_with_or_without_a_writer_id() {
+        let rec = NewRecord {
+            device_id: fleet_api::DeviceId::new("d").unwrap(),
+            mid: Some(fleet_api::Mid(1)),
+            enqueued_at: fleet_api::UnixMillis(1_700_000_000_000),
+            region: fleet_api::Region::new("eu").unwrap(),
+            epoch: fleet_api::Epoch(1),
+            payload: Bytes::from_static(b"x"),
+        };
+        let mut alone = Vec::new();
+        frame::encode(&mut alone, Offset(3), &rec);
         let w = WriterId::new();
-        let mut body = Vec::new();
-        start(&mut body, w);
-        assert_eq!(body.len(), PREFIX);
-        body.extend_from_slice(&[frame::MAGIC, 1, 2, 3]);
-        assert_eq!(frame(&body), &[frame::MAGIC, 1, 2, 3]);
+        let body = encode(w, Offset(3), &rec);
+        assert_eq!(body.len(), PREFIX + alone.len());
+        assert_eq!(frame(&body), &alone[..]);
+        // The same record from the same writer is the same body; from
+        // another writer it is not (what the confirmation tells apart).
+        assert_eq!(encode(w, Offset(3), &rec), body);
+        assert_ne!(stored_body(Offset(3), &rec), body);
         // Stored before the id moved into the body: the frame alone.
-        assert_eq!(frame(&[frame::MAGIC, 1, 2]), &[frame::MAGIC, 1, 2]);
+        assert_eq!(frame(&alone), &alone[..]);
         // A tag without a whole id is not a prefix: the frame decoder
         // reports the bytes as they are.
         assert_eq!(frame(&[TAG, 1, 2]), &[TAG, 1, 2]);

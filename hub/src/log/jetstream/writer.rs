@@ -360,16 +360,13 @@ impl Writer {
             return;
         }
         let (generation, _) = self.meta.current_gen();
-        let mut body = Vec::with_capacity(rec.payload.len() + 64 + body::PREFIX);
-        body::start(&mut body, self.writer_id);
-        frame::encode(&mut body, Offset(offset), &rec);
         let subject = self
             .names
             .subject(self.p(), generation, rec.device_id.as_str());
         let mut item = Item {
             offset,
             subject: subject.into(),
-            body: Bytes::from(body),
+            body: body::encode(self.writer_id, Offset(offset), &rec),
             reply,
             flushes: Vec::new(),
             answer: None,

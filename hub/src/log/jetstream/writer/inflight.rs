@@ -247,12 +247,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stored_publish_is_ours_and_another_writers_same_record_is_not() {
         let cluster = NatsCluster::shared();
-        let servers: Vec<async_nats::ServerAddr> = cluster
-            .urls()
-            .split(',')
-            .map(|u| u.parse().unwrap())
-            .collect();
-        let js = jetstream::new(async_nats::connect(servers).await.unwrap());
+        let client = async_nats::connect(format!("nats://{}", cluster.servers[0].client));
+        let js = jetstream::new(client.await.unwrap());
         let (config, subject) = stream_layout("confirm", PartitionId(0), 3, "d");
         let stream = js.create_stream(config).await.unwrap();
         let wait = Duration::from_secs(10);
